@@ -1,0 +1,89 @@
+"""fastloss: fused, compiled loss + gradient kernels for maximum-likelihood learning.
+
+>>> import numpy as np, fastloss as fl
+>>> logits = np.random.default_rng(0).standard_normal((4, 10)).astype(np.float32)
+>>> loss, grad = fl.cross_entropy(logits, np.array([1, 2, 3, 4]), return_grad=True)
+
+Every function runs on interchangeable backends (``numpy``, ``numba``, ``cython``, ``cuda``);
+see :func:`backends`. Importing fastloss imports no backend and compiles nothing.
+"""
+from ._api import (
+    binary_cross_entropy,
+    binary_cross_entropy_with_logits,
+    cross_entropy,
+    gaussian_nll_loss,
+    kl_div,
+    log_softmax,
+    log_softmax_backward,
+    logsumexp,
+    mse_loss,
+    softmax,
+    softmax_backward,
+)
+from ._dispatch import get_backend, get_num_threads, set_backend, set_num_threads, use_backend
+from .backends import BackendStatus, BackendUnavailable, backends
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "logsumexp",
+    "softmax",
+    "log_softmax",
+    "softmax_backward",
+    "log_softmax_backward",
+    "cross_entropy",
+    "binary_cross_entropy_with_logits",
+    "binary_cross_entropy",
+    "kl_div",
+    "mse_loss",
+    "gaussian_nll_loss",
+    "backends",
+    "set_backend",
+    "get_backend",
+    "use_backend",
+    "set_num_threads",
+    "get_num_threads",
+    "BackendUnavailable",
+    "BackendStatus",
+    "warmup",
+]
+
+
+def warmup(backends=None, verbose=False):
+    """Compile (and cache on disk) every kernel of the compiled CPU backends ahead of use.
+
+    Parameters
+    ----------
+    backends : iterable of str, optional
+        Backends to warm up; default every available backend that has a ``warmup`` hook
+        (``numba``; the ``cython`` backend is compiled ahead of time and needs none).
+    verbose : bool
+        Print what is compiled and how long it took.
+
+    Returns
+    -------
+    dict
+        ``{backend: seconds}`` for each backend warmed up.
+    """
+    import time
+
+    from . import backends as _reg
+
+    names = list(backends) if backends is not None else [n for n in _reg.KNOWN if n != "cuda"]
+    done = {}
+    for name in names:
+        try:
+            mod = _reg.get(name)
+        except BackendUnavailable:
+            if backends is not None:
+                raise
+            continue
+        hook = getattr(mod, "warmup", None)
+        if hook is None:
+            continue
+        t0 = time.perf_counter()
+        hook()
+        done[name] = time.perf_counter() - t0
+        if verbose:
+            print(f"{name}: compiled in {done[name]:.1f} s")
+    return done

@@ -1,0 +1,95 @@
+"""The ``fastloss`` command line: ``info``, ``bench`` (the main job) and ``warmup``."""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _versions():
+    out = {"python": platform.python_version()}
+    for mod in ("numpy", "numba", "numba_cuda", "Cython", "scipy"):
+        try:
+            from importlib.metadata import version
+
+            out[mod] = version(mod.replace("_", "-"))
+        except Exception:
+            out[mod] = "not installed"
+    return out
+
+
+def cmd_info(args) -> int:
+    import fastloss as fl
+
+    print(f"fastloss {fl.__version__}")
+    for k, v in _versions().items():
+        print(f"  {k:<11} {v}")
+    print(f"machine      {_cpu_model()}, {os.cpu_count()} logical CPUs")
+    print(f"threads      {fl.get_num_threads()} (set_num_threads / FASTLOSS_NUM_THREADS)")
+    print(f"default      {fl.get_backend()}")
+    print("backends:")
+    for name, st in fl.backends().items():
+        if st.available:
+            print(f"  {name:<7} available")
+        else:
+            print(f"  {name:<7} unavailable: {st.reason}")
+            print(f"  {'':<7} install: {st.install}")
+    gpus = _gpus()
+    print(f"GPUs         {gpus}")
+    return 0
+
+
+def _gpus() -> str:
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return "CUDA simulator (NUMBA_ENABLE_CUDASIM=1)"
+    try:
+        from numba import cuda
+
+        if not cuda.is_available():
+            return "none (no CUDA driver or device)"
+        return ", ".join(f"{i}: {d.name.decode() if isinstance(d.name, bytes) else d.name}" for i, d in enumerate(cuda.gpus))
+    except Exception as exc:
+        return f"none ({type(exc).__name__}: {exc})"
+
+
+def cmd_warmup(args) -> int:
+    import fastloss as fl
+
+    names = args.backend or None
+    done = fl.warmup(names, verbose=True)
+    if not done:
+        print("nothing to compile: no JIT backend is available (see `fastloss info`)")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="fastloss", description="Fused compiled loss + gradient kernels.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_info = sub.add_parser("info", help="versions, backends (and why one is missing), threads, GPUs")
+    p_info.set_defaults(func=cmd_info)
+    p_bench = sub.add_parser("bench", help="time every kernel on every backend against NumPy (the main job)")
+    from . import _bench
+
+    _bench.add_arguments(p_bench)
+    p_bench.set_defaults(func=_bench.run)
+    p_warm = sub.add_parser("warmup", help="compile and cache every Numba kernel ahead of use")
+    p_warm.add_argument("--backend", action="append", help="backend to warm up (default: all JIT backends)")
+    p_warm.set_defaults(func=cmd_warmup)
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Turning N-d arrays into the 2-D views the kernels see, and results back.
+
+Row-wise functions see ``(N, C)``: the class axis (or axes) moved last, the others
+flattened.  Elementwise functions see ``(R, K)``: the array as is, reshaped around its
+last axis -- or, for a Fortran-ordered array, its transpose, so that the kernels walk
+memory in order.  Inputs are reshaped as views whenever NumPy can; outputs are allocated
+with the input's layout (``empty_like``), so their 2-D views are views too, and an output
+that cannot be viewed (a user's ``out`` of another layout) is computed in a temporary and
+copied back once.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+class Layout:
+    """How an array of ``shape`` is viewed as 2-D; ``view_in``/``output`` apply it."""
+
+    def __init__(self, x: np.ndarray, axes=None):
+        self.shape = x.shape
+        self.like = x
+        if axes is not None:  # row-wise: class axes last
+            self.src = tuple(axes)
+            self.dst = tuple(range(x.ndim - len(axes), x.ndim))
+            self.transpose = False
+            self.N = math.prod(s for i, s in enumerate(x.shape) if i not in axes)
+            self.C = math.prod(x.shape[i] for i in axes)
+        else:  # elementwise
+            self.src = self.dst = ()
+            self.transpose = x.ndim >= 2 and x.flags.f_contiguous and not x.flags.c_contiguous
+            shp = x.shape[::-1] if self.transpose else x.shape
+            if x.ndim == 0:
+                self.N, self.C = 1, 1
+            else:
+                self.N, self.C = math.prod(shp[:-1]), shp[-1]
+
+    @property
+    def shape2d(self):
+        return (self.N, self.C)
+
+    def _moved(self, a):
+        if self.transpose:
+            return a.T
+        return np.moveaxis(a, self.src, self.dst) if self.src != self.dst else a
+
+    def view_in(self, a: np.ndarray) -> np.ndarray:
+        """2-D view (or, where NumPy cannot view it, a copy) of an input shaped like ``x``."""
+        return self._moved(a).reshape(self.shape2d)
+
+    def view_out(self, a: np.ndarray):
+        """``(v, back)``: a 2-D view ``v`` of ``a`` and ``None``, or a temporary ``v`` and the
+        N-d view ``back`` of ``a`` it must be copied into after the kernel ran."""
+        m = self._moved(a)
+        v = m.reshape(self.shape2d)
+        if v.size == 0 or np.may_share_memory(v, a):
+            return v, None
+        return np.empty(self.shape2d, a.dtype), m
+
+    def output(self, user, out_dtype, cdt):
+        """A 2-D compute buffer of dtype ``cdt`` for an output shaped like ``x``, and a
+        ``finish()`` that returns the user-facing array (``user`` itself when given).
+
+        ``user`` (validated already) receives the result; with ``user=None`` a new array
+        with the input's layout and ``out_dtype`` is made.
+        """
+        if user is not None and user.dtype == cdt:
+            v, back = self.view_out(user)
+            if back is None:
+                return v, lambda: user
+
+            def finish():
+                np.copyto(back, v.reshape(back.shape))
+                return user
+
+            return v, finish
+        tmp = np.empty_like(self.like, dtype=cdt)
+        v, _ = self.view_out(tmp)  # empty_like keeps the layout: always a view
+        if user is None:
+            if out_dtype == cdt:
+                return v, lambda: tmp
+            return v, lambda: tmp.astype(out_dtype)
+
+        def finish_cast():
+            np.copyto(user, tmp, casting="unsafe")
+            return user
+
+        return v, finish_cast

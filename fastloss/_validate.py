@@ -1,0 +1,162 @@
+"""Validation and normalization shared by every public function.
+
+Everything here runs before any output is written.  Messages name the argument, what was
+expected and what was found.  Helpers that only need ``.shape``/``.dtype`` work on device
+arrays too (the CUDA backend reuses them).
+"""
+from __future__ import annotations
+
+import numbers
+import operator
+
+import numpy as np
+
+REDUCTIONS = ("mean", "sum", "none")
+
+_NATIVE = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _bfloat16():
+    try:  # optional: ml_dtypes.bfloat16 is computed in float32 like float16
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    except Exception:  # pragma: no cover - ml_dtypes missing
+        return None
+
+
+_BF16 = _bfloat16()
+_LOW = tuple(d for d in (np.dtype(np.float16), _BF16) if d is not None)
+
+
+def float_dtype_or_raise(dtype, name: str) -> np.dtype:
+    """Return the compute dtype (float32/float64) for a values array of ``dtype``."""
+    dtype = np.dtype(dtype)
+    if dtype in _NATIVE:
+        return dtype
+    if dtype in _LOW:
+        return np.dtype(np.float32)
+    if dtype.kind == "f":  # longdouble
+        fix = "float64"
+    else:
+        fix = "float32"
+    raise TypeError(
+        f"{name}: expected a floating array (float16, bfloat16, float32 or float64), found dtype "
+        f"{dtype}; convert it with {name}.astype(np.{fix})"
+    )
+
+
+def as_float_array(a, name: str):
+    """``np.asarray(a)`` checked to hold floating values; returns (array, compute dtype)."""
+    arr = np.asarray(a)
+    if arr.dtype == object:
+        raise TypeError(
+            f"{name}: expected a floating array-like, found dtype object (ragged or non-numeric "
+            f"input); convert it with np.asarray({name}, dtype=np.float32)"
+        )
+    return arr, float_dtype_or_raise(arr.dtype, name)
+
+
+def as_cast(a, name: str, dtype, shape=None):
+    """A floating operand (target, weight, ...) cast to the compute ``dtype``; if ``shape`` is
+    given it must broadcast to it without enlarging it, and the result is broadcast (a view)."""
+    arr, _ = as_float_array(a, name)
+    if arr.dtype != dtype:
+        arr = arr.astype(dtype)
+    if shape is not None:
+        arr = broadcast_to_or_raise(arr, shape, name)
+    return arr
+
+
+def broadcast_to_or_raise(arr, shape, name, what="the input's shape"):
+    shape = tuple(shape)
+    try:
+        b = np.broadcast_shapes(arr.shape, shape)
+    except ValueError:
+        b = None
+    if b != shape:
+        raise ValueError(f"{name}: expected a shape broadcastable to {what} {shape}, found {arr.shape}")
+    return np.broadcast_to(arr, shape)
+
+
+def check_reduction(reduction, allowed=REDUCTIONS) -> str:
+    if not isinstance(reduction, str) or reduction not in allowed:
+        raise ValueError(f"reduction: expected one of {', '.join(map(repr, allowed))}, found {reduction!r}")
+    return reduction
+
+
+def check_real(value, name: str, lo=None, hi=None, lo_open=False) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, found {type(value).__name__} {value!r}")
+    v = float(value)
+    bad = not np.isfinite(v)
+    if lo is not None:
+        bad |= v <= lo if lo_open else v < lo
+    if hi is not None:
+        bad |= v > hi
+    if bad:
+        lo_s = "" if lo is None else (f"> {lo}" if lo_open else f">= {lo}")
+        hi_s = "" if hi is None else f"<= {hi}"
+        rng = " and ".join(s for s in (lo_s, hi_s) if s) or "finite"
+        raise ValueError(f"{name}: expected a finite number {rng}, found {value!r}")
+    return v
+
+
+def check_int(value, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected an integer, found bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected an integer, found {type(value).__name__} {value!r}") from None
+
+
+def normalize_axis(axis, ndim: int, name="axis") -> int:
+    ax = check_int(axis, name)
+    if not -ndim <= ax < ndim:
+        raise ValueError(f"{name}: expected an integer in [{-ndim}, {ndim}) for an array with {ndim} dimension(s), found {axis}")
+    return ax % ndim
+
+
+def first_position(mask, shape):
+    """Index tuple of the first True of ``mask`` (for error messages)."""
+    flat = int(np.argmax(mask.reshape(-1)))
+    return tuple(int(i) for i in np.unravel_index(flat, shape)) if shape else ()
+
+
+def check_grad_out(grad_out, shape, dtype, return_grad: bool, name="grad_out"):
+    """``grad_out`` must be a writeable ndarray of exactly ``shape`` and ``dtype``."""
+    if grad_out is None:
+        return None
+    if not return_grad:
+        raise ValueError(f"{name}: expected None unless return_grad=True, found an array (pass return_grad=True to get the gradient)")
+    if not isinstance(grad_out, np.ndarray):
+        raise ValueError(f"{name}: expected a numpy.ndarray, found {type(grad_out).__name__}")
+    if grad_out.shape != tuple(shape) or grad_out.dtype != dtype:
+        raise ValueError(
+            f"{name}: expected an array of shape {tuple(shape)} and dtype {np.dtype(dtype)}, "
+            f"found shape {grad_out.shape} and dtype {grad_out.dtype}"
+        )
+    if not grad_out.flags.writeable:
+        raise ValueError(f"{name}: expected a writeable array, found a read-only one")
+    return grad_out
+
+
+def same_buffer(a, b) -> bool:
+    """True if ``a`` and ``b`` are the very same view of memory (in-place use)."""
+    return (
+        a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+        and a.shape == b.shape
+        and a.strides == b.strides
+    )
+
+
+def check_no_partial_overlap(out, inputs, name="grad_out"):
+    """An output may be exactly an input (in place) but must not partly overlap one."""
+    for in_name, arr in inputs:
+        if isinstance(arr, np.ndarray) and np.may_share_memory(out, arr) and not same_buffer(out, arr):
+            if np.shares_memory(out, arr, max_work=10**6):
+                raise ValueError(
+                    f"{name}: expected either {in_name} itself (in place) or an array that does not "
+                    f"overlap it, found an array partly overlapping {in_name}"
+                )

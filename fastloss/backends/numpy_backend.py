@@ -1,0 +1,271 @@
+"""The ``numpy`` backend: the readable reference every compiled backend is tested against.
+
+Kernel entry points (the backend protocol)
+------------------------------------------
+Every backend module exposes the functions below with exactly these signatures.  The public
+layer (:mod:`fastloss._api`) has already validated and normalized every argument:
+
+* floating arrays are float32 or float64 (float16/bfloat16 were cast to float32), and every
+  floating operand of one call has the same dtype (the *compute dtype*);
+* row-wise kernels see 2-D arrays ``(N, C)`` with the class axis last; elementwise kernels see
+  2-D arrays ``(R, K)`` of one common shape.  Arrays may have any strides (Fortran order,
+  strided views, and stride-0 broadcast views for ``weight``, ``pos_weight``, ``var`` and
+  ``gout``); ``N``/``R`` may be 0;
+* outputs are preallocated; a gradient output may be the first input itself (in place), so a
+  kernel must read an element (and everything it needs of its row) before writing it;
+* class indices are int64 and either in ``[0, C)`` or equal to ``ignore_index``.
+
+Row-wise kernels
+~~~~~~~~~~~~~~~~
+``logsumexp(x, out)``
+    ``out[i] = log(sum_j exp(x[i, j]))`` (``out`` is ``(N,)`` of the compute dtype).
+``softmax(x, out)`` / ``log_softmax(x, out)``
+    Row softmax / log-softmax into ``out`` (may be ``x``).
+``softmax_backward(g, y, out)`` / ``log_softmax_backward(g, y, out)``
+    ``y * (g - sum(g*y))`` / ``g - exp(y) * sum(g)`` per row.
+``cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, loss, grad, gscale)``
+    Hard targets.  ``weight`` is ``(C,)`` or None.  Writes the unreduced float64 row loss
+    ``loss[i] = (1-eps) w[t] (lse - x[t]) + eps/C sum_c w[c] (lse - x[c]) + z lse**2``
+    (``0`` for an ignored row) and, when ``grad`` is not None,
+    ``grad[i] = gscale[i] * d loss[i] / d x[i]`` (zeros for an ignored row).
+``cross_entropy_soft(x, target, weight, label_smoothing, z_loss, loss, grad, gscale)``
+    Probability targets ``(N, C)``: ``loss[i] = sum_c w[c] y'[c] (lse - x[c]) + z lse**2``
+    with ``y' = (1-eps) y + eps/C``.
+
+Elementwise kernels
+~~~~~~~~~~~~~~~~~~~
+Each returns the float64 sum over all elements of the (weighted) elementwise loss, writes the
+elementwise loss into ``loss`` when it is not None, and when ``grad`` is not None writes
+``grad = gscale * gout * d loss / d input`` (``gout`` None means 1).
+
+``bce_with_logits(z, y, weight, pos_weight, loss, grad, gscale, gout)``
+``bce(p, y, weight, loss, grad, gscale, gout)``
+``kl_div(x, t, log_target, loss, grad, gscale, gout)``
+``mse(x, t, loss, grad, gscale, gout)``
+``gaussian_nll(x, t, var, full, eps, loss, grad, grad_var, gscale, gout)``
+    ``var`` is the unclamped (broadcast) variance; ``grad_var`` is a full-size output that the
+    public layer sums back to the shape of ``var``.
+
+Optional hooks: ``set_num_threads(n)``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+NAME = "numpy"
+
+_HALF_LOG_2PI = 0.5 * np.log(2.0 * np.pi)
+
+
+def set_num_threads(n: int) -> None:  # NumPy's own loops are single threaded
+    return None
+
+
+# ----------------------------------------------------------------------------- helpers
+def _lse(x, dtype=None):
+    """Row log-sum-exp ``m + log(sum(exp(x - m)))`` with ``m`` the row max, as ``(N, 1)``.
+
+    The shift ``m`` is replaced by 0 where it is not finite, so a row of only ``-inf`` gives
+    ``log(0) = -inf`` and a row holding ``+inf`` gives ``+inf`` -- never ``inf - inf``.
+    ``dtype=np.float64`` adds ``m`` and the log in float64, so that a float32 loss
+    ``lse - x[t]`` is not rounded to float32 before the subtraction.
+    """
+    m = np.max(x, axis=1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0)
+    s = np.sum(np.exp(x - m), axis=1, keepdims=True)
+    if dtype is not None:
+        m, s = m.astype(dtype), s.astype(dtype)
+    with np.errstate(divide="ignore"):
+        return np.log(s) + m
+
+
+# ----------------------------------------------------------------------------- row-wise
+def logsumexp(x, out):
+    if x.shape[0]:
+        out[...] = _lse(x)[:, 0]
+
+
+def log_softmax(x, out):
+    if x.size:
+        lse = _lse(x)
+        with np.errstate(invalid="ignore"):
+            r = x - lse
+        # a row of only -inf has lse = -inf: x - lse = nan; PyTorch gives nan too, keep it.
+        out[...] = r
+
+
+def softmax(x, out):
+    if x.size:
+        m = np.max(x, axis=1, keepdims=True)
+        m = np.where(np.isfinite(m), m, 0)
+        e = np.exp(x - m)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[...] = e / np.sum(e, axis=1, keepdims=True)
+
+
+def softmax_backward(g, y, out):
+    if y.size:
+        out[...] = y * (g - np.sum(g * y, axis=1, keepdims=True, dtype=np.float64)).astype(y.dtype)
+
+
+def log_softmax_backward(g, y, out):
+    if y.size:
+        out[...] = g - np.exp(y) * np.sum(g, axis=1, keepdims=True, dtype=np.float64).astype(y.dtype)
+
+
+def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, loss, grad, gscale):
+    n, c = x.shape
+    if n == 0:
+        return
+    dt = x.dtype
+    keep = target != ignore_index
+    t = np.where(keep, target, 0)
+    w = np.ones(c, dt) if weight is None else weight
+    lse64 = _lse(x, np.float64)[:, 0]
+    lse = lse64.astype(dt)[:, None]
+    xt = np.take_along_axis(x, t[:, None], axis=1)  # (N, 1)
+    wt = w[t].astype(np.float64)
+    eps = label_smoothing
+    # -log p[t] = lse - x[t]; an x[t] of -inf gives +inf (never inf - inf: lse is finite then)
+    with np.errstate(invalid="ignore"):
+        nll = lse64 - xt[:, 0].astype(np.float64)
+    row = (1.0 - eps) * wt * nll
+    if eps:
+        with np.errstate(invalid="ignore"):
+            # sum_c w_c (lse - x_c); a class with x_c = -inf contributes +inf, as in PyTorch
+            smooth = np.sum(w.astype(np.float64) * (lse64[:, None] - x.astype(np.float64)), axis=1)
+        row = row + eps / c * smooth
+    if z_loss:
+        row = row + z_loss * lse64 * lse64
+    loss[...] = np.where(keep, row, 0.0)
+    if grad is None:
+        return
+    with np.errstate(invalid="ignore", over="ignore"):
+        p = np.exp(x - lse)  # softmax from the row's lse: exp(-inf) = 0 for masked classes
+        a = (1.0 - eps) * wt + (eps / c) * float(np.sum(w, dtype=np.float64)) + 2.0 * z_loss * lse64
+        gs = np.where(keep, gscale, 0.0)
+        g = p * (gs * a)[:, None].astype(dt)
+        if eps:
+            g -= (gs[:, None] * (eps / c) * w[None, :]).astype(dt)
+        rows = np.arange(n)
+        g[rows, t] -= (gs * (1.0 - eps) * wt).astype(dt)
+    grad[...] = g
+
+
+def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, loss, grad, gscale):
+    n, c = x.shape
+    if n == 0:
+        return
+    dt = x.dtype
+    eps = label_smoothing
+    y = target.astype(np.float64)
+    if eps:
+        y = (1.0 - eps) * y + eps / c
+    if weight is not None:
+        y = y * weight.astype(np.float64)
+    lse64 = _lse(x, np.float64)[:, 0]
+    with np.errstate(invalid="ignore"):
+        nlp = lse64[:, None] - x.astype(np.float64)  # -log p, +inf where x = -inf
+        # 0 * inf terms (a masked class with zero target mass) contribute 0, not nan
+        terms = np.where(y == 0, 0.0, y * nlp)
+    row = np.sum(terms, axis=1)
+    if z_loss:
+        row = row + z_loss * lse64 * lse64
+    loss[...] = row
+    if grad is None:
+        return
+    with np.errstate(invalid="ignore", over="ignore"):
+        p = np.exp(x.astype(np.float64) - lse64[:, None])
+        a = np.sum(y, axis=1) + 2.0 * z_loss * lse64
+        g = gscale[:, None] * (p * a[:, None] - y)
+    grad[...] = g
+
+
+# ----------------------------------------------------------------------------- elementwise
+def _finish(l, loss, grad, g, gscale, gout):
+    """Store the elementwise loss and the scaled gradient; return the float64 loss sum."""
+    if loss is not None:
+        loss[...] = l
+    if grad is not None:
+        g = g * gscale
+        if gout is not None:
+            g = g * gout
+        grad[...] = g
+    return float(np.sum(l, dtype=np.float64))
+
+
+def _softplus(z):
+    """log(1 + exp(z)) as ``max(z, 0) + log1p(exp(-|z|))``: never overflows."""
+    return np.maximum(z, 0) + np.log1p(np.exp(-np.abs(z)))
+
+
+def bce_with_logits(z, y, weight, pos_weight, loss, grad, gscale, gout):
+    sp = _softplus(-z)  # -log sigmoid(z)
+    if pos_weight is None:
+        l = (1 - y) * z + sp
+    else:
+        l = (1 - y) * z + (1 + (pos_weight - 1) * y) * sp
+    if weight is not None:
+        l = l * weight
+    g = None
+    if grad is not None:
+        # d/dz: sigmoid(z) - 1 = -sigmoid(-z), computed without overflow
+        s = np.exp(-_softplus(-z))  # sigmoid(z)
+        sm = np.exp(-_softplus(z))  # sigmoid(-z) = 1 - sigmoid(z), accurate for large z
+        if pos_weight is None:
+            g = s - y
+        else:
+            g = (1 - y) - (1 + (pos_weight - 1) * y) * sm
+        if weight is not None:
+            g = g * weight
+    return _finish(l, loss, grad, g, gscale, gout)
+
+
+def bce(p, y, weight, loss, grad, gscale, gout):
+    with np.errstate(divide="ignore"):
+        logp = np.maximum(np.log(p), -100)
+        log1mp = np.maximum(np.log1p(-p), -100)
+    l = -(y * logp + (1 - y) * log1mp)
+    if weight is not None:
+        l = l * weight
+    g = None
+    if grad is not None:
+        # PyTorch's gradient: (p - y) / max(p (1 - p), 1e-12)
+        g = (p - y) / np.maximum(p * (1 - p), p.dtype.type(1e-12))
+        if weight is not None:
+            g = g * weight
+    return _finish(l, loss, grad, g, gscale, gout)
+
+
+def kl_div(x, t, log_target, loss, grad, gscale, gout):
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        if log_target:
+            et = np.exp(t)
+            l = np.where(t == -np.inf, 0, et * (t - x))
+            g = None if grad is None else np.where(t == -np.inf, 0, -et)
+        else:
+            l = np.where(t == 0, 0, t * (np.log(t) - x))
+            g = None if grad is None else -t
+    return _finish(l, loss, grad, g, gscale, gout)
+
+
+def mse(x, t, loss, grad, gscale, gout):
+    d = x - t
+    return _finish(d * d, loss, grad, None if grad is None else 2 * d, gscale, gout)
+
+
+def gaussian_nll(x, t, var, full, eps, loss, grad, grad_var, gscale, gout):
+    v = np.maximum(var, var.dtype.type(eps))
+    d = x - t
+    with np.errstate(divide="ignore", invalid="ignore"):
+        l = 0.5 * (np.log(v) + d * d / v)
+        if full:
+            l = l + x.dtype.type(_HALF_LOG_2PI)
+    if grad is not None or grad_var is not None:
+        s = gscale if gout is None else gscale * gout
+        if grad is not None:
+            grad[...] = s * (d / v)
+        if grad_var is not None:
+            # gradient at the clamped value, as PyTorch's no-grad clamp gives
+            grad_var[...] = s * (0.5 * (1 / v - d * d / (v * v)))
+    return _finish(l, loss, None, None, gscale, gout)
