@@ -289,7 +289,7 @@ def softmax_backward(grad, y, axis=-1, *, backend=None):
     --------
     >>> import numpy as np, fastloss as fl
     >>> y = fl.softmax(np.array([1.0, 2.0, 3.0]))
-    >>> abs(fl.softmax_backward(np.ones(3), y)).max() < 1e-15  # softmax sums to 1
+    >>> bool(abs(fl.softmax_backward(np.ones(3), y)).max() < 1e-15)  # softmax sums to 1
     True
     """
     return _backward("softmax_backward", grad, y, axis, backend)
@@ -416,10 +416,10 @@ def cross_entropy(
     >>> import numpy as np, fastloss as fl
     >>> logits = np.array([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     >>> loss, grad = fl.cross_entropy(logits, np.array([0, 2]), return_grad=True)
-    >>> round(float(loss), 6)
-    0.792985
-    >>> grad.sum(axis=1).round(12).tolist()  # softmax minus one-hot: rows sum to 0
-    [0.0, 0.0]
+    >>> round(float(loss), 6)  # (log(e**2 + 2) - 2 + log(3)) / 2
+    0.669079
+    >>> bool(np.allclose(grad.sum(axis=1), 0))  # softmax minus one-hot: rows sum to 0
+    True
     """
     args = dict(
         logits=logits, target=target, axis=axis, weight=weight, ignore_index=ignore_index,
@@ -587,8 +587,8 @@ def binary_cross_entropy_with_logits(
     >>> import numpy as np, fastloss as fl
     >>> round(float(fl.binary_cross_entropy_with_logits(np.array([0.0]), np.array([1.0]))), 6)
     0.693147
-    >>> float(fl.binary_cross_entropy_with_logits(np.array([-1e30], np.float32), np.array([1.0], np.float32)))
-    1e+30
+    >>> float(fl.binary_cross_entropy_with_logits(np.array([-1e300]), np.array([1.0])))  # no overflow
+    1e+300
     """
     args = dict(logits=logits, target=target, weight=weight, pos_weight=pos_weight, reduction=reduction,
                 return_grad=return_grad, grad_output=grad_output, grad_out=grad_out, backend=backend)
@@ -763,6 +763,8 @@ def _var_shape(var, x, cdt):
     """``var`` as an array broadcast to ``x.shape`` plus a function reducing a full-size
     gradient back to the shape (or Python-float-ness) of ``var``."""
     if isinstance(var, (int, float, np.integer, np.floating)) and not isinstance(var, (bool, np.bool_)):
+        if var < 0:
+            raise ValueError(f"var: expected a non-negative variance, found {var!r}")
         v = np.asarray(var, dtype=cdt)
         return np.broadcast_to(v, x.shape), (lambda g: cdt.type(np.sum(g, dtype=np.float64)))
     v, _ = as_float_array(var, "var")
@@ -787,7 +789,7 @@ def _var_shape(var, x, cdt):
 
     def reduce_grad(g):
         r = np.sum(g, axis=red, keepdims=True, dtype=np.float64) if red else g
-        return r.reshape(orig).astype(v.dtype if v.dtype in (np.float32, np.float64) else cdt, copy=False)
+        return r.reshape(orig).astype(v.dtype)  # the dtype of var, like every gradient
 
     return np.broadcast_to(v.astype(cdt, copy=False), x.shape), reduce_grad
 

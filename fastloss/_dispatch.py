@@ -83,8 +83,8 @@ def use_backend(name: str):
 
 def is_device_array(a) -> bool:
     """True for arrays resident on a CUDA device (CuPy, PyTorch CUDA tensors, Numba device arrays)."""
-    if hasattr(a, "__cuda_array_interface__"):
-        return True
+    if hasattr(a, "__cuda_array_interface__") or getattr(a, "__cuda_ndarray__", False):
+        return True  # (__cuda_ndarray__: Numba's device arrays under the CUDA simulator)
     dev = getattr(a, "__dlpack_device__", None)
     if dev is not None and not hasattr(a, "__array_interface__"):
         try:

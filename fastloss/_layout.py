@@ -58,32 +58,39 @@ class Layout:
             return v, None
         return np.empty(self.shape2d, a.dtype), m
 
+    def _unmove(self, buf2d):
+        """The N-d array (shaped like ``x``) whose 2-D view is the C-contiguous ``buf2d``."""
+        if self.transpose:
+            return buf2d.reshape(self.shape[::-1]).T
+        moved_shape = tuple(np.moveaxis(np.empty(self.shape, dtype=np.bool_), self.src, self.dst).shape) if self.src != self.dst else self.shape
+        m = buf2d.reshape(moved_shape)
+        return np.moveaxis(m, self.dst, self.src) if self.src != self.dst else m
+
     def output(self, user, out_dtype, cdt):
         """A 2-D compute buffer of dtype ``cdt`` for an output shaped like ``x``, and a
         ``finish()`` that returns the user-facing array (``user`` itself when given).
 
-        ``user`` (validated already) receives the result; with ``user=None`` a new array
-        with the input's layout and ``out_dtype`` is made.
+        ``user`` (validated already) receives the result.  With ``user=None`` a new array
+        is made with the input's layout when that layout gives a 2-D view, else with the
+        class axis contiguous (a moved-axis view, as ``np.moveaxis`` returns): no copy.
         """
-        if user is not None and user.dtype == cdt:
-            v, back = self.view_out(user)
-            if back is None:
-                return v, lambda: user
-
-            def finish():
-                np.copyto(back, v.reshape(back.shape))
-                return user
-
-            return v, finish
-        tmp = np.empty_like(self.like, dtype=cdt)
-        v, _ = self.view_out(tmp)  # empty_like keeps the layout: always a view
         if user is None:
+            target = np.empty_like(self.like, dtype=cdt)
+            v, back = self.view_out(target)
+            if back is not None:  # the input's layout has no 2-D view: lay it out class-last
+                v = np.empty(self.shape2d, cdt)
+                target = self._unmove(v)
             if out_dtype == cdt:
-                return v, lambda: tmp
-            return v, lambda: tmp.astype(out_dtype)
+                return v, lambda: target
+            return v, lambda: target.astype(out_dtype)
+        target = user if user.dtype == cdt else np.empty_like(user, dtype=cdt)
+        v, back = self.view_out(target)
 
-        def finish_cast():
-            np.copyto(user, tmp, casting="unsafe")
+        def finish():
+            if back is not None:
+                np.copyto(back, v.reshape(back.shape))
+            if target is not user:
+                np.copyto(user, target, casting="unsafe")
             return user
 
-        return v, finish_cast
+        return v, finish

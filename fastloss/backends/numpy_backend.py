@@ -27,7 +27,8 @@ Row-wise kernels
     Hard targets.  ``weight`` is ``(C,)`` or None.  Writes the unreduced float64 row loss
     ``loss[i] = (1-eps) w[t] (lse - x[t]) + eps/C sum_c w[c] (lse - x[c]) + z lse**2``
     (``0`` for an ignored row) and, when ``grad`` is not None,
-    ``grad[i] = gscale[i] * d loss[i] / d x[i]`` (zeros for an ignored row).
+    ``grad[i] = gscale[i] * d loss[i] / d x[i]`` (exact zeros for an ignored row, even one
+    holding inf/NaN).
 ``cross_entropy_soft(x, target, weight, label_smoothing, z_loss, loss, grad, gscale)``
     Probability targets ``(N, C)``: ``loss[i] = sum_c w[c] y'[c] (lse - x[c]) + z lse**2``
     with ``y' = (1-eps) y + eps/C``.
@@ -62,45 +63,47 @@ def set_num_threads(n: int) -> None:  # NumPy's own loops are single threaded
 
 
 # ----------------------------------------------------------------------------- helpers
-def _lse(x, dtype=None):
-    """Row log-sum-exp ``m + log(sum(exp(x - m)))`` with ``m`` the row max, as ``(N, 1)``.
+def _shifted(x):
+    """``(m, d, s)`` per row: the max ``m`` ``(N, 1)``, ``d = x - m`` and ``s = sum(exp(d))``.
 
-    The shift ``m`` is replaced by 0 where it is not finite, so a row of only ``-inf`` gives
-    ``log(0) = -inf`` and a row holding ``+inf`` gives ``+inf`` -- never ``inf - inf``.
-    ``dtype=np.float64`` adds ``m`` and the log in float64, so that a float32 loss
-    ``lse - x[t]`` is not rounded to float32 before the subtraction.
+    Every exponent is ``<= 0``, so nothing overflows. ``m`` is replaced by 0 where it is not
+    finite, so a row of only ``-inf`` gives ``s = 0`` (``log s = -inf``) and a row holding
+    ``+inf`` gives ``s = inf`` -- never ``inf - inf``. Callers form ``log p = d - log s``
+    rather than ``x - lse``: with huge logits (``3e38``) ``lse = m + log s`` rounds to ``m``
+    and the O(1) part would be lost.
     """
     m = np.max(x, axis=1, keepdims=True)
     m = np.where(np.isfinite(m), m, 0)
-    s = np.sum(np.exp(x - m), axis=1, keepdims=True)
-    if dtype is not None:
-        m, s = m.astype(dtype), s.astype(dtype)
+    d = x - m
+    s = np.sum(np.exp(d), axis=1, keepdims=True)
+    return m, d, s
+
+
+def _log(s):
     with np.errstate(divide="ignore"):
-        return np.log(s) + m
+        return np.log(s)
 
 
 # ----------------------------------------------------------------------------- row-wise
 def logsumexp(x, out):
     if x.shape[0]:
-        out[...] = _lse(x)[:, 0]
+        m, _, s = _shifted(x)
+        out[...] = (_log(s) + m)[:, 0]
 
 
 def log_softmax(x, out):
     if x.size:
-        lse = _lse(x)
+        _, d, s = _shifted(x)
         with np.errstate(invalid="ignore"):
-            r = x - lse
-        # a row of only -inf has lse = -inf: x - lse = nan; PyTorch gives nan too, keep it.
-        out[...] = r
+            # a row of only -inf: -inf - (-inf) = nan, as PyTorch gives
+            out[...] = d - _log(s)
 
 
 def softmax(x, out):
     if x.size:
-        m = np.max(x, axis=1, keepdims=True)
-        m = np.where(np.isfinite(m), m, 0)
-        e = np.exp(x - m)
+        _, d, s = _shifted(x)
         with np.errstate(invalid="ignore", divide="ignore"):
-            out[...] = e / np.sum(e, axis=1, keepdims=True)
+            out[...] = np.exp(d) / s
 
 
 def softmax_backward(g, y, out):
@@ -113,6 +116,16 @@ def log_softmax_backward(g, y, out):
         out[...] = g - np.exp(y) * np.sum(g, axis=1, keepdims=True, dtype=np.float64).astype(y.dtype)
 
 
+def _row_terms(x):
+    """float64 ``(lse, log s, d)`` and the softmax ``p`` of each row (see ``_shifted``)."""
+    m, d, s = _shifted(x)
+    logs = _log(s.astype(np.float64))  # (N, 1)
+    lse = logs + m.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        p = np.exp(d) / s  # exact 0 for a -inf logit; nan for a row without a defined softmax
+    return lse[:, 0], logs, d.astype(np.float64), p
+
+
 def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, loss, grad, gscale):
     n, c = x.shape
     if n == 0:
@@ -121,34 +134,30 @@ def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, loss
     keep = target != ignore_index
     t = np.where(keep, target, 0)
     w = np.ones(c, dt) if weight is None else weight
-    lse64 = _lse(x, np.float64)[:, 0]
-    lse = lse64.astype(dt)[:, None]
-    xt = np.take_along_axis(x, t[:, None], axis=1)  # (N, 1)
+    lse, logs, d, p = _row_terms(x)
     wt = w[t].astype(np.float64)
     eps = label_smoothing
-    # -log p[t] = lse - x[t]; an x[t] of -inf gives +inf (never inf - inf: lse is finite then)
     with np.errstate(invalid="ignore"):
-        nll = lse64 - xt[:, 0].astype(np.float64)
-    row = (1.0 - eps) * wt * nll
-    if eps:
-        with np.errstate(invalid="ignore"):
-            # sum_c w_c (lse - x_c); a class with x_c = -inf contributes +inf, as in PyTorch
-            smooth = np.sum(w.astype(np.float64) * (lse64[:, None] - x.astype(np.float64)), axis=1)
-        row = row + eps / c * smooth
+        # -log p[t] = log s - (x[t] - m); an x[t] of -inf gives +inf
+        nll = logs[:, 0] - np.take_along_axis(d, t[:, None], axis=1)[:, 0]
+        row = (1.0 - eps) * wt * nll
+        if eps:
+            # sum_c w_c (-log p_c); a class with x_c = -inf contributes +inf, as in PyTorch
+            row = row + eps / c * np.sum(w.astype(np.float64) * (logs - d), axis=1)
     if z_loss:
-        row = row + z_loss * lse64 * lse64
+        row = row + z_loss * lse * lse
     loss[...] = np.where(keep, row, 0.0)
     if grad is None:
         return
     with np.errstate(invalid="ignore", over="ignore"):
-        p = np.exp(x - lse)  # softmax from the row's lse: exp(-inf) = 0 for masked classes
-        a = (1.0 - eps) * wt + (eps / c) * float(np.sum(w, dtype=np.float64)) + 2.0 * z_loss * lse64
+        a = (1.0 - eps) * wt + (eps / c) * float(np.sum(w, dtype=np.float64)) + 2.0 * z_loss * lse
         gs = np.where(keep, gscale, 0.0)
         g = p * (gs * a)[:, None].astype(dt)
         if eps:
             g -= (gs[:, None] * (eps / c) * w[None, :]).astype(dt)
         rows = np.arange(n)
         g[rows, t] -= (gs * (1.0 - eps) * wt).astype(dt)
+        g[~keep] = 0  # an ignored row contributes nothing: exactly 0, even if it holds inf/NaN
     grad[...] = g
 
 
@@ -156,27 +165,24 @@ def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, loss, grad, g
     n, c = x.shape
     if n == 0:
         return
-    dt = x.dtype
     eps = label_smoothing
     y = target.astype(np.float64)
     if eps:
         y = (1.0 - eps) * y + eps / c
     if weight is not None:
         y = y * weight.astype(np.float64)
-    lse64 = _lse(x, np.float64)[:, 0]
+    lse, logs, d, p = _row_terms(x)
     with np.errstate(invalid="ignore"):
-        nlp = lse64[:, None] - x.astype(np.float64)  # -log p, +inf where x = -inf
         # 0 * inf terms (a masked class with zero target mass) contribute 0, not nan
-        terms = np.where(y == 0, 0.0, y * nlp)
+        terms = np.where(y == 0, 0.0, y * (logs - d))
     row = np.sum(terms, axis=1)
     if z_loss:
-        row = row + z_loss * lse64 * lse64
+        row = row + z_loss * lse * lse
     loss[...] = row
     if grad is None:
         return
     with np.errstate(invalid="ignore", over="ignore"):
-        p = np.exp(x.astype(np.float64) - lse64[:, None])
-        a = np.sum(y, axis=1) + 2.0 * z_loss * lse64
+        a = np.sum(y, axis=1) + 2.0 * z_loss * lse
         g = gscale[:, None] * (p * a[:, None] - y)
     grad[...] = g
 
