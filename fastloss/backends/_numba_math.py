@@ -1,0 +1,378 @@
+"""Vectorizable scalar math for the Numba kernels: ``exp``, ``log``, ``log1p``, ``softplus``.
+
+Why not ``math.exp``?  Numba >= 0.62 ships without SVML, so ``math.exp`` / ``np.exp`` inside a
+jitted loop is a call into libm per element (~0.3 G el/s per core) and blocks vectorization of
+the whole loop.  The functions here are written only with arithmetic, comparisons (which LLVM
+turns into ``select``) and integer bit manipulation, so after inlining LLVM vectorizes the loop
+that calls them (AVX2 ``ymm``: 8 float32 / 4 float64 lanes).
+
+Algorithms (float32 and float64 variants; ``vexp`` & co. dispatch on the argument type)
+----------------------------------------------------------------------------------------
+``exp(x)``
+    Range reduction ``x = k ln2 + r``, ``k = rint(x / ln2)``, ``|r| <= ln2/2`` with ln2 split
+    into a high part (exact products ``k*ln2_hi``) and a low part (Cody-Waite), then a
+    polynomial for ``exp(r)`` (Cephes' degree-5 minimax for float32, the degree-12 Taylor
+    polynomial for float64, truncation error < 2e-16), and the scaling by ``2**k`` done by
+    writing ``k + bias`` into the exponent field.  ``x`` is first clamped to the range whose
+    results are representable (``[-104, 89]`` / ``[-746, 710]``) and ``2**k`` is applied as two
+    factors ``2**(k//2) * 2**(k - k//2)``, each a normal number, so that overflow gives ``+inf``,
+    results in the subnormal range are rounded once (gradual underflow) and ``exp(-inf) = 0``.
+    A NaN argument is passed through by a final select.  Error: about 1 ulp.
+``log(x)``
+    ``x = 2**k * m`` with ``m`` in ``[sqrt(1/2), sqrt(2))`` from the bits (subnormal inputs are
+    first scaled by ``2**54`` / ``2**25``), ``f = m - 1``, and fdlibm's ``log(1+f)`` kernel
+    (float64: ``s = f/(2+f)`` and a degree-14 odd series) or Cephes' ``logf`` polynomial
+    (float32).  ``k`` is converted to floating point by the "magic number" trick (or-ing it into
+    the mantissa of ``2**52`` and subtracting) because AVX2 has no packed int64 -> double
+    conversion.  Specials: ``log(0) = -inf``, ``log(x<0) = nan``, ``log(inf) = inf``, NaN -> NaN.
+``log1p(x)``
+    ``u = 1 + x``; ``log(u) + (x - (u - 1)) / u`` -- the correction term restores the bits of
+    ``x`` lost in rounding ``1 + x``.  This identity relies on exact IEEE evaluation order, which
+    is why these helpers are compiled with ``fastmath={'contract'}`` only: fp instructions keep
+    their own fast-math flags when LLVM inlines them into a caller compiled with ``reassoc``.
+``softplus(x) = log(1 + exp(x))``
+    ``max(x, 0) + log1p(exp(-|x|))``: never overflows.
+
+Nothing here is compiled at import; the helpers compile as part of the kernels that call them
+and are cached inside those kernels' cached machine code (see ``_JIT`` below).
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+__all__ = ["vexp", "vlog", "vlog1p", "vsoftplus", "cast_like", "HELPER_FASTMATH"]
+
+# The helpers must keep IEEE evaluation order (Cody-Waite split, log1p correction); FMA
+# contraction only makes them more accurate.
+HELPER_FASTMATH = {"contract"}
+# No cache=True here on purpose: a function loaded from Numba's on-disk cache is linked into
+# its callers as object code, which LLVM cannot inline -- the loop calling it would then stay
+# scalar.  These helpers are compiled (in memory) whenever a kernel that uses them is
+# compiled, and end up inlined in that kernel, which *is* cached.
+_JIT = dict(fastmath=HELPER_FASTMATH, nogil=True, error_model="numpy")
+
+
+# ----------------------------------------------------------------------------- bit casts
+@intrinsic
+def _f64_bits(typingctx, x):
+    """Reinterpret a float64 as int64 (no conversion)."""
+    if x != types.float64:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+
+    return types.int64(types.float64), codegen
+
+
+@intrinsic
+def _bits_f64(typingctx, i):
+    """Reinterpret an int64 as float64."""
+    if not isinstance(i, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        if v.type.width != 64:
+            v = builder.sext(v, ir.IntType(64)) if sig.args[0].signed else builder.zext(v, ir.IntType(64))
+        return builder.bitcast(v, ir.DoubleType())
+
+    return types.float64(i), codegen
+
+
+@intrinsic
+def _f32_bits(typingctx, x):
+    """Reinterpret a float32 as int32."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
+def _bits_f32(typingctx, i):
+    """Reinterpret the low 32 bits of an integer as float32."""
+    if not isinstance(i, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        if v.type.width != 32:
+            v = builder.trunc(v, ir.IntType(32)) if v.type.width > 32 else builder.sext(v, ir.IntType(32))
+        return builder.bitcast(v, ir.FloatType())
+
+    return types.float32(i), codegen
+
+
+@intrinsic
+def _pow2(typingctx, kf):
+    """``2.0**kf`` for an integral float ``kf`` inside the normal exponent range.
+
+    Written in LLVM IR so that the integer part stays 32-bit (Numba would promote it to
+    int64, and AVX2 has no packed double <-> int64 conversion): ``fptosi`` to i32, add the
+    exponent bias, shift into the exponent field, bitcast.  The caller guarantees ``kf`` is
+    finite and in range.
+    """
+    if kf not in (types.float32, types.float64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        k = builder.fptosi(args[0], i32)
+        if sig.return_type == types.float32:
+            b = builder.shl(builder.add(k, ir.Constant(i32, 127)), ir.Constant(i32, 23))
+            return builder.bitcast(b, ir.FloatType())
+        i64 = ir.IntType(64)
+        b = builder.sext(builder.add(k, ir.Constant(i32, 1023)), i64)
+        b = builder.shl(b, ir.Constant(i64, 52))
+        return builder.bitcast(b, ir.DoubleType())
+
+    return kf(kf), codegen
+
+
+# ----------------------------------------------------------------------------- exp
+_F32 = np.float32
+_LOG2E_32 = _F32(1.4426950408889634)
+_C1_32 = _F32(0.693359375)  # ln2 high part: few mantissa bits, so k*C1 is exact
+_C2_32 = _F32(-2.12194440e-4)  # ln2 - C1
+_P0_32 = _F32(1.9875691500e-4)
+_P1_32 = _F32(1.3981999507e-3)
+_P2_32 = _F32(8.3334519073e-3)
+_P3_32 = _F32(4.1665795894e-2)
+_P4_32 = _F32(1.6666665459e-1)
+_P5_32 = _F32(5.0000001201e-1)
+_LO_32 = _F32(-104.0)  # exp(-104) < smallest subnormal / 2: rounds to 0
+_HI_32 = _F32(89.0)  # exp(89) > FLT_MAX: overflows to inf
+_HALF_32 = _F32(0.5)
+_ONE_32 = _F32(1.0)
+_ZERO_32 = _F32(0.0)
+
+
+@njit(**_JIT)
+def exp32(x):
+    """float32 ``exp(x)``, vectorizable, ~1 ulp; see the module docstring."""
+    xc = x if x > _LO_32 else _LO_32  # NaN -> LO here; fixed by the final select
+    xc = xc if xc < _HI_32 else _HI_32
+    k = np.rint(xc * _LOG2E_32)
+    r = xc - k * _C1_32
+    r = r - k * _C2_32
+    r2 = r * r
+    p = _P0_32 * r + _P1_32
+    p = p * r + _P2_32
+    p = p * r + _P3_32
+    p = p * r + _P4_32
+    p = p * r + _P5_32
+    y = p * r2 + r + _ONE_32
+    k1 = np.rint(k * _HALF_32)
+    y = y * _pow2(k1) * _pow2(k - k1)
+    return y if x == x else x
+
+
+_LOG2E_64 = 1.4426950408889634
+_LN2HI_64 = 6.93147180369123816490e-01
+_LN2LO_64 = 1.90821492927058770002e-10
+_LO_64 = -746.0
+_HI_64 = 710.0
+_T = [1.0 / np.prod(np.arange(1, n + 1, dtype=np.float64)) for n in range(13)]
+_T2, _T3, _T4, _T5, _T6, _T7, _T8, _T9, _T10, _T11, _T12 = _T[2:]
+
+
+@njit(**_JIT)
+def exp64(x):
+    """float64 ``exp(x)``, vectorizable, ~1 ulp; see the module docstring."""
+    xc = x if x > _LO_64 else _LO_64
+    xc = xc if xc < _HI_64 else _HI_64
+    k = np.rint(xc * _LOG2E_64)
+    r = xc - k * _LN2HI_64
+    r = r - k * _LN2LO_64
+    p = _T12 * r + _T11
+    p = p * r + _T10
+    p = p * r + _T9
+    p = p * r + _T8
+    p = p * r + _T7
+    p = p * r + _T6
+    p = p * r + _T5
+    p = p * r + _T4
+    p = p * r + _T3
+    p = p * r + _T2
+    p = p * r + 1.0
+    y = p * r + 1.0
+    k1 = np.rint(k * 0.5)
+    y = y * _pow2(k1) * _pow2(k - k1)
+    return y if x == x else x
+
+
+# ----------------------------------------------------------------------------- log
+_L_32 = [_F32(c) for c in (7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1,
+                           1.4249322787e-1, -1.6668057665e-1, 2.0000714765e-1, -2.4999993993e-1,
+                           3.3333331174e-1)]
+_L0_32, _L1_32, _L2_32, _L3_32, _L4_32, _L5_32, _L6_32, _L7_32, _L8_32 = _L_32
+_MINNORM_32 = _F32(np.finfo(np.float32).tiny)
+_TWO25_32 = _F32(2.0**25)
+_M25_32 = _F32(-25.0)
+_INF_32 = _F32(np.inf)
+_NAN_32 = _F32(np.nan)
+_MAGIC_32 = _F32(2.0**23)  # 2**23 + n has the integer n in its low mantissa bits
+_MAGICB_32 = _F32(2.0**23 + 127)
+
+
+@njit(**_JIT)
+def log32(x):
+    """float32 ``log(x)`` (Cephes ``logf`` kernel), vectorizable; see the module docstring."""
+    sub = x < _MINNORM_32
+    xs = x * _TWO25_32 if sub else x
+    # shift the bits so that the exponent field counts from sqrt(1/2): m in [sqrt(.5), sqrt(2))
+    ix = _f32_bits(xs) + (0x3F800000 - 0x3F3504F3)
+    m = _bits_f32((ix & 0x007FFFFF) + 0x3F3504F3)
+    kf = _bits_f32(((ix >> 23) & 0x1FF) | 0x4B000000) - _MAGICB_32  # biased exponent -> float
+    kf = kf + _M25_32 if sub else kf
+    f = m - _ONE_32
+    z = f * f
+    p = _L0_32 * f + _L1_32
+    p = p * f + _L2_32
+    p = p * f + _L3_32
+    p = p * f + _L4_32
+    p = p * f + _L5_32
+    p = p * f + _L6_32
+    p = p * f + _L7_32
+    p = p * f + _L8_32
+    y = f * z * p
+    y = y + kf * _C2_32
+    y = y - _HALF_32 * z
+    y = f + y
+    y = y + kf * _C1_32
+    # specials: 0 -> -inf, <0 -> nan, +inf -> +inf, nan -> nan
+    y = -_INF_32 if x == _ZERO_32 else y
+    y = _NAN_32 if x < _ZERO_32 else y
+    y = x if not (x < _INF_32) else y  # +inf and nan pass through
+    return y
+
+
+_LG1 = 6.666666666666735130e-01
+_LG2 = 3.999999999940941908e-01
+_LG3 = 2.857142874366239149e-01
+_LG4 = 2.222219843214978396e-01
+_LG5 = 1.818357216161805012e-01
+_LG6 = 1.531383769920937332e-01
+_LG7 = 1.479819860511658591e-01
+_MINNORM_64 = float(np.finfo(np.float64).tiny)
+_TWO54 = 2.0**54
+_MAGICB_64 = 2.0**52 + 1023.0
+
+
+@njit(**_JIT)
+def log64(x):
+    """float64 ``log(x)`` (fdlibm kernel), vectorizable; see the module docstring."""
+    sub = x < _MINNORM_64
+    xs = x * _TWO54 if sub else x
+    ix = _f64_bits(xs) + (0x3FF0000000000000 - 0x3FE6A09E00000000)
+    m = _bits_f64((ix & 0x000FFFFFFFFFFFFF) + 0x3FE6A09E00000000)
+    # biased exponent (11 bits) or-ed into the mantissa of 2**52, minus (2**52 + bias)
+    kf = _bits_f64(((ix >> 52) & 0x7FF) | 0x4330000000000000) - _MAGICB_64
+    kf = kf - 54.0 if sub else kf
+    f = m - 1.0
+    hfsq = 0.5 * f * f
+    s = f / (2.0 + f)
+    z = s * s
+    w = z * z
+    t1 = w * (_LG2 + w * (_LG4 + w * _LG6))
+    t2 = z * (_LG1 + w * (_LG3 + w * (_LG5 + w * _LG7)))
+    r = t2 + t1
+    y = kf * _LN2HI_64 - ((hfsq - (s * (hfsq + r) + kf * _LN2LO_64)) - f)
+    y = -np.inf if x == 0.0 else y
+    y = np.nan if x < 0.0 else y
+    y = x if not (x < np.inf) else y
+    return y
+
+
+@njit(**_JIT)
+def log1p32(x):
+    """float32 ``log(1 + x)``, accurate for tiny ``x``; see the module docstring."""
+    u = x + _ONE_32
+    c = (x - (u - _ONE_32)) / u  # rounding error of 1 + x, divided by u
+    lu = log32(u)
+    # u == 0 (x = -1): log gives -inf, the correction 0/0; u == inf: correction is nan
+    return lu + c if (u > _ZERO_32 and u < _INF_32) else lu
+
+
+@njit(**_JIT)
+def log1p64(x):
+    """float64 ``log(1 + x)``, accurate for tiny ``x``; see the module docstring."""
+    u = x + 1.0
+    c = (x - (u - 1.0)) / u
+    lu = log64(u)
+    return lu + c if (u > 0.0 and u < np.inf) else lu
+
+
+# inline="always" (at the Numba IR level) so that LLVM sees the calls to exp and log1p
+# directly in the caller's loop: nested, each inlinable, but together above LLVM's inlining
+# threshold they would stay an out-of-line call and block vectorization.  The few ops of
+# softplus itself are insensitive to the caller's fast-math flags.
+@njit(inline="always", **_JIT)
+def softplus32(x):
+    """float32 ``log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|))``."""
+    a = -x if x > _ZERO_32 else x  # -|x| (nan stays nan)
+    mx = x if x > _ZERO_32 else _ZERO_32
+    return mx + log1p32(exp32(a))
+
+
+@njit(inline="always", **_JIT)
+def softplus64(x):
+    """float64 ``log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|))``."""
+    a = -x if x > 0.0 else x
+    mx = x if x > 0.0 else 0.0
+    return mx + log1p64(exp64(a))
+
+
+# ----------------------------------------------------------------------------- dispatch
+def _make_dispatch(name, f32, f64, doc):
+    def stub(x):  # pragma: no cover - only ever called from jitted code
+        raise NotImplementedError(f"{name} is callable from Numba-compiled code only")
+
+    stub.__name__ = name
+    stub.__doc__ = doc
+
+    # inline="always": the dispatch layer itself disappears, leaving the call to the typed
+    # helper in the caller, which LLVM inlines (one level of nesting less to fit its budget)
+    @overload(stub, inline="always")
+    def _ov(x):
+        if x == types.float32:
+            return lambda x: f32(x)
+        if x == types.float64:
+            return lambda x: f64(x)
+        if isinstance(x, types.Integer):
+            return lambda x: f64(np.float64(x))
+        return None
+
+    return stub
+
+
+vexp = _make_dispatch("vexp", exp32, exp64, "Vectorizable ``exp`` of a float32/float64 scalar.")
+vlog = _make_dispatch("vlog", log32, log64, "Vectorizable ``log`` of a float32/float64 scalar.")
+vlog1p = _make_dispatch("vlog1p", log1p32, log1p64, "Vectorizable ``log1p`` of a float32/float64 scalar.")
+vsoftplus = _make_dispatch("vsoftplus", softplus32, softplus64,
+                           "Vectorizable ``softplus(x) = log(1 + exp(x))`` (float32/float64).")
+
+
+def cast_like(v, like):  # pragma: no cover - only ever called from jitted code
+    """``v`` converted to the (floating) type of ``like``, inside jitted code."""
+    raise NotImplementedError("cast_like is callable from Numba-compiled code only")
+
+
+@overload(cast_like)
+def _ov_cast_like(v, like):
+    if like == types.float32:
+        return lambda v, like: np.float32(v)
+    if like == types.float64:
+        return lambda v, like: np.float64(v)
+    if isinstance(like, types.Array) and like.dtype == types.float32:
+        return lambda v, like: np.float32(v)
+    if isinstance(like, types.Array) and like.dtype == types.float64:
+        return lambda v, like: np.float64(v)
+    return None

@@ -1,0 +1,1068 @@
+"""The ``numba`` backend: fused, parallel, SIMD CPU kernels compiled by Numba.
+
+Implements every entry point of the backend protocol documented in
+:mod:`fastloss.backends.numpy_backend`, with the same signatures and the same results (within
+the accuracy contract of SPEC.md), but without temporaries and in one or two sweeps over memory.
+
+Design
+------
+* **Parallelism.**  Row-wise kernels split the rows into one contiguous block per task and
+  run the blocks with ``prange`` (static scheduling: equal blocks, one per thread).  Elementwise
+  kernels see ``(R, K)`` arrays; their tasks are row segments of ``_CHUNK`` elements when
+  ``K`` is large (so a ``(1, 16M)`` view keeps every thread busy) and groups of whole rows
+  when ``K`` is small (so a tall, thin array does not pay a task per tiny row).
+* **SIMD.**  ``exp``/``log``/``log1p`` come from :mod:`._numba_math` (polynomials plus bit
+  manipulation), which LLVM vectorizes; ``math.exp`` would be a scalar libm call.  Loops are
+  compiled with ``fastmath={'contract', 'arcp', 'nsz', 'reassoc', 'afn'}``: ``reassoc`` lets
+  LLVM vectorize sums, and ``nnan``/``ninf`` are deliberately *not* set so that inf and NaN
+  keep IEEE semantics.  A running maximum does not vectorize as a reduction without ``nnan``,
+  so the row maximum keeps 16 independent partial maxima.
+* **Fused cross-entropy.**  Per row: (1) the maximum ``m`` (one read of the logits from
+  memory); (2) ``e = exp(x - m)`` written into the gradient buffer while summing it in
+  float64; (3) ``grad = e * (gscale * a / s) - corrections``, re-reading ``e`` from L2 (a row of
+  32k float32 is 128 KiB).  The logits are read from memory once and the gradient written once,
+  and ``exp`` is evaluated once per element.  Everything the loss needs from ``x`` (the target
+  logit, the label-smoothing sum) is read before step (2), so ``grad`` may be ``x`` itself.
+* **Stability.**  ``lse = m + log(sum(exp(x - m)))`` with ``m`` replaced by 0 when it is not
+  finite: a row with ``+inf`` gives ``+inf``, a row of only ``-inf`` gives ``-inf``, never
+  ``inf - inf``.  Row sums and losses are accumulated in float64.
+* **Layouts.**  Every kernel indexes ``x[i, j]``, so Numba compiles a specialization for
+  C-contiguous arrays (vectorized) and one for any-stride ('A') arrays (Fortran order,
+  strided and broadcast views) -- never a copy.  Elementwise kernels on Fortran-ordered
+  operands run on the transposes, which are C-contiguous.
+* **Compilation.**  ``cache=True`` on every entry kernel (helpers are compiled into them,
+  see ``_JIT``) and nothing is compiled at import; the first
+  call of each specialization compiles it (seconds) and caches it on disk.  :func:`warmup`
+  compiles every specialization the public layer can reach.
+* **Threads.**  :func:`set_num_threads` bounds the worker threads.  Numba's default
+  ``workqueue`` threading layer is not safe for concurrent calls from several Python threads;
+  this module asks for a thread-safe layer (OpenMP or TBB) unless the user chose one, and
+  serializes calls if Numba still ends up on ``workqueue``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+
+import numpy as np
+
+try:  # the registry reports the backend unavailable (with this reason) if numba is missing
+    import numba
+    from numba import njit, prange
+
+    _IMPORT_ERROR = ""
+except Exception as exc:  # pragma: no cover - exercised only without numba
+    numba = None
+    _IMPORT_ERROR = f"numba cannot be imported ({type(exc).__name__}: {exc})"
+
+NAME = "numba"
+
+__all__ = [
+    "NAME", "unavailable_reason", "set_num_threads", "get_num_threads", "warmup",
+    "logsumexp", "softmax", "log_softmax", "softmax_backward", "log_softmax_backward",
+    "cross_entropy", "cross_entropy_soft", "bce_with_logits", "bce", "kl_div", "mse",
+    "gaussian_nll",
+]
+
+
+def unavailable_reason() -> str:
+    """``""`` when Numba imports, else why this backend cannot be used."""
+    return _IMPORT_ERROR
+
+
+if numba is not None:
+    from ._numba_math import cast_like, vexp, vlog, vlog1p
+
+    # Ask for a thread-safe layer before Numba launches its thread pool (it is launched
+    # lazily, at the first parallel call).  "threadsafe" = TBB if present, else OpenMP.
+    if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
+        numba.config.THREADING_LAYER = "threadsafe"
+
+    _FM = {"contract", "arcp", "nsz", "reassoc", "afn"}  # never fastmath=True: keep inf/nan
+    # Helpers (row and block functions) are not cached on their own: a cached function is
+    # linked into its callers as object code that LLVM cannot inline, which would keep the
+    # vectorizable exp out of the loops.  They compile with, and are cached inside, the
+    # parallel entry kernels (cache=True), whose machine code contains them inlined.
+    _JIT = dict(nogil=True, fastmath=_FM, error_model="numpy")
+    _PJIT = dict(_JIT, parallel=True, cache=True)
+else:  # pragma: no cover
+    _JIT = _PJIT = {}
+
+    def njit(*a, **k):
+        return lambda f: f
+
+    prange = range
+
+_CHUNK = 16384  # elements per elementwise task: big enough to amortize, small enough for L1/L2
+_PMAX = 16  # partial maxima per row (vectorizes the max without nnan)
+# Row sums of exp: blocks of _SUMBLK terms are summed in the compute dtype (8 float32 lanes
+# per ymm instead of 4 float64 ones; each lane adds <= 64 terms in [0, 1], relative error
+# ~1e-7 at worst), and the block sums are added in float64.
+_SUMBLK = 512
+
+# ----------------------------------------------------------------------------- threads
+_state_lock = threading.Lock()
+_call_lock = threading.Lock()
+_layer_checked = False
+_serialize = False
+_nthreads = 0  # 0: not set, use Numba's default
+
+
+def set_num_threads(n: int) -> None:
+    """Bound the number of worker threads of this backend's kernels (``1 <= n <= cores``).
+
+    Numba's own setting is per calling thread; the value is stored here and applied on every
+    call, so it holds for calls from any Python thread.
+    """
+    global _nthreads
+    if numba is None:  # pragma: no cover
+        return
+    n = int(n)
+    if not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
+        raise ValueError(
+            f"n: expected an integer in [1, {numba.config.NUMBA_NUM_THREADS}], found {n}"
+        )
+    _nthreads = n
+    numba.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """Number of worker threads the kernels use."""
+    if numba is None:  # pragma: no cover
+        return 1
+    return _nthreads or numba.config.NUMBA_NUM_THREADS
+
+
+@njit(**_PJIT)
+def _launch_pool(a):  # tiny parallel kernel: makes Numba start its threading layer
+    for i in prange(a.shape[0]):
+        a[i] = i
+
+
+def _check_layer():
+    global _layer_checked, _serialize
+    with _state_lock:
+        if _layer_checked:
+            return
+        _launch_pool(np.zeros(2))
+        _serialize = numba.threading_layer() == "workqueue"
+        _layer_checked = True
+
+
+class _Guard:
+    """Context of every kernel call: applies the thread bound, serializes on ``workqueue``."""
+
+    __slots__ = ("locked",)
+
+    def __enter__(self):
+        if not _layer_checked:
+            _check_layer()
+        self.locked = _serialize
+        if self.locked:
+            _call_lock.acquire()
+        n = _nthreads or numba.config.NUMBA_NUM_THREADS
+        if numba.get_num_threads() != n:
+            numba.set_num_threads(n)
+        return self
+
+    def __exit__(self, *exc):
+        if self.locked:
+            _call_lock.release()
+        return False
+
+
+def _nblocks(n):
+    """Row blocks for a row-wise kernel: one per thread (more would only add overhead)."""
+    return max(1, min(n, get_num_threads()))
+
+
+def _tasks(r, k):
+    """(number of tasks, column chunk, rows per task) for an elementwise (R, K) kernel."""
+    if k >= _CHUNK:
+        nck = -(-k // _CHUNK)
+        return r * nck, _CHUNK, 1
+    rpt = max(1, _CHUNK // max(k, 1))
+    return -(-r // rpt), k, rpt
+
+
+# ============================================================================= row helpers
+@njit(**_JIT)
+def _mx(a, b):
+    return b if b > a else a  # NaN in b is skipped (a NaN in the row shows up in the sum)
+
+
+@njit(**_JIT)
+def _rowmax(x, i, c, acc):
+    """Max of row ``i`` of ``x`` (NaN ignored; -inf for an empty row).
+
+    Eight independent running maxima: a single running max is a loop-carried dependency and a
+    reduction LLVM vectorizes only under ``nnan`` (not allowed: inf/NaN semantics).  With
+    eight chains the scalar ``vmaxss`` run in parallel (~3 G el/s per core measured); LLVM does
+    not yet pack them into one ymm ``vmaxps`` (a known speed limit, see the tests).
+    ``acc`` is unused (kept for a stable signature).
+    """
+    m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = cast_like(-np.inf, x)
+    c8 = c - c % 8
+    for j in range(0, c8, 8):
+        m0 = _mx(m0, x[i, j])
+        m1 = _mx(m1, x[i, j + 1])
+        m2 = _mx(m2, x[i, j + 2])
+        m3 = _mx(m3, x[i, j + 3])
+        m4 = _mx(m4, x[i, j + 4])
+        m5 = _mx(m5, x[i, j + 5])
+        m6 = _mx(m6, x[i, j + 6])
+        m7 = _mx(m7, x[i, j + 7])
+    m = _mx(_mx(_mx(m0, m1), _mx(m2, m3)), _mx(_mx(m4, m5), _mx(m6, m7)))
+    for j in range(c8, c):
+        m = _mx(m, x[i, j])
+    return m
+
+
+@njit(**_JIT)
+def _finite(v):
+    return v - v == 0  # false for +-inf and nan
+
+
+@njit(**_JIT)
+def _sumexp(x, i, c, shift):
+    """``sum_j exp(x[i, j] - shift)``, in float64 across blocks of ``_SUMBLK`` terms."""
+    s = 0.0
+    for j0 in range(0, c, _SUMBLK):
+        bs = cast_like(0.0, x)
+        for j in range(j0, min(c, j0 + _SUMBLK)):
+            bs += vexp(x[i, j] - shift)
+        s += bs
+    return s
+
+
+@njit(**_JIT)
+def _sumexp_store(x, i, c, shift, out):
+    """Like :func:`_sumexp`, also storing ``out[i, j] = exp(x[i, j] - shift)``."""
+    s = 0.0
+    for j0 in range(0, c, _SUMBLK):
+        bs = cast_like(0.0, x)
+        for j in range(j0, min(c, j0 + _SUMBLK)):
+            e = vexp(x[i, j] - shift)
+            out[i, j] = e
+            bs += e
+        s += bs
+    return s
+
+
+@njit(**_JIT)
+def _row_lse(x, i, c, acc):
+    """(shift, log(sum exp(x - shift))) of row ``i``; ``lse = shift + log_s`` in float64."""
+    m = _rowmax(x, i, c, acc)
+    sh = m if _finite(m) else cast_like(0.0, x)
+    s = _sumexp(x, i, c, sh)
+    return sh, np.log(s)
+
+
+# ============================================================================= normalizers
+@njit(**_PJIT)
+def _k_logsumexp(x, out, nb):
+    n, c = x.shape
+    for b in prange(nb):
+        acc = np.empty(_PMAX, x.dtype)
+        for i in range(b * n // nb, (b + 1) * n // nb):
+            sh, ls = _row_lse(x, i, c, acc)
+            out[i] = sh + ls
+
+
+@njit(**_PJIT)
+def _k_softmax(x, out, nb):
+    n, c = x.shape
+    for b in prange(nb):
+        acc = np.empty(_PMAX, x.dtype)
+        for i in range(b * n // nb, (b + 1) * n // nb):
+            m = _rowmax(x, i, c, acc)
+            sh = m if _finite(m) else cast_like(0.0, x)
+            s = _sumexp_store(x, i, c, sh, out)
+            # e / s as e * (1/s): one rounding more than a division, far inside the contract
+            r = cast_like(1.0 / s, x)
+            for j in range(c):
+                out[i, j] = out[i, j] * r
+
+
+@njit(**_PJIT)
+def _k_log_softmax(x, out, nb):
+    n, c = x.shape
+    for b in prange(nb):
+        acc = np.empty(_PMAX, x.dtype)
+        for i in range(b * n // nb, (b + 1) * n // nb):
+            sh, ls = _row_lse(x, i, c, acc)
+            lse = cast_like(sh + ls, x)  # a row of only -inf: -inf - -inf = nan, as PyTorch
+            for j in range(c):
+                out[i, j] = x[i, j] - lse
+
+
+@njit(**_PJIT)
+def _k_softmax_backward(g, y, out, nb):
+    n, c = y.shape
+    for b in prange(nb):
+        for i in range(b * n // nb, (b + 1) * n // nb):
+            d = 0.0
+            for j in range(c):
+                d += g[i, j] * y[i, j]
+            dd = cast_like(d, y)
+            for j in range(c):
+                out[i, j] = y[i, j] * (g[i, j] - dd)
+
+
+@njit(**_PJIT)
+def _k_log_softmax_backward(g, y, out, nb):
+    n, c = y.shape
+    for b in prange(nb):
+        for i in range(b * n // nb, (b + 1) * n // nb):
+            sg = 0.0
+            for j in range(c):
+                sg += g[i, j]
+            s = cast_like(sg, y)
+            for j in range(c):
+                out[i, j] = g[i, j] - vexp(y[i, j]) * s
+
+
+# ============================================================================= cross-entropy
+@njit(**_JIT)
+def _ce_row(x, i, c, t, w, sumw, eps, z, loss, grad, gs, acc):
+    """Loss (and gradient) of one non-ignored row of the hard-target cross-entropy."""
+    m = _rowmax(x, i, c, acc)
+    fin = _finite(m)
+    sh = m if fin else cast_like(0.0, x)
+    xt = np.float64(x[i, t])
+    wt = 1.0 if w is None else np.float64(w[t])
+    # pass 2: s = sum exp(x - sh) (stored as e into grad when that buffer will be rescaled),
+    # and for label smoothing sw = sum_c w_c (x_c - sh); all reads of x happen here.
+    store = grad is not None and fin
+    s = 0.0
+    sw = 0.0
+    if eps != 0.0:
+        if w is None:
+            for j in range(c):
+                v = x[i, j] - sh
+                sw += v
+                e = vexp(v)
+                s += e
+                if store:
+                    grad[i, j] = e
+        else:
+            for j in range(c):
+                v = x[i, j] - sh
+                sw += np.float64(w[j]) * v
+                e = vexp(v)
+                s += e
+                if store:
+                    grad[i, j] = e
+    elif store:
+        s = _sumexp_store(x, i, c, sh, grad)
+    else:
+        s = _sumexp(x, i, c, sh)
+    ls = np.log(s)
+    lse = np.float64(sh) + ls
+    # -log p[t] = lse - x[t]: +inf when x[t] = -inf (lse is finite then, no inf - inf)
+    row = (1.0 - eps) * wt * (lse - xt)
+    if eps != 0.0:
+        # sum_c w_c (lse - x_c) = sumw * log s - sum_c w_c (x_c - sh)
+        row += eps / c * (sumw * ls - sw)
+    if z != 0.0:
+        row += z * lse * lse
+    loss[i] = row
+    if grad is not None:
+        # d row / d x_j = a p_j - eps/C w_j - (1-eps) w_t [j = t],  a = (1-eps) w_t + eps/C sumw + 2 z lse
+        a = (1.0 - eps) * wt + eps / c * sumw + 2.0 * z * lse
+        ce = cast_like(gs * eps / c, x)
+        if fin:
+            cg = cast_like(gs * a / s, x)  # grad holds e = exp(x - m); p = e / s
+            if eps == 0.0:
+                for j in range(c):
+                    grad[i, j] = grad[i, j] * cg
+            elif w is None:
+                for j in range(c):
+                    grad[i, j] = grad[i, j] * cg - ce
+            else:
+                for j in range(c):
+                    grad[i, j] = grad[i, j] * cg - ce * w[j]
+        else:
+            # +inf (or nan) in the row: p = exp(x - lse) as the reference computes it (0 for
+            # finite x, nan at the inf); x is still intact here, it was not overwritten
+            cg = cast_like(gs * a, x)
+            lsed = cast_like(lse, x)
+            for j in range(c):
+                p = vexp(x[i, j] - lsed)
+                wj = cast_like(1.0, x) if w is None else w[j]
+                grad[i, j] = p * cg - ce * wj
+        grad[i, t] -= cast_like(gs * (1.0 - eps) * wt, x)
+
+
+_SMALL_C = 32  # class counts up to this take the row-block path for C-contiguous logits
+_SB = 256  # rows per block of the small-class path (buffers of _SB * C elements stay in L1/L2)
+
+
+@njit(**_JIT)
+def _flat_exp(xf, shb, ef, n):
+    """``ef[k] = exp(xf[k] - shb[k])`` over a flat block: one long loop LLVM vectorizes."""
+    for k in range(n):
+        ef[k] = vexp(xf[k] - shb[k])
+
+
+@njit(**_JIT)
+def _flat_scale(ef, cb, db, wtile, gf, n, smooth):
+    """``gf[k] = ef[k] * cb[k] (- db[k] * wtile[k])`` over a flat block (vectorized)."""
+    if smooth:
+        for k in range(n):
+            gf[k] = ef[k] * cb[k] - db[k] * wtile[k]
+    else:
+        for k in range(n):
+            gf[k] = ef[k] * cb[k]
+
+
+@njit(**_JIT)
+def _flat_log(s, ls, n):
+    for r in range(n):
+        ls[r] = vlog(s[r])
+
+
+@njit(**_JIT)
+def _ce_small_block(x, target, w, sumw, ignore, eps, z, loss, grad, gsc, gsa, r0, r1,
+                    shb, eb, cb, db, wtile, s, ls):
+    """Rows ``[r0, r1)`` of a C-contiguous hard-target cross-entropy with few classes.
+
+    With C <= 32 a per-row loop is too short to vectorize (it would run ``exp`` as scalar
+    remainder iterations).  Instead the block of rows is processed as one flat array: the
+    per-row shift (and later the per-row gradient coefficient) is expanded into an
+    element-sized buffer by short scalar loops, and ``exp`` / the gradient scaling run as
+    long vectorized loops over the whole block.  Row sums stay in float64; the logs of the
+    block's row sums are one vectorized loop too.
+    """
+    c = x.shape[1]
+    nr = r1 - r0
+    ne = nr * c
+    xf = x[r0:r1].reshape(ne)
+    zero = cast_like(0.0, x)
+    for r in range(nr):
+        i = r0 + r
+        m = x[i, 0]
+        for j in range(1, c):
+            v = x[i, j]
+            m = v if v > m else m
+        sh = m if _finite(m) else zero
+        for j in range(c):
+            shb[r * c + j] = sh
+    _flat_exp(xf, shb, eb, ne)  # eb is a scratch buffer: grad may be x (in place)
+    for r in range(nr):
+        acc = 0.0
+        for j in range(c):
+            acc += eb[r * c + j]
+        s[r] = acc
+    _flat_log(s, ls, nr)
+    u = eps / c
+    for r in range(nr):
+        i = r0 + r
+        t = target[i]
+        if t == ignore:
+            loss[i] = 0.0
+            if grad is not None:
+                for j in range(c):
+                    cb[r * c + j] = zero
+                    db[r * c + j] = zero
+            continue
+        sh = np.float64(shb[r * c])
+        lse = sh + ls[r]
+        wt = 1.0 if w is None else np.float64(w[t])
+        row = (1.0 - eps) * wt * (lse - np.float64(x[i, t]))
+        if eps != 0.0:
+            sw = 0.0
+            for j in range(c):
+                wj = 1.0 if w is None else np.float64(w[j])
+                sw += wj * (np.float64(x[i, j]) - sh)
+            row += u * (sumw * ls[r] - sw)
+        if z != 0.0:
+            row += z * lse * lse
+        loss[i] = row
+        if grad is not None:
+            gs = gsc if gsa is None else gsc * gsa[i]
+            a = (1.0 - eps) * wt + u * sumw + 2.0 * z * lse
+            if _finite(s[r]):
+                cg = cast_like(gs * a / s[r], x)
+                for j in range(c):
+                    cb[r * c + j] = cg
+            else:
+                # +inf or nan in the row: p = exp(x - lse) as the reference computes it
+                # (0 for finite x, nan at the inf), not e / s = inf / inf
+                lsed = cast_like(lse, x)
+                cg = cast_like(gs * a, x)
+                for j in range(c):
+                    eb[r * c + j] = vexp(x[i, j] - lsed)
+                    cb[r * c + j] = cg
+            dd = cast_like(gs * u, x)
+            for j in range(c):
+                db[r * c + j] = dd
+    if grad is not None:
+        gf = grad[r0:r1].reshape(ne)
+        _flat_scale(eb, cb, db, wtile, gf, ne, eps != 0.0)
+        for r in range(nr):
+            i = r0 + r
+            t = target[i]
+            if t == ignore:
+                for j in range(c):
+                    grad[i, j] = zero
+            else:
+                wt = 1.0 if w is None else np.float64(w[t])
+                gs = gsc if gsa is None else gsc * gsa[i]
+                grad[i, t] -= cast_like(gs * (1.0 - eps) * wt, x)
+
+
+@njit(**_PJIT)
+def _k_cross_entropy_small(x, target, w, sumw, ignore, eps, z, loss, grad, gsc, gsa, nb):
+    n, c = x.shape
+    for b in prange(nb):
+        shb = np.empty(_SB * c, x.dtype)
+        eb = np.empty(_SB * c, x.dtype)
+        cb = np.empty(_SB * c, x.dtype)
+        db = np.empty(_SB * c, x.dtype)
+        wtile = np.empty(_SB * c, x.dtype)
+        for k in range(_SB * c):
+            wtile[k] = cast_like(1.0, x) if w is None else w[k % c]
+        s = np.empty(_SB, np.float64)
+        ls = np.empty(_SB, np.float64)
+        acc = np.empty(_PMAX, x.dtype)
+        lo = b * n // nb
+        hi = (b + 1) * n // nb
+        for r0 in range(lo, hi, _SB):
+            r1 = min(hi, r0 + _SB)
+            _ce_small_block(x, target, w, sumw, ignore, eps, z, loss, grad, gsc, gsa, r0, r1,
+                            shb, eb, cb, db, wtile, s, ls)
+
+
+@njit(**_PJIT)
+def _k_cross_entropy(x, target, w, sumw, ignore, eps, z, loss, grad, gsc, gsa, nb):
+    n, c = x.shape
+    for b in prange(nb):
+        acc = np.empty(_PMAX, x.dtype)
+        for i in range(b * n // nb, (b + 1) * n // nb):
+            t = target[i]
+            if t == ignore:
+                loss[i] = 0.0
+                if grad is not None:
+                    zero = cast_like(0.0, x)
+                    for j in range(c):
+                        grad[i, j] = zero
+                continue
+            gs = gsc if gsa is None else gsc * gsa[i]
+            _ce_row(x, i, c, t, w, sumw, eps, z, loss, grad, gs, acc)
+
+
+@njit(**_JIT)
+def _ce_soft_row(x, y, i, c, w, eps, z, loss, grad, gs, acc):
+    """Loss (and gradient) of one row of the probability-target cross-entropy."""
+    m = _rowmax(x, i, c, acc)
+    fin = _finite(m)
+    sh = m if fin else cast_like(0.0, x)
+    store = grad is not None and fin
+    u = eps / c
+    keep = 1.0 - eps
+    s = 0.0
+    sy = 0.0  # sum_c y'_c w_c
+    syx = 0.0  # sum_c y'_c w_c (x_c - sh), terms with y'_c w_c = 0 left out (no 0 * inf)
+    for j in range(c):
+        v = x[i, j] - sh
+        yw = keep * np.float64(y[i, j]) + u
+        if w is not None:
+            yw *= np.float64(w[j])
+        sy += yw
+        syx += yw * v if yw != 0.0 else 0.0
+        e = vexp(v)
+        s += e
+        if store:
+            grad[i, j] = e
+    ls = np.log(s)
+    lse = np.float64(sh) + ls
+    # sum_c y'w (lse - x_c) = sy * log s - sum_c y'w (x_c - sh)
+    row = sy * ls - syx
+    if z != 0.0:
+        row += z * lse * lse
+    loss[i] = row
+    if grad is not None:
+        a = sy + 2.0 * z * lse
+        uu = cast_like(u, x)
+        kk = cast_like(keep, x)
+        gsd = cast_like(gs, x)
+        if fin:
+            cg = cast_like(gs * a / s, x)
+            for j in range(c):
+                yw = kk * y[i, j] + uu
+                if w is not None:
+                    yw *= w[j]
+                grad[i, j] = grad[i, j] * cg - gsd * yw
+        else:
+            cg = cast_like(gs * a, x)
+            lsed = cast_like(lse, x)
+            for j in range(c):
+                yw = kk * y[i, j] + uu
+                if w is not None:
+                    yw *= w[j]
+                grad[i, j] = vexp(x[i, j] - lsed) * cg - gsd * yw
+
+
+@njit(**_PJIT)
+def _k_cross_entropy_soft(x, y, w, eps, z, loss, grad, gsc, gsa, nb):
+    n, c = x.shape
+    for b in prange(nb):
+        acc = np.empty(_PMAX, x.dtype)
+        for i in range(b * n // nb, (b + 1) * n // nb):
+            gs = gsc if gsa is None else gsc * gsa[i]
+            _ce_soft_row(x, y, i, c, w, eps, z, loss, grad, gs, acc)
+
+
+# ============================================================================= elementwise
+# Each block function handles rows [r0, r1) x columns [j0, j1) and returns its float64 loss
+# sum; the parallel driver maps tasks to blocks (see _tasks) and reduces the sums.
+
+
+@njit(**_JIT)
+def _bcel_block(z, y, w, pw, loss, grad, gs, gout, r0, r1, j0, j1):
+    tot = 0.0
+    one = cast_like(1.0, z)
+    zero = cast_like(0.0, z)
+    gsd = cast_like(gs, z)
+    for i in range(r0, r1):
+        for j in range(j0, j1):
+            zz = z[i, j]
+            yy = y[i, j]
+            # e = exp(-|z|) in (0, 1]: softplus(-z) = max(-z, 0) + log1p(e)
+            na = -zz if zz > zero else zz
+            e = vexp(na)
+            mz = -zz if -zz > zero else zero
+            sp = mz + vlog1p(e)
+            if pw is None:
+                l = (one - yy) * zz + sp
+            else:
+                cpw = one + (pw[i, j] - one) * yy
+                l = (one - yy) * zz + cpw * sp
+            if w is not None:
+                l = l * w[i, j]
+            if grad is not None:
+                r = one / (one + e)
+                er = e * r
+                pos = zz >= zero
+                if pw is None:
+                    sig = r if pos else er  # sigmoid(z)
+                    g = sig - yy
+                else:
+                    sm = er if pos else r  # sigmoid(-z) = 1 - sigmoid(z), no cancellation
+                    g = (one - yy) - cpw * sm
+                if w is not None:
+                    g = g * w[i, j]
+                g = g * gsd
+                if gout is not None:
+                    g = g * gout[i, j]
+                grad[i, j] = g
+            if loss is not None:
+                loss[i, j] = l
+            tot += l
+    return tot
+
+
+@njit(**_JIT)
+def _bce_block(p, y, w, loss, grad, gs, gout, r0, r1, j0, j1):
+    tot = 0.0
+    one = cast_like(1.0, p)
+    lo = cast_like(-100.0, p)
+    tiny = cast_like(1e-12, p)
+    gsd = cast_like(gs, p)
+    for i in range(r0, r1):
+        for j in range(j0, j1):
+            pp = p[i, j]
+            yy = y[i, j]
+            # PyTorch clamps each log term at -100 (the "not less than" form keeps NaN)
+            a = vlog(pp)
+            a = a if not (a < lo) else lo
+            b = vlog1p(-pp)
+            b = b if not (b < lo) else lo
+            l = -(yy * a + (one - yy) * b)
+            if w is not None:
+                l = l * w[i, j]
+            if grad is not None:
+                q = pp * (one - pp)
+                q = q if not (q < tiny) else tiny
+                g = (pp - yy) / q
+                if w is not None:
+                    g = g * w[i, j]
+                g = g * gsd
+                if gout is not None:
+                    g = g * gout[i, j]
+                grad[i, j] = g
+            if loss is not None:
+                loss[i, j] = l
+            tot += l
+    return tot
+
+
+@njit(**_JIT)
+def _kl_block(x, t, log_target, loss, grad, gs, gout, r0, r1, j0, j1):
+    tot = 0.0
+    zero = cast_like(0.0, x)
+    ninf = cast_like(-np.inf, x)
+    gsd = cast_like(gs, x)
+    for i in range(r0, r1):
+        for j in range(j0, j1):
+            xx = x[i, j]
+            tt = t[i, j]
+            if log_target:
+                et = vexp(tt)
+                # taken as 0 where the log-target is -inf (PyTorch: nan)
+                l = zero if tt == ninf else et * (tt - xx)
+                g = zero if tt == ninf else -et
+            else:
+                l = zero if tt == zero else tt * (vlog(tt) - xx)
+                g = -tt
+            if grad is not None:
+                g = g * gsd
+                if gout is not None:
+                    g = g * gout[i, j]
+                grad[i, j] = g
+            if loss is not None:
+                loss[i, j] = l
+            tot += l
+    return tot
+
+
+@njit(**_JIT)
+def _mse_block(x, t, loss, grad, gs, gout, r0, r1, j0, j1):
+    tot = 0.0
+    g2 = cast_like(2.0 * gs, x)
+    for i in range(r0, r1):
+        for j in range(j0, j1):
+            d = x[i, j] - t[i, j]
+            l = d * d
+            if grad is not None:
+                g = d * g2
+                if gout is not None:
+                    g = g * gout[i, j]
+                grad[i, j] = g
+            if loss is not None:
+                loss[i, j] = l
+            tot += l
+    return tot
+
+
+@njit(**_JIT)
+def _gnll_block(x, t, var, full, eps, loss, grad, grad_var, gs, gout, r0, r1, j0, j1):
+    tot = 0.0
+    half = cast_like(0.5, x)
+    one = cast_like(1.0, x)
+    epsd = cast_like(eps, x)
+    c0 = cast_like(0.5 * math.log(2.0 * math.pi), x)
+    gsd = cast_like(gs, x)
+    for i in range(r0, r1):
+        for j in range(j0, j1):
+            v = var[i, j]
+            v = v if not (v < epsd) else epsd  # clamp at eps, NaN kept
+            d = x[i, j] - t[i, j]
+            iv = one / v
+            l = half * (vlog(v) + d * d * iv)
+            if full:
+                l = l + c0
+            if grad is not None or grad_var is not None:
+                s = gsd
+                if gout is not None:
+                    s = s * gout[i, j]
+                if grad is not None:
+                    grad[i, j] = s * (d * iv)
+                if grad_var is not None:
+                    # gradient at the clamped value, as PyTorch's no-grad clamp gives
+                    grad_var[i, j] = s * (half * (iv - d * d * iv * iv))
+            if loss is not None:
+                loss[i, j] = l
+            tot += l
+    return tot
+
+
+@njit(**_JIT)
+def _task_range(task, r, k, ck, rpt):
+    """(r0, r1, j0, j1) of elementwise task ``task`` (see _tasks)."""
+    if rpt == 1 and ck < k:
+        nck = (k + ck - 1) // ck
+        i = task // nck
+        j0 = (task % nck) * ck
+        return i, i + 1, j0, min(k, j0 + ck)
+    if rpt == 1:
+        return task, task + 1, 0, k
+    r0 = task * rpt
+    return r0, min(r, r0 + rpt), 0, k
+
+
+@njit(**_PJIT)
+def _k_bce_with_logits(z, y, w, pw, loss, grad, gs, gout, ntask, ck, rpt):
+    r, k = z.shape
+    tot = 0.0
+    for task in prange(ntask):
+        r0, r1, j0, j1 = _task_range(task, r, k, ck, rpt)
+        tot += _bcel_block(z, y, w, pw, loss, grad, gs, gout, r0, r1, j0, j1)
+    return tot
+
+
+@njit(**_PJIT)
+def _k_bce(p, y, w, loss, grad, gs, gout, ntask, ck, rpt):
+    r, k = p.shape
+    tot = 0.0
+    for task in prange(ntask):
+        r0, r1, j0, j1 = _task_range(task, r, k, ck, rpt)
+        tot += _bce_block(p, y, w, loss, grad, gs, gout, r0, r1, j0, j1)
+    return tot
+
+
+@njit(**_PJIT)
+def _k_kl_div(x, t, log_target, loss, grad, gs, gout, ntask, ck, rpt):
+    r, k = x.shape
+    tot = 0.0
+    for task in prange(ntask):
+        r0, r1, j0, j1 = _task_range(task, r, k, ck, rpt)
+        tot += _kl_block(x, t, log_target, loss, grad, gs, gout, r0, r1, j0, j1)
+    return tot
+
+
+@njit(**_PJIT)
+def _k_mse(x, t, loss, grad, gs, gout, ntask, ck, rpt):
+    r, k = x.shape
+    tot = 0.0
+    for task in prange(ntask):
+        r0, r1, j0, j1 = _task_range(task, r, k, ck, rpt)
+        tot += _mse_block(x, t, loss, grad, gs, gout, r0, r1, j0, j1)
+    return tot
+
+
+@njit(**_PJIT)
+def _k_gaussian_nll(x, t, var, full, eps, loss, grad, grad_var, gs, gout, ntask, ck, rpt):
+    r, k = x.shape
+    tot = 0.0
+    for task in prange(ntask):
+        r0, r1, j0, j1 = _task_range(task, r, k, ck, rpt)
+        tot += _gnll_block(x, t, var, full, eps, loss, grad, grad_var, gs, gout, r0, r1, j0, j1)
+    return tot
+
+
+# ============================================================================= entry points
+def _gscale_rows(gscale, n):
+    """Split a row scale into (scalar, per-row float64 array or None)."""
+    g = np.asarray(gscale, dtype=np.float64)
+    if g.ndim == 0:
+        return float(g), None
+    return 1.0, np.ascontiguousarray(np.broadcast_to(g, (n,)))
+
+
+def _gscale_elem(gscale, gout, shape):
+    """Fold an elementwise scale into (scalar, optional (R, K) array)."""
+    g = np.asarray(gscale, dtype=np.float64)
+    if g.ndim == 0:
+        return float(g), gout
+    # an array-valued gscale is not produced by the public layer; support it correctly anyway
+    full = np.broadcast_to(g, shape)
+    if gout is not None:
+        full = full * gout
+    return 1.0, np.ascontiguousarray(full, dtype=gout.dtype if gout is not None else None)
+
+
+def _elementwise_layout(first, *arrays):
+    """Transpose every operand when the first is Fortran-ordered (the kernels prefer C rows).
+
+    The kernels are elementwise, so any consistent permutation of the axes is valid.
+    """
+    if first.ndim == 2 and not first.flags.c_contiguous and first.flags.f_contiguous:
+        return tuple(None if a is None else a.T for a in (first,) + arrays)
+    return (first,) + arrays
+
+
+def logsumexp(x, out):
+    if x.shape[0] == 0:
+        return
+    with _Guard():
+        _k_logsumexp(x, out, _nblocks(x.shape[0]))
+
+
+def softmax(x, out):
+    if x.size == 0:
+        return
+    with _Guard():
+        _k_softmax(x, out, _nblocks(x.shape[0]))
+
+
+def log_softmax(x, out):
+    if x.size == 0:
+        return
+    with _Guard():
+        _k_log_softmax(x, out, _nblocks(x.shape[0]))
+
+
+def softmax_backward(g, y, out):
+    if y.size == 0:
+        return
+    with _Guard():
+        _k_softmax_backward(g, y, out, _nblocks(y.shape[0]))
+
+
+def log_softmax_backward(g, y, out):
+    if y.size == 0:
+        return
+    with _Guard():
+        _k_log_softmax_backward(g, y, out, _nblocks(y.shape[0]))
+
+
+def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, loss, grad, gscale):
+    n, c = x.shape
+    if n == 0:
+        return
+    sumw = float(c) if weight is None else float(np.sum(weight, dtype=np.float64))
+    gsc, gsa = _gscale_rows(gscale if grad is not None else 1.0, n)
+    kern = _k_cross_entropy
+    if c <= _SMALL_C and x.flags.c_contiguous and (grad is None or grad.flags.c_contiguous):
+        kern = _k_cross_entropy_small
+    with _Guard():
+        kern(x, target, weight, sumw, int(ignore_index), float(label_smoothing),
+                         float(z_loss), loss, grad, gsc, gsa, _nblocks(n))
+
+
+def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, loss, grad, gscale):
+    n, c = x.shape
+    if n == 0:
+        return
+    gsc, gsa = _gscale_rows(gscale if grad is not None else 1.0, n)
+    with _Guard():
+        _k_cross_entropy_soft(x, target, weight, float(label_smoothing), float(z_loss), loss,
+                              grad, gsc, gsa, _nblocks(n))
+
+
+def bce_with_logits(z, y, weight, pos_weight, loss, grad, gscale, gout):
+    if z.size == 0:
+        return 0.0
+    gs, gout = _gscale_elem(gscale, gout, z.shape)
+    z, y, weight, pos_weight, loss, grad, gout = _elementwise_layout(
+        z, y, weight, pos_weight, loss, grad, gout)
+    with _Guard():
+        return float(_k_bce_with_logits(z, y, weight, pos_weight, loss, grad, gs, gout,
+                                        *_tasks(*z.shape)))
+
+
+def bce(p, y, weight, loss, grad, gscale, gout):
+    if p.size == 0:
+        return 0.0
+    gs, gout = _gscale_elem(gscale, gout, p.shape)
+    p, y, weight, loss, grad, gout = _elementwise_layout(p, y, weight, loss, grad, gout)
+    with _Guard():
+        return float(_k_bce(p, y, weight, loss, grad, gs, gout, *_tasks(*p.shape)))
+
+
+def kl_div(x, t, log_target, loss, grad, gscale, gout):
+    if x.size == 0:
+        return 0.0
+    gs, gout = _gscale_elem(gscale, gout, x.shape)
+    x, t, loss, grad, gout = _elementwise_layout(x, t, loss, grad, gout)
+    with _Guard():
+        return float(_k_kl_div(x, t, bool(log_target), loss, grad, gs, gout, *_tasks(*x.shape)))
+
+
+def mse(x, t, loss, grad, gscale, gout):
+    if x.size == 0:
+        return 0.0
+    gs, gout = _gscale_elem(gscale, gout, x.shape)
+    x, t, loss, grad, gout = _elementwise_layout(x, t, loss, grad, gout)
+    with _Guard():
+        return float(_k_mse(x, t, loss, grad, gs, gout, *_tasks(*x.shape)))
+
+
+def gaussian_nll(x, t, var, full, eps, loss, grad, grad_var, gscale, gout):
+    if x.size == 0:
+        return 0.0
+    gs, gout = _gscale_elem(gscale, gout, x.shape)
+    x, t, var, loss, grad, grad_var, gout = _elementwise_layout(
+        x, t, var, loss, grad, grad_var, gout)
+    with _Guard():
+        return float(_k_gaussian_nll(x, t, var, bool(full), float(eps), loss, grad, grad_var,
+                                     gs, gout, *_tasks(*x.shape)))
+
+
+# ============================================================================= warmup
+def warmup(dtypes=("float32", "float64"), layouts=("C", "A"), progress=None) -> int:
+    """Compile (and cache on disk) the kernel specializations the public layer can reach.
+
+    For each compute dtype and each layout -- ``"C"`` (C-contiguous operands) and ``"A"``
+    (strided views, which also stand for Fortran order and stride-0 broadcasts) -- every entry
+    point is called on a tiny input once for each combination of its optional operands being
+    None or present (weights, ``pos_weight``, unreduced-loss output, gradient output, ``gout``,
+    a per-row ``gscale``), and the cross-entropy on both its general and its few-classes path.
+    Later processes load the machine code from Numba's cache instead of compiling.
+
+    Parameters
+    ----------
+    dtypes, layouts : sequences of str
+        Subsets to compile.
+    progress : callable, optional
+        Called as ``progress(done, total, label)`` after each compilation.
+
+    Returns
+    -------
+    int
+        Number of kernel calls made.
+    """
+    import itertools
+
+    jobs = []
+
+    def arr(shape, dt, layout, fill=0.5):
+        a = np.full(shape, fill, dt)
+        if layout == "C":
+            return a
+        big = np.full((shape[0], 2 * shape[1]) if len(shape) == 2 else (2 * shape[0],), fill, dt)
+        return big[:, ::2] if len(shape) == 2 else big[::2]
+
+    for dname, lay in itertools.product(dtypes, layouts):
+        dt = np.dtype(dname)
+        for c in ((40, 8) if lay == "C" else (40,)):  # 8 classes: the small-class path
+            n = 3
+            x = arr((n, c), dt, lay)
+            y = arr((n, c), dt, lay, 1.0 / c)
+            t = np.zeros(n, np.int64)
+            w1 = np.ones(c, dt)
+            for name in ("logsumexp", "softmax", "log_softmax"):
+                out = np.zeros(n if name == "logsumexp" else (n, c), dt)
+                jobs.append((f"{name} {dname} {lay}", globals()[name], (x, out)))
+            for name in ("softmax_backward", "log_softmax_backward"):
+                jobs.append((f"{name} {dname} {lay}", globals()[name], (x, y, np.zeros((n, c), dt))))
+            for w, g, gs in itertools.product((None, w1), (None, np.zeros((n, c), dt)), (1.0, np.ones(n))):
+                if g is None and not isinstance(gs, float):
+                    continue
+                jobs.append((f"cross_entropy {dname} {lay} C={c}", cross_entropy,
+                             (x, t, w, -100, 0.1, 0.0, np.zeros(n), g, gs)))
+                if lay == "A" and g is not None:  # in place on a strided view: grad is 'A' too
+                    xi = arr((n, c), dt, lay)
+                    jobs.append((f"cross_entropy {dname} {lay} in place", cross_entropy,
+                                 (xi, t, w, -100, 0.1, 0.0, np.zeros(n), xi, gs)))
+                jobs.append((f"cross_entropy_soft {dname} {lay}", cross_entropy_soft,
+                             (x, y, w, 0.1, 0.0, np.zeros(n), g, gs)))
+        shape = (2, 16)
+        a = arr(shape, dt, lay)
+        bcast = np.broadcast_to(np.full(shape[1], 0.5, dt), shape)  # stride-0 rows
+        opt = [None, a if lay == "C" else bcast]
+        outs = [None, np.zeros(shape, dt)]
+        for w, pw, loss, g, go in itertools.product(opt, [None, bcast], outs, outs, opt):
+            if g is None and go is not None:
+                continue
+            lbl = f"{dname} {lay}"
+            jobs.append(("bce_with_logits " + lbl, bce_with_logits, (a, a, w, pw, loss, g, 1.0, go)))
+            if pw is None:
+                jobs.append(("bce " + lbl, bce, (a, a, w, loss, g, 1.0, go)))
+            if pw is None and w is None:
+                for lt in (False, True):
+                    jobs.append(("kl_div " + lbl, kl_div, (a, a, lt, loss, g, 1.0, go)))
+                jobs.append(("mse " + lbl, mse, (a, a, loss, g, 1.0, go)))
+            if pw is None:
+                var = a if w is None else bcast
+                for gv in outs:
+                    jobs.append(("gaussian_nll " + lbl, gaussian_nll,
+                                 (a, a, var, False, 1e-6, loss, g, gv, 1.0, go)))
+    for k, (label, fn, args) in enumerate(jobs):
+        fn(*args)
+        if progress is not None:
+            progress(k + 1, len(jobs), label)
+    return len(jobs)

@@ -1,0 +1,478 @@
+"""Tests of the Numba backend's own pieces: the vectorizable math helpers, the kernels against
+the NumPy reference backend on normalized 2-D arrays, vectorization, threads.
+
+The cross-backend matrix over the public API lives elsewhere; here the kernel entry points are
+called directly with the arguments the public layer passes (2-D, class axis last, outputs
+preallocated).
+"""
+from __future__ import annotations
+
+import re
+import threading
+
+import numpy as np
+import pytest
+
+numba = pytest.importorskip("numba")
+
+from fastloss.backends import numba_backend as nb  # noqa: E402
+from fastloss.backends import numpy_backend as ref  # noqa: E402
+from fastloss.backends import _numba_math as nm  # noqa: E402
+
+_FM = {"contract", "arcp", "nsz", "reassoc", "afn"}
+
+
+# ----------------------------------------------------------------------------- math helpers
+# The helpers are called from a loop compiled with the same fast-math flags as the kernels,
+# so these tests also check that the callers' ``reassoc`` does not leak into the helpers.
+@numba.njit(fastmath=_FM, error_model="numpy")
+def _map_exp(x, o):
+    for i in range(x.size):
+        o[i] = nm.vexp(x[i])
+
+
+@numba.njit(fastmath=_FM, error_model="numpy")
+def _map_log(x, o):
+    for i in range(x.size):
+        o[i] = nm.vlog(x[i])
+
+
+@numba.njit(fastmath=_FM, error_model="numpy")
+def _map_log1p(x, o):
+    for i in range(x.size):
+        o[i] = nm.vlog1p(x[i])
+
+
+@numba.njit(fastmath=_FM, error_model="numpy")
+def _map_softplus(x, o):
+    for i in range(x.size):
+        o[i] = nm.vsoftplus(x[i])
+
+
+def _apply(f, x):
+    o = np.empty_like(x)
+    f(x, o)
+    return o
+
+
+def _max_ulp(got, exact, dt):
+    """Max error in units of the last place of ``dt`` (exact: a longdouble reference)."""
+    exact = np.asarray(exact, dtype=np.longdouble)
+    with np.errstate(over="ignore"):
+        rounded = exact.astype(dt)
+    ok = np.isfinite(rounded)
+    with np.errstate(over="ignore"):
+        sp = np.spacing(np.abs(rounded[ok])).astype(np.longdouble)
+    ulp = np.maximum(sp,
+                     np.longdouble(np.finfo(dt).smallest_subnormal))
+    return float(np.max(np.abs(got[ok].astype(np.longdouble) - exact[ok]) / ulp))
+
+
+DTYPES = [np.float32, np.float64]
+
+
+def _same(a, b):
+    """Bitwise-equal values, NaN == NaN."""
+    return np.array_equal(a, b, equal_nan=True)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_exp_accuracy_full_range(dt):
+    fi = np.finfo(dt)
+    rng = np.random.default_rng(1)
+    lo, hi = np.log(float(fi.smallest_subnormal)) - 2, np.log(float(fi.max)) + 2
+    x = np.concatenate([rng.uniform(lo, hi, 400_000), rng.normal(0, 2, 100_000),
+                        rng.uniform(-1e-6, 1e-6, 1000)]).astype(dt)
+    got = _apply(_map_exp, x)
+    exact = np.exp(x.astype(np.longdouble))
+    assert _max_ulp(got, exact, dt) <= 2.5
+    # overflow / underflow boundaries and subnormal results are as NumPy's correctly-rounded-ish exp
+    with np.errstate(over="ignore", under="ignore"):
+        npx = np.exp(x)
+    assert np.array_equal(np.isinf(got), np.isinf(npx))
+    assert np.array_equal(got == 0, npx == 0) or _max_ulp(got, exact, dt) <= 2.5
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_exp_specials(dt):
+    fi = np.finfo(dt)
+    x = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, float(fi.max), -float(fi.max),
+                  float(np.log(fi.max)) * 1.01, float(np.log(fi.smallest_subnormal)) - 1.0],
+                 dtype=dt)
+    got = _apply(_map_exp, x)
+    assert _same(got, np.array([1, 1, np.inf, 0, np.nan, np.inf, 0, np.inf, 0], dtype=dt))
+    # subnormal results: gradual underflow, not flushed to zero
+    xs = np.array([np.log(float(fi.tiny)) - 3.0], dtype=dt)
+    r = _apply(_map_exp, xs)[0]
+    assert 0 < r < fi.tiny
+    assert abs(float(r) - float(np.exp(np.longdouble(xs[0])))) <= float(fi.smallest_subnormal)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_log_accuracy_full_range(dt):
+    fi = np.finfo(dt)
+    rng = np.random.default_rng(2)
+    lo, hi = np.log(float(fi.smallest_subnormal)), np.log(float(fi.max))
+    x = np.concatenate([np.exp(rng.uniform(lo, hi, 400_000)), rng.uniform(0.5, 2.0, 100_000),
+                        1 + rng.uniform(-1e-5, 1e-5, 1000)]).astype(dt)
+    x = x[(x > 0) & np.isfinite(x)]
+    got = _apply(_map_log, x)
+    assert _max_ulp(got, np.log(x.astype(np.longdouble)), dt) <= 1.5
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_log_specials(dt):
+    fi = np.finfo(dt)
+    x = np.array([0.0, -0.0, -1.0, np.inf, -np.inf, np.nan, 1.0, fi.smallest_subnormal, fi.max],
+                 dtype=dt)
+    got = _apply(_map_log, x)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        want = np.log(x.astype(np.longdouble)).astype(dt)
+    assert _same(got[:7], want[:7])
+    assert _max_ulp(got[7:], np.log(x[7:].astype(np.longdouble)), dt) <= 1.0
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_log1p_and_softplus(dt):
+    fi = np.finfo(dt)
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.uniform(-1, 5, 200_000),
+                        np.exp(rng.uniform(np.log(float(fi.tiny)), 3, 200_000))]).astype(dt)
+    x = x[x > -1]
+    assert _max_ulp(_apply(_map_log1p, x), np.log1p(x.astype(np.longdouble)), dt) <= 2.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sp = np.array([-1.0, np.inf, np.nan, 0.0], dtype=dt)
+        assert _same(_apply(_map_log1p, sp), np.log1p(sp))
+    z = np.concatenate([rng.uniform(-150, 150, 200_000), rng.normal(0, 1, 10_000),
+                        [fi.max, -fi.max, np.inf, -np.inf, 0.0]]).astype(dt)
+    got = _apply(_map_softplus, z)
+    zl = z.astype(np.longdouble)
+    with np.errstate(over="ignore", invalid="ignore"):
+        exact = np.maximum(zl, 0) + np.log1p(np.exp(-np.abs(zl)))
+    assert _max_ulp(got, exact, dt) <= 3.0
+    assert _same(got[-3:], np.array([np.inf, 0.0, np.log(2)], dtype=dt))
+    assert np.isnan(_apply(_map_softplus, np.array([np.nan], dtype=dt))[0])
+
+
+# ----------------------------------------------------------------------------- kernels vs reference
+def _tol(dt):
+    return dict(rtol=1e-12, atol=1e-12) if dt == np.float64 else dict(rtol=2e-6, atol=1e-6)
+
+
+def _layouts(a, kind):
+    """The same values as ``a`` in layout ``kind`` ('C', 'F' or a strided view)."""
+    if kind == "C":
+        return np.ascontiguousarray(a)
+    if kind == "F":
+        return np.asfortranarray(a)
+    big = np.zeros((a.shape[0] * 2, a.shape[1] * 3), a.dtype)
+    v = big[::2, ::3]
+    v[...] = a
+    return v
+
+
+def _close(got, want, dt, scale=1.0):
+    t = _tol(dt)
+    np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64),
+                               rtol=t["rtol"], atol=t["atol"] * scale)
+
+
+ROW_SHAPES = [(7, 5), (33, 17), (5, 300), (3, 4099), (0, 8)]
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("shape", ROW_SHAPES)
+@pytest.mark.parametrize("layout", ["C", "F", "S"])
+def test_normalizers_match_reference(dt, shape, layout):
+    rng = np.random.default_rng(4)
+    x = _layouts((rng.normal(0, 3, shape)).astype(dt), layout)
+    for name in ("logsumexp", "softmax", "log_softmax"):
+        want = np.zeros(shape[:1] if name == "logsumexp" else shape, dt)
+        got = np.full_like(want, np.nan)
+        getattr(ref, name)(x, want)
+        getattr(nb, name)(x, got)
+        _close(got, want, dt, scale=10.0)
+    g = _layouts(rng.normal(0, 1, shape).astype(dt), layout)
+    y = np.zeros(shape, dt)
+    ref.softmax(x, y)
+    ly = np.zeros(shape, dt)
+    ref.log_softmax(x, ly)
+    for name, yy in (("softmax_backward", y), ("log_softmax_backward", ly)):
+        want = np.zeros(shape, dt)
+        got = np.full(shape, np.nan, dt)
+        getattr(ref, name)(g, yy, want)
+        getattr(nb, name)(g, yy, got)
+        _close(got, want, dt, scale=10.0)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_normalizer_specials(dt):
+    inf, nan = np.inf, np.nan
+    x = np.array([[0.0, 1.0, 2.0, 3.0],
+                  [-inf, -inf, -inf, -inf],
+                  [1.0, inf, 0.0, -inf],
+                  [1.0, nan, 0.0, 2.0],
+                  [-inf, 0.0, -inf, 1.0],
+                  [1e30, -1e30, 3.0, 1e30]], dtype=dt)
+    for name in ("logsumexp", "softmax", "log_softmax"):
+        shape = x.shape[:1] if name == "logsumexp" else x.shape
+        want = np.zeros(shape, dt)
+        got = np.zeros(shape, dt)
+        with np.errstate(all="ignore"):
+            getattr(ref, name)(x, want)
+        getattr(nb, name)(x, got)
+        assert np.array_equal(np.isnan(got), np.isnan(want)), name
+        fin = np.isfinite(want)
+        assert np.array_equal(got[~fin & ~np.isnan(want)], want[~fin & ~np.isnan(want)]), name
+        _close(got[fin], want[fin], dt)
+    out = np.zeros(x.shape[0], dt)
+    nb.logsumexp(x, out)
+    assert out[1] == -inf and out[2] == inf and np.isnan(out[3])
+    sm = np.zeros_like(x)
+    nb.softmax(x, sm)
+    assert sm[4, 0] == 0 and sm[4, 2] == 0  # exact zeros for -inf entries
+
+
+def _ce_case(rng, n, c, dt, weight, smoothing, zl, ignore_frac, layout):
+    x = _layouts(rng.normal(0, 2, (n, c)).astype(dt), layout)
+    t = rng.integers(0, c, n).astype(np.int64)
+    if ignore_frac:
+        t[rng.random(n) < ignore_frac] = -100
+    w = rng.uniform(0.2, 2.0, c).astype(dt) if weight else None
+    return x, t, w
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("shape", [(9, 3), (64, 10), (17, 33), (6, 1000), (2, 5003), (0, 4)])
+@pytest.mark.parametrize("opts", [(False, 0.0, 0.0, 0.0), (True, 0.1, 0.0, 0.3),
+                                  (False, 0.2, 1e-3, 0.0), (True, 0.0, 1e-2, 0.2)])
+@pytest.mark.parametrize("layout", ["C", "F", "S"])
+def test_cross_entropy_matches_reference(dt, shape, opts, layout):
+    weight, eps, zl, ign = opts
+    rng = np.random.default_rng(5)
+    n, c = shape
+    x, t, w = _ce_case(rng, n, c, dt, weight, eps, zl, ign, layout)
+    gscale = rng.uniform(0.5, 2.0, n)
+    lw, lg = np.zeros(n), np.zeros(n)
+    gw, gg = np.zeros((n, c), dt), np.full((n, c), np.nan, dt)
+    ref.cross_entropy(x, t, w, -100, eps, zl, lw, gw, gscale)
+    nb.cross_entropy(x, t, w, -100, eps, zl, lg, gg, gscale)
+    _close(lg, lw, dt)
+    _close(gg, gw, dt)
+    lg2 = np.zeros(n)
+    nb.cross_entropy(x, t, w, -100, eps, zl, lg2, None, 1.0)  # forward only
+    _close(lg2, lw, dt)
+    # in place: the gradient overwrites the logits
+    xi = np.array(x, copy=True, order="K")
+    lg3 = np.zeros(n)
+    nb.cross_entropy(xi, t, w, -100, eps, zl, lg3, xi, gscale)
+    _close(lg3, lw, dt)
+    _close(xi, gw, dt)
+    # soft targets
+    y = rng.dirichlet(np.ones(c), n).astype(dt) if n and c else np.zeros((n, c), dt)
+    y = _layouts(y, layout)
+    lw, lg = np.zeros(n), np.zeros(n)
+    gw, gg = np.zeros((n, c), dt), np.full((n, c), np.nan, dt)
+    ref.cross_entropy_soft(x, y, w, eps, zl, lw, gw, gscale)
+    nb.cross_entropy_soft(x, y, w, eps, zl, lg, gg, gscale)
+    _close(lg, lw, dt)
+    _close(gg, gw, dt)
+    xi = np.array(x, copy=True, order="K")
+    nb.cross_entropy_soft(xi, y, w, eps, zl, lg, xi, 1.0)  # scalar gscale accepted too
+    ref.cross_entropy_soft(x, y, w, eps, zl, lw, gw, np.ones(n))
+    _close(xi, gw, dt)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_cross_entropy_specials(dt):
+    inf = np.inf
+    x = np.array([[0.0, -inf, 1.0, 2.0], [0.0, 1.0, inf, 2.0], [-inf, 0.0, -inf, 1.0]], dtype=dt)
+    t = np.array([1, 0, 3], dtype=np.int64)
+    for eps in (0.0, 0.1):
+        lw, lg = np.zeros(3), np.zeros(3)
+        gw, gg = np.zeros_like(x), np.zeros_like(x)
+        with np.errstate(all="ignore"):
+            ref.cross_entropy(x, t, None, -100, eps, 0.0, lw, gw, 1.0)
+        nb.cross_entropy(x, t, None, -100, eps, 0.0, lg, gg, 1.0)
+        assert lg[0] == inf and not np.isnan(gg[0]).any()  # target logit -inf
+        assert _same(np.isnan(lg), np.isnan(lw))
+        assert _same(np.isnan(gg), np.isnan(gw))
+        fin = np.isfinite(gw)
+        _close(gg[fin], gw[fin], dt)
+        _close(lg[2], lw[2], dt)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_cross_entropy_large_classes_accuracy(dt):
+    """Loss within the contract at 262,144 classes vs a float64 computation."""
+    rng = np.random.default_rng(6)
+    n, c = 4, 262_144
+    x = (rng.normal(0, 4, (n, c)) + 50).astype(dt)
+    t = rng.integers(0, c, n).astype(np.int64)
+    lg = np.zeros(n)
+    g = np.zeros((n, c), dt)
+    nb.cross_entropy(x, t, None, -100, 0.1, 1e-4, lg, g, 1.0)
+    lw = np.zeros(n)
+    gw = np.zeros((n, c))
+    ref.cross_entropy(x.astype(np.float64), t, None, -100, 0.1, 1e-4, lw, gw, 1.0)
+    np.testing.assert_allclose(lg, lw, rtol=1e-12 if dt == np.float64 else 2e-6)
+    np.testing.assert_allclose(g * c, gw * c, atol=1e-12 * c if dt == np.float64 else 1e-6 * c)
+    out = np.zeros(n, dt)
+    nb.logsumexp(x, out)
+    want = np.zeros(n)
+    ref.logsumexp(x.astype(np.float64), want)
+    np.testing.assert_allclose(out, want, rtol=1e-12 if dt == np.float64 else 2e-6)
+
+
+EW_SHAPES = [(1, 40000), (300, 7), (13, 129), (0, 5), (2, 1)]
+
+
+def _ew_args(rng, shape, dt, layout):
+    def arr(a):
+        return _layouts(a.astype(dt), layout)
+    return arr
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("shape", EW_SHAPES)
+@pytest.mark.parametrize("layout", ["C", "F", "S"])
+@pytest.mark.parametrize("with_opts", [False, True])
+def test_elementwise_match_reference(dt, shape, layout, with_opts):
+    rng = np.random.default_rng(7)
+
+    def arr(a):
+        return _layouts(np.asarray(a, dtype=dt).reshape(shape), layout)
+
+    size = int(np.prod(shape))
+    z = arr(rng.normal(0, 4, size))
+    y = arr(rng.random(size))
+    p = arr(rng.uniform(0.001, 0.999, size))
+    w = arr(rng.uniform(0.5, 2, size)) if with_opts else None
+    pw = (np.broadcast_to(rng.uniform(0.5, 3, shape[1]).astype(dt), shape)
+          if with_opts else None)
+    gout = arr(rng.normal(0, 1, size)) if with_opts else None
+    gs = 0.37
+
+    def run(name, *args, grads=1):
+        outs = {}
+        for mod in (ref, nb):
+            loss = np.zeros(shape, dt)
+            gr = [np.full(shape, np.nan, dt) for _ in range(grads)]
+            if name == "gaussian_nll":
+                total = getattr(mod, name)(*args, loss, gr[0], gr[1], gs, gout)
+            else:
+                total = getattr(mod, name)(*args, loss, gr[0], gs, gout)
+            outs[mod.NAME] = (total, loss, gr)
+        (tw, lw, gw), (tg, lg, gg) = outs["numpy"], outs["numba"]
+        np.testing.assert_allclose(tg, tw, rtol=1e-12 if dt == np.float64 else 2e-6, atol=1e-9)
+        _close(lg, lw, dt)
+        for a, b in zip(gg, gw):
+            _close(a, b, dt)
+
+    run("bce_with_logits", z, y, w, pw)
+    run("bce", p, y, w)
+    run("kl_div", z, p, False)
+    run("kl_div", z, -z * z, True)
+    run("mse", z, y)
+    var = arr(rng.uniform(-0.1, 2, size))
+    run("gaussian_nll", z, y, var, True, 1e-3, grads=2)
+    run("gaussian_nll", z, y, var, False, 1e-3, grads=2)
+    # forward only, no loss array: the sum alone
+    tg = nb.bce_with_logits(z, y, w, pw, None, None, 1.0, None)
+    tw = ref.bce_with_logits(z, y, w, pw, None, None, 1.0, None)
+    np.testing.assert_allclose(tg, tw, rtol=1e-12 if dt == np.float64 else 2e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_elementwise_in_place_and_specials(dt):
+    fi = np.finfo(dt)
+    z = np.array([[0.0, 3.0, -3.0, fi.max, -fi.max, np.inf, -np.inf, np.nan, 50.0, -50.0]], dt)
+    y = np.array([[0.0, 1.0, 0.5, 0.0, 1.0, 0.3, 0.3, 0.5, 1.0, 0.0]], dt)
+    lw, lg = np.zeros_like(z), np.zeros_like(z)
+    gw = np.zeros_like(z)
+    with np.errstate(all="ignore"):
+        ref.bce_with_logits(z, y, None, None, lw, gw, 1.0, None)
+    zi = z.copy()
+    nb.bce_with_logits(zi, y, None, None, lg, zi, 1.0, None)  # grad written over z
+    assert _same(np.isnan(lg), np.isnan(lw)) and _same(np.isnan(zi), np.isnan(gw))
+    fin = np.isfinite(lw)
+    _close(lg[fin], lw[fin], dt)
+    assert _same(lg[~fin], lw[~fin])
+    _close(zi[np.isfinite(gw)], gw[np.isfinite(gw)], dt)
+    p = np.array([[0.0, 1.0, 0.5, 1e-30, np.nan]], dt)
+    yy = np.array([[0.0, 1.0, 0.2, 1.0, 0.5]], dt)
+    lw, lg, gw, gg = (np.zeros_like(p) for _ in range(4))
+    with np.errstate(all="ignore"):
+        tw = ref.bce(p, yy, None, lw, gw, 1.0, None)
+    tg = nb.bce(p, yy, None, lg, gg, 1.0, None)
+    assert _same(np.isnan(lg), np.isnan(lw)) and np.isnan(tg) and np.isnan(tw)
+    _close(lg[:, :4], lw[:, :4], dt)
+    _close(gg[:, :4], gw[:, :4], dt)
+
+
+# ----------------------------------------------------------------------------- vectorization
+def _packed_ops(disp):
+    asm = "\n".join(disp.inspect_asm(sig) for sig in disp.signatures)
+    return len(re.findall(r"\bv(?:fmadd|fmsub|fnmadd|mul|add|sub|max|blendv)\w*p[sd]\s[^\n]*[yz]mm", asm))
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_hot_kernels_are_vectorized(dt):
+    """The compiled hot loops use packed ymm/zmm arithmetic (SIMD), not scalar libm calls."""
+    rng = np.random.default_rng(8)
+    x = rng.normal(0, 1, (4, 64)).astype(dt)
+    t = rng.integers(0, 64, 4).astype(np.int64)
+    nb.logsumexp(x, np.zeros(4, dt))
+    nb.cross_entropy(x, t, None, -100, 0.0, 0.0, np.zeros(4), np.zeros_like(x), 1.0)
+    nb.bce_with_logits(x, x, None, None, None, np.zeros_like(x), 1.0, None)
+    # (the row maximum, _rowmax, is not in this list: LLVM keeps it scalar -- see its docstring)
+    for disp in (nb._sumexp, nb._sumexp_store, nb._bcel_block):
+        assert disp.signatures, disp
+        assert _packed_ops(disp) >= 8, disp.py_func.__name__
+    # the exp inside the cross-entropy row is inlined (no call to a libm exp)
+    asm = "\n".join(nb._sumexp.inspect_asm(s) for s in nb._sumexp.signatures)
+    assert "exp" not in " ".join(re.findall(r"call\w*\s+\S+", asm))
+
+
+# ----------------------------------------------------------------------------- threads
+def test_set_num_threads_and_concurrent_calls():
+    nmax = numba.config.NUMBA_NUM_THREADS
+    with pytest.raises(ValueError):
+        nb.set_num_threads(0)
+    rng = np.random.default_rng(9)
+    x = rng.normal(0, 2, (256, 700)).astype(np.float32)
+    t = rng.integers(0, 700, 256).astype(np.int64)
+    want_l, want_g = np.zeros(256), np.zeros_like(x)
+    nb.cross_entropy(x, t, None, -100, 0.0, 0.0, want_l, want_g, 1.0)
+    want_s = nb.bce_with_logits(x, np.abs(np.tanh(x)), None, None, None, None, 1.0, None)
+    errors = []
+
+    def worker(seed):
+        try:
+            for _ in range(20):
+                l, g = np.zeros(256), np.zeros_like(x)
+                nb.cross_entropy(x, t, None, -100, 0.0, 0.0, l, g, 1.0)
+                s = nb.bce_with_logits(x, np.abs(np.tanh(x)), None, None, None, None, 1.0, None)
+                if not (np.array_equal(l, want_l) and np.array_equal(g, want_g) and abs(s - want_s) <= 1e-9 * abs(want_s)):
+                    errors.append(seed)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(repr(exc))
+
+    try:
+        nb.set_num_threads(1)
+        assert nb.get_num_threads() == 1
+        ths = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join()
+        nb.set_num_threads(nmax)
+        ths = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join()
+    finally:
+        nb.set_num_threads(nmax)
+    assert not errors, errors
+    assert numba.threading_layer() in ("omp", "tbb") or nb._serialize
