@@ -1,0 +1,805 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False, nonecheck=False, embedsignature=True
+"""Compiled kernels of the ``cython`` backend (built from ``kernels/`` by ``setup.py``).
+
+Row-wise kernels run an OpenMP ``prange`` over rows; elementwise kernels over (row, block of
+``BLOCK`` elements) tasks.  The vectorized inner loops and the polynomial exp/log are in
+``fl_math.h`` (``#pragma omp simd``, no ``-ffast-math``); this module drives them on typed
+memoryviews of float32 or float64 (the fused type ``floating``) with any strides:
+
+* an operand whose class axis (elementwise: last axis) is contiguous is used in place;
+* any other one -- Fortran order, strided or stride-0 broadcast views -- is gathered into a
+  thread-local buffer, and a strided output is computed in a buffer and scattered back.
+
+Every ``def`` entry point here takes already-validated, normalized arguments (see
+:mod:`fastloss.backends.numpy_backend` for the protocol); absent optional arrays are passed as
+empty dummies with a ``has_*`` flag by :mod:`fastloss.backends.cython_backend`.
+Row losses and every sum are accumulated in float64 (float32 lanes at most ``FL_BLOCK`` long).
+"""
+from cython cimport floating
+from cython.parallel cimport prange, parallel
+from libc.stdlib cimport malloc, free
+from libc.string cimport memset
+from libc.stdint cimport int64_t
+from libc.math cimport log, isfinite, NAN
+
+import numpy as np
+
+cdef extern from "fl_math.h" nogil:
+    ctypedef Py_ssize_t fl_idx
+    int FL_BLOCK
+    int fl_openmp_enabled()
+    int fl_max_threads()
+    const char *fl_build_info()
+
+    float fl_max_f(const float *x, fl_idx n)
+    double fl_max_d(const double *x, fl_idx n)
+    double fl_sumexp_f(const float *x, float *e, fl_idx n, float sh)
+    double fl_sumexp_d(const double *x, double *e, fl_idx n, double sh)
+    double fl_wsum_shift_f(const float *x, const float *w, fl_idx n, float sh)
+    double fl_wsum_shift_d(const double *x, const double *w, fl_idx n, double sh)
+    double fl_dot_f(const float *a, const float *b, fl_idx n)
+    double fl_dot_d(const double *a, const double *b, fl_idx n)
+    void fl_expaxpy_f(const float *x, float *out, fl_idx n, float sh, float a, const float *w, float b)
+    void fl_expaxpy_d(const double *x, double *out, fl_idx n, double sh, double a, const double *w, double b)
+    void fl_scale_axpy_f(float *g, fl_idx n, float a, const float *w, float b)
+    void fl_scale_axpy_d(double *g, fl_idx n, double a, const double *w, double b)
+    void fl_fill_f(float *g, fl_idx n, float v)
+    void fl_fill_d(double *g, fl_idx n, double v)
+    void fl_sub_f(const float *x, float *out, fl_idx n, float c)
+    void fl_sub_d(const double *x, double *out, fl_idx n, double c)
+    void fl_smb_f(const float *g, const float *y, float *out, fl_idx n, float d)
+    void fl_smb_d(const double *g, const double *y, double *out, fl_idx n, double d)
+    void fl_lsmb_f(const float *g, const float *y, float *out, fl_idx n, float s)
+    void fl_lsmb_d(const double *g, const double *y, double *out, fl_idx n, double s)
+    double fl_soft_terms_f(const float *x, const float *y, const float *w, fl_idx n, float sh,
+                           double L, double a1, double a0, double *ysum)
+    double fl_soft_terms_d(const double *x, const double *y, const double *w, fl_idx n, double sh,
+                           double L, double a1, double a0, double *ysum)
+    void fl_soft_grad_f(const float *x, const float *y, const float *w, float *out, fl_idx n,
+                        float sh, float pa, float a1, float a0, float gs)
+    void fl_soft_grad_d(const double *x, const double *y, const double *w, double *out, fl_idx n,
+                        double sh, double pa, double a1, double a0, double gs)
+    double fl_bce_logits_f(fl_idx n, const float *z, const float *y, const float *w,
+                           const float *pw, int has_pw, float *l, float *g, const float *go, float gs)
+    double fl_bce_logits_d(fl_idx n, const double *z, const double *y, const double *w,
+                           const double *pw, int has_pw, double *l, double *g, const double *go, double gs)
+    double fl_bce_f(fl_idx n, const float *p, const float *y, const float *w, float *l, float *g,
+                    const float *go, float gs)
+    double fl_bce_d(fl_idx n, const double *p, const double *y, const double *w, double *l, double *g,
+                    const double *go, double gs)
+    double fl_kl_f(fl_idx n, const float *x, const float *t, int log_target, float *l, float *g,
+                   const float *go, float gs)
+    double fl_kl_d(fl_idx n, const double *x, const double *t, int log_target, double *l, double *g,
+                   const double *go, double gs)
+    double fl_mse_f(fl_idx n, const float *x, const float *t, float *l, float *g, const float *go, float gs)
+    double fl_mse_d(fl_idx n, const double *x, const double *t, double *l, double *g, const double *go, double gs)
+    double fl_gnll_f(fl_idx n, const float *x, const float *t, const float *var, float eps, float cst,
+                     float *l, float *g, float *gv, const float *go, float gs)
+    double fl_gnll_d(fl_idx n, const double *x, const double *t, const double *var, double eps, double cst,
+                     double *l, double *g, double *gv, const double *go, double gs)
+    void fl_gather_panel_f(const float *p, fl_idx rs, fl_idx cs, fl_idx P, fl_idx n, float *buf)
+    void fl_gather_panel_d(const double *p, fl_idx rs, fl_idx cs, fl_idx P, fl_idx n, double *buf)
+    void fl_scatter_panel_f(const float *buf, float *p, fl_idx rs, fl_idx cs, fl_idx P, fl_idx n)
+    void fl_scatter_panel_d(const double *buf, double *p, fl_idx rs, fl_idx cs, fl_idx P, fl_idx n)
+    void fl_gather_f(const float *p, fl_idx s, float *buf, fl_idx n)
+    void fl_gather_d(const double *p, fl_idx s, double *buf, fl_idx n)
+    void fl_scatter_f(const float *buf, float *p, fl_idx s, fl_idx n)
+    void fl_scatter_d(const double *buf, double *p, fl_idx s, fl_idx n)
+    void fl_vexp_f(const float *x, float *out, fl_idx n)
+    void fl_vexp_d(const double *x, double *out, fl_idx n)
+    void fl_vlog_f(const float *x, float *out, fl_idx n)
+    void fl_vlog_d(const double *x, double *out, fl_idx n)
+    void fl_vlog1p_f(const float *x, float *out, fl_idx n)
+    void fl_vlog1p_d(const double *x, double *out, fl_idx n)
+
+BLOCK = FL_BLOCK
+
+# OpenMP team size of every prange; set_num_threads() changes it.
+cdef int _nthreads = max(1, fl_max_threads())
+# Below this many elements a call runs on one thread: ~100 us of single-thread work, where an
+# OpenMP fork/join (~10 us on an idle machine) stops paying.  On an oversubscribed machine a
+# parallel region also waits until the OS schedules every team thread (milliseconds), one
+# more reason to keep small calls serial.
+cdef Py_ssize_t _PAR_MIN = 262144
+
+
+def set_num_threads(int n):
+    """Use ``n`` (>= 1) OpenMP threads in every following kernel call."""
+    global _nthreads
+    if n < 1:
+        raise ValueError(f"n: expected a positive number of threads, found {n}")
+    _nthreads = n
+
+
+def get_num_threads():
+    """The OpenMP team size the kernels use."""
+    return _nthreads
+
+
+def build_info():
+    """How the extension was compiled, e.g. ``"march=native openmp=1"``."""
+    return fl_build_info().decode()
+
+
+def openmp_enabled():
+    """True when the extension was compiled with OpenMP (else every kernel is single threaded)."""
+    return bool(fl_openmp_enabled())
+
+
+cdef inline int _team(Py_ssize_t work) noexcept nogil:
+    return _nthreads if work >= _PAR_MIN else 1
+
+
+# ----------------------------------------------------------------------------- fused shims
+cdef inline floating f_max(const floating *x, Py_ssize_t n) noexcept nogil:
+    if floating is float:
+        return fl_max_f(x, n)
+    else:
+        return fl_max_d(x, n)
+
+cdef inline double f_sumexp(const floating *x, floating *e, Py_ssize_t n, floating sh) noexcept nogil:
+    if floating is float:
+        return fl_sumexp_f(x, e, n, sh)
+    else:
+        return fl_sumexp_d(x, e, n, sh)
+
+cdef inline double f_wsum_shift(const floating *x, const floating *w, Py_ssize_t n, floating sh) noexcept nogil:
+    if floating is float:
+        return fl_wsum_shift_f(x, w, n, sh)
+    else:
+        return fl_wsum_shift_d(x, w, n, sh)
+
+cdef inline double f_dot(const floating *a, const floating *b, Py_ssize_t n) noexcept nogil:
+    if floating is float:
+        return fl_dot_f(a, b, n)
+    else:
+        return fl_dot_d(a, b, n)
+
+cdef inline void f_expaxpy(const floating *x, floating *out, Py_ssize_t n, floating sh, floating a,
+                           const floating *w, floating b) noexcept nogil:
+    if floating is float:
+        fl_expaxpy_f(x, out, n, sh, a, w, b)
+    else:
+        fl_expaxpy_d(x, out, n, sh, a, w, b)
+
+cdef inline void f_scale_axpy(floating *g, Py_ssize_t n, floating a, const floating *w, floating b) noexcept nogil:
+    if floating is float:
+        fl_scale_axpy_f(g, n, a, w, b)
+    else:
+        fl_scale_axpy_d(g, n, a, w, b)
+
+cdef inline void f_gather(const floating *p, Py_ssize_t s, floating *buf, Py_ssize_t n) noexcept nogil:
+    if floating is float:
+        fl_gather_f(p, s, buf, n)
+    else:
+        fl_gather_d(p, s, buf, n)
+
+cdef inline void f_scatter(const floating *buf, floating *p, Py_ssize_t s, Py_ssize_t n) noexcept nogil:
+    if floating is float:
+        fl_scatter_f(buf, p, s, n)
+    else:
+        fl_scatter_d(buf, p, s, n)
+
+
+cdef inline const floating *f_row(const floating *p, Py_ssize_t s, Py_ssize_t n, floating *buf) noexcept nogil:
+    """The row ``p[0], p[s], ...`` as a contiguous pointer: ``p`` itself, or gathered into ``buf``."""
+    if s == 1:
+        return p
+    f_gather(p, s, buf, n)
+    return buf
+
+
+cdef inline void f_fill_strided(floating *p, Py_ssize_t s, Py_ssize_t n, floating v) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(n):
+        p[j * s] = v
+
+
+cdef inline double _shift(double m) noexcept nogil:
+    # the row max as shift, 0 when it is not finite: a row holding +inf then sums to +inf, a
+    # row of only -inf to 0 (log -> -inf) -- never inf - inf
+    return m if isfinite(m) else 0.0
+
+
+# ----------------------------------------------------------------------------- row panels
+# Row-wise drivers hand each OpenMP task a panel of P consecutive rows.  An operand whose class
+# axis is contiguous is used in place; any other one is gathered into a thread-local panel
+# buffer of P contiguous rows (a strided output is computed there and scattered back).  P is 1
+# unless some strided operand has its rows closer together than its classes (Fortran order,
+# a class axis moved last): then P rows share every cache line read, instead of one element
+# per line.
+
+cdef struct Opnd:
+    char *base        # address of element (0, 0)
+    Py_ssize_t rs     # row stride, in elements
+    Py_ssize_t es     # class stride, in elements
+    bint present
+
+
+cdef inline Opnd _opnd(char *base, Py_ssize_t rs_bytes, Py_ssize_t es_bytes, Py_ssize_t isz, bint present) noexcept nogil:
+    cdef Opnd o
+    o.base = base
+    o.rs = rs_bytes // isz  # the Python layer guarantees strides that are whole elements
+    o.es = es_bytes // isz
+    o.present = present
+    return o
+
+
+cdef inline bint _strided(Opnd o) noexcept nogil:
+    return o.present and o.es != 1
+
+
+cdef Py_ssize_t _panel_rows(Opnd a, Opnd b, Opnd o, Py_ssize_t c, Py_ssize_t isz, int nbuf) noexcept nogil:
+    """Rows per panel: a cache line's worth when a strided operand has rows closer than classes."""
+    cdef Py_ssize_t P = 1
+    cdef Opnd ops[3]
+    cdef int k
+    ops[0] = a
+    ops[1] = b
+    ops[2] = o
+    for k in range(3):
+        if _strided(ops[k]) and (ops[k].rs if ops[k].rs >= 0 else -ops[k].rs) < (ops[k].es if ops[k].es >= 0 else -ops[k].es):
+            P = 64 // isz
+    while P > 1 and P * c * isz * nbuf > (8 << 20):  # keep the panel buffers within a few MB
+        P //= 2
+    return P
+
+
+cdef inline floating *_prow(Opnd o, Py_ssize_t i, Py_ssize_t r, Py_ssize_t c, floating *panel) noexcept nogil:
+    """Row ``i`` (``r``-th of its panel) of operand ``o`` as a contiguous pointer."""
+    if o.es == 1:
+        return <floating *>(o.base + i * o.rs * <Py_ssize_t>sizeof(floating))
+    return panel + r * c
+
+
+cdef inline void _pgather(Opnd o, Py_ssize_t i0, Py_ssize_t pn, Py_ssize_t c, floating *panel) noexcept nogil:
+    cdef floating *p
+    if _strided(o):
+        p = <floating *>o.base + i0 * o.rs
+        if floating is float:
+            fl_gather_panel_f(p, o.rs, o.es, pn, c, panel)
+        else:
+            fl_gather_panel_d(p, o.rs, o.es, pn, c, panel)
+
+
+cdef inline void _pscatter(Opnd o, Py_ssize_t i0, Py_ssize_t pn, Py_ssize_t c, const floating *panel) noexcept nogil:
+    cdef floating *p
+    if _strided(o):
+        p = <floating *>o.base + i0 * o.rs
+        if floating is float:
+            fl_scatter_panel_f(panel, p, o.rs, o.es, pn, c)
+        else:
+            fl_scatter_panel_d(panel, p, o.rs, o.es, pn, c)
+
+
+cdef inline char *_base2(const floating[:, :] a) noexcept nogil:
+    return <char *>&a[0, 0] if a.shape[0] > 0 and a.shape[1] > 0 else NULL
+
+
+# ----------------------------------------------------------------------------- row-wise
+def logsumexp(const floating[:, :] x, floating[:] out):
+    cdef Py_ssize_t n = x.shape[0], c = x.shape[1], ip, i0, pn, r
+    if n == 0:
+        return
+    cdef Py_ssize_t isz = sizeof(floating)
+    cdef Opnd ox = _opnd(_base2(x), x.strides[0], x.strides[1], isz, c > 0)
+    cdef Opnd none = _opnd(NULL, 0, 0, isz, False)
+    cdef Py_ssize_t P = _panel_rows(ox, none, none, c, isz, 1), npan = (n + P - 1) // P
+    cdef bint need = _strided(ox)
+    cdef int nt = _team(n * c)
+    cdef floating *A = NULL
+    cdef const floating *xr
+    cdef double sh
+    cdef int errflag = 0
+    cdef int *perr = &errflag
+    with nogil, parallel(num_threads=nt):
+        A = NULL
+        if need:
+            A = <floating *>malloc(P * c * isz)
+            if A == NULL:
+                perr[0] = 1
+        if not need or A != NULL:
+            for ip in prange(npan, schedule="static"):
+                i0 = ip * P
+                pn = P if n - i0 > P else n - i0
+                _pgather(ox, i0, pn, c, A)
+                for r in range(pn):
+                    xr = _prow(ox, i0 + r, r, c, A)
+                    sh = _shift(f_max(xr, c))
+                    out[i0 + r] = <floating>(log(f_sumexp(xr, <floating *>NULL, c, <floating>sh)) + sh)
+        free(A)
+    if perr[0]:
+        raise MemoryError("fastloss cython backend: cannot allocate a row buffer")
+
+
+cdef inline void _softmax_row(const floating *x, Py_ssize_t sx, floating *o, Py_ssize_t so,
+                              Py_ssize_t c, bint logsm, floating *buf) noexcept nogil:
+    cdef const floating *xr = f_row(x, sx, c, buf)
+    cdef floating *oc = o if so == 1 else buf  # buf may hold xr: exp/sub write index j after reading it
+    cdef double sh = _shift(f_max(xr, c)), s
+    if logsm:
+        s = f_sumexp(xr, <floating *>NULL, c, <floating>sh)
+        if floating is float:
+            fl_sub_f(xr, oc, c, <float>(log(s) + sh))
+        else:
+            fl_sub_d(xr, oc, c, log(s) + sh)
+    else:
+        s = f_sumexp(xr, oc, c, <floating>sh)  # stores e = exp(x - sh), then scales by 1/s
+        f_scale_axpy(oc, c, <floating>(1.0 / s), <const floating *>NULL, <floating>0)
+    if so != 1:
+        f_scatter(oc, o, so, c)
+
+
+cdef _softmax_impl(const floating[:, :] x, floating[:, :] out, bint logsm):
+    cdef Py_ssize_t n = x.shape[0], c = x.shape[1], ip, i0, pn, r
+    if n == 0 or c == 0:
+        return
+    cdef Py_ssize_t isz = sizeof(floating)
+    cdef Opnd ox = _opnd(_base2(x), x.strides[0], x.strides[1], isz, True)
+    cdef Opnd oo = _opnd(<char *>&out[0, 0], out.strides[0], out.strides[1], isz, True)
+    cdef Opnd none = _opnd(NULL, 0, 0, isz, False)
+    cdef Py_ssize_t P = _panel_rows(ox, none, oo, c, isz, 1), npan = (n + P - 1) // P
+    cdef bint need = _strided(ox) or _strided(oo)
+    cdef int nt = _team(n * c)
+    cdef floating *A = NULL
+    cdef int errflag = 0
+    cdef int *perr = &errflag
+    with nogil, parallel(num_threads=nt):
+        A = NULL
+        if need:
+            A = <floating *>malloc(P * c * isz)
+            if A == NULL:
+                perr[0] = 1
+        if not need or A != NULL:
+            for ip in prange(npan, schedule="static"):
+                i0 = ip * P
+                pn = P if n - i0 > P else n - i0
+                _pgather(ox, i0, pn, c, A)
+                for r in range(pn):
+                    # a strided output is built in the panel, in place of its (gathered) input
+                    _softmax_row(_prow(ox, i0 + r, r, c, A), 1, _prow(oo, i0 + r, r, c, A), 1, c,
+                                 logsm, <floating *>NULL)
+                _pscatter(oo, i0, pn, c, A)
+        free(A)
+    if perr[0]:
+        raise MemoryError("fastloss cython backend: cannot allocate a row buffer")
+
+
+def softmax(const floating[:, :] x, floating[:, :] out):
+    _softmax_impl(x, out, False)
+
+
+def log_softmax(const floating[:, :] x, floating[:, :] out):
+    _softmax_impl(x, out, True)
+
+
+cdef inline void _smb_row(const floating *g, Py_ssize_t sg, const floating *y, Py_ssize_t sy,
+                          floating *o, Py_ssize_t so, Py_ssize_t c, bint logsm,
+                          floating *buf) noexcept nogil:
+    # buf: 2 c elements; g goes to buf[:c], y to buf[c:], a strided output is built in buf[:c]
+    cdef const floating *gr = f_row(g, sg, c, buf)
+    cdef const floating *yr = f_row(y, sy, c, buf + c)
+    cdef floating *oc = o
+    if so != 1:
+        oc = buf
+    if logsm:
+        if floating is float:
+            fl_lsmb_f(gr, yr, oc, c, <float>f_dot(gr, <const floating *>NULL, c))
+        else:
+            fl_lsmb_d(gr, yr, oc, c, f_dot(gr, <const floating *>NULL, c))
+    else:
+        if floating is float:
+            fl_smb_f(gr, yr, oc, c, <float>f_dot(gr, yr, c))
+        else:
+            fl_smb_d(gr, yr, oc, c, f_dot(gr, yr, c))
+    if so != 1:
+        f_scatter(oc, o, so, c)
+
+
+cdef _smb_impl(const floating[:, :] g, const floating[:, :] y, floating[:, :] out, bint logsm):
+    cdef Py_ssize_t n = y.shape[0], c = y.shape[1], ip, i0, pn, r
+    if n == 0 or c == 0:
+        return
+    cdef Py_ssize_t isz = sizeof(floating)
+    cdef Opnd og = _opnd(_base2(g), g.strides[0], g.strides[1], isz, True)
+    cdef Opnd oy = _opnd(_base2(y), y.strides[0], y.strides[1], isz, True)
+    cdef Opnd oo = _opnd(<char *>&out[0, 0], out.strides[0], out.strides[1], isz, True)
+    cdef Py_ssize_t P = _panel_rows(og, oy, oo, c, isz, 2), npan = (n + P - 1) // P
+    cdef bint need = _strided(og) or _strided(oy) or _strided(oo)
+    cdef int nt = _team(n * c)
+    cdef floating *A = NULL  # g panel (and a strided output, built in place of g)
+    cdef floating *B = NULL  # y panel
+    cdef int errflag = 0
+    cdef int *perr = &errflag
+    with nogil, parallel(num_threads=nt):
+        A = NULL
+        B = NULL
+        if need:
+            A = <floating *>malloc(2 * P * c * isz)
+            if A == NULL:
+                perr[0] = 1
+            else:
+                B = A + P * c
+        if not need or A != NULL:
+            for ip in prange(npan, schedule="static"):
+                i0 = ip * P
+                pn = P if n - i0 > P else n - i0
+                _pgather(og, i0, pn, c, A)
+                _pgather(oy, i0, pn, c, B)
+                for r in range(pn):
+                    _smb_row(_prow(og, i0 + r, r, c, A), 1, _prow(oy, i0 + r, r, c, B), 1,
+                             _prow(oo, i0 + r, r, c, A), 1, c, logsm, <floating *>NULL)
+                _pscatter(oo, i0, pn, c, A)
+        free(A)
+    if perr[0]:
+        raise MemoryError("fastloss cython backend: cannot allocate a row buffer")
+
+
+def softmax_backward(const floating[:, :] g, const floating[:, :] y, floating[:, :] out):
+    _smb_impl(g, y, out, False)
+
+
+def log_softmax_backward(const floating[:, :] g, const floating[:, :] y, floating[:, :] out):
+    _smb_impl(g, y, out, True)
+
+
+cdef inline double _ce_row(const floating *x, Py_ssize_t sx, Py_ssize_t c, Py_ssize_t t,
+                           const floating *w, double wsum, double eps, double z, double gs,
+                           floating *g, Py_ssize_t sg, floating *buf) noexcept nogil:
+    """One hard-target row: returns its float64 loss, writes ``gs * dloss/dx`` to ``g`` (if not NULL).
+
+    ``loss = (1-eps) w_t (lse - x_t) + eps/C sum_c w_c (lse - x_c) + z lse^2`` with
+    ``lse = sh + L``, ``L = log sum exp(x - sh)``, ``lse - x_c = L - (x_c - sh)``: no
+    cancellation of two large numbers when the logits are large.  With a finite row max the
+    exponentials are stored into the gradient row during the sum and only rescaled afterwards
+    (one exp per element); otherwise the reference's ``exp(x - lse)`` is used as it is.
+    """
+    cdef const floating *xr = f_row(x, sx, c, buf)
+    cdef double xt = xr[t]  # read before anything is written: g may be x (in place)
+    cdef double wt = w[t] if w != NULL else 1.0
+    cdef double m = f_max(xr, c)
+    cdef bint fin = isfinite(m)
+    cdef double sh = m if fin else 0.0
+    cdef double lin = 0.0, s, L, lse, row, a, ec = eps / c
+    cdef floating *gc = NULL
+    cdef const floating *ws = w if eps != 0.0 else NULL
+    if g != NULL:
+        gc = g if sg == 1 else buf
+    if eps != 0.0:
+        lin = f_wsum_shift(xr, w, c, <floating>sh)
+    s = f_sumexp(xr, gc if (fin and g != NULL) else <floating *>NULL, c, <floating>sh)
+    L = log(s)
+    lse = L + sh
+    row = (1.0 - eps) * wt * (L - (xt - sh))
+    if eps != 0.0:
+        row += ec * (wsum * L - lin)
+    if z != 0.0:
+        row += z * lse * lse
+    if g != NULL:
+        a = (1.0 - eps) * wt + ec * wsum + 2.0 * z * lse
+        if fin:
+            f_scale_axpy(gc, c, <floating>(gs * a / s), ws, <floating>(gs * ec))
+        else:
+            f_expaxpy(xr, gc, c, <floating>lse, <floating>(gs * a), ws, <floating>(gs * ec))
+        gc[t] -= <floating>(gs * (1.0 - eps) * wt)
+        if sg != 1:
+            f_scatter(gc, g, sg, c)
+    return row
+
+
+def cross_entropy(const floating[:, :] x, const int64_t[:] target, const floating[::1] weight,
+                  bint has_weight, double wsum, int64_t ignore_index, double label_smoothing,
+                  double z_loss, double[:] loss, floating[:, :] grad, bint has_grad,
+                  const double[:] gscale):
+    """Hard-target cross-entropy rows (see ``_ce_row``); ignored rows: loss 0, gradient 0."""
+    cdef Py_ssize_t n = x.shape[0], c = x.shape[1], ip, i0, pn, r, i
+    if n == 0:
+        return
+    cdef Py_ssize_t isz = sizeof(floating)
+    cdef Opnd ox = _opnd(_base2(x), x.strides[0], x.strides[1], isz, c > 0)
+    cdef Opnd og = _opnd(_base2(grad) if has_grad else NULL, grad.strides[0] if has_grad else 0,
+                         grad.strides[1] if has_grad else isz, isz, has_grad and c > 0)
+    cdef Opnd none = _opnd(NULL, 0, 0, isz, False)
+    cdef Py_ssize_t P = _panel_rows(ox, none, og, c, isz, 1), npan = (n + P - 1) // P
+    cdef const floating *w = &weight[0] if has_weight else NULL
+    cdef bint need = _strided(ox) or _strided(og)
+    cdef int nt = _team(n * c)
+    cdef floating *A = NULL  # x panel (and a strided gradient, built in place of x)
+    cdef floating *gr
+    cdef int64_t t
+    cdef int errflag = 0
+    cdef int *perr = &errflag
+    with nogil, parallel(num_threads=nt):
+        A = NULL
+        if need:
+            A = <floating *>malloc(P * c * isz)
+            if A == NULL:
+                perr[0] = 1
+        if not need or A != NULL:
+            for ip in prange(npan, schedule="static"):
+                i0 = ip * P
+                pn = P if n - i0 > P else n - i0
+                _pgather(ox, i0, pn, c, A)
+                for r in range(pn):
+                    i = i0 + r
+                    t = target[i]
+                    gr = _prow(og, i, r, c, A) if og.present else NULL
+                    if t == ignore_index:
+                        loss[i] = 0.0
+                        if gr != NULL:
+                            f_fill_strided(gr, 1, c, <floating>0)
+                    elif t < 0 or t >= c:
+                        # the public layer raises IndexError before calling; a direct caller gets
+                        # NaN for the row instead of an out-of-bounds read
+                        loss[i] = NAN
+                        if gr != NULL:
+                            f_fill_strided(gr, 1, c, <floating>NAN)
+                    else:
+                        loss[i] = _ce_row(_prow(ox, i, r, c, A), 1, c, t, w, wsum, label_smoothing,
+                                          z_loss, gscale[i] if has_grad else 0.0, gr, 1,
+                                          <floating *>NULL)
+                _pscatter(og, i0, pn, c, A)
+        free(A)
+    if perr[0]:
+        raise MemoryError("fastloss cython backend: cannot allocate a row buffer")
+
+
+cdef inline double _ce_soft_row(const floating *x, Py_ssize_t sx, const floating *y, Py_ssize_t sy,
+                                Py_ssize_t c, const floating *w, double eps, double z, double gs,
+                                floating *g, Py_ssize_t sg, floating *buf) noexcept nogil:
+    """One soft-target row: ``sum_c yw_c (lse - x_c) + z lse^2``, ``yw = ((1-eps) y + eps/C) w``;
+    gradient ``gs * (softmax(x) * sum(yw) + 2 z lse softmax(x) - yw)``.  ``buf``: 2 c elements."""
+    cdef const floating *xr = f_row(x, sx, c, buf)
+    cdef const floating *yr = f_row(y, sy, c, buf + c)
+    cdef double m = f_max(xr, c)
+    cdef bint fin = isfinite(m)
+    cdef double sh = m if fin else 0.0
+    cdef double s = f_sumexp(xr, <floating *>NULL, c, <floating>sh)
+    cdef double L = log(s), lse = L + sh, ysum = 0.0, row, a
+    cdef double a1 = 1.0 - eps, a0 = eps / c
+    cdef floating *gc
+    if floating is float:
+        row = fl_soft_terms_f(xr, yr, w, c, <float>sh, L, a1, a0, &ysum)
+    else:
+        row = fl_soft_terms_d(xr, yr, w, c, sh, L, a1, a0, &ysum)
+    if z != 0.0:
+        row += z * lse * lse
+    if g != NULL:
+        gc = g if sg == 1 else buf  # buf[:c] may hold xr: read x_j before writing g_j
+        a = ysum + 2.0 * z * lse
+        if floating is float:
+            if fin:
+                fl_soft_grad_f(xr, yr, w, gc, c, <float>sh, <float>(a / s), <float>a1, <float>a0, <float>gs)
+            else:
+                fl_soft_grad_f(xr, yr, w, gc, c, <float>lse, <float>a, <float>a1, <float>a0, <float>gs)
+        else:
+            if fin:
+                fl_soft_grad_d(xr, yr, w, gc, c, sh, a / s, a1, a0, gs)
+            else:
+                fl_soft_grad_d(xr, yr, w, gc, c, lse, a, a1, a0, gs)
+        if sg != 1:
+            f_scatter(gc, g, sg, c)
+    return row
+
+
+def cross_entropy_soft(const floating[:, :] x, const floating[:, :] target, const floating[::1] weight,
+                       bint has_weight, double label_smoothing, double z_loss, double[:] loss,
+                       floating[:, :] grad, bint has_grad, const double[:] gscale):
+    cdef Py_ssize_t n = x.shape[0], c = x.shape[1], ip, i0, pn, r, i
+    if n == 0:
+        return
+    cdef Py_ssize_t isz = sizeof(floating)
+    # the soft kernels read w[j] unconditionally (vectorizable): ones when unweighted
+    if not has_weight:
+        weight = np.ones(max(c, 1), np.float32 if floating is float else np.float64)
+    cdef const floating *w = &weight[0]
+    cdef Opnd ox = _opnd(_base2(x), x.strides[0], x.strides[1], isz, c > 0)
+    cdef Opnd oy = _opnd(_base2(target), target.strides[0], target.strides[1], isz, c > 0)
+    cdef Opnd og = _opnd(_base2(grad) if has_grad else NULL, grad.strides[0] if has_grad else 0,
+                         grad.strides[1] if has_grad else isz, isz, has_grad and c > 0)
+    cdef Py_ssize_t P = _panel_rows(ox, oy, og, c, isz, 2), npan = (n + P - 1) // P
+    cdef bint need = _strided(ox) or _strided(oy) or _strided(og)
+    cdef int nt = _team(n * c)
+    cdef floating *A = NULL  # x panel (and a strided gradient, built in place of x)
+    cdef floating *B = NULL  # target panel
+    cdef int errflag = 0
+    cdef int *perr = &errflag
+    with nogil, parallel(num_threads=nt):
+        A = NULL
+        B = NULL
+        if need:
+            A = <floating *>malloc(2 * P * c * isz)
+            if A == NULL:
+                perr[0] = 1
+            else:
+                B = A + P * c
+        if not need or A != NULL:
+            for ip in prange(npan, schedule="static"):
+                i0 = ip * P
+                pn = P if n - i0 > P else n - i0
+                _pgather(ox, i0, pn, c, A)
+                _pgather(oy, i0, pn, c, B)
+                for r in range(pn):
+                    i = i0 + r
+                    loss[i] = _ce_soft_row(_prow(ox, i, r, c, A), 1, _prow(oy, i, r, c, B), 1, c, w,
+                                           label_smoothing, z_loss, gscale[i] if has_grad else 0.0,
+                                           _prow(og, i, r, c, A) if og.present else NULL, 1,
+                                           <floating *>NULL)
+                _pscatter(og, i0, pn, c, A)
+        free(A)
+    if perr[0]:
+        raise MemoryError("fastloss cython backend: cannot allocate a row buffer")
+
+
+# ----------------------------------------------------------------------------- elementwise
+# Operand slots of the elementwise driver: inputs 0 first input, 1 target, 2 weight / var,
+# 3 pos_weight, 4 grad_output; outputs 5 loss, 6 grad, 7 grad_var.
+cdef enum:
+    NIN = 5
+    NOP = 8
+
+cdef enum:
+    K_BCE_LOGITS = 0
+    K_BCE = 1
+    K_KL = 2
+    K_MSE = 3
+    K_GNLL = 4
+
+KIND = {"bce_with_logits": K_BCE_LOGITS, "bce": K_BCE, "kl_div": K_KL, "mse": K_MSE, "gaussian_nll": K_GNLL}
+
+
+cdef double _ew_task(int kind, Py_ssize_t i, Py_ssize_t j0, Py_ssize_t nb,
+                     char **base, Py_ssize_t *rs, Py_ssize_t *es, bint *present,
+                     floating *bufs, const floating *ones, double gs, double p1, double p2,
+                     int flag) noexcept nogil:
+    """Compute elements ``[j0, j0 + nb)`` of row ``i``; return the float64 sum of their loss."""
+    cdef floating *op[NOP]
+    cdef bint direct[NOP]
+    cdef Py_ssize_t k, s
+    cdef char *p
+    cdef double tot = 0.0
+    cdef int bsize = FL_BLOCK
+    for k in range(NOP):
+        op[k] = NULL
+        direct[k] = True
+        if present[k]:
+            p = base[k] + i * rs[k] + j0 * es[k]
+            s = es[k] // <Py_ssize_t>sizeof(floating)
+            if s == 1:
+                op[k] = <floating *>p
+            else:
+                direct[k] = False
+                op[k] = bufs + k * bsize
+                if k < NIN:
+                    f_gather(<const floating *>p, s, op[k], nb)
+        elif k == 2 or k == 3 or k == 4:
+            # absent weight / grad_output: ones (exact factors); absent pos_weight: ones that
+            # are never used (has_pw = 0) but keep the vectorized loop free of NULL loads
+            op[k] = <floating *>ones
+        elif k == 5:
+            op[k] = bufs + k * bsize  # the loss is needed for the sum even when not stored
+    if floating is float:
+        if kind == K_BCE_LOGITS:
+            tot = fl_bce_logits_f(nb, op[0], op[1], op[2], op[3], present[3], op[5], op[6], op[4], <float>gs)
+        elif kind == K_BCE:
+            tot = fl_bce_f(nb, op[0], op[1], op[2], op[5], op[6], op[4], <float>gs)
+        elif kind == K_KL:
+            tot = fl_kl_f(nb, op[0], op[1], flag, op[5], op[6], op[4], <float>gs)
+        elif kind == K_MSE:
+            tot = fl_mse_f(nb, op[0], op[1], op[5], op[6], op[4], <float>gs)
+        else:
+            tot = fl_gnll_f(nb, op[0], op[1], op[2], <float>p1, <float>p2, op[5], op[6], op[7], op[4], <float>gs)
+    else:
+        if kind == K_BCE_LOGITS:
+            tot = fl_bce_logits_d(nb, op[0], op[1], op[2], op[3], present[3], op[5], op[6], op[4], gs)
+        elif kind == K_BCE:
+            tot = fl_bce_d(nb, op[0], op[1], op[2], op[5], op[6], op[4], gs)
+        elif kind == K_KL:
+            tot = fl_kl_d(nb, op[0], op[1], flag, op[5], op[6], op[4], gs)
+        elif kind == K_MSE:
+            tot = fl_mse_d(nb, op[0], op[1], op[5], op[6], op[4], gs)
+        else:
+            tot = fl_gnll_d(nb, op[0], op[1], op[2], p1, p2, op[5], op[6], op[7], op[4], gs)
+    for k in range(NIN, NOP):
+        if present[k] and not direct[k]:
+            f_scatter(op[k], <floating *>(base[k] + i * rs[k] + j0 * es[k]),
+                      es[k] // <Py_ssize_t>sizeof(floating), nb)
+    return tot
+
+
+cdef double _ew_run(int kind, list arrays, floating dummy, double gs, double p1, double p2,
+                    int flag) except? -1.0:
+    """Run an elementwise kernel over (row, block) tasks; ``arrays``: NOP entries (None = absent),
+    all of shape ``(R, K)`` and of the dtype of ``floating``."""
+    cdef char *base[NOP]
+    cdef Py_ssize_t rs[NOP]
+    cdef Py_ssize_t es[NOP]
+    cdef bint present[NOP]
+    cdef floating[:, :] mv
+    cdef const floating[:, :] cmv
+    cdef Py_ssize_t r = 0, kk = 0, k, nblk, ntask, task, i, j0, nb
+    cdef int bsize = FL_BLOCK
+    for k in range(NOP):
+        a = arrays[k]
+        present[k] = a is not None
+        base[k] = NULL
+        rs[k] = 0
+        es[k] = 0
+        if a is None:
+            continue
+        if k < NIN:
+            cmv = a
+            r, kk = cmv.shape[0], cmv.shape[1]
+            if r and kk:
+                base[k] = <char *>&cmv[0, 0]
+            rs[k], es[k] = cmv.strides[0], cmv.strides[1]
+        else:
+            mv = a
+            if mv.shape[0] and mv.shape[1]:
+                base[k] = <char *>&mv[0, 0]
+            rs[k], es[k] = mv.strides[0], mv.strides[1]
+    if r == 0 or kk == 0:
+        return 0.0
+    nblk = (kk + bsize - 1) // bsize
+    ntask = r * nblk
+    sums_arr = np.empty(ntask, np.float64)  # per-task sums, added in order: thread-count independent
+    cdef double[::1] sums = sums_arr
+    ones_arr = np.ones(bsize, np.float32 if floating is float else np.float64)
+    cdef floating[::1] ones = ones_arr
+    cdef const floating *onesp = &ones[0]
+    cdef int nt = _team(r * kk)
+    cdef floating *bufs = NULL
+    cdef int errflag = 0
+    cdef int *perr = &errflag
+    with nogil, parallel(num_threads=nt):
+        bufs = <floating *>malloc(NOP * bsize * sizeof(floating))
+        if bufs == NULL:
+            perr[0] = 1
+        else:
+            for task in prange(ntask, schedule="static"):
+                i = task // nblk
+                j0 = (task - i * nblk) * bsize
+                nb = kk - j0
+                if nb > bsize:
+                    nb = bsize
+                sums[task] = _ew_task(kind, i, j0, nb, base, rs, es, present, bufs, onesp, gs, p1, p2, flag)
+        free(bufs)
+    if perr[0]:
+        raise MemoryError("fastloss cython backend: cannot allocate block buffers")
+    return float(np.sum(sums_arr))
+
+
+def elementwise(int kind, list arrays, double gscale, double p1, double p2, int flag, dtype):
+    """Dispatch the elementwise kernel ``kind`` on float32 or float64 operands (``dtype``)."""
+    if dtype == np.float32:
+        return _ew_run[float](kind, arrays, 0.0, gscale, p1, p2, flag)
+    return _ew_run[double](kind, arrays, 0.0, gscale, p1, p2, flag)
+
+
+# ----------------------------------------------------------------------------- test helpers
+def _vexp(const floating[::1] x, floating[::1] out):
+    """Elementwise polynomial exp of fl_math.h (for accuracy tests)."""
+    if x.shape[0]:
+        if floating is float:
+            fl_vexp_f(&x[0], &out[0], x.shape[0])
+        else:
+            fl_vexp_d(&x[0], &out[0], x.shape[0])
+
+
+def _vlog(const floating[::1] x, floating[::1] out):
+    """Elementwise polynomial log of fl_math.h (for accuracy tests)."""
+    if x.shape[0]:
+        if floating is float:
+            fl_vlog_f(&x[0], &out[0], x.shape[0])
+        else:
+            fl_vlog_d(&x[0], &out[0], x.shape[0])
+
+
+def _vlog1p(const floating[::1] x, floating[::1] out):
+    """Elementwise log1p of fl_math.h (for accuracy tests)."""
+    if x.shape[0]:
+        if floating is float:
+            fl_vlog1p_f(&x[0], &out[0], x.shape[0])
+        else:
+            fl_vlog1p_d(&x[0], &out[0], x.shape[0])
