@@ -1,0 +1,647 @@
+"""Numba CUDA kernels of the ``cuda`` backend (see :mod:`fastloss.backends.cuda_backend`).
+
+Nothing here is compiled at import: ``@cuda.jit`` without a signature compiles on the first
+launch, once per argument-type combination.  Kernels are built by ``_make_*`` factories per
+compute dtype, so that arithmetic stays in float32 for float32 data (``ftype(...)`` casts)
+while every reduction accumulates in float64.
+
+Layout conventions
+------------------
+* Row-wise kernels run one *row group* per ``threadIdx.y`` and ``blockDim.x`` threads per row:
+  thread ``tx`` visits columns ``tx, tx + blockDim.x, ...`` so that neighbouring threads read
+  neighbouring addresses (coalesced for a contiguous class axis).  Large class counts
+  (262,144) are handled by that loop, small ones by several rows per block.  Block-wide
+  reductions go through shared memory (the simulator has no warp shuffles) and every thread
+  of a block runs the same number of ``syncthreads`` -- rows past ``N`` take part with
+  neutral values.
+* Elementwise kernels take 2-D ``(R, K)`` arrays with any strides (stride-0 broadcast views
+  included) and run on a 2-D grid: x threads over the columns (coalesced for C-ordered
+  rows), y over the rows, so no thread divides a flat index; each block writes one float64
+  partial sum, which the host adds up (deterministic, no atomics).
+* ``math.log``/``math.exp`` are guarded where their argument can be 0, negative or huge: on
+  the GPU they would return -inf/nan/inf, but the simulator runs Python's ``math`` which
+  raises instead.
+"""
+from __future__ import annotations
+
+import math
+
+from numba import cuda, float32, float64
+
+MAX_THREADS = 1024  # shared scratch per block; blockDim.x * blockDim.y never exceeds it
+INF = math.inf
+NAN = math.nan
+
+_cache: dict = {}
+
+
+def get(name: str, dtype):
+    """Return kernel ``name`` specialized for compute dtype ``dtype`` (built on first use)."""
+    key = (name, str(dtype))
+    k = _cache.get(key)
+    if k is None:
+        ftype = float32 if str(dtype) == "float32" else float64
+        k = _FACTORIES[name](ftype)
+        _cache[key] = k
+    return k
+
+
+# ----------------------------------------------------------------------------- device helpers
+@cuda.jit(device=True)
+def _safe_log(v):
+    """log(v) with log(0) = -inf and log(<0 or nan) = nan (Python's math would raise)."""
+    if v > 0:
+        return math.log(v)
+    if v == 0:
+        return -INF
+    return NAN
+
+
+@cuda.jit(device=True)
+def _safe_log1p(v):
+    if v > -1:
+        return math.log1p(v)
+    if v == -1:
+        return -INF
+    return NAN
+
+
+@cuda.jit(device=True)
+def _safe_exp(v):
+    """exp(v) that returns inf instead of raising OverflowError under the simulator."""
+    if v > 709.0:
+        return INF
+    return math.exp(v)
+
+
+@cuda.jit(device=True)
+def _max_nan(a, b):
+    """max(a, b) that returns NaN when ``a`` is NaN (like ``np.maximum``; not fmax)."""
+    if a != a or a >= b:
+        return a
+    return b
+
+
+@cuda.jit(device=True)
+def _block_sum(sh, v):
+    """Sum ``v`` over the threads of this row group (``threadIdx.y``); every thread gets it."""
+    tx = cuda.threadIdx.x
+    base = cuda.threadIdx.y * cuda.blockDim.x
+    sh[base + tx] = v
+    cuda.syncthreads()
+    w = cuda.blockDim.x // 2
+    while w > 0:
+        if tx < w:
+            sh[base + tx] += sh[base + tx + w]
+        cuda.syncthreads()
+        w //= 2
+    r = sh[base]
+    cuda.syncthreads()  # the scratch is reused by the next reduction
+    return r
+
+
+@cuda.jit(device=True)
+def _block_max(sh, v):
+    """NaN-propagating maximum of ``v`` over the row group (NaN wins over everything)."""
+    tx = cuda.threadIdx.x
+    base = cuda.threadIdx.y * cuda.blockDim.x
+    sh[base + tx] = v
+    cuda.syncthreads()
+    w = cuda.blockDim.x // 2
+    while w > 0:
+        if tx < w:
+            b = sh[base + tx + w]
+            if b > sh[base + tx] or b != b:
+                sh[base + tx] = b
+        cuda.syncthreads()
+        w //= 2
+    r = sh[base]
+    cuda.syncthreads()
+    return r
+
+
+@cuda.jit(device=True)
+def _block_sum_all(sh, v):
+    """Sum ``v`` over all threads of a 1-D block."""
+    tx = cuda.threadIdx.x
+    sh[tx] = v
+    cuda.syncthreads()
+    w = cuda.blockDim.x // 2
+    while w > 0:
+        if tx < w:
+            sh[tx] += sh[tx + w]
+        cuda.syncthreads()
+        w //= 2
+    r = sh[0]
+    cuda.syncthreads()
+    return r
+
+
+@cuda.jit(device=True)
+def _block_sum_2d(sh, v):
+    """Sum ``v`` over all threads of a 2-D block (``blockDim.x * blockDim.y`` a power of two)."""
+    tid = cuda.threadIdx.y * cuda.blockDim.x + cuda.threadIdx.x
+    sh[tid] = v
+    cuda.syncthreads()
+    w = cuda.blockDim.x * cuda.blockDim.y // 2
+    while w > 0:
+        if tid < w:
+            sh[tid] += sh[tid + w]
+        cuda.syncthreads()
+        w //= 2
+    r = sh[0]
+    cuda.syncthreads()
+    return r
+
+
+@cuda.jit(device=True)
+def _row_max(x, i, ok):
+    """This thread's NaN-propagating partial max of row ``i`` (``-inf`` when not ``ok``)."""
+    m = -INF
+    if ok:
+        for j in range(cuda.threadIdx.x, x.shape[1], cuda.blockDim.x):
+            v = x[i, j]
+            if v > m or v != v:
+                m = v
+    return m
+
+
+# ----------------------------------------------------------------------------- row-wise
+def _make_row_lse(ftype):
+    """``lse[i]`` (float64) of every row: max pass, then a sum of ``exp(x - max)``.
+
+    The shift is the row max; a row whose max is not finite is settled without summing:
+    NaN anywhere -> NaN, +inf anywhere -> +inf, only -inf -> -inf (never ``inf - inf``).
+    ``mode`` 0 only stores ``lse``; 1 writes ``softmax`` into ``out``; 2 writes
+    ``log_softmax``.  ``out`` may be ``x``: a row is fully reduced before it is written.
+    """
+
+    @cuda.jit
+    def k(x, lse, out, mode):
+        sh = cuda.shared.array(MAX_THREADS, float64)
+        n = x.shape[0]
+        c = x.shape[1]
+        step = cuda.gridDim.x * cuda.blockDim.y
+        r0 = cuda.blockIdx.x * cuda.blockDim.y
+        while r0 < n:  # uniform over the block: every thread meets every syncthreads
+            i = r0 + cuda.threadIdx.y
+            ok = i < n
+            m = _block_max(sh, _row_max(x, i, ok))
+            finite = -INF < m < INF  # False for nan and +-inf
+            s = 0.0
+            if ok and finite:
+                mf = ftype(m)
+                for j in range(cuda.threadIdx.x, c, cuda.blockDim.x):
+                    s += math.exp(x[i, j] - mf)
+            s = _block_sum(sh, s)
+            if finite:
+                l = m + math.log(s)  # s >= 1: the max contributes exp(0)
+            else:
+                l = m  # nan, +inf or -inf
+            if ok:
+                if cuda.threadIdx.x == 0 and mode == 0:
+                    lse[i] = l
+                if mode == 1:
+                    for j in range(cuda.threadIdx.x, c, cuda.blockDim.x):
+                        v = x[i, j]
+                        if finite:
+                            out[i, j] = math.exp(v - ftype(m)) / ftype(s)
+                        elif m == INF and v != INF and v == v:
+                            out[i, j] = 0  # a finite entry next to +inf gets no mass
+                        else:
+                            out[i, j] = NAN  # +inf / +inf, a nan row, a row of only -inf
+                elif mode == 2:
+                    lf = ftype(l)
+                    for j in range(cuda.threadIdx.x, c, cuda.blockDim.x):
+                        v = x[i, j]
+                        if finite or (m == INF and v != INF):
+                            out[i, j] = v - lf  # -inf for finite v next to +inf
+                        else:
+                            out[i, j] = NAN
+            r0 += step
+
+    return k
+
+
+def _make_softmax_bwd(ftype):
+    """``mode`` 0: ``y * (g - sum(g*y))``; 1: ``g - exp(y) * sum(g)`` (y the log-softmax)."""
+
+    @cuda.jit
+    def k(g, y, out, mode):
+        sh = cuda.shared.array(MAX_THREADS, float64)
+        n = y.shape[0]
+        c = y.shape[1]
+        step = cuda.gridDim.x * cuda.blockDim.y
+        r0 = cuda.blockIdx.x * cuda.blockDim.y
+        while r0 < n:
+            i = r0 + cuda.threadIdx.y
+            ok = i < n
+            s = 0.0
+            if ok:
+                for j in range(cuda.threadIdx.x, c, cuda.blockDim.x):
+                    if mode == 0:
+                        s += float64(g[i, j]) * float64(y[i, j])
+                    else:
+                        s += g[i, j]
+            s = ftype(_block_sum(sh, s))
+            if ok:
+                for j in range(cuda.threadIdx.x, c, cuda.blockDim.x):
+                    gv = g[i, j]  # read before the write: out may be g
+                    yv = y[i, j]
+                    if mode == 0:
+                        out[i, j] = yv * (gv - s)
+                    else:
+                        out[i, j] = gv - _safe_exp(yv) * s
+            r0 += step
+
+    return k
+
+
+def _make_ce_hard(ftype):
+    """Fused softmax cross-entropy with class indices: loss row and gradient in one launch.
+
+    Per row: pass 1 the max (and ``x[t]``, read before anything of the row is written),
+    pass 2 ``sum exp(x - max)`` -> ``lse``, pass 3 the smoothing term
+    ``sum_c w_c (lse - x_c)`` and the gradient
+    ``gs * (p_c a - eps/C w_c - [c = t] (1-eps) w_t)`` with ``p = exp(x - lse)`` and
+    ``a = (1-eps) w_t + eps/C sum(w) + 2 z lse``.  ``has_w`` 0 means unit weights
+    (``w`` is then a dummy); ``want_grad`` 0 skips the gradient.  Ignored rows get loss 0
+    and a zero gradient.
+    """
+
+    @cuda.jit
+    def k(x, target, w, has_w, wsum, ignore_index, eps, zl, loss, grad, want_grad, gscale):
+        sh = cuda.shared.array(MAX_THREADS, float64)
+        n = x.shape[0]
+        c = x.shape[1]
+        step = cuda.gridDim.x * cuda.blockDim.y
+        r0 = cuda.blockIdx.x * cuda.blockDim.y
+        while r0 < n:
+            i = r0 + cuda.threadIdx.y
+            ok = i < n
+            keep = False
+            t = 0
+            if ok:
+                t = target[i]
+                keep = t != ignore_index
+            if not keep:
+                t = 0
+            xt = float64(x[i, t]) if keep else 0.0
+            m = _block_max(sh, _row_max(x, i, keep))
+            finite = -INF < m < INF  # False for nan and +-inf
+            s = 0.0
+            if keep and finite:
+                mf = ftype(m)
+                for j in range(cuda.threadIdx.x, c, cuda.blockDim.x):
+                    s += math.exp(x[i, j] - mf)
+            s = _block_sum(sh, s)
+            lse = m + math.log(s) if finite else m
+            wt = float64(w[t]) if has_w else 1.0
+            sm = 0.0
+            if keep and (eps != 0 or want_grad):
+                lf = ftype(lse)
+                gs = gscale[i] if want_grad else 0.0  # gscale is a dummy without a gradient
+                a = ftype(gs * ((1.0 - eps) * wt + eps / c * wsum + 2.0 * zl * lse))
+                b = ftype(gs * (eps / c))
+                at_t = ftype(gs * (1.0 - eps) * wt)
+                for j in range(cuda.threadIdx.x, c, cuda.blockDim.x):
+                    v = x[i, j]
+                    wj = w[j] if has_w else ftype(1.0)
+                    if eps != 0:
+                        d = lse - v
+                        if d != 0:  # w_c * 0 stays 0 even for w_c = 0 (and no 0 * inf)
+                            sm += float64(wj) * d
+                    if want_grad:
+                        gv = math.exp(v - lf) * a
+                        if eps != 0:
+                            gv -= b * wj
+                        if j == t:
+                            gv -= at_t
+                        grad[i, j] = gv
+            elif ok and want_grad:
+                for j in range(cuda.threadIdx.x, c, cuda.blockDim.x):
+                    grad[i, j] = 0
+            sm = _block_sum(sh, sm)
+            if ok and cuda.threadIdx.x == 0:
+                if keep:
+                    nll = lse - xt  # +inf when x[t] = -inf (lse is finite then)
+                    row = (1.0 - eps) * wt * nll
+                    if eps != 0:
+                        row += eps / c * sm
+                    if zl != 0:
+                        row += zl * lse * lse
+                    loss[i] = row
+                else:
+                    loss[i] = 0.0
+            r0 += step
+
+    return k
+
+
+def _make_ce_soft(ftype):
+    """Cross-entropy with probability targets ``y`` (N, C) and optional class weights.
+
+    ``y' = ((1-eps) y + eps/C) w``; loss ``sum_c y'_c (lse - x_c) + z lse**2`` (a term with
+    ``y'_c = 0`` is 0 even where ``x_c = -inf``); gradient ``gs (p_c a - y'_c)`` with
+    ``a = sum_c y'_c + 2 z lse``.
+    """
+
+    @cuda.jit
+    def k(x, y, w, has_w, eps, zl, loss, grad, want_grad, gscale):
+        sh = cuda.shared.array(MAX_THREADS, float64)
+        n = x.shape[0]
+        c = x.shape[1]
+        step = cuda.gridDim.x * cuda.blockDim.y
+        r0 = cuda.blockIdx.x * cuda.blockDim.y
+        while r0 < n:
+            i = r0 + cuda.threadIdx.y
+            ok = i < n
+            m = _block_max(sh, _row_max(x, i, ok))
+            finite = -INF < m < INF  # False for nan and +-inf
+            s = 0.0
+            ysum = 0.0
+            if ok:
+                mf = ftype(m)
+                for j in range(cuda.threadIdx.x, c, cuda.blockDim.x):
+                    if finite:
+                        s += math.exp(x[i, j] - mf)
+                    yj = (1.0 - eps) * y[i, j] + eps / c
+                    if has_w:
+                        yj *= w[j]
+                    ysum += yj
+            s = _block_sum(sh, s)
+            ysum = _block_sum(sh, ysum)
+            lse = m + math.log(s) if finite else m
+            tot = 0.0
+            if ok:
+                lf = ftype(lse)
+                gs = gscale[i] if want_grad else 0.0  # gscale is a dummy without a gradient
+                a = ftype(gs * (ysum + 2.0 * zl * lse))
+                for j in range(cuda.threadIdx.x, c, cuda.blockDim.x):
+                    v = x[i, j]  # read x and y before the write: grad may be x
+                    yj = (1.0 - eps) * y[i, j] + eps / c
+                    if has_w:
+                        yj *= w[j]
+                    if yj != 0:
+                        tot += yj * (lse - v)
+                    if want_grad:
+                        grad[i, j] = math.exp(v - lf) * a - ftype(gs * yj)
+            tot = _block_sum(sh, tot)
+            if ok and cuda.threadIdx.x == 0:
+                loss[i] = tot + zl * lse * lse if zl != 0 else tot
+            r0 += step
+
+    return k
+
+
+# ----------------------------------------------------------------------------- checks / sums
+def _make_check_targets(ftype):
+    """First position of a class index outside ``[0, C)`` (not ``ignore_index``) -> ``bad[0]``
+    (atomic min), and per-block partial sums of ``w[t]`` over the kept rows (the ``"mean"``
+    denominator) -> ``part``."""
+
+    @cuda.jit
+    def k(target, c, ignore_index, w, has_w, bad, part):
+        sh = cuda.shared.array(MAX_THREADS, float64)
+        acc = 0.0
+        for i in range(cuda.grid(1), target.shape[0], cuda.gridsize(1)):
+            t = target[i]
+            if t != ignore_index:
+                if t < 0 or t >= c:
+                    cuda.atomic.min(bad, 0, i)
+                elif has_w:
+                    acc += w[t]
+                else:
+                    acc += 1.0
+        acc = _block_sum_all(sh, acc)
+        if cuda.threadIdx.x == 0:
+            part[cuda.blockIdx.x] = acc
+
+    return k
+
+
+def _make_check_range(ftype):
+    """First flat position of a value outside ``[lo, hi]`` of an ``(R, K)`` array -> ``bad[0]``
+    (NaN passes).  2-D launch (see :func:`_elementwise`): no per-element division."""
+
+    @cuda.jit
+    def k(x, lo, hi, bad):
+        kk = x.shape[1]
+        j0 = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        for i in range(cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y, x.shape[0], cuda.gridDim.y * cuda.blockDim.y):
+            for j in range(j0, kk, cuda.gridDim.x * cuda.blockDim.x):
+                v = x[i, j]
+                if v < lo or v > hi:
+                    cuda.atomic.min(bad, 0, i * kk + j)
+
+    return k
+
+
+def _make_partial_sum(ftype):
+    """Per-block float64 partial sums of a 1-D array."""
+
+    @cuda.jit
+    def k(v, part):
+        sh = cuda.shared.array(MAX_THREADS, float64)
+        acc = 0.0
+        for i in range(cuda.grid(1), v.shape[0], cuda.gridsize(1)):
+            acc += v[i]
+        acc = _block_sum_all(sh, acc)
+        if cuda.threadIdx.x == 0:
+            part[cuda.blockIdx.x] = acc
+
+    return k
+
+
+def _make_copy4(ftype):
+    """``dst[...] = src`` for 4-D views of any strides and dtypes (casts on the way).
+
+    2-D launch: the y threads walk the ``d0 * d1 * d2`` outer index (one division per row,
+    not per element), the x threads the innermost dim, which is the contiguous one when
+    there is one (coalesced)."""
+
+    @cuda.jit
+    def k(src, dst):
+        d1 = dst.shape[1]
+        d2 = dst.shape[2]
+        d3 = dst.shape[3]
+        rows = dst.shape[0] * d1 * d2
+        j0 = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        for r in range(cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y, rows, cuda.gridDim.y * cuda.blockDim.y):
+            i2 = r % d2
+            q = r // d2
+            i1 = q % d1
+            i0 = q // d1
+            for i3 in range(j0, d3, cuda.gridDim.x * cuda.blockDim.x):
+                dst[i0, i1, i2, i3] = src[i0, i1, i2, i3]
+
+    return k
+
+
+def _make_fill(ftype):
+    """``v[i] = value`` for a 1-D array."""
+
+    @cuda.jit
+    def k(v, value):
+        for i in range(cuda.grid(1), v.shape[0], cuda.gridsize(1)):
+            v[i] = value
+
+    return k
+
+
+def _make_scale_rows(ftype):
+    """``dst[i] = gout[i] * scale`` (float64 per-row gradient scale from ``grad_output``)."""
+
+    @cuda.jit
+    def k(gout, scale, dst):
+        for i in range(cuda.grid(1), dst.shape[0], cuda.gridsize(1)):
+            dst[i] = float64(gout[i]) * scale
+
+    return k
+
+
+def _make_sum_to(ftype):
+    """``dst_flat[off(e)] += src[e]`` (float64 atomics): sums a C-contiguous full-size array
+    back onto a broadcast operand.  ``shape``/``dstride`` (int64, one per dim) give the
+    full shape and the element strides of the destination (0 along broadcast dims)."""
+
+    @cuda.jit
+    def k(src, shape, dstride, dst):
+        nd = shape.shape[0]
+        for e in range(cuda.grid(1), src.shape[0], cuda.gridsize(1)):
+            r = e
+            off = 0
+            for d in range(nd - 1, -1, -1):
+                off += (r % shape[d]) * dstride[d]
+                r //= shape[d]
+            cuda.atomic.add(dst, off, float64(src[e]))
+
+    return k
+
+
+# ----------------------------------------------------------------------------- elementwise
+def _elementwise(ftype, body):
+    """Wrap a pointwise ``body(a, b, p, q) -> (loss, grad, grad2)`` into a kernel over
+    ``(R, K)`` arrays with any strides; ``want`` bit 0: write ``loss``, bit 1: ``grad``,
+    bit 2: ``grad2``.  ``p``/``q`` are two auxiliary operands (weight, pos_weight, var),
+    ``gout`` the upstream gradient, all possibly stride-0 views of one value.
+
+    2-D launch: x threads walk the columns ``K`` (the contiguous axis of C-ordered data:
+    neighbouring threads touch neighbouring addresses), y threads and blocks walk the rows;
+    a short ``K`` gets several rows per block.  No per-element integer division.  Each block
+    writes one float64 partial sum of the loss to ``part[blockIdx.y * gridDim.x + blockIdx.x]``."""
+
+    @cuda.jit
+    def k(a, b, p, q, flag, eps, loss, grad, grad2, want, gscale, gout, part):
+        sh = cuda.shared.array(MAX_THREADS, float64)
+        kk = a.shape[1]
+        acc = 0.0
+        j0 = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        for i in range(cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y, a.shape[0], cuda.gridDim.y * cuda.blockDim.y):
+            for j in range(j0, kk, cuda.gridDim.x * cuda.blockDim.x):
+                l, g, g2 = body(a[i, j], b[i, j], p[i, j], q[i, j], flag, eps)
+                acc += l
+                if want & 1:
+                    loss[i, j] = l
+                if want & 6:
+                    s = ftype(gscale) * gout[i, j]
+                    if want & 2:
+                        grad[i, j] = s * g
+                    if want & 4:
+                        grad2[i, j] = s * g2
+        acc = _block_sum_2d(sh, acc)
+        if cuda.threadIdx.x == 0 and cuda.threadIdx.y == 0:
+            part[cuda.blockIdx.y * cuda.gridDim.x + cuda.blockIdx.x] = acc
+
+    return k
+
+
+def _make_bce_with_logits(ftype):
+    @cuda.jit(device=True)
+    def body(z, y, w, pw, flag, eps):
+        one = ftype(1)
+        az = z if z >= 0 else -z
+        lg = ftype(_safe_log1p(math.exp(-az)))  # log1p(exp(-|z|)), exp argument <= 0
+        sp_neg = (-z if z < 0 else ftype(0)) + lg  # softplus(-z) = -log sigmoid(z)
+        sp_pos = (z if z > 0 else ftype(0)) + lg  # softplus(z)  = -log sigmoid(-z)
+        c = one + (pw - one) * y
+        l = ((one - y) * z + c * sp_neg) * w
+        sm = math.exp(-sp_pos)  # sigmoid(-z), accurate for large z
+        g = ((one - y) - c * sm) * w
+        return l, g, ftype(0)
+
+    return _elementwise(ftype, body)
+
+
+def _make_bce(ftype):
+    @cuda.jit(device=True)
+    def body(p, y, w, unused, flag, eps):
+        one = ftype(1)
+        lp = ftype(_max_nan(_safe_log(p), -100.0))  # PyTorch clamps each log term at -100
+        l1 = ftype(_max_nan(_safe_log1p(-p), -100.0))
+        l = -(y * lp + (one - y) * l1) * w
+        g = (p - y) / _max_nan(p * (one - p), ftype(1e-12)) * w
+        return l, g, ftype(0)
+
+    return _elementwise(ftype, body)
+
+
+def _make_kl_div(ftype):
+    @cuda.jit(device=True)
+    def body(x, t, unused1, unused2, log_target, eps):
+        if log_target:
+            if t == -INF:
+                return ftype(0), ftype(0), ftype(0)
+            et = ftype(_safe_exp(t))
+            return et * (t - x), -et, ftype(0)
+        if t == 0:
+            return ftype(0), -t, ftype(0)
+        return t * (ftype(_safe_log(t)) - x), -t, ftype(0)
+
+    return _elementwise(ftype, body)
+
+
+def _make_mse(ftype):
+    @cuda.jit(device=True)
+    def body(x, t, unused1, unused2, flag, eps):
+        d = x - t
+        return d * d, ftype(2) * d, ftype(0)
+
+    return _elementwise(ftype, body)
+
+
+HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def _make_gaussian_nll(ftype):
+    @cuda.jit(device=True)
+    def body(x, t, var, unused, full, eps):
+        v = _max_nan(var, ftype(eps))  # the clamp at eps (NaN stays NaN)
+        d = x - t
+        l = ftype(0.5) * (ftype(_safe_log(v)) + d * d / v)
+        if full:
+            l += ftype(HALF_LOG_2PI)
+        # gradient at the clamped value, as PyTorch's no-grad clamp gives
+        return l, d / v, ftype(0.5) * (ftype(1) / v - d * d / (v * v))
+
+    return _elementwise(ftype, body)
+
+
+_FACTORIES = {
+    "row_lse": _make_row_lse,
+    "softmax_bwd": _make_softmax_bwd,
+    "ce_hard": _make_ce_hard,
+    "ce_soft": _make_ce_soft,
+    "check_targets": _make_check_targets,
+    "check_range": _make_check_range,
+    "partial_sum": _make_partial_sum,
+    "copy4": _make_copy4,
+    "fill": _make_fill,
+    "scale_rows": _make_scale_rows,
+    "sum_to": _make_sum_to,
+    "bce_with_logits": _make_bce_with_logits,
+    "bce": _make_bce,
+    "kl_div": _make_kl_div,
+    "mse": _make_mse,
+    "gaussian_nll": _make_gaussian_nll,
+}
