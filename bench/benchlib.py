@@ -1,0 +1,240 @@
+"""Shared machinery of the pytest-benchmark suite: shape sets, specs, peers, the benchmark body.
+
+Inputs and byte counts come from :func:`fastloss._bench.make_case` -- the same workloads the
+``fastloss bench`` command times -- so both report the same GB/s for the same shape.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from fastloss import _bench
+
+# (N, C) for row-wise kernels (classes last), (R, K) for elementwise ones
+ROWWISE = {
+    "small": (128, 1000),
+    "medium": (8192, 1000),
+    "narrow": (262144, 10),  # many rows of few classes: per-row overhead dominates
+    "large": (256, 262144),  # a row (1 MB in float32) no longer fits in L2
+    "llm": (2048, 32000),  # an LLM vocabulary: 262 MB of float32 logits
+}
+ELEMENTWISE = {
+    "small": (256, 256),
+    "medium": (2048, 2048),
+    "large": (4096, 4096),  # 16M elements
+}
+SHAPE_SETS = ("small", "medium", "narrow", "large", "llm")
+LARGE = {"large", "llm"}
+BACKENDS = ("numpy", "numba", "cython")
+PEERS = ("scipy", "torch", "jax")
+IMPLS = BACKENDS + PEERS
+
+_MODE_ID = {"fwd": "fwd", "fwd+grad": "fwd_grad", "bwd": "bwd"}
+
+
+@dataclass(frozen=True)
+class Spec:
+    function: str
+    mode: str
+    shape_name: str
+    shape: tuple
+    dtype: str
+    impl: str
+
+    @property
+    def id(self):
+        return f"{self.function}-{_MODE_ID[self.mode]}-{self.shape_name}-{self.dtype}-{self.impl}"
+
+    @property
+    def group(self):
+        return f"{self.function} {self.mode} {self.shape_name} {'x'.join(map(str, self.shape))} {self.dtype}"
+
+    @property
+    def case_key(self):
+        return (self.function, self.mode, self.shape, self.dtype)
+
+
+def specs(kernels, shape_sets, dtypes, impls):
+    """Every (kernel, mode, shape, dtype, impl) selected, as ``pytest.param``s.
+
+    Ordered so that all implementations of one case are adjacent: the case's inputs and its
+    NumPy reference are built once and reused by the whole group.
+    """
+    out = []
+    for fn in kernels:
+        k = _bench.KERNELS[fn]
+        table = ROWWISE if k.kind == "rowwise" else ELEMENTWISE
+        for mode in k.modes:
+            for sname in shape_sets:
+                if sname not in table:
+                    continue
+                for dt in dtypes:
+                    for impl in impls:
+                        if impl in PEERS and fn not in PEER_KERNELS[impl]:
+                            continue
+                        s = Spec(fn, mode, sname, table[sname], dt, impl)
+                        marks = [pytest.mark.large] if sname in LARGE else []
+                        out.append(pytest.param(s, id=s.id, marks=marks))
+    return out
+
+
+# ------------------------------------------------------------------------------ cases
+_cache: dict = {}
+
+
+def case_and_reference(spec):
+    """The case's inputs and the NumPy backend's result on them, built once per case.
+
+    One case is kept at a time: the LLM shape holds ~0.5 GB of inputs and outputs.
+    """
+    key = spec.case_key
+    if key not in _cache:
+        _cache.clear()
+        case = _bench.make_case(spec.function, spec.mode, spec.shape, spec.dtype, np.random.default_rng(0))
+        _cache[key] = (case, _bench.outputs(case.call("numpy")))
+    return _cache[key]
+
+
+# ------------------------------------------------------------------------------ peers
+PEER_KERNELS = {
+    "scipy": {"logsumexp", "softmax", "log_softmax"},
+    "torch": set(_bench.KERNELS),
+    "jax": {"logsumexp", "softmax", "log_softmax", "cross_entropy", "binary_cross_entropy_with_logits",
+            "binary_cross_entropy", "kl_div", "mse_loss", "gaussian_nll_loss"},
+}
+
+
+def _scipy(case):
+    sp = pytest.importorskip("scipy.special")
+    x = case.inputs["x"]
+    f = {"logsumexp": sp.logsumexp, "softmax": sp.softmax, "log_softmax": sp.log_softmax}[case.function]
+    return lambda: f(x, axis=-1)
+
+
+def _torch(case):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    T = [torch.from_numpy(a) for a in case.inputs.values()]  # zero-copy views of the same data
+    fn = case.function
+    if fn == "logsumexp":
+        return lambda: torch.logsumexp(T[0], dim=-1)
+    if fn in ("softmax", "log_softmax"):
+        f = getattr(torch, fn)
+        return lambda: f(T[0], dim=-1)
+    if fn == "softmax_backward":
+        g, y = T
+        return lambda: torch._softmax_backward_data(g, y, -1, y.dtype)
+    if fn == "log_softmax_backward":
+        g, y = T
+        return lambda: torch._log_softmax_backward_data(g, y, -1, y.dtype)
+    loss = {
+        "cross_entropy": F.cross_entropy,
+        "binary_cross_entropy_with_logits": F.binary_cross_entropy_with_logits,
+        "binary_cross_entropy": F.binary_cross_entropy,
+        "kl_div": lambda x, t: F.kl_div(x, t, reduction="batchmean"),
+        "mse_loss": F.mse_loss,
+        "gaussian_nll_loss": F.gaussian_nll_loss,
+    }[fn]
+    if case.mode == "fwd":
+        return lambda: loss(*T)
+    wrt = (0, 2) if fn == "gaussian_nll_loss" else (0,)
+    T = [t.detach().requires_grad_(i in wrt) for i, t in enumerate(T)]
+    leaves = [T[i] for i in wrt]
+
+    def fwd_grad():
+        value = loss(*T)
+        grads = torch.autograd.grad(value, leaves)  # returned, not accumulated into .grad
+        return value.detach(), grads[0] if len(grads) == 1 else tuple(grads)
+
+    return fwd_grad
+
+
+def _jax_losses(jax):
+    jnp = jax.numpy
+
+    def ce(x, t):
+        return jnp.mean(jax.nn.logsumexp(x, axis=-1) - jnp.take_along_axis(x, t[:, None], axis=-1)[:, 0])
+
+    def bce_logits(z, y):
+        return jnp.mean((1 - y) * z + jnp.maximum(-z, 0) + jnp.log1p(jnp.exp(-jnp.abs(z))))
+
+    def bce(p, y):
+        return jnp.mean(-(y * jnp.maximum(jnp.log(p), -100) + (1 - y) * jnp.maximum(jnp.log1p(-p), -100)))
+
+    def kl(x, t):
+        return jnp.sum(jnp.where(t > 0, t * (jnp.log(jnp.where(t > 0, t, 1)) - x), 0)) / x.shape[0]
+
+    def mse(x, t):
+        return jnp.mean((x - t) ** 2)
+
+    def gnll(x, t, v):
+        v = jnp.maximum(v, 1e-6)
+        return jnp.mean(0.5 * (jnp.log(v) + (x - t) ** 2 / v))
+
+    return {
+        "logsumexp": lambda x: jax.nn.logsumexp(x, axis=-1),
+        "softmax": lambda x: jax.nn.softmax(x, axis=-1),
+        "log_softmax": lambda x: jax.nn.log_softmax(x, axis=-1),
+        "cross_entropy": ce,
+        "binary_cross_entropy_with_logits": bce_logits,
+        "binary_cross_entropy": bce,
+        "kl_div": kl,
+        "mse_loss": mse,
+        "gaussian_nll_loss": gnll,
+    }
+
+
+def _jax(case):
+    jax = pytest.importorskip("jax")
+    if case.dtype == np.float64 and not jax.config.read("jax_enable_x64"):
+        pytest.skip("JAX computes in float32 unless jax_enable_x64 is set")
+    f = _jax_losses(jax)[case.function]
+    args = [a.astype(np.int32) if a.dtype == np.int64 and not jax.config.read("jax_enable_x64") else a
+            for a in case.inputs.values()]
+    args = [jax.device_put(a) for a in args]
+    if case.mode == "fwd+grad":
+        f = jax.value_and_grad(f, argnums=(0, 2) if case.function == "gaussian_nll_loss" else 0)
+    f = jax.jit(f)
+    return lambda: jax.block_until_ready(f(*args))
+
+
+def _to_numpy(result):
+    if isinstance(result, (tuple, list)):
+        return type(result)(_to_numpy(r) for r in result)
+    if hasattr(result, "detach"):  # torch
+        return result.detach().cpu().numpy()
+    return np.asarray(result)
+
+
+def callable_for(spec, case):
+    """A zero-argument callable running ``spec.impl`` on ``case`` (skips when unavailable)."""
+    if spec.impl in BACKENDS:
+        import fastloss as fl
+
+        st = fl.backends()[spec.impl]
+        if not st.available:
+            pytest.skip(f"backend {spec.impl} unavailable: {st.reason}")
+        return lambda: case.call(spec.impl)
+    return {"scipy": _scipy, "torch": _torch, "jax": _jax}[spec.impl](case)
+
+
+# ------------------------------------------------------------------------------ the body
+def run(benchmark, spec):
+    """Benchmark ``spec`` and check its result against the NumPy backend's."""
+    case, ref = case_and_reference(spec)
+    fn = callable_for(spec, case)
+    benchmark.group = spec.group
+    benchmark.extra_info.update(impl=spec.impl, shape="x".join(map(str, spec.shape)), dtype=spec.dtype,
+                                bytes_moved=case.nbytes, note=case.note)
+    if not benchmark.disabled:
+        fn()  # warm-up outside the timing: JIT compilation, page faults of fresh outputs
+    result = benchmark(fn)
+    ok, err = _bench.compare(ref, _bench.outputs(_to_numpy(result)), case.dtype)
+    assert ok, f"{spec.impl} disagrees with the numpy backend on {spec.group}: max relative error {err:.3g}"
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None:
+        best = stats.stats.min
+        benchmark.extra_info["GB/s (best)"] = round(case.nbytes / best / 1e9, 3)
+        benchmark.extra_info["GB/s (median)"] = round(case.nbytes / stats.stats.median / 1e9, 3)
