@@ -38,7 +38,12 @@ def cmd_info(args) -> int:
         print(f"  {k:<11} {v}")
     print(f"machine      {_cpu_model()}, {os.cpu_count()} logical CPUs")
     print(f"threads      {fl.get_num_threads()} (set_num_threads / FASTLOSS_NUM_THREADS)")
-    print(f"default      {fl.get_backend()}")
+    default = fl.get_backend()
+    if default == "auto":
+        from . import _dispatch
+
+        default += f" (host arrays -> {_dispatch.resolve(None).NAME}, GPU arrays -> cuda)"
+    print(f"default      {default}")
     print("backends:")
     for name, st in fl.backends().items():
         if st.available:
