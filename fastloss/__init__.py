@@ -67,7 +67,7 @@ def warmup(backends=None, verbose=False):
     """
     import time
 
-    from . import backends as _reg
+    from ._dispatch import _reg
 
     names = list(backends) if backends is not None else [n for n in _reg.KNOWN if n != "cuda"]
     done = {}

@@ -1,0 +1,70 @@
+"""The command line (`fastloss info`, `fastloss warmup`) and `fl.warmup`, in process and as a
+console entry point; `fastloss bench` has its own end-to-end tests in test_bench_cli.py."""
+import subprocess
+import sys
+
+import pytest
+
+import fastloss as fl
+from fastloss import _cli
+
+
+def test_info_lists_every_backend_with_reasons(capsys):
+    assert _cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"fastloss {fl.__version__}" in out
+    for name, st in fl.backends().items():
+        assert name in out
+        if not st.available:
+            assert st.reason in out and st.install in out
+    assert "threads" in out and "GPUs" in out
+    assert "auto (host arrays -> " in out or "default" in out
+
+
+def test_info_as_module_subprocess():
+    r = subprocess.run([sys.executable, "-m", "fastloss", "info"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "backends:" in r.stdout and "numpy   available" in r.stdout
+
+
+def test_no_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        _cli.main([])
+    assert e.value.code == 2
+
+
+def test_warmup_numpy_has_nothing_to_compile(capsys):
+    assert _cli.main(["warmup", "--backend", "numpy"]) == 0
+    assert "nothing to compile" in capsys.readouterr().out
+
+
+def test_warmup_unknown_backend_raises():
+    with pytest.raises(fl.BackendUnavailable, match="bogus"):
+        fl.warmup(["bogus"])
+
+
+def test_warmup_default_skips_unavailable_backends(monkeypatch):
+    # every backend reported unavailable -> nothing warmed, no error
+    from fastloss._dispatch import _reg as reg
+
+    def unavailable(name):
+        raise fl.BackendUnavailable(name)
+
+    monkeypatch.setattr(reg, "get", unavailable)
+    assert fl.warmup() == {}
+
+
+def test_warmup_calls_each_backends_hook(monkeypatch, capsys):
+    from fastloss._dispatch import _reg as reg
+
+    calls = []
+
+    class Fake:
+        @staticmethod
+        def warmup():
+            calls.append("fake")
+
+    monkeypatch.setattr(reg, "get", lambda name: Fake if name == "numba" else object())
+    done = fl.warmup(verbose=True)
+    assert calls == ["fake"] and list(done) == ["numba"] and done["numba"] >= 0
+    assert "numba: compiled in" in capsys.readouterr().out
