@@ -416,19 +416,31 @@ def _packed_ops(disp):
     return len(re.findall(r"\bv(?:fmadd|fmsub|fnmadd|mul|add|sub|max|blendv)\w*p[sd]\s[^\n]*[yz]mm", asm))
 
 
+@numba.njit(**nb._JIT)
+def _compile_helpers(x, g):
+    o = nb._sumexp(x, 0, x.shape[1], x[0, 0])
+    o += nb._sumexp_store(x, 0, x.shape[1], x[0, 0], g)
+    o += nb._bcel_block(x, x, None, None, None, g, 1.0, None, 0, x.shape[0], 0, x.shape[1])
+    o += nb._mse_block(x, x, None, g, 1.0, None, 0, x.shape[0], 0, x.shape[1])
+    return o
+
+
 @pytest.mark.parametrize("dt", DTYPES)
 def test_hot_kernels_are_vectorized(dt):
     """The compiled hot loops use packed ymm/zmm arithmetic (SIMD), not scalar libm calls."""
     rng = np.random.default_rng(8)
     x = rng.normal(0, 1, (4, 64)).astype(dt)
     t = rng.integers(0, 64, 4).astype(np.int64)
-    nb.logsumexp(x, np.zeros(4, dt))
-    nb.cross_entropy(x, t, None, -100, 0.0, 0.0, np.zeros(4), np.zeros_like(x), 1.0)
-    nb.bce_with_logits(x, x, None, None, None, np.zeros_like(x), 1.0, None)
+    # The entry kernels may come from the disk cache, which does not compile the (uncached)
+    # helpers in this process: compile them here through an uncached caller.
+    _compile_helpers(x, np.zeros_like(x))
     # (the row maximum, _rowmax, is not in this list: LLVM keeps it scalar -- see its docstring)
-    for disp in (nb._sumexp, nb._sumexp_store, nb._bcel_block):
+    # (_mse_block is a few arithmetic ops per element: a handful of packed ops is the whole
+    # loop; before its loss sum was blocked in the compute dtype it had none)
+    for disp, least in ((nb._sumexp, 8), (nb._sumexp_store, 8), (nb._bcel_block, 8),
+                        (nb._mse_block, 3)):
         assert disp.signatures, disp
-        assert _packed_ops(disp) >= 8, disp.py_func.__name__
+        assert _packed_ops(disp) >= least, disp.py_func.__name__
     # the exp inside the cross-entropy row is inlined (no call to a libm exp)
     asm = "\n".join(nb._sumexp.inspect_asm(s) for s in nb._sumexp.signatures)
     assert "exp" not in " ".join(re.findall(r"call\w*\s+\S+", asm))
@@ -476,3 +488,31 @@ def test_set_num_threads_and_concurrent_calls():
         nb.set_num_threads(nmax)
     assert not errors, errors
     assert numba.threading_layer() in ("omp", "tbb") or nb._serialize
+
+
+# ----------------------------------------------------------------------------- serial twins
+@pytest.mark.parametrize("dt", DTYPES)
+def test_serial_and_parallel_twins_agree_and_huge_logits(dt):
+    """Both twins of the kernels give the reference values, huge logits included (the loss is
+    ``log s - (x[t] - m)``, which ``reassoc`` must not turn into ``lse - x[t]``)."""
+    a, b = (3e38, 2.9e38) if dt == np.float32 else (1e300, 0.9e300)
+    rng = np.random.default_rng(11)
+    cases = [np.array([[a, b, 0], [a, b, 0], [a, a, a]], dt),  # few classes: small-C path
+             np.concatenate([np.array([[a, a, a]], dt), np.full((1, 40), a, dt)], 1)]
+    try:
+        for x in cases:
+            n, c = x.shape
+            t = np.arange(n) % c
+            want_l, want_g, want_ls = np.zeros(n), np.zeros_like(x), np.zeros_like(x)
+            ref.cross_entropy(x, t, None, -100, 0.0, 0.0, want_l, want_g, np.ones(n))
+            ref.log_softmax(x, want_ls)
+            for mode in ("serial", "parallel"):
+                nb._force_mode = mode
+                l, g, ls = np.zeros(n), np.zeros_like(x), np.zeros_like(x)
+                nb.cross_entropy(x, t, None, -100, 0.0, 0.0, l, g, np.ones(n))
+                nb.log_softmax(x, ls)
+                np.testing.assert_allclose(l, want_l, rtol=1e-6, atol=1e-6, err_msg=mode)
+                np.testing.assert_allclose(g, want_g, atol=1e-6, err_msg=mode)
+                np.testing.assert_allclose(ls, want_ls, rtol=1e-6, atol=1e-6, err_msg=mode)
+    finally:
+        nb._force_mode = None

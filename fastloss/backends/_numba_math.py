@@ -43,7 +43,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-__all__ = ["vexp", "vlog", "vlog1p", "vsoftplus", "cast_like", "HELPER_FASTMATH"]
+__all__ = ["vexp", "vlog", "vlog1p", "vsoftplus", "vlog1p_recip", "sub_sub", "neg_log_p", "cast_like",
+           "HELPER_FASTMATH"]
 
 # The helpers must keep IEEE evaluation order (Cody-Waite split, log1p correction); FMA
 # contraction only makes them more accurate.
@@ -310,6 +311,26 @@ def log1p64(x):
     return lu + c if (u > 0.0 and u < np.inf) else lu
 
 
+@njit(**_JIT)
+def log1p_recip32(x):
+    """float32 ``(log(1 + x), 1 / (1 + x))``: :func:`log1p32` sharing its one division."""
+    u = x + _ONE_32
+    r = _ONE_32 / u
+    lu = log32(u)
+    c = (x - (u - _ONE_32)) * r
+    return (lu + c if (u > _ZERO_32 and u < _INF_32) else lu), r
+
+
+@njit(**_JIT)
+def log1p_recip64(x):
+    """float64 ``(log(1 + x), 1 / (1 + x))``: :func:`log1p64` sharing its one division."""
+    u = x + 1.0
+    r = 1.0 / u
+    lu = log64(u)
+    c = (x - (u - 1.0)) * r
+    return (lu + c if (u > 0.0 and u < np.inf) else lu), r
+
+
 # inline="always" (at the Numba IR level) so that LLVM sees the calls to exp and log1p
 # directly in the caller's loop: nested, each inlinable, but together above LLVM's inlining
 # threshold they would stay an out-of-line call and block vectorization.  The few ops of
@@ -328,6 +349,32 @@ def softplus64(x):
     a = -x if x > 0.0 else x
     mx = x if x > 0.0 else 0.0
     return mx + log1p64(exp64(a))
+
+
+# No inline="always" here: Numba-level inlining would lower these ops with the caller's flags.
+@njit(**_JIT)
+def sub_sub(a, b, c):
+    """``(a - b) - c`` in this order, even inside a caller compiled with ``reassoc``.
+
+    Under ``reassoc`` LLVM may rewrite ``(x - m) - log s`` as ``x - (m + log s)``, which loses
+    the O(1) part of a log-probability when ``m`` is huge (``3e38``); an instruction keeps the
+    fast-math flags of the function it was written in when it is inlined elsewhere.
+    """
+    return (a - b) - c
+
+
+@njit(**_JIT)
+def neg_log_p(log_s, x, shift):
+    """``-log p = log s - (x - shift)`` (float64), the difference ``x - shift`` taken in the
+    dtype of ``x``, as the reference does.
+
+    The whole expression lives here, under IEEE order: written in a ``reassoc`` caller, LLVM
+    rewrites it (via ``log s + (shift - x)``) into ``lse - x`` with the already computed
+    ``lse = shift + log s`` -- which is 0 instead of ``log 3`` for a row ``[1e300] * 3``.  A
+    protected subexpression alone is not enough: the rewrite creates new instructions with the
+    caller's flags.
+    """
+    return log_s - np.float64(x - shift)
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -356,6 +403,8 @@ def _make_dispatch(name, f32, f64, doc):
 vexp = _make_dispatch("vexp", exp32, exp64, "Vectorizable ``exp`` of a float32/float64 scalar.")
 vlog = _make_dispatch("vlog", log32, log64, "Vectorizable ``log`` of a float32/float64 scalar.")
 vlog1p = _make_dispatch("vlog1p", log1p32, log1p64, "Vectorizable ``log1p`` of a float32/float64 scalar.")
+vlog1p_recip = _make_dispatch("vlog1p_recip", log1p_recip32, log1p_recip64,
+                              "``(log1p(x), 1 / (1 + x))`` with one division (float32/float64).")
 vsoftplus = _make_dispatch("vsoftplus", softplus32, softplus64,
                            "Vectorizable ``softplus(x) = log(1 + exp(x))`` (float32/float64).")
 

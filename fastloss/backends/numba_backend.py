@@ -30,10 +30,25 @@ Design
   C-contiguous arrays (vectorized) and one for any-stride ('A') arrays (Fortran order,
   strided and broadcast views) -- never a copy.  Elementwise kernels on Fortran-ordered
   operands run on the transposes, which are C-contiguous.
-* **Compilation.**  ``cache=True`` on every entry kernel (helpers are compiled into them,
-  see ``_JIT``) and nothing is compiled at import; the first
-  call of each specialization compiles it (seconds) and caches it on disk.  :func:`warmup`
-  compiles every specialization the public layer can reach.
+* **Small calls run serially.**  Every entry kernel has a serial twin (the same Python
+  function compiled without ``parallel``, see ``_kernel``); calls with fewer than
+  ``_SERIAL_MAX`` elements, or with one thread, run it on the calling thread and never touch
+  the thread pool: waking the workers costs microseconds on an idle machine and milliseconds
+  on a loaded one, more than a small call computes.
+* **Compilation.**  ``cache=True`` on every entry kernel and nothing is compiled at import;
+  the first call of each specialization compiles it (seconds) and caches it on disk.
+  :func:`warmup` compiles every specialization the public layer can reach, both twins.
+  Helpers (row and block functions here, the math in :mod:`._numba_math`) are deliberately
+  *not* cached: a function loaded from Numba's disk cache is linked into its callers as
+  object code, which LLVM cannot inline, and the vectorizable ``exp`` would then be an
+  out-of-line call that keeps every loop scalar.  They compile in memory with, and are cached
+  inside, the entry kernels.  Caveat: Numba invalidates a cached kernel only when *this* file
+  changes -- after editing :mod:`._numba_math`, delete the ``numba_backend.*.nbi/.nbc`` files
+  in ``__pycache__`` (or touch this file).
+* **Strict subexpressions under ``reassoc``.**  ``(x - m) - log s`` (log-softmax) and
+  ``log s - (x[t] - m)`` (cross-entropy) are evaluated in helpers compiled without
+  ``reassoc`` (``sub_sub``, ``neg_log_p``): LLVM would otherwise rewrite them through
+  ``lse = m + log s`` and lose the O(1) part next to huge logits.
 * **Threads.**  :func:`set_num_threads` bounds the worker threads.  Numba's default
   ``workqueue`` threading layer is not safe for concurrent calls from several Python threads;
   this module asks for a thread-safe layer (OpenMP or TBB) unless the user chose one, and
@@ -72,7 +87,7 @@ def unavailable_reason() -> str:
 
 
 if numba is not None:
-    from ._numba_math import cast_like, vexp, vlog, vlog1p
+    from ._numba_math import cast_like, neg_log_p, sub_sub, vexp, vlog, vlog1p, vlog1p_recip
 
     # Ask for a thread-safe layer before Numba launches its thread pool (it is launched
     # lazily, at the first parallel call).  "threadsafe" = TBB if present, else OpenMP.
@@ -86,8 +101,9 @@ if numba is not None:
     # parallel entry kernels (cache=True), whose machine code contains them inlined.
     _JIT = dict(nogil=True, fastmath=_FM, error_model="numpy")
     _PJIT = dict(_JIT, parallel=True, cache=True)
+    _SJIT = dict(_JIT, cache=True)
 else:  # pragma: no cover
-    _JIT = _PJIT = {}
+    _JIT = _PJIT = _SJIT = {}
 
     def njit(*a, **k):
         return lambda f: f
@@ -100,6 +116,55 @@ _PMAX = 16  # partial maxima per row (vectorizes the max without nnan)
 # per ymm instead of 4 float64 ones; each lane adds <= 64 terms in [0, 1], relative error
 # ~1e-7 at worst), and the block sums are added in float64.
 _SUMBLK = 512
+# Elementwise loss sums likewise: blocks of _EBLK terms in the compute dtype (a float64
+# accumulator in a float32 loop makes LLVM give up on vectorizing the whole loop -- measured
+# 0.15 G el/s instead of ~1 G el/s for BCE), block sums added in float64.
+_EBLK = 256
+
+# Work (elements) below which a call runs the serial twin of its kernel on the calling thread:
+# waking the worker threads costs microseconds on an idle machine but milliseconds on a loaded
+# one (the OpenMP workers spin, or wait for a core), far more than such a call computes.
+_SERIAL_MAX = 1 << 16
+
+
+def _serial_copy(f):
+    """A copy of ``f`` under its own name, so that its compiled versions are cached apart."""
+    import types as _pytypes
+
+    g = _pytypes.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial",
+                              f.__defaults__, f.__closure__)
+    g.__qualname__ = f.__qualname__ + "_serial"
+    g.__module__ = f.__module__
+    g.__doc__ = f.__doc__
+    return g
+
+
+_SERIAL = {}
+_force_mode = None  # "serial" / "parallel": used by warmup() and the tests to reach both twins
+
+
+def _kernel(f):
+    """Compile ``f`` twice, lazily: parallel (``prange`` over tasks) and serial (its twin).
+
+    Returns the parallel dispatcher; ``_SERIAL[f.__name__]`` is the serial one, in which
+    ``prange`` is a plain ``range``.  Both are cached on disk.
+    """
+    _SERIAL[f.__name__] = njit(**_SJIT)(_serial_copy(f))
+    return njit(**_PJIT)(f)
+
+
+def _call(kern, work, *args):
+    """Run kernel ``kern`` on ``args``: serially for small ``work`` or one thread, else in parallel.
+
+    The caller's task decomposition (``_nblocks`` / ``_tasks``) already gives a single task
+    when the call runs serially.  Serial kernels need no thread-pool set-up (``_Guard``).
+    """
+    if _force_mode == "serial" or (
+            _force_mode is None and (work < _SERIAL_MAX or get_num_threads() == 1)):
+        return _SERIAL[kern.py_func.__name__](*args)
+    with _Guard():
+        return kern(*args)
+
 
 # ----------------------------------------------------------------------------- threads
 _state_lock = threading.Lock()
@@ -172,13 +237,18 @@ class _Guard:
         return False
 
 
-def _nblocks(n):
-    """Row blocks for a row-wise kernel: one per thread (more would only add overhead)."""
+def _nblocks(n, work):
+    """Row blocks for a row-wise kernel: one per thread (more would only add overhead),
+    a single one for work that runs serially (see ``_call``)."""
+    if work < _SERIAL_MAX:
+        return 1
     return max(1, min(n, get_num_threads()))
 
 
 def _tasks(r, k):
     """(number of tasks, column chunk, rows per task) for an elementwise (R, K) kernel."""
+    if r * k < _SERIAL_MAX or get_num_threads() == 1:
+        return 1, k, max(r, 1)  # one task: all rows (the serial twin runs it)
     if k >= _CHUNK:
         nck = -(-k // _CHUNK)
         return r * nck, _CHUNK, 1
@@ -198,8 +268,10 @@ def _rowmax(x, i, c, acc):
 
     Eight independent running maxima: a single running max is a loop-carried dependency and a
     reduction LLVM vectorizes only under ``nnan`` (not allowed: inf/NaN semantics).  With
-    eight chains the scalar ``vmaxss`` run in parallel (~3 G el/s per core measured); LLVM does
-    not yet pack them into one ymm ``vmaxps`` (a known speed limit, see the tests).
+    eight chains the scalar ``vmaxss`` run in parallel: 4.5 G el/s per core measured, three
+    times the rate of the ``exp`` pass that follows, so it is not the bottleneck (a vectorized
+    ``llvm.maxnum`` reduction measured slower, 1.9 G el/s, its NaN fix-ups included).  A NaN
+    is skipped here but reaches the row's result through the sum of ``exp``.
     ``acc`` is unused (kept for a stable signature).
     """
     m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = cast_like(-np.inf, x)
@@ -260,7 +332,7 @@ def _row_lse(x, i, c, acc):
 
 
 # ============================================================================= normalizers
-@njit(**_PJIT)
+@_kernel
 def _k_logsumexp(x, out, nb):
     n, c = x.shape
     for b in prange(nb):
@@ -270,7 +342,7 @@ def _k_logsumexp(x, out, nb):
             out[i] = sh + ls
 
 
-@njit(**_PJIT)
+@_kernel
 def _k_softmax(x, out, nb):
     n, c = x.shape
     for b in prange(nb):
@@ -285,19 +357,22 @@ def _k_softmax(x, out, nb):
                 out[i, j] = out[i, j] * r
 
 
-@njit(**_PJIT)
+@_kernel
 def _k_log_softmax(x, out, nb):
     n, c = x.shape
     for b in prange(nb):
         acc = np.empty(_PMAX, x.dtype)
         for i in range(b * n // nb, (b + 1) * n // nb):
             sh, ls = _row_lse(x, i, c, acc)
-            lse = cast_like(sh + ls, x)  # a row of only -inf: -inf - -inf = nan, as PyTorch
+            # (x - shift) - log s rather than x - lse: with huge logits (3e38) lse rounds to the
+            # max and the O(1) part would be lost.  A row of only -inf: -inf - -inf = nan, as
+            # PyTorch gives.
+            lsd = cast_like(ls, x)
             for j in range(c):
-                out[i, j] = x[i, j] - lse
+                out[i, j] = sub_sub(x[i, j], sh, lsd)
 
 
-@njit(**_PJIT)
+@_kernel
 def _k_softmax_backward(g, y, out, nb):
     n, c = y.shape
     for b in prange(nb):
@@ -310,7 +385,7 @@ def _k_softmax_backward(g, y, out, nb):
                 out[i, j] = y[i, j] * (g[i, j] - dd)
 
 
-@njit(**_PJIT)
+@_kernel
 def _k_log_softmax_backward(g, y, out, nb):
     n, c = y.shape
     for b in prange(nb):
@@ -330,7 +405,7 @@ def _ce_row(x, i, c, t, w, sumw, eps, z, loss, grad, gs, acc):
     m = _rowmax(x, i, c, acc)
     fin = _finite(m)
     sh = m if fin else cast_like(0.0, x)
-    xt = np.float64(x[i, t])
+    xt = x[i, t]  # read before grad (which may be x) is written
     wt = 1.0 if w is None else np.float64(w[t])
     # pass 2: s = sum exp(x - sh) (stored as e into grad when that buffer will be rescaled),
     # and for label smoothing sw = sum_c w_c (x_c - sh); all reads of x happen here.
@@ -360,8 +435,9 @@ def _ce_row(x, i, c, t, w, sumw, eps, z, loss, grad, gs, acc):
         s = _sumexp(x, i, c, sh)
     ls = np.log(s)
     lse = np.float64(sh) + ls
-    # -log p[t] = lse - x[t]: +inf when x[t] = -inf (lse is finite then, no inf - inf)
-    row = (1.0 - eps) * wt * (lse - xt)
+    # -log p[t] = log s - (x[t] - shift), not lse - x[t]: huge logits (3e38) keep their O(1)
+    # part.  +inf when x[t] = -inf (log s is finite then).
+    row = (1.0 - eps) * wt * neg_log_p(ls, xt, sh)
     if eps != 0.0:
         # sum_c w_c (lse - x_c) = sumw * log s - sum_c w_c (x_c - sh)
         row += eps / c * (sumw * ls - sw)
@@ -470,7 +546,7 @@ def _ce_small_block(x, target, w, sumw, ignore, eps, z, loss, grad, gsc, gsa, r0
         sh = np.float64(shb[r * c])
         lse = sh + ls[r]
         wt = 1.0 if w is None else np.float64(w[t])
-        row = (1.0 - eps) * wt * (lse - np.float64(x[i, t]))
+        row = (1.0 - eps) * wt * neg_log_p(ls[r], x[i, t], shb[r * c])
         if eps != 0.0:
             sw = 0.0
             for j in range(c):
@@ -513,7 +589,7 @@ def _ce_small_block(x, target, w, sumw, ignore, eps, z, loss, grad, gsc, gsa, r0
                 grad[i, t] -= cast_like(gs * (1.0 - eps) * wt, x)
 
 
-@njit(**_PJIT)
+@_kernel
 def _k_cross_entropy_small(x, target, w, sumw, ignore, eps, z, loss, grad, gsc, gsa, nb):
     n, c = x.shape
     for b in prange(nb):
@@ -535,7 +611,7 @@ def _k_cross_entropy_small(x, target, w, sumw, ignore, eps, z, loss, grad, gsc, 
                             shb, eb, cb, db, wtile, s, ls)
 
 
-@njit(**_PJIT)
+@_kernel
 def _k_cross_entropy(x, target, w, sumw, ignore, eps, z, loss, grad, gsc, gsa, nb):
     n, c = x.shape
     for b in prange(nb):
@@ -605,7 +681,7 @@ def _ce_soft_row(x, y, i, c, w, eps, z, loss, grad, gs, acc):
                 grad[i, j] = vexp(x[i, j] - lsed) * cg - gsd * yw
 
 
-@njit(**_PJIT)
+@_kernel
 def _k_cross_entropy_soft(x, y, w, eps, z, loss, grad, gsc, gsa, nb):
     n, c = x.shape
     for b in prange(nb):
@@ -627,40 +703,43 @@ def _bcel_block(z, y, w, pw, loss, grad, gs, gout, r0, r1, j0, j1):
     zero = cast_like(0.0, z)
     gsd = cast_like(gs, z)
     for i in range(r0, r1):
-        for j in range(j0, j1):
-            zz = z[i, j]
-            yy = y[i, j]
-            # e = exp(-|z|) in (0, 1]: softplus(-z) = max(-z, 0) + log1p(e)
-            na = -zz if zz > zero else zz
-            e = vexp(na)
-            mz = -zz if -zz > zero else zero
-            sp = mz + vlog1p(e)
-            if pw is None:
-                l = (one - yy) * zz + sp
-            else:
-                cpw = one + (pw[i, j] - one) * yy
-                l = (one - yy) * zz + cpw * sp
-            if w is not None:
-                l = l * w[i, j]
-            if grad is not None:
-                r = one / (one + e)
-                er = e * r
-                pos = zz >= zero
+        for jb in range(j0, j1, _EBLK):
+            bs = cast_like(0.0, z)
+            for j in range(jb, min(j1, jb + _EBLK)):
+                zz = z[i, j]
+                yy = y[i, j]
+                # e = exp(-|z|) in (0, 1]: softplus(-z) = max(-z, 0) + log1p(e)
+                na = -zz if zz > zero else zz
+                e = vexp(na)
+                mz = -zz if -zz > zero else zero
+                lp, r = vlog1p_recip(e)  # r = 1 / (1 + e), reused by the gradient
+                sp = mz + lp
                 if pw is None:
-                    sig = r if pos else er  # sigmoid(z)
-                    g = sig - yy
+                    l = (one - yy) * zz + sp
                 else:
-                    sm = er if pos else r  # sigmoid(-z) = 1 - sigmoid(z), no cancellation
-                    g = (one - yy) - cpw * sm
+                    cpw = one + (pw[i, j] - one) * yy
+                    l = (one - yy) * zz + cpw * sp
                 if w is not None:
-                    g = g * w[i, j]
-                g = g * gsd
-                if gout is not None:
-                    g = g * gout[i, j]
-                grad[i, j] = g
-            if loss is not None:
-                loss[i, j] = l
-            tot += l
+                    l = l * w[i, j]
+                if grad is not None:
+                    er = e * r
+                    pos = zz >= zero
+                    if pw is None:
+                        sig = r if pos else er  # sigmoid(z)
+                        g = sig - yy
+                    else:
+                        sm = er if pos else r  # sigmoid(-z) = 1 - sigmoid(z), no cancellation
+                        g = (one - yy) - cpw * sm
+                    if w is not None:
+                        g = g * w[i, j]
+                    g = g * gsd
+                    if gout is not None:
+                        g = g * gout[i, j]
+                    grad[i, j] = g
+                if loss is not None:
+                    loss[i, j] = l
+                bs += l
+            tot += bs
     return tot
 
 
@@ -672,30 +751,33 @@ def _bce_block(p, y, w, loss, grad, gs, gout, r0, r1, j0, j1):
     tiny = cast_like(1e-12, p)
     gsd = cast_like(gs, p)
     for i in range(r0, r1):
-        for j in range(j0, j1):
-            pp = p[i, j]
-            yy = y[i, j]
-            # PyTorch clamps each log term at -100 (the "not less than" form keeps NaN)
-            a = vlog(pp)
-            a = a if not (a < lo) else lo
-            b = vlog1p(-pp)
-            b = b if not (b < lo) else lo
-            l = -(yy * a + (one - yy) * b)
-            if w is not None:
-                l = l * w[i, j]
-            if grad is not None:
-                q = pp * (one - pp)
-                q = q if not (q < tiny) else tiny
-                g = (pp - yy) / q
+        for jb in range(j0, j1, _EBLK):
+            bs = cast_like(0.0, p)
+            for j in range(jb, min(j1, jb + _EBLK)):
+                pp = p[i, j]
+                yy = y[i, j]
+                # PyTorch clamps each log term at -100 (the "not less than" form keeps NaN)
+                a = vlog(pp)
+                a = a if not (a < lo) else lo
+                b = vlog1p(-pp)
+                b = b if not (b < lo) else lo
+                l = -(yy * a + (one - yy) * b)
                 if w is not None:
-                    g = g * w[i, j]
-                g = g * gsd
-                if gout is not None:
-                    g = g * gout[i, j]
-                grad[i, j] = g
-            if loss is not None:
-                loss[i, j] = l
-            tot += l
+                    l = l * w[i, j]
+                if grad is not None:
+                    q = pp * (one - pp)
+                    q = q if not (q < tiny) else tiny
+                    g = (pp - yy) / q
+                    if w is not None:
+                        g = g * w[i, j]
+                    g = g * gsd
+                    if gout is not None:
+                        g = g * gout[i, j]
+                    grad[i, j] = g
+                if loss is not None:
+                    loss[i, j] = l
+                bs += l
+            tot += bs
     return tot
 
 
@@ -706,25 +788,28 @@ def _kl_block(x, t, log_target, loss, grad, gs, gout, r0, r1, j0, j1):
     ninf = cast_like(-np.inf, x)
     gsd = cast_like(gs, x)
     for i in range(r0, r1):
-        for j in range(j0, j1):
-            xx = x[i, j]
-            tt = t[i, j]
-            if log_target:
-                et = vexp(tt)
-                # taken as 0 where the log-target is -inf (PyTorch: nan)
-                l = zero if tt == ninf else et * (tt - xx)
-                g = zero if tt == ninf else -et
-            else:
-                l = zero if tt == zero else tt * (vlog(tt) - xx)
-                g = -tt
-            if grad is not None:
-                g = g * gsd
-                if gout is not None:
-                    g = g * gout[i, j]
-                grad[i, j] = g
-            if loss is not None:
-                loss[i, j] = l
-            tot += l
+        for jb in range(j0, j1, _EBLK):
+            bs = cast_like(0.0, x)
+            for j in range(jb, min(j1, jb + _EBLK)):
+                xx = x[i, j]
+                tt = t[i, j]
+                if log_target:
+                    et = vexp(tt)
+                    # taken as 0 where the log-target is -inf (PyTorch: nan)
+                    l = zero if tt == ninf else et * (tt - xx)
+                    g = zero if tt == ninf else -et
+                else:
+                    l = zero if tt == zero else tt * (vlog(tt) - xx)
+                    g = -tt
+                if grad is not None:
+                    g = g * gsd
+                    if gout is not None:
+                        g = g * gout[i, j]
+                    grad[i, j] = g
+                if loss is not None:
+                    loss[i, j] = l
+                bs += l
+            tot += bs
     return tot
 
 
@@ -733,17 +818,20 @@ def _mse_block(x, t, loss, grad, gs, gout, r0, r1, j0, j1):
     tot = 0.0
     g2 = cast_like(2.0 * gs, x)
     for i in range(r0, r1):
-        for j in range(j0, j1):
-            d = x[i, j] - t[i, j]
-            l = d * d
-            if grad is not None:
-                g = d * g2
-                if gout is not None:
-                    g = g * gout[i, j]
-                grad[i, j] = g
-            if loss is not None:
-                loss[i, j] = l
-            tot += l
+        for jb in range(j0, j1, _EBLK):
+            bs = cast_like(0.0, x)
+            for j in range(jb, min(j1, jb + _EBLK)):
+                d = x[i, j] - t[i, j]
+                l = d * d
+                if grad is not None:
+                    g = d * g2
+                    if gout is not None:
+                        g = g * gout[i, j]
+                    grad[i, j] = g
+                if loss is not None:
+                    loss[i, j] = l
+                bs += l
+            tot += bs
     return tot
 
 
@@ -756,26 +844,29 @@ def _gnll_block(x, t, var, full, eps, loss, grad, grad_var, gs, gout, r0, r1, j0
     c0 = cast_like(0.5 * math.log(2.0 * math.pi), x)
     gsd = cast_like(gs, x)
     for i in range(r0, r1):
-        for j in range(j0, j1):
-            v = var[i, j]
-            v = v if not (v < epsd) else epsd  # clamp at eps, NaN kept
-            d = x[i, j] - t[i, j]
-            iv = one / v
-            l = half * (vlog(v) + d * d * iv)
-            if full:
-                l = l + c0
-            if grad is not None or grad_var is not None:
-                s = gsd
-                if gout is not None:
-                    s = s * gout[i, j]
-                if grad is not None:
-                    grad[i, j] = s * (d * iv)
-                if grad_var is not None:
-                    # gradient at the clamped value, as PyTorch's no-grad clamp gives
-                    grad_var[i, j] = s * (half * (iv - d * d * iv * iv))
-            if loss is not None:
-                loss[i, j] = l
-            tot += l
+        for jb in range(j0, j1, _EBLK):
+            bs = cast_like(0.0, x)
+            for j in range(jb, min(j1, jb + _EBLK)):
+                v = var[i, j]
+                v = v if not (v < epsd) else epsd  # clamp at eps, NaN kept
+                d = x[i, j] - t[i, j]
+                iv = one / v
+                l = half * (vlog(v) + d * d * iv)
+                if full:
+                    l = l + c0
+                if grad is not None or grad_var is not None:
+                    s = gsd
+                    if gout is not None:
+                        s = s * gout[i, j]
+                    if grad is not None:
+                        grad[i, j] = s * (d * iv)
+                    if grad_var is not None:
+                        # gradient at the clamped value, as PyTorch's no-grad clamp gives
+                        grad_var[i, j] = s * (half * (iv - d * d * iv * iv))
+                if loss is not None:
+                    loss[i, j] = l
+                bs += l
+            tot += bs
     return tot
 
 
@@ -793,7 +884,7 @@ def _task_range(task, r, k, ck, rpt):
     return r0, min(r, r0 + rpt), 0, k
 
 
-@njit(**_PJIT)
+@_kernel
 def _k_bce_with_logits(z, y, w, pw, loss, grad, gs, gout, ntask, ck, rpt):
     r, k = z.shape
     tot = 0.0
@@ -803,7 +894,7 @@ def _k_bce_with_logits(z, y, w, pw, loss, grad, gs, gout, ntask, ck, rpt):
     return tot
 
 
-@njit(**_PJIT)
+@_kernel
 def _k_bce(p, y, w, loss, grad, gs, gout, ntask, ck, rpt):
     r, k = p.shape
     tot = 0.0
@@ -813,7 +904,7 @@ def _k_bce(p, y, w, loss, grad, gs, gout, ntask, ck, rpt):
     return tot
 
 
-@njit(**_PJIT)
+@_kernel
 def _k_kl_div(x, t, log_target, loss, grad, gs, gout, ntask, ck, rpt):
     r, k = x.shape
     tot = 0.0
@@ -823,7 +914,7 @@ def _k_kl_div(x, t, log_target, loss, grad, gs, gout, ntask, ck, rpt):
     return tot
 
 
-@njit(**_PJIT)
+@_kernel
 def _k_mse(x, t, loss, grad, gs, gout, ntask, ck, rpt):
     r, k = x.shape
     tot = 0.0
@@ -833,7 +924,7 @@ def _k_mse(x, t, loss, grad, gs, gout, ntask, ck, rpt):
     return tot
 
 
-@njit(**_PJIT)
+@_kernel
 def _k_gaussian_nll(x, t, var, full, eps, loss, grad, grad_var, gs, gout, ntask, ck, rpt):
     r, k = x.shape
     tot = 0.0
@@ -877,36 +968,31 @@ def _elementwise_layout(first, *arrays):
 def logsumexp(x, out):
     if x.shape[0] == 0:
         return
-    with _Guard():
-        _k_logsumexp(x, out, _nblocks(x.shape[0]))
+    _call(_k_logsumexp, x.size, x, out, _nblocks(x.shape[0], x.size))
 
 
 def softmax(x, out):
     if x.size == 0:
         return
-    with _Guard():
-        _k_softmax(x, out, _nblocks(x.shape[0]))
+    _call(_k_softmax, x.size, x, out, _nblocks(x.shape[0], x.size))
 
 
 def log_softmax(x, out):
     if x.size == 0:
         return
-    with _Guard():
-        _k_log_softmax(x, out, _nblocks(x.shape[0]))
+    _call(_k_log_softmax, x.size, x, out, _nblocks(x.shape[0], x.size))
 
 
 def softmax_backward(g, y, out):
     if y.size == 0:
         return
-    with _Guard():
-        _k_softmax_backward(g, y, out, _nblocks(y.shape[0]))
+    _call(_k_softmax_backward, y.size, g, y, out, _nblocks(y.shape[0], y.size))
 
 
 def log_softmax_backward(g, y, out):
     if y.size == 0:
         return
-    with _Guard():
-        _k_log_softmax_backward(g, y, out, _nblocks(y.shape[0]))
+    _call(_k_log_softmax_backward, y.size, g, y, out, _nblocks(y.shape[0], y.size))
 
 
 def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, loss, grad, gscale):
@@ -918,9 +1004,8 @@ def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, loss
     kern = _k_cross_entropy
     if c <= _SMALL_C and x.flags.c_contiguous and (grad is None or grad.flags.c_contiguous):
         kern = _k_cross_entropy_small
-    with _Guard():
-        kern(x, target, weight, sumw, int(ignore_index), float(label_smoothing),
-                         float(z_loss), loss, grad, gsc, gsa, _nblocks(n))
+    _call(kern, x.size, x, target, weight, sumw, int(ignore_index), float(label_smoothing),
+          float(z_loss), loss, grad, gsc, gsa, _nblocks(n, x.size))
 
 
 def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, loss, grad, gscale):
@@ -928,9 +1013,8 @@ def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, loss, grad, g
     if n == 0:
         return
     gsc, gsa = _gscale_rows(gscale if grad is not None else 1.0, n)
-    with _Guard():
-        _k_cross_entropy_soft(x, target, weight, float(label_smoothing), float(z_loss), loss,
-                              grad, gsc, gsa, _nblocks(n))
+    _call(_k_cross_entropy_soft, x.size, x, target, weight, float(label_smoothing),
+          float(z_loss), loss, grad, gsc, gsa, _nblocks(n, x.size))
 
 
 def bce_with_logits(z, y, weight, pos_weight, loss, grad, gscale, gout):
@@ -939,9 +1023,8 @@ def bce_with_logits(z, y, weight, pos_weight, loss, grad, gscale, gout):
     gs, gout = _gscale_elem(gscale, gout, z.shape)
     z, y, weight, pos_weight, loss, grad, gout = _elementwise_layout(
         z, y, weight, pos_weight, loss, grad, gout)
-    with _Guard():
-        return float(_k_bce_with_logits(z, y, weight, pos_weight, loss, grad, gs, gout,
-                                        *_tasks(*z.shape)))
+    return float(_call(_k_bce_with_logits, z.size, z, y, weight, pos_weight, loss, grad, gs,
+                       gout, *_tasks(*z.shape)))
 
 
 def bce(p, y, weight, loss, grad, gscale, gout):
@@ -949,8 +1032,7 @@ def bce(p, y, weight, loss, grad, gscale, gout):
         return 0.0
     gs, gout = _gscale_elem(gscale, gout, p.shape)
     p, y, weight, loss, grad, gout = _elementwise_layout(p, y, weight, loss, grad, gout)
-    with _Guard():
-        return float(_k_bce(p, y, weight, loss, grad, gs, gout, *_tasks(*p.shape)))
+    return float(_call(_k_bce, p.size, p, y, weight, loss, grad, gs, gout, *_tasks(*p.shape)))
 
 
 def kl_div(x, t, log_target, loss, grad, gscale, gout):
@@ -958,8 +1040,8 @@ def kl_div(x, t, log_target, loss, grad, gscale, gout):
         return 0.0
     gs, gout = _gscale_elem(gscale, gout, x.shape)
     x, t, loss, grad, gout = _elementwise_layout(x, t, loss, grad, gout)
-    with _Guard():
-        return float(_k_kl_div(x, t, bool(log_target), loss, grad, gs, gout, *_tasks(*x.shape)))
+    return float(_call(_k_kl_div, x.size, x, t, bool(log_target), loss, grad, gs, gout,
+                       *_tasks(*x.shape)))
 
 
 def mse(x, t, loss, grad, gscale, gout):
@@ -967,8 +1049,7 @@ def mse(x, t, loss, grad, gscale, gout):
         return 0.0
     gs, gout = _gscale_elem(gscale, gout, x.shape)
     x, t, loss, grad, gout = _elementwise_layout(x, t, loss, grad, gout)
-    with _Guard():
-        return float(_k_mse(x, t, loss, grad, gs, gout, *_tasks(*x.shape)))
+    return float(_call(_k_mse, x.size, x, t, loss, grad, gs, gout, *_tasks(*x.shape)))
 
 
 def gaussian_nll(x, t, var, full, eps, loss, grad, grad_var, gscale, gout):
@@ -977,9 +1058,8 @@ def gaussian_nll(x, t, var, full, eps, loss, grad, grad_var, gscale, gout):
     gs, gout = _gscale_elem(gscale, gout, x.shape)
     x, t, var, loss, grad, grad_var, gout = _elementwise_layout(
         x, t, var, loss, grad, grad_var, gout)
-    with _Guard():
-        return float(_k_gaussian_nll(x, t, var, bool(full), float(eps), loss, grad, grad_var,
-                                     gs, gout, *_tasks(*x.shape)))
+    return float(_call(_k_gaussian_nll, x.size, x, t, var, bool(full), float(eps), loss, grad,
+                       grad_var, gs, gout, *_tasks(*x.shape)))
 
 
 # ============================================================================= warmup
@@ -987,11 +1067,16 @@ def warmup(dtypes=("float32", "float64"), layouts=("C", "A"), progress=None) -> 
     """Compile (and cache on disk) the kernel specializations the public layer can reach.
 
     For each compute dtype and each layout -- ``"C"`` (C-contiguous operands) and ``"A"``
-    (strided views, which also stand for Fortran order and stride-0 broadcasts) -- every entry
-    point is called on a tiny input once for each combination of its optional operands being
-    None or present (weights, ``pos_weight``, unreduced-loss output, gradient output, ``gout``,
-    a per-row ``gscale``), and the cross-entropy on both its general and its few-classes path.
-    Later processes load the machine code from Numba's cache instead of compiling.
+    (strided views, which also stand for Fortran order) -- every entry point is called on a
+    tiny input with the argument types the public layer produces: for the row-wise kernels
+    with and without class weights and gradient (the cross-entropy on its general and its
+    few-classes path, and in place); for the elementwise kernels each reduction's
+    (loss, grad, grad_output) pattern, with the optional operands (weight, pos_weight, var)
+    absent or broadcast (stride-0).  Rarer mixtures (say a C-contiguous input with a
+    Fortran-ordered ``grad_out``) compile on first use.
+    Each kernel has a parallel and a serial twin (small calls run serially, see ``_call``);
+    both are compiled.  Later processes load the machine code from Numba's cache instead of
+    compiling.
 
     Parameters
     ----------
@@ -1029,9 +1114,9 @@ def warmup(dtypes=("float32", "float64"), layouts=("C", "A"), progress=None) -> 
                 jobs.append((f"{name} {dname} {lay}", globals()[name], (x, out)))
             for name in ("softmax_backward", "log_softmax_backward"):
                 jobs.append((f"{name} {dname} {lay}", globals()[name], (x, y, np.zeros((n, c), dt))))
-            for w, g, gs in itertools.product((None, w1), (None, np.zeros((n, c), dt)), (1.0, np.ones(n))):
-                if g is None and not isinstance(gs, float):
-                    continue
+            for w, g in itertools.product((None, w1), (None, np.zeros((n, c), dt))):
+                # the public layer passes a per-row float64 gscale exactly when it wants a grad
+                gs = 1.0 if g is None else np.ones(n)
                 jobs.append((f"cross_entropy {dname} {lay} C={c}", cross_entropy,
                              (x, t, w, -100, 0.1, 0.0, np.zeros(n), g, gs)))
                 if lay == "A" and g is not None:  # in place on a strided view: grad is 'A' too
@@ -1043,26 +1128,36 @@ def warmup(dtypes=("float32", "float64"), layouts=("C", "A"), progress=None) -> 
         shape = (2, 16)
         a = arr(shape, dt, lay)
         bcast = np.broadcast_to(np.full(shape[1], 0.5, dt), shape)  # stride-0 rows
-        opt = [None, a if lay == "C" else bcast]
-        outs = [None, np.zeros(shape, dt)]
-        for w, pw, loss, g, go in itertools.product(opt, [None, bcast], outs, outs, opt):
-            if g is None and go is not None:
-                continue
-            lbl = f"{dname} {lay}"
-            jobs.append(("bce_with_logits " + lbl, bce_with_logits, (a, a, w, pw, loss, g, 1.0, go)))
-            if pw is None:
+        out = np.zeros(shape, dt)
+        # (loss, grad, gout) as the public layer passes them: reductions "mean"/"sum" give no
+        # loss array and a scalar grad scale; "none" gives a loss array and, with a grad, an
+        # optional (broadcast) grad_output
+        outs = [(None, None, None), (None, out, None), (out, None, None), (out, out, None),
+                (out, out, bcast)]
+        # optional operands (weight, pos_weight, var) arrive broadcast to the input's shape
+        opts = (None, bcast) if lay == "C" else (None,)
+        lbl = f"{dname} {lay}"
+        for loss, g, go in outs:
+            jobs.append(("kl_div " + lbl, kl_div, (a, a, False, loss, g, 1.0, go)))
+            jobs.append(("mse " + lbl, mse, (a, a, loss, g, 1.0, go)))
+            for w in opts:
                 jobs.append(("bce " + lbl, bce, (a, a, w, loss, g, 1.0, go)))
-            if pw is None and w is None:
-                for lt in (False, True):
-                    jobs.append(("kl_div " + lbl, kl_div, (a, a, lt, loss, g, 1.0, go)))
-                jobs.append(("mse " + lbl, mse, (a, a, loss, g, 1.0, go)))
-            if pw is None:
-                var = a if w is None else bcast
-                for gv in outs:
-                    jobs.append(("gaussian_nll " + lbl, gaussian_nll,
-                                 (a, a, var, False, 1e-6, loss, g, gv, 1.0, go)))
-    for k, (label, fn, args) in enumerate(jobs):
-        fn(*args)
-        if progress is not None:
-            progress(k + 1, len(jobs), label)
-    return len(jobs)
+                for pw in opts:
+                    jobs.append(("bce_with_logits " + lbl, bce_with_logits, (a, a, w, pw, loss, g, 1.0, go)))
+            for var in ((a, bcast) if lay == "C" else (a,)):
+                jobs.append(("gaussian_nll " + lbl, gaussian_nll,
+                             (a, a, var, False, 1e-6, loss, g, g, 1.0, go)))
+    global _force_mode
+    total = 2 * len(jobs)
+    done = 0
+    try:
+        for mode in ("serial", "parallel"):  # both twins of every kernel
+            _force_mode = mode
+            for label, fn, args in jobs:
+                fn(*args)
+                done += 1
+                if progress is not None:
+                    progress(done, total, f"{label} ({mode})")
+    finally:
+        _force_mode = None
+    return total
