@@ -46,8 +46,8 @@ cdef extern from "fl_math.h" nogil:
     void fl_scale_axpy_d(double *g, fl_idx n, double a, const double *w, double b)
     void fl_fill_f(float *g, fl_idx n, float v)
     void fl_fill_d(double *g, fl_idx n, double v)
-    void fl_sub_f(const float *x, float *out, fl_idx n, float c)
-    void fl_sub_d(const double *x, double *out, fl_idx n, double c)
+    void fl_sub2_f(const float *x, float *out, fl_idx n, float sh, float L)
+    void fl_sub2_d(const double *x, double *out, fl_idx n, double sh, double L)
     void fl_smb_f(const float *g, const float *y, float *out, fl_idx n, float d)
     void fl_smb_d(const double *g, const double *y, double *out, fl_idx n, double d)
     void fl_lsmb_f(const float *g, const float *y, float *out, fl_idx n, float s)
@@ -319,11 +319,13 @@ cdef inline void _softmax_row(const floating *x, Py_ssize_t sx, floating *o, Py_
     cdef floating *oc = o if so == 1 else buf  # buf may hold xr: exp/sub write index j after reading it
     cdef double sh = _shift(f_max(xr, c)), s
     if logsm:
+        # log p = (x - sh) - log s, never x - lse: lse = sh + log s rounds to sh for large
+        # logits and would lose the O(1) part (see fl_sub2 in fl_math.h)
         s = f_sumexp(xr, <floating *>NULL, c, <floating>sh)
         if floating is float:
-            fl_sub_f(xr, oc, c, <float>(log(s) + sh))
+            fl_sub2_f(xr, oc, c, <float>sh, <float>log(s))
         else:
-            fl_sub_d(xr, oc, c, log(s) + sh)
+            fl_sub2_d(xr, oc, c, sh, log(s))
     else:
         s = f_sumexp(xr, oc, c, <floating>sh)  # stores e = exp(x - sh), then scales by 1/s
         f_scale_axpy(oc, c, <floating>(1.0 / s), <const floating *>NULL, <floating>0)

@@ -252,7 +252,11 @@ static inline double fl_sumexp_##S(const T *x, T *e, fl_idx n, T sh)            
     return tot;                                                                                 \
 }                                                                                               \
                                                                                                 \
-/* sum w[j] * (x[j] - sh)  (w == NULL: weights 1) */                                           \
+/* sum w[j] * (x[j] - sh)  (w == NULL: weights 1), each difference rounded to T as in the     \
+ * reference.  With logits near the dtype's max the T lanes can overflow although the float64 \
+ * total does not (float32: a few differences of -3e38, or w * (x - sh) itself): a row whose  \
+ * sum is not finite is summed again in double (rare; inf/NaN inputs land there too and give  \
+ * the same inf/NaN). */                                                                       \
 static inline double fl_wsum_shift_##S(const T *x, const T *w, fl_idx n, T sh)                  \
 {                                                                                               \
     double tot = 0.0;                                                                           \
@@ -267,6 +271,13 @@ static inline double fl_wsum_shift_##S(const T *x, const T *w, fl_idx n, T sh)  
             for (fl_idx j = j0; j < j1; j++) acc += x[j] - sh;                                  \
         }                                                                                       \
         tot += (double)acc;                                                                     \
+    }                                                                                           \
+    if (!isfinite(tot)) { /* outside the hot loop: its code stays as without the fallback */   \
+        tot = 0.0;                                                                              \
+        for (fl_idx j = 0; j < n; j++) {                                                        \
+            const T d = x[j] - sh;                                                              \
+            tot += (w ? (double)w[j] : 1.0) * (double)d;                                        \
+        }                                                                                       \
     }                                                                                           \
     return tot;                                                                                 \
 }                                                                                               \
@@ -320,11 +331,14 @@ static inline void fl_fill_##S(T *g, fl_idx n, T v)                             
     for (fl_idx j = 0; j < n; j++) g[j] = v;                                                    \
 }                                                                                               \
                                                                                                 \
-/* out[j] = x[j] - c */                                                                        \
-static inline void fl_sub_##S(const T *x, T *out, fl_idx n, T c)                                \
+/* log-softmax: out[j] = (x[j] - sh) - L, L = log sum exp(x - sh).  Never x[j] - (sh + L):     \
+ * with large logits sh + L rounds to sh (ulp(1e4) = 1e-3 in float32; at 3e38 the whole L is  \
+ * lost), whereas x[j] - sh is exact near the max (Sterbenz) and L is O(log C).  The order is  \
+ * kept because this file is never compiled with reassociation (see the header). */           \
+static inline void fl_sub2_##S(const T *x, T *out, fl_idx n, T sh, T L)                         \
 {                                                                                               \
     FL_SIMD                                                                                     \
-    for (fl_idx j = 0; j < n; j++) out[j] = x[j] - c;                                           \
+    for (fl_idx j = 0; j < n; j++) out[j] = (x[j] - sh) - L;                                    \
 }                                                                                               \
                                                                                                 \
 /* softmax backward: out = y * (g - d) */                                                      \

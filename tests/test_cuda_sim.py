@@ -89,6 +89,41 @@ def test_offload_normalizers_match_numpy(dt):
 
 
 @pytest.mark.parametrize("dt", DTYPES)
+def test_offload_large_logits_keep_the_log_term(dt):
+    """log p is ``(x - m) - log s`` and p is ``exp(x - m) / s``, never via ``lse = m + log s``,
+    which rounds to ``m`` for large logits (1e4 in float32 loses ~5e-4; at 3e38 / 1e300 the
+    whole ``log s``): log_softmax, the hard loss with smoothing and weights, soft targets."""
+    rng = np.random.default_rng(12)
+    big = 3e38 if dt == np.float32 else 1e300
+    c = 5
+    x = np.array([1e4 + rng.standard_normal(c), -1e4 + rng.standard_normal(c), np.full(c, big),
+                  np.r_[big, 0.97 * big, np.zeros(c - 2)], np.r_[np.full(c - 1, -big), -0.99 * big]]).astype(dt)
+    n = x.shape[0]
+    a, b = np.empty_like(x), np.empty_like(x)
+    R.log_softmax(x, a)
+    C.log_softmax(x, b)
+    close(a, b, dt)
+    np.testing.assert_allclose(b[2], -np.log(c), rtol=1e-6)
+    t = np.arange(n) % c
+    w = (rng.random(c) + 0.5).astype(dt)
+    y = rng.random((n, c)).astype(dt)
+    y /= y.sum(1, keepdims=True)
+    for weight in (None, w):
+        for eps in (0.0, 0.1):
+            la, lb, ga, gb = np.empty(n), np.empty(n), np.empty_like(x), np.empty_like(x)
+            R.cross_entropy(x, t, weight, -100, eps, 0.0, la, ga, np.ones(n))
+            C.cross_entropy(x, t, weight, -100, eps, 0.0, lb, gb, np.ones(n))
+            close(la, lb, dt)
+            close(ga, gb, dt)
+            if weight is None and eps == 0:
+                np.testing.assert_allclose(lb[2], np.log(c), rtol=1e-6)  # equal huge logits
+            R.cross_entropy_soft(x, y, weight, eps, 0.0, la, ga, np.ones(n))
+            C.cross_entropy_soft(x, y, weight, eps, 0.0, lb, gb, np.ones(n))
+            close(la, lb, dt)
+            close(ga, gb, dt)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
 def test_offload_layouts_and_inplace(dt):
     rng = np.random.default_rng(2)
     base = rng.standard_normal((9, 6)).astype(dt)

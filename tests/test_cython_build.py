@@ -302,6 +302,54 @@ def test_cross_entropy_soft(dt, shape):
             _close(got_g, want_g, dt, "grad " + what)
 
 
+def _large_logits(dt, c, rng):
+    """Rows of large logits with O(1) differences (offsets 1e4 and near the dtype's max)."""
+    big = 3e38 if dt == np.float32 else 1e300
+    rows = [1e4 + rng.standard_normal(c), -1e4 + rng.standard_normal(c), np.full(c, big),
+            np.r_[big, 0.97 * big, np.zeros(c - 2)], np.r_[np.full(c - 1, -big), -0.99 * big]]
+    return np.array(rows).astype(dt)
+
+
+@needs_ext
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("c", [3, 3000])
+def test_large_logits_keep_the_log_term(dt, c):
+    """log p is ``(x - m) - log s``, never ``x - lse``: ``lse = m + log s`` rounds to ``m`` for
+    large logits (1e4 in float32 loses ~5e-4; at 3e38 / 1e300 the whole ``log s``).  Checked
+    for log_softmax, the hard loss with label smoothing and weights, and soft targets, on the
+    direct and the gathered (strided) row paths."""
+    rng = np.random.default_rng(12)
+    x = _large_logits(dt, c, rng)
+    n = x.shape[0]
+    want = np.empty_like(x)
+    R.log_softmax(x, want)
+    np.testing.assert_allclose(want[2], -np.log(c), rtol=1e-6)  # the reference itself
+    for name, xv in _layouts(x):
+        got = np.empty_like(x)
+        C.log_softmax(xv, got)
+        _close(got, want, dt, f"log_softmax {name}")
+    t = np.arange(n) % c
+    w = (rng.random(c) + 0.5).astype(dt)
+    y = rng.random((n, c)).astype(dt)
+    y /= y.sum(axis=1, keepdims=True)
+    for weight, eps in itertools.product((None, w), (0.0, 0.1)):
+        want_l, want_g = np.empty(n), np.empty_like(x)
+        R.cross_entropy(x, t, weight, -100, eps, 0.0, want_l, want_g, np.ones(n))
+        ws_l, ws_g = np.empty(n), np.empty_like(x)
+        R.cross_entropy_soft(x, y, weight, eps, 0.0, ws_l, ws_g, np.ones(n))
+        if weight is None and eps == 0:
+            assert abs(want_l[2] - np.log(c)) < 1e-6 * np.log(c)  # equal huge logits: log C
+        for name, xv in _layouts(x):
+            what = f"{name} weight={weight is not None} eps={eps}"
+            got_l, got_g = np.empty(n), np.empty_like(x)
+            C.cross_entropy(xv, t, weight, -100, eps, 0.0, got_l, got_g, np.ones(n))
+            _close(got_l, want_l, dt, "hard loss " + what)
+            _close(got_g, want_g, dt, "hard grad " + what)
+            C.cross_entropy_soft(xv, y, weight, eps, 0.0, got_l, got_g, np.ones(n))
+            _close(got_l, ws_l, dt, "soft loss " + what)
+            _close(got_g, ws_g, dt, "soft grad " + what)
+
+
 def _ew_inputs(n, c, dt, rng):
     z = (rng.standard_normal((n, c)) * 5).astype(dt)
     y = rng.random((n, c)).astype(dt)

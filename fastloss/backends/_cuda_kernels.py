@@ -18,6 +18,13 @@ Layout conventions
   included) and run on a 2-D grid: x threads over the columns (coalesced for C-ordered
   rows), y over the rows, so no thread divides a flat index; each block writes one float64
   partial sum, which the host adds up (deterministic, no atomics).
+* Large logits: every kernel forms ``log p_c = (x_c - m) - log s`` (``m`` the row max,
+  ``s = sum exp(x - m)``) and ``p_c = exp(x_c - m) / s``, never ``x_c - lse`` or
+  ``exp(x_c - lse)``: ``lse = m + log s`` rounded to the compute dtype loses the O(1) part
+  next to a large ``m`` (float32 logits ~1e4 lose ~5e-4; at 3e38 all of ``log s``), whereas
+  ``x_c - m`` is exact near the max and ``log s`` is at most ``log C``.  ``lse`` itself is
+  used only where it is the quantity asked for (``logsumexp``, the z-loss) or where the row
+  max is not finite (then ``lse = m`` is exact).
 * ``math.log``/``math.exp`` are guarded where their argument can be 0, negative or huge: on
   the GPU they would return -inf/nan/inf, but the simulator runs Python's ``math`` which
   raises instead.
@@ -173,7 +180,8 @@ def _make_row_lse(ftype):
     The shift is the row max; a row whose max is not finite is settled without summing:
     NaN anywhere -> NaN, +inf anywhere -> +inf, only -inf -> -inf (never ``inf - inf``).
     ``mode`` 0 only stores ``lse``; 1 writes ``softmax`` into ``out``; 2 writes
-    ``log_softmax``.  ``out`` may be ``x``: a row is fully reduced before it is written.
+    ``log_softmax`` as ``(x - m) - log s`` (not ``x - lse``, see the module docstring).
+    ``out`` may be ``x``: a row is fully reduced before it is written.
     """
 
     @cuda.jit
@@ -194,8 +202,10 @@ def _make_row_lse(ftype):
                 for j in range(cuda.threadIdx.x, c, cuda.blockDim.x):
                     s += math.exp(x[i, j] - mf)
             s = _block_sum(sh, s)
+            ls = 0.0
             if finite:
-                l = m + math.log(s)  # s >= 1: the max contributes exp(0)
+                ls = math.log(s)  # s >= 1: the max contributes exp(0)
+                l = m + ls
             else:
                 l = m  # nan, +inf or -inf
             if ok:
@@ -211,13 +221,16 @@ def _make_row_lse(ftype):
                         else:
                             out[i, j] = NAN  # +inf / +inf, a nan row, a row of only -inf
                 elif mode == 2:
-                    lf = ftype(l)
+                    mf = ftype(m)
+                    lsf = ftype(ls)
                     for j in range(cuda.threadIdx.x, c, cuda.blockDim.x):
                         v = x[i, j]
-                        if finite or (m == INF and v != INF):
-                            out[i, j] = v - lf  # -inf for finite v next to +inf
+                        if finite:
+                            out[i, j] = (v - mf) - lsf  # x - m exact near the max
+                        elif m == INF and v != INF:
+                            out[i, j] = -INF  # a finite (or -inf) entry next to +inf
                         else:
-                            out[i, j] = NAN
+                            out[i, j] = NAN  # +inf - +inf, a nan row, a row of only -inf
             r0 += step
 
     return k
@@ -261,10 +274,11 @@ def _make_ce_hard(ftype):
     """Fused softmax cross-entropy with class indices: loss row and gradient in one launch.
 
     Per row: pass 1 the max (and ``x[t]``, read before anything of the row is written),
-    pass 2 ``sum exp(x - max)`` -> ``lse``, pass 3 the smoothing term
+    pass 2 ``s = sum exp(x - max)``, pass 3 the smoothing term
     ``sum_c w_c (lse - x_c)`` and the gradient
-    ``gs * (p_c a - eps/C w_c - [c = t] (1-eps) w_t)`` with ``p = exp(x - lse)`` and
-    ``a = (1-eps) w_t + eps/C sum(w) + 2 z lse``.  ``has_w`` 0 means unit weights
+    ``gs * (p_c a - eps/C w_c - [c = t] (1-eps) w_t)`` with ``p = exp(x - max) / s`` and
+    ``a = (1-eps) w_t + eps/C sum(w) + 2 z lse``.  Every ``lse - x_c`` is formed as
+    ``log s - (x_c - max)`` (see the module docstring).  ``has_w`` 0 means unit weights
     (``w`` is then a dummy); ``want_grad`` 0 skips the gradient.  Ignored rows get loss 0
     and a zero gradient.
     """
@@ -295,24 +309,30 @@ def _make_ce_hard(ftype):
                 for j in range(cuda.threadIdx.x, c, cuda.blockDim.x):
                     s += math.exp(x[i, j] - mf)
             s = _block_sum(sh, s)
-            lse = m + math.log(s) if finite else m
+            ls = math.log(s) if finite else 0.0  # log s; s >= 1 when finite
+            lse = m + ls if finite else m  # nan, +inf or -inf when the max is not finite
             wt = float64(w[t]) if has_w else 1.0
             sm = 0.0
             if keep and (eps != 0 or want_grad):
-                lf = ftype(lse)
+                # finite max: p_c = exp(x_c - m) * (1/s) (x_c - m <= 0, exact near the max);
+                # otherwise exp(x_c - m) * a with m = lse = +-inf/nan gives the reference's
+                # 0 / nan entries
+                mf = ftype(m)
                 gs = gscale[i] if want_grad else 0.0  # gscale is a dummy without a gradient
-                a = ftype(gs * ((1.0 - eps) * wt + eps / c * wsum + 2.0 * zl * lse))
+                a = gs * ((1.0 - eps) * wt + eps / c * wsum + 2.0 * zl * lse)
+                pa = ftype(a / s) if finite else ftype(a)
                 b = ftype(gs * (eps / c))
                 at_t = ftype(gs * (1.0 - eps) * wt)
                 for j in range(cuda.threadIdx.x, c, cuda.blockDim.x):
                     v = x[i, j]
                     wj = w[j] if has_w else ftype(1.0)
                     if eps != 0:
-                        d = lse - v
+                        # -log p_c = log s - (x_c - m); lse - x_c without a finite max
+                        d = ls - (float64(v) - m) if finite else lse - v
                         if d != 0:  # w_c * 0 stays 0 even for w_c = 0 (and no 0 * inf)
                             sm += float64(wj) * d
                     if want_grad:
-                        gv = math.exp(v - lf) * a
+                        gv = math.exp(v - mf) * pa
                         if eps != 0:
                             gv -= b * wj
                         if j == t:
@@ -324,7 +344,9 @@ def _make_ce_hard(ftype):
             sm = _block_sum(sh, sm)
             if ok and cuda.threadIdx.x == 0:
                 if keep:
-                    nll = lse - xt  # +inf when x[t] = -inf (lse is finite then)
+                    # -log p_t = log s - (x_t - m): +inf when x[t] = -inf.  Not lse - x_t,
+                    # which loses log s next to a large m (see the module docstring)
+                    nll = ls - (xt - m) if finite else lse - xt
                     row = (1.0 - eps) * wt * nll
                     if eps != 0:
                         row += eps / c * sm
@@ -343,7 +365,8 @@ def _make_ce_soft(ftype):
 
     ``y' = ((1-eps) y + eps/C) w``; loss ``sum_c y'_c (lse - x_c) + z lse**2`` (a term with
     ``y'_c = 0`` is 0 even where ``x_c = -inf``); gradient ``gs (p_c a - y'_c)`` with
-    ``a = sum_c y'_c + 2 z lse``.
+    ``a = sum_c y'_c + 2 z lse``.  ``lse - x_c`` is formed as ``log s - (x_c - max)`` and
+    ``p_c`` as ``exp(x_c - max) / s`` (see the module docstring).
     """
 
     @cuda.jit
@@ -371,21 +394,25 @@ def _make_ce_soft(ftype):
                     ysum += yj
             s = _block_sum(sh, s)
             ysum = _block_sum(sh, ysum)
-            lse = m + math.log(s) if finite else m
+            ls = math.log(s) if finite else 0.0  # log s; s >= 1 when finite
+            lse = m + ls if finite else m  # nan, +inf or -inf when the max is not finite
             tot = 0.0
             if ok:
-                lf = ftype(lse)
+                # finite max: p_c = exp(x_c - m) * (1/s); otherwise exp(x_c - m) * a, m = lse
+                mf = ftype(m)
                 gs = gscale[i] if want_grad else 0.0  # gscale is a dummy without a gradient
-                a = ftype(gs * (ysum + 2.0 * zl * lse))
+                a = gs * (ysum + 2.0 * zl * lse)
+                pa = ftype(a / s) if finite else ftype(a)
                 for j in range(cuda.threadIdx.x, c, cuda.blockDim.x):
                     v = x[i, j]  # read x and y before the write: grad may be x
                     yj = (1.0 - eps) * y[i, j] + eps / c
                     if has_w:
                         yj *= w[j]
                     if yj != 0:
-                        tot += yj * (lse - v)
+                        # -log p_c = log s - (x_c - m), not lse - x_c
+                        tot += yj * (ls - (float64(v) - m) if finite else lse - v)
                     if want_grad:
-                        grad[i, j] = math.exp(v - lf) * a - ftype(gs * yj)
+                        grad[i, j] = math.exp(v - mf) * pa - ftype(gs * yj)
             tot = _block_sum(sh, tot)
             if ok and cuda.threadIdx.x == 0:
                 loss[i] = tot + zl * lse * lse if zl != 0 else tot

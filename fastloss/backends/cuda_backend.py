@@ -1172,7 +1172,7 @@ def _dc_gaussian_nll(ctx, input, target, var, full=False, eps=1e-6, reduction="m
 
         if _first_bad("check_range", vd.dtype, (_as2_any(ctx, vd), 0.0, math.inf), ctx.stream, total_of(vshape)):
             var_error()
-        vdt = np.dtype(vd.dtype) if np.dtype(vd.dtype) in V._NATIVE else cdt
+        vdt = np.dtype(vd.dtype)  # d_var has var's dtype, like every gradient (float16 too)
         vd = _bcast_view(vd, shape)
 
     def d_var(g2, order):
