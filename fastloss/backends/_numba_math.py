@@ -38,6 +38,7 @@ and are cached inside those kernels' cached machine code (see ``_JIT`` below).
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
@@ -135,6 +136,27 @@ def _pow2(typingctx, kf):
         return builder.bitcast(b, ir.DoubleType())
 
     return kf(kf), codegen
+
+
+if numba.config.DISABLE_JIT:
+    # NUMBA_DISABLE_JIT=1 (used for coverage runs and for debugging) runs every ``@njit``
+    # function as plain Python, but an ``@intrinsic`` cannot be called from Python: these
+    # NumPy equivalents take their place then (the compiled code never sees them).
+    def _f64_bits(x):
+        return np.float64(x).view(np.int64)
+
+    def _bits_f64(i):
+        return np.uint64(int(i) & 0xFFFFFFFFFFFFFFFF).view(np.float64)
+
+    def _f32_bits(x):
+        return np.float32(x).view(np.int32)
+
+    def _bits_f32(i):
+        return np.uint32(int(i) & 0xFFFFFFFF).view(np.float32)
+
+    def _pow2(kf):
+        dt = np.float32 if isinstance(kf, np.float32) else np.float64
+        return dt(np.ldexp(dt(1.0), int(kf)))
 
 
 # ----------------------------------------------------------------------------- exp
@@ -379,8 +401,14 @@ def neg_log_p(log_s, x, shift):
 
 # ----------------------------------------------------------------------------- dispatch
 def _make_dispatch(name, f32, f64, doc):
-    def stub(x):  # pragma: no cover - only ever called from jitted code
-        raise NotImplementedError(f"{name} is callable from Numba-compiled code only")
+    if numba.config.DISABLE_JIT:
+        # plain-Python mode: dispatch on the NumPy scalar type as the overload below does
+        # on the Numba type (anything not float32 -- float64, Python float, int -- is float64)
+        def stub(x):
+            return f32(x) if isinstance(x, np.float32) else f64(np.float64(x))
+    else:
+        def stub(x):  # pragma: no cover - only ever called from jitted code
+            raise NotImplementedError(f"{name} is callable from Numba-compiled code only")
 
     stub.__name__ = name
     stub.__doc__ = doc
@@ -409,9 +437,12 @@ vsoftplus = _make_dispatch("vsoftplus", softplus32, softplus64,
                            "Vectorizable ``softplus(x) = log(1 + exp(x))`` (float32/float64).")
 
 
-def cast_like(v, like):  # pragma: no cover - only ever called from jitted code
+def cast_like(v, like):
     """``v`` converted to the (floating) type of ``like``, inside jitted code."""
-    raise NotImplementedError("cast_like is callable from Numba-compiled code only")
+    if numba.config.DISABLE_JIT:  # plain-Python mode: the overload's rule on NumPy types
+        dt = like.dtype if isinstance(like, np.ndarray) else np.asarray(like).dtype
+        return np.float32(v) if dt == np.float32 else np.float64(v)
+    raise NotImplementedError("cast_like is callable from Numba-compiled code only")  # pragma: no cover
 
 
 @overload(cast_like)

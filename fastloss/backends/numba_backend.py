@@ -102,8 +102,10 @@ if numba is not None:
     _JIT = dict(nogil=True, fastmath=_FM, error_model="numpy")
     _PJIT = dict(_JIT, parallel=True, cache=True)
     _SJIT = dict(_JIT, cache=True)
+    _NOJIT = bool(numba.config.DISABLE_JIT)  # NUMBA_DISABLE_JIT=1: kernels run as Python
 else:  # pragma: no cover
     _JIT = _PJIT = _SJIT = {}
+    _NOJIT = False
 
     def njit(*a, **k):
         return lambda f: f
@@ -159,9 +161,20 @@ def _call(kern, work, *args):
     The caller's task decomposition (``_nblocks`` / ``_tasks``) already gives a single task
     when the call runs serially.  Serial kernels need no thread-pool set-up (``_Guard``).
     """
+    if _NOJIT:
+        # NUMBA_DISABLE_JIT=1 (coverage runs, debugging): the kernels are plain Python
+        # functions (``prange`` is ``range``) on NumPy scalars.  Compiled with
+        # error_model="numpy" they never warn; in Python, inf/nan arithmetic and integer
+        # wrap-around in the bit tricks would emit RuntimeWarnings, so they are silenced.
+        with np.errstate(all="ignore"):
+            return _call_jit(kern, work, *args)
+    return _call_jit(kern, work, *args)
+
+
+def _call_jit(kern, work, *args):
     if _force_mode == "serial" or (
             _force_mode is None and (work < _SERIAL_MAX or get_num_threads() == 1)):
-        return _SERIAL[kern.py_func.__name__](*args)
+        return _SERIAL[getattr(kern, "py_func", kern).__name__](*args)
     with _Guard():
         return kern(*args)
 
@@ -211,7 +224,8 @@ def _check_layer():
         if _layer_checked:
             return
         _launch_pool(np.zeros(2))
-        _serialize = numba.threading_layer() == "workqueue"
+        # without JIT no threading layer is ever started (prange is range): nothing to guard
+        _serialize = not _NOJIT and numba.threading_layer() == "workqueue"
         _layer_checked = True
 
 
