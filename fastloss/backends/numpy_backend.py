@@ -117,13 +117,14 @@ def log_softmax_backward(g, y, out):
 
 
 def _row_terms(x):
-    """float64 ``(lse, log s, d)`` and the softmax ``p`` of each row (see ``_shifted``)."""
+    """float64 ``lse`` and ``log s``, the shifted logits ``d`` and the softmax ``p`` of each row
+    (see ``_shifted``)."""
     m, d, s = _shifted(x)
     logs = _log(s.astype(np.float64))  # (N, 1)
     lse = logs + m.astype(np.float64)
     with np.errstate(invalid="ignore"):
         p = np.exp(d) / s  # exact 0 for a -inf logit; nan for a row without a defined softmax
-    return lse[:, 0], logs, d.astype(np.float64), p
+    return lse[:, 0], logs, d, p
 
 
 def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, loss, grad, gscale):
@@ -139,11 +140,11 @@ def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, loss
     eps = label_smoothing
     with np.errstate(invalid="ignore"):
         # -log p[t] = log s - (x[t] - m); an x[t] of -inf gives +inf
-        nll = logs[:, 0] - np.take_along_axis(d, t[:, None], axis=1)[:, 0]
+        nll = logs[:, 0] - np.take_along_axis(d, t[:, None], axis=1)[:, 0].astype(np.float64)
         row = (1.0 - eps) * wt * nll
         if eps:
             # sum_c w_c (-log p_c); a class with x_c = -inf contributes +inf, as in PyTorch
-            row = row + eps / c * np.sum(w.astype(np.float64) * (logs - d), axis=1)
+            row = row + eps / c * np.sum(w.astype(np.float64) * (logs - d.astype(np.float64)), axis=1)
     if z_loss:
         row = row + z_loss * lse * lse
     loss[...] = np.where(keep, row, 0.0)
@@ -174,7 +175,7 @@ def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, loss, grad, g
     lse, logs, d, p = _row_terms(x)
     with np.errstate(invalid="ignore"):
         # 0 * inf terms (a masked class with zero target mass) contribute 0, not nan
-        terms = np.where(y == 0, 0.0, y * (logs - d))
+        terms = np.where(y == 0, 0.0, y * (logs - d.astype(np.float64)))
     row = np.sum(terms, axis=1)
     if z_loss:
         row = row + z_loss * lse * lse
