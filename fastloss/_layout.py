@@ -62,9 +62,11 @@ class Layout:
         """The N-d array (shaped like ``x``) whose 2-D view is the C-contiguous ``buf2d``."""
         if self.transpose:
             return buf2d.reshape(self.shape[::-1]).T
-        moved_shape = tuple(np.moveaxis(np.empty(self.shape, dtype=np.bool_), self.src, self.dst).shape) if self.src != self.dst else self.shape
-        m = buf2d.reshape(moved_shape)
-        return np.moveaxis(m, self.dst, self.src) if self.src != self.dst else m
+        if self.src == self.dst:
+            return buf2d.reshape(self.shape)
+        # the moved shape: the other axes in order, then the class axes in the order of src
+        moved = [s for i, s in enumerate(self.shape) if i not in self.src] + [self.shape[i] for i in self.src]
+        return np.moveaxis(buf2d.reshape(moved), self.dst, self.src)
 
     def output(self, user, out_dtype, cdt):
         """A 2-D compute buffer of dtype ``cdt`` for an output shaped like ``x``, and a
