@@ -13,7 +13,8 @@ Algorithms (float32 and float64 variants; ``vexp`` & co. dispatch on the argumen
     into a high part (exact products ``k*ln2_hi``) and a low part (Cody-Waite), then a
     polynomial for ``exp(r)`` (Cephes' degree-5 minimax for float32, the degree-12 Taylor
     polynomial for float64, truncation error < 2e-16), and the scaling by ``2**k`` done by
-    writing ``k + bias`` into the exponent field.  ``x`` is first clamped to the range whose
+    writing ``k + bias`` into the exponent field (32-bit integer ops, ``_ldexp_split``).
+    ``x`` is first clamped to the range whose
     results are representable (``[-104, 89]`` / ``[-746, 710]``) and ``2**k`` is applied as two
     factors ``2**(k//2) * 2**(k - k//2)``, each a normal number, so that overflow gives ``+inf``,
     results in the subnormal range are rounded once (gradual underflow) and ``exp(-inf) = 0``.
@@ -22,9 +23,10 @@ Algorithms (float32 and float64 variants; ``vexp`` & co. dispatch on the argumen
     ``x = 2**k * m`` with ``m`` in ``[sqrt(1/2), sqrt(2))`` from the bits (subnormal inputs are
     first scaled by ``2**54`` / ``2**25``), ``f = m - 1``, and fdlibm's ``log(1+f)`` kernel
     (float64: ``s = f/(2+f)`` and a degree-14 odd series) or Cephes' ``logf`` polynomial
-    (float32).  ``k`` is converted to floating point by the "magic number" trick (or-ing it into
-    the mantissa of ``2**52`` and subtracting) because AVX2 has no packed int64 -> double
-    conversion.  Specials: ``log(0) = -inf``, ``log(x<0) = nan``, ``log(inf) = inf``, NaN -> NaN.
+    (float32).  float64: ``k`` is converted to floating point by the "magic number" trick
+    (or-ing it into the mantissa of ``2**52`` and subtracting) because AVX2 has no packed
+    int64 -> double conversion.  float32: the bit manipulation is written in LLVM IR on int32
+    (``_frexp32``), since Numba would promote it to 4-lane int64 vectors.  Specials: ``log(0) = -inf``, ``log(x<0) = nan``, ``log(inf) = inf``, NaN -> NaN.
 ``log1p(x)``
     ``u = 1 + x``; ``log(u) + (x - (u - 1)) / u`` -- the correction term restores the bits of
     ``x`` lost in rounding ``1 + x``.  This identity relies on exact IEEE evaluation order, which
@@ -86,56 +88,68 @@ def _bits_f64(typingctx, i):
 
 
 @intrinsic
-def _f32_bits(typingctx, x):
-    """Reinterpret a float32 as int32."""
-    if x != types.float32:
-        return None
+def _ldexp_split(typingctx, y, kf):
+    """``y * 2**k1 * 2**(k - k1)`` with ``k1 = k >> 1``, for an integral float ``kf``.
 
-    def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.int32(types.float32), codegen
-
-
-@intrinsic
-def _bits_f32(typingctx, i):
-    """Reinterpret the low 32 bits of an integer as float32."""
-    if not isinstance(i, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        v = args[0]
-        if v.type.width != 32:
-            v = builder.trunc(v, ir.IntType(32)) if v.type.width > 32 else builder.sext(v, ir.IntType(32))
-        return builder.bitcast(v, ir.FloatType())
-
-    return types.float32(i), codegen
-
-
-@intrinsic
-def _pow2(typingctx, kf):
-    """``2.0**kf`` for an integral float ``kf`` inside the normal exponent range.
-
-    Written in LLVM IR so that the integer part stays 32-bit (Numba would promote it to
-    int64, and AVX2 has no packed double <-> int64 conversion): ``fptosi`` to i32, add the
-    exponent bias, shift into the exponent field, bitcast.  The caller guarantees ``kf`` is
-    finite and in range.
+    The scaling of ``exp``: two factors, each a normal number over the whole clamped range
+    of ``k``, so that a result in the subnormal range is rounded once (by the last multiply)
+    and an overflow gives ``inf``.  The halving is an arithmetic shift of the 32-bit integer
+    -- one instruction, against a multiply, a rounding and a subtraction in floating point.
+    A NaN ``kf`` gives an unspecified ``k``; the caller's final select discards that lane.
     """
-    if kf not in (types.float32, types.float64):
+    if kf not in (types.float32, types.float64) or y != kf:
         return None
 
     def codegen(context, builder, sig, args):
         i32 = ir.IntType(32)
-        k = builder.fptosi(args[0], i32)
+        yv, kv = args
+        k = builder.fptosi(kv, i32)
+        k1 = builder.ashr(k, ir.Constant(i32, 1))
+        k2 = builder.sub(k, k1)
         if sig.return_type == types.float32:
-            b = builder.shl(builder.add(k, ir.Constant(i32, 127)), ir.Constant(i32, 23))
-            return builder.bitcast(b, ir.FloatType())
-        i64 = ir.IntType(64)
-        b = builder.sext(builder.add(k, ir.Constant(i32, 1023)), i64)
-        b = builder.shl(b, ir.Constant(i64, 52))
-        return builder.bitcast(b, ir.DoubleType())
+            def p2(e):
+                b = builder.shl(builder.add(e, ir.Constant(i32, 127)), ir.Constant(i32, 23))
+                return builder.bitcast(b, ir.FloatType())
+        else:
+            i64 = ir.IntType(64)
 
-    return kf(kf), codegen
+            def p2(e):
+                b = builder.sext(builder.add(e, ir.Constant(i32, 1023)), i64)
+                return builder.bitcast(builder.shl(b, ir.Constant(i64, 52)), ir.DoubleType())
+        return builder.fmul(builder.fmul(yv, p2(k1)), p2(k2))
+
+    return kf(kf, kf), codegen
+
+
+_SQRTH_BITS = 0x3F3504F3  # bits of float32 sqrt(1/2)
+
+
+@intrinsic
+def _frexp32(typingctx, x):
+    """``(m, k)`` with ``x = 2**k * m``, ``m`` in ``[sqrt(1/2), sqrt(2))``, for a positive
+    normal float32 ``x`` (``k`` as float32).
+
+    In LLVM IR because Numba promotes int32 arithmetic to int64: written in Python, the bit
+    manipulation would run on 4-lane int64 vectors with conversions in and out, three times
+    slower than these 8-lane int32 instructions.  The exponent field is counted from
+    ``sqrt(1/2)`` by adding ``0x3F800000 - bits(sqrt(1/2))`` first, so that the mantissa lands
+    in ``[sqrt(1/2), sqrt(2))`` and ``k`` is a plain shift.  Garbage for zero, negative,
+    subnormal, inf and NaN input: the caller handles those.
+    """
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        ix = builder.add(builder.bitcast(args[0], i32), ir.Constant(i32, 0x3F800000 - _SQRTH_BITS))
+        mb = builder.add(builder.and_(ix, ir.Constant(i32, 0x007FFFFF)), ir.Constant(i32, _SQRTH_BITS))
+        m = builder.bitcast(mb, ir.FloatType())
+        k = builder.sub(builder.and_(builder.lshr(ix, ir.Constant(i32, 23)), ir.Constant(i32, 0x1FF)),
+                        ir.Constant(i32, 127))
+        kf = builder.sitofp(k, ir.FloatType())
+        return context.make_tuple(builder, sig.return_type, (m, kf))
+
+    return types.UniTuple(types.float32, 2)(types.float32), codegen
 
 
 if numba.config.DISABLE_JIT:
@@ -148,15 +162,16 @@ if numba.config.DISABLE_JIT:
     def _bits_f64(i):
         return np.uint64(int(i) & 0xFFFFFFFFFFFFFFFF).view(np.float64)
 
-    def _f32_bits(x):
-        return np.float32(x).view(np.int32)
+    def _frexp32(x):
+        ix = (int(np.float32(x).view(np.int32)) + (0x3F800000 - _SQRTH_BITS)) & 0xFFFFFFFF
+        m = np.uint32(((ix & 0x007FFFFF) + _SQRTH_BITS) & 0xFFFFFFFF).view(np.float32)
+        return m, np.float32(((ix >> 23) & 0x1FF) - 127)
 
-    def _bits_f32(i):
-        return np.uint32(int(i) & 0xFFFFFFFF).view(np.float32)
-
-    def _pow2(kf):
-        dt = np.float32 if isinstance(kf, np.float32) else np.float64
-        return dt(np.ldexp(dt(1.0), int(kf)))
+    def _ldexp_split(y, kf):
+        dt = np.float32 if isinstance(y, np.float32) else np.float64
+        k = int(kf)
+        k1 = k >> 1
+        return dt(dt(y * np.ldexp(dt(1.0), k1)) * np.ldexp(dt(1.0), k - k1))
 
 
 # ----------------------------------------------------------------------------- exp
@@ -180,8 +195,10 @@ _ZERO_32 = _F32(0.0)
 @njit(**_JIT)
 def exp32(x):
     """float32 ``exp(x)``, vectorizable, ~1 ulp; see the module docstring."""
-    xc = x if x > _LO_32 else _LO_32  # NaN -> LO here; fixed by the final select
-    xc = xc if xc < _HI_32 else _HI_32
+    # clamps in the operand order of vmaxps / vminps (one instruction each, not a compare and
+    # a blend); a NaN x passes through them, and the final select returns it
+    xc = _LO_32 if _LO_32 > x else x
+    xc = _HI_32 if _HI_32 < xc else xc
     k = np.rint(xc * _LOG2E_32)
     r = xc - k * _C1_32
     r = r - k * _C2_32
@@ -192,8 +209,7 @@ def exp32(x):
     p = p * r + _P4_32
     p = p * r + _P5_32
     y = p * r2 + r + _ONE_32
-    k1 = np.rint(k * _HALF_32)
-    y = y * _pow2(k1) * _pow2(k - k1)
+    y = _ldexp_split(y, k)
     return y if x == x else x
 
 
@@ -209,8 +225,8 @@ _T2, _T3, _T4, _T5, _T6, _T7, _T8, _T9, _T10, _T11, _T12 = _T[2:]
 @njit(**_JIT)
 def exp64(x):
     """float64 ``exp(x)``, vectorizable, ~1 ulp; see the module docstring."""
-    xc = x if x > _LO_64 else _LO_64
-    xc = xc if xc < _HI_64 else _HI_64
+    xc = _LO_64 if _LO_64 > x else x  # vmaxpd / vminpd, as in exp32
+    xc = _HI_64 if _HI_64 < xc else xc
     k = np.rint(xc * _LOG2E_64)
     r = xc - k * _LN2HI_64
     r = r - k * _LN2LO_64
@@ -226,8 +242,7 @@ def exp64(x):
     p = p * r + _T2
     p = p * r + 1.0
     y = p * r + 1.0
-    k1 = np.rint(k * 0.5)
-    y = y * _pow2(k1) * _pow2(k - k1)
+    y = _ldexp_split(y, k)
     return y if x == x else x
 
 
@@ -241,8 +256,6 @@ _TWO25_32 = _F32(2.0**25)
 _M25_32 = _F32(-25.0)
 _INF_32 = _F32(np.inf)
 _NAN_32 = _F32(np.nan)
-_MAGIC_32 = _F32(2.0**23)  # 2**23 + n has the integer n in its low mantissa bits
-_MAGICB_32 = _F32(2.0**23 + 127)
 
 
 @njit(**_JIT)
@@ -250,10 +263,7 @@ def log32(x):
     """float32 ``log(x)`` (Cephes ``logf`` kernel), vectorizable; see the module docstring."""
     sub = x < _MINNORM_32
     xs = x * _TWO25_32 if sub else x
-    # shift the bits so that the exponent field counts from sqrt(1/2): m in [sqrt(.5), sqrt(2))
-    ix = _f32_bits(xs) + (0x3F800000 - 0x3F3504F3)
-    m = _bits_f32((ix & 0x007FFFFF) + 0x3F3504F3)
-    kf = _bits_f32(((ix >> 23) & 0x1FF) | 0x4B000000) - _MAGICB_32  # biased exponent -> float
+    m, kf = _frexp32(xs)  # xs = 2**kf * m, m in [sqrt(1/2), sqrt(2))
     kf = kf + _M25_32 if sub else kf
     f = m - _ONE_32
     z = f * f
