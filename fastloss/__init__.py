@@ -49,7 +49,15 @@ __all__ = [
 ]
 
 
-def warmup(backends=None, verbose=False):
+def _check_choice(name, values, allowed):
+    vals = [values] if isinstance(values, str) else list(values)
+    bad = [v for v in vals if v not in allowed]
+    if bad or not vals:
+        raise ValueError(f"warmup(): {name} must be a non-empty selection of {allowed}, found {vals!r}")
+    return vals
+
+
+def warmup(backends=None, verbose=False, dtypes=None, layouts=None):
     """Compile (and cache on disk) every kernel of the compiled CPU backends ahead of use.
 
     Parameters
@@ -59,6 +67,12 @@ def warmup(backends=None, verbose=False):
         (``numba``; the ``cython`` backend is compiled ahead of time and needs none).
     verbose : bool
         Print what is compiled and how long it took.
+    dtypes : iterable of {"float32", "float64"}, optional
+        Compute dtypes to compile for (default both; float16 input computes in float32).
+    layouts : iterable of {"C", "A"}, optional
+        ``"C"``: C-contiguous operands; ``"A"``: strided, broadcast and Fortran-ordered ones
+        (default both).  Warming only what a program uses (say ``dtypes=["float32"],
+        layouts=["C"]``) takes about a quarter of the time of everything.
 
     Returns
     -------
@@ -81,8 +95,13 @@ def warmup(backends=None, verbose=False):
         hook = getattr(mod, "warmup", None)
         if hook is None:
             continue
+        opts = {}
+        if dtypes is not None:
+            opts["dtypes"] = tuple(_check_choice("dtypes", dtypes, ("float32", "float64")))
+        if layouts is not None:
+            opts["layouts"] = tuple(_check_choice("layouts", layouts, ("C", "A")))
         t0 = time.perf_counter()
-        hook()
+        hook(**opts)
         done[name] = time.perf_counter() - t0
         if verbose:
             print(f"{name}: compiled in {done[name]:.1f} s")

@@ -73,7 +73,7 @@ def cmd_warmup(args) -> int:
     import fastloss as fl
 
     names = args.backend or None
-    done = fl.warmup(names, verbose=True)
+    done = fl.warmup(names, verbose=True, dtypes=args.dtype, layouts=args.layout)
     if not done:
         print("nothing to compile: no JIT backend is available (see `fastloss info`)")
     return 0
@@ -91,6 +91,10 @@ def main(argv=None) -> int:
     p_bench.set_defaults(func=_bench.run)
     p_warm = sub.add_parser("warmup", help="compile and cache every Numba kernel ahead of use")
     p_warm.add_argument("--backend", action="append", help="backend to warm up (default: all JIT backends)")
+    p_warm.add_argument("--dtype", action="append", choices=["float32", "float64"],
+                        help="compute dtype to compile for (repeatable; default both)")
+    p_warm.add_argument("--layout", action="append", choices=["C", "A"],
+                        help="C: C-contiguous operands; A: strided/Fortran-order ones (repeatable; default both)")
     p_warm.set_defaults(func=cmd_warmup)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)

@@ -68,3 +68,37 @@ def test_warmup_calls_each_backends_hook(monkeypatch, capsys):
     done = fl.warmup(verbose=True)
     assert calls == ["fake"] and list(done) == ["numba"] and done["numba"] >= 0
     assert "numba: compiled in" in capsys.readouterr().out
+
+
+def test_warmup_passes_dtype_and_layout_selection(monkeypatch):
+    from fastloss._dispatch import _reg as reg
+
+    seen = []
+
+    class Fake:
+        @staticmethod
+        def warmup(**opts):
+            seen.append(opts)
+
+    monkeypatch.setattr(reg, "get", lambda name: Fake if name == "numba" else object())
+    fl.warmup(dtypes=["float32"], layouts="C")
+    assert seen == [{"dtypes": ("float32",), "layouts": ("C",)}]
+    assert _cli.main(["warmup", "--dtype", "float64", "--layout", "A", "--layout", "C"]) == 0
+    assert seen[-1] == {"dtypes": ("float64",), "layouts": ("A", "C")}
+    with pytest.raises(ValueError, match="dtypes"):
+        fl.warmup(dtypes=["float16"])
+    with pytest.raises(ValueError, match="layouts"):
+        fl.warmup(layouts=[])
+
+
+def test_numba_warmup_subset_compiles_only_that_subset():
+    """A float32 / C-order warm-up calls a quarter of the full set of kernel entry points."""
+    import importlib
+
+    nb = importlib.import_module("fastloss.backends.numba_backend")
+    if fl.backends()["numba"].available is False:
+        pytest.skip("numba unavailable")
+    calls = []
+    n = nb.warmup(dtypes=("float32",), layouts=("C",), progress=lambda d, t, label: calls.append(label))
+    assert n == len(calls) > 0
+    assert all("float32" in c and " C" in c and "float64" not in c for c in calls)
