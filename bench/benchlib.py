@@ -238,3 +238,170 @@ def run(benchmark, spec):
         best = stats.stats.min
         benchmark.extra_info["GB/s (best)"] = round(case.nbytes / best / 1e9, 3)
         benchmark.extra_info["GB/s (median)"] = round(case.nbytes / stats.stats.median / 1e9, 3)
+
+
+# ------------------------------------------------------------------------------ goal workloads
+# The workloads of bench/goals.py (the speed goals of the numba and cython issues), as
+# pytest-benchmark groups: one group per workload and dtype holding the memcpy, the numpy
+# backend, the compiled backends and JAX.  The goal table is computed at the end of the
+# session from the same run's stats (conftest.py).
+GOAL_BASELINES = ("memcpy", "numpy")
+GOAL_IMPLS = GOAL_BASELINES + ("numba", "cython", "jax")
+
+
+def benchmarks_disabled(config) -> bool:
+    """True when pytest-benchmark runs each benchmark once, untimed (``--benchmark-disable``,
+    or disabled automatically, e.g. under xdist), or is not installed."""
+    bs = getattr(config, "_benchmarksession", None)
+    if bs is not None:
+        return bool(bs.disabled)
+    try:
+        return bool(config.getoption("benchmark_disable")) and not config.getoption("benchmark_enable")
+    except ValueError:  # pytest-benchmark is not installed: the benchmark tests error out anyway
+        return True
+
+
+@dataclass(frozen=True)
+class GoalSpec:
+    key: str  # the workload's key in goals.WORKLOADS
+    dtype: str
+    impl: str  # memcpy, numpy, numba, cython or jax
+    reduced: bool  # the workload's reduced shape (checks only) instead of its goal shape
+
+    @property
+    def workload(self):
+        import goals
+
+        return goals.BY_KEY[self.key]
+
+    @property
+    def shape(self):
+        w = self.workload
+        return w.reduced if self.reduced else w.shape
+
+    @property
+    def id(self):
+        return f"{self.key}-{self.dtype}-{self.impl}"
+
+    @property
+    def group(self):
+        return f"goal: {self.workload.name(self.shape)} {self.dtype}" + (" (reduced shape)" if self.reduced else "")
+
+
+def goal_specs(dtypes, impls, reduced):
+    """Every goal workload x dtype x implementation, as ``pytest.param``s.
+
+    The memcpy and numpy baselines always run (the goals are ratios to them); ``impls``
+    selects among the rest.  JAX runs float32 only (see ``goals.jax_callable``).  Ordered so
+    that a workload's implementations are adjacent and the baselines come first.
+    """
+    import goals
+
+    chosen = [i for i in GOAL_IMPLS if i in GOAL_BASELINES or i in impls]
+    out = []
+    for dt in dtypes:
+        for w in goals.WORKLOADS:
+            for impl in chosen:
+                if impl == "jax" and dt != "float32":
+                    continue
+                s = GoalSpec(w.key, dt, impl, reduced)
+                marks = [] if reduced else [pytest.mark.large]
+                out.append(pytest.param(s, id=s.id, marks=marks))
+    return out
+
+
+_goal_cache: dict = {}
+
+
+def goal_case_and_reference(spec):
+    """The workload's inputs and the numpy backend's result on them, built once per workload.
+
+    One workload is kept at a time (the largest holds ~0.8 GB of inputs, gradient and copy).
+    """
+    import goals
+
+    key = (spec.key, spec.dtype, spec.shape)
+    if key not in _goal_cache:
+        _goal_cache.clear()
+        case = goals.build_case(spec.workload, spec.dtype, spec.shape)
+        _goal_cache[key] = (case, _bench.outputs(case.call("numpy")))
+    return _goal_cache[key]
+
+
+def goal_callable(spec, case):
+    """A zero-argument callable running ``spec.impl`` on ``case`` (skips when unavailable)."""
+    import goals
+
+    if spec.impl == "memcpy":
+        return case.memcpy()
+    if spec.impl == "jax":
+        try:
+            return goals.jax_callable(case)
+        except goals.Unavailable as e:
+            pytest.skip(str(e))
+    import fastloss as fl
+
+    st = fl.backends()[spec.impl]
+    if not st.available:
+        pytest.skip(f"backend {spec.impl} unavailable: {st.reason}")
+    return lambda: case.call(spec.impl)
+
+
+def run_goal(benchmark, spec, record):
+    """Benchmark one goal implementation, check its result, and record its stats in ``record``."""
+    import fastloss as fl
+
+    record["ran"] = True
+    case, ref = goal_case_and_reference(spec)
+    try:
+        fn = goal_callable(spec, case)
+    except pytest.skip.Exception as e:  # the goal table says why this implementation is missing
+        record["not_run"][spec.impl] = str(e)
+        raise
+    benchmark.group = spec.group
+    benchmark.extra_info.update(impl=spec.impl, workload=spec.key, shape="x".join(map(str, spec.shape)),
+                                dtype=spec.dtype, logits_bytes=case.logits.nbytes, reduced_shape=spec.reduced,
+                                threads=fl.get_num_threads(),
+                                note="np.copyto of the logits" if spec.impl == "memcpy" else
+                                "fresh gradient (JAX)" if spec.impl == "jax" else "grad_out reused")
+    if not benchmark.disabled:
+        fn()  # warm-up outside the timing: JIT compilation, XLA compilation, page faults
+    result = benchmark(fn)
+    if spec.impl == "memcpy":
+        assert np.array_equal(result, case.logits), "np.copyto produced a different array"
+    else:
+        ok, err = _bench.compare(ref, _bench.outputs(_to_numpy(result)), case.dtype)
+        assert ok, f"{spec.impl} disagrees with the numpy backend on {spec.group}: max relative error {err:.3g}"
+    del result
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None:
+        record["times"].setdefault((spec.key, spec.dtype), {})[spec.impl] = stats.stats.min
+        record["infos"][(spec.key, spec.dtype, spec.impl)] = benchmark.extra_info
+        record["reduced"] |= spec.reduced
+
+
+def finish_goals(record):
+    """Evaluate the goals from the recorded times; put each benchmark's ratios and verdicts in
+    its ``extra_info`` (before pytest-benchmark saves them)."""
+    import goals
+
+    times = record["times"]
+    record["goals"] = goals.evaluate(times, record.get("startup"), record.get("not_run"),
+                                     reduced=record["reduced"])
+    for (key, dt, impl), info in record["infos"].items():
+        t = times[(key, dt)]
+        mine = t[impl]
+        ratios = {}
+        if impl != "memcpy" and "memcpy" in t:
+            ratios["time / memcpy"] = round(mine / t["memcpy"], 4)
+        if impl not in ("memcpy", "numpy") and "numpy" in t:
+            ratios["speedup vs numpy"] = round(t["numpy"] / mine, 4)
+        if impl == "cython" and "numba" in t:
+            ratios["time / numba"] = round(mine / t["numba"], 4)
+        if impl in ("numba", "cython") and "jax" in t:
+            ratios["time / jax"] = round(mine / t["jax"], 4)
+        info["goal ratios"] = ratios
+        verdicts = [{"measure": g["measure"], "value": g["value"], "goal": g["target"], "verdict": g["verdict"]}
+                    for g in record["goals"] if g["workload"] == key and g["dtype"] == dt and g["backend"] == impl]
+        if verdicts:
+            info["goals"] = verdicts

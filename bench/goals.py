@@ -1,88 +1,789 @@
-"""The speed goals of the compiled CPU backends, as ratios measured in one run.
+"""The speed and start-up goals of fastloss, measured in one run, with a verdict per goal.
 
-For each goal workload: the best time of each backend through the public API (gradients into a
-reused ``grad_out``), the NumPy backend, and ``np.copyto`` of the same logits into a
-preallocated array (memcpy).  Prints ``time``, ``x memcpy`` (lower is better) and ``x numpy``
-(speedup, higher is better) next to the goal of the numba issue.
+The goals (numba issue): float32, the library's threads (2 on the development machine),
+gradients into a reused ``grad_out``; *memcpy* is ``np.copyto`` of the same logits into a
+preallocated array, *numpy* is fastloss's own ``numpy`` backend:
+
+=========================================================  ==========================================
+cross_entropy fwd+grad 2048x32000                          <= 2.0x memcpy, >= 6x numpy, faster than
+                                                           JAX ``jit(value_and_grad)`` on the CPU
+cross_entropy fwd+grad 8192x1000                           <= 2.0x memcpy, >= 7x numpy
+cross_entropy fwd+grad 262144x10                           <= 4x memcpy, >= 5x numpy
+logsumexp 2048x32000                                       <= 1.0x memcpy, >= 8x numpy
+binary_cross_entropy_with_logits fwd+grad, 16M elements    <= 2.5x memcpy, >= 10x numpy
+float64, the same shapes                                   >= 4x numpy
+start-up                                                   ``import fastloss`` < 0.5 s; the first
+                                                           call with a warm Numba cache < 0.5 s
+=========================================================  ==========================================
+
+and (cython issue): the ``cython`` backend within 1.5x of the ``numba`` backend's time on each
+workload, >= 5x numpy on cross_entropy 2048x32000 float32, and its first call after import
+< 10 ms on a 1000x1000 input.
+
+Method
+------
+* Each workload's inputs are built once; then, in this order and in the same process: the
+  memcpy, the numpy backend, each compiled backend, the JAX peer.  Every implementation gets
+  one untimed warm-up call (Numba compilation or cache load, page faults of fresh outputs,
+  JAX tracing and XLA compilation) whose result is checked against the numpy backend's, then
+  ``--reps`` timed calls (numpy: half as many, at least 2).  The *best* time is used for the
+  ratios -- on a shared machine noise only ever adds time -- and the median is reported too.
+* ``cpu/wall`` is the process CPU time over the wall time of the timed calls: the number of
+  cores the implementation kept busy on average.  JAX (XLA's CPU client) sizes its thread
+  pool to every usable core and has no thread-count knob short of disabling multithreading,
+  so the JAX comparison is at equal threads only when fastloss's thread count equals the
+  machine's usable cores (true on the 2-core development machine); a mismatch is flagged.
+* The JAX peer is written the idiomatic way -- ``jax.jit(jax.value_and_grad(loss))`` with
+  ``loss = -mean(take_along_axis(jax.nn.log_softmax(x), t))``, integer targets,
+  ``jax.block_until_ready`` -- on ``jax.device_put`` inputs.  It returns a fresh gradient
+  each call (JAX arrays are immutable): that is what a JAX user gets.  Float32 only.
+* Start-up is measured in fresh Python processes (``sys.executable``, the same fastloss):
+  the time of ``import numpy; import fastloss`` (numpy included: a user pays it), and the
+  time of the first ``fl.cross_entropy(x, t, return_grad=True)`` on a 1000x1000 float32 input
+  after import -- the default backend (``auto``, which picks ``numba`` when it imports) after
+  a throwaway process has run the same call to warm Numba's on-disk cache, and
+  ``backend="cython"``.  The median (and best) of ``--startup-runs`` processes is reported;
+  the verdict uses the median.
 
 Usage::
 
-    python bench/goals.py                   # numba and cython, float32 and float64
+    python bench/goals.py                        # every goal: numba, cython, JAX, start-up
     python bench/goals.py --backend cython --dtype float32 ce
+    python bench/goals.py --json goals.json      # every number, the machine and the verdicts
+    python bench/goals.py --no-jax --no-startup  # the throughput goals only
+
+Positional ``names`` select workloads: ``ce``, ``lse`` and ``bce`` select a family, anything
+else matches a substring of a workload's name (``2048x32000``) or key (``ce_8192x1000``).
+The exit status is 1 when an implementation failed or disagreed with the numpy backend;
+goals not met do not change it (they depend on the machine and its load).
 """
 from __future__ import annotations
 
 import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
 import time
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
 import fastloss as fl
+from fastloss import _bench
+
+SCHEMA = "fastloss-goals/1"
+
+COMPILED = ("numba", "cython")
+BASELINES = ("memcpy", "numpy")
+PEER = "jax"
+
+F64_MIN_NUMPY = 4.0  # float64, the same shapes: >= 4x numpy (numba issue)
+JAX_GOAL = "ce_2048x32000"  # the numba backend must beat JAX jit(value_and_grad) here
+CYTHON_MAX_VS_NUMBA = 1.5  # cython issue: within 1.5x of numba's time on each workload
+CYTHON_MIN_NUMPY = ("ce_2048x32000", "float32", 5.0)  # cython issue: >= 5x numpy here
+IMPORT_MAX = 0.5  # seconds: import fastloss (numba issue)
+FIRST_CALL_MAX = 0.5  # seconds: first call with a warm Numba cache (numba issue)
+CYTHON_FIRST_CALL_MAX = 0.010  # seconds: first cython call after import (cython issue)
+STARTUP_SHAPE = (1000, 1000)
+STARTUP_SUBJECT = f"fwd+grad {'x'.join(map(str, STARTUP_SHAPE))} float32"
 
 
-def best(f, reps):
-    f()  # warm-up: JIT compile / cache load, page faults of fresh outputs
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t)
-    return min(ts)
+# ============================================================================ workloads
+@dataclass(frozen=True)
+class Workload:
+    """One goal workload: a fused call on a fixed shape, with its float32 goals.
+
+    ``reduced`` is a shape ~100x smaller with the same class count (the same kernel path),
+    used where only correctness matters (``--tiny``, ``pytest --benchmark-disable``).
+    """
+
+    key: str
+    title: str
+    function: str  # "cross_entropy", "logsumexp" or "bce_with_logits"
+    shape: tuple
+    reduced: tuple
+    max_memcpy: float  # float32: time <= max_memcpy * memcpy time
+    min_numpy: float  # float32: numpy time >= min_numpy * time
+
+    @property
+    def family(self) -> str:
+        return self.key.split("_")[0]
+
+    def name(self, shape=None) -> str:
+        """``"cross_entropy fwd+grad 2048x32000"``; a 1-D shape in M/K elements (``16M``)."""
+        shape = self.shape if shape is None else tuple(shape)
+        if len(shape) == 1:
+            n = shape[0]
+            size = f"{n >> 20}M" if n % (1 << 20) == 0 else f"{n >> 10}K" if n % (1 << 10) == 0 else str(n)
+        else:
+            size = "x".join(map(str, shape))
+        return f"{self.title} {size}"
+
+    def matches(self, selector: str) -> bool:
+        if selector in ("ce", "lse", "bce"):
+            return self.family == selector
+        return selector in self.name() or selector in self.key
 
 
-def workloads(dt, rng):
-    def ce(n, c):
-        x = rng.normal(0, 2, (n, c)).astype(dt)
-        t = rng.integers(0, c, n)
+WORKLOADS = (
+    Workload("ce_2048x32000", "cross_entropy fwd+grad", "cross_entropy", (2048, 32000), (16, 32000), 2.0, 6.0),
+    Workload("ce_8192x1000", "cross_entropy fwd+grad", "cross_entropy", (8192, 1000), (128, 1000), 2.0, 7.0),
+    Workload("ce_262144x10", "cross_entropy fwd+grad", "cross_entropy", (262144, 10), (4096, 10), 4.0, 5.0),
+    Workload("lse_2048x32000", "logsumexp", "logsumexp", (2048, 32000), (16, 32000), 1.0, 8.0),
+    Workload("bce_16M", "bce_with_logits fwd+grad", "bce_with_logits", (1 << 24,), (1 << 16,), 2.5, 10.0),
+)
+BY_KEY = {w.key: w for w in WORKLOADS}
+
+
+def select(names) -> list:
+    """The workloads matching any of ``names`` (every workload when ``names`` is empty)."""
+    return [w for w in WORKLOADS if not names or any(w.matches(s) for s in names)]
+
+
+@dataclass
+class Case:
+    """A workload's inputs on one dtype and shape, ready to call on any implementation."""
+
+    workload: Workload
+    dtype: np.dtype
+    shape: tuple
+    arrays: dict  # name -> ndarray, the logits first
+    call: Callable[[str], Any]  # backend name -> the public call's result
+
+    @property
+    def logits(self) -> np.ndarray:
+        return next(iter(self.arrays.values()))
+
+    @property
+    def name(self) -> str:
+        return f"{self.workload.name(self.shape)} {self.dtype.name}"
+
+    def memcpy(self) -> Callable[[], np.ndarray]:
+        """``np.copyto`` of the logits into a preallocated array whose pages are already
+        faulted in; the callable returns the destination."""
+        src = self.logits
+        dst = np.zeros_like(src)  # zeros: its pages are touched now, not in the timed copy
+
+        def copy():
+            np.copyto(dst, src)
+            return dst
+
+        return copy
+
+
+def build_case(wl: Workload, dtype, shape=None, seed: int = 0) -> Case:
+    """Inputs of ``wl`` (its full shape unless ``shape`` is given), deterministic in ``seed``.
+
+    Cross-entropy: logits ~ N(0, 2^2), uniform int64 targets.  logsumexp: N(0, 2^2).  BCE:
+    logits ~ N(0, 3^2), soft targets ~ U[0, 1).  The gradient buffer is allocated once and
+    reused by every call (``grad_out=``), as a training loop does.
+    """
+    dt = np.dtype(dtype)
+    shape = wl.shape if shape is None else tuple(shape)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape, dtype=dt)
+    if wl.function == "cross_entropy":
+        x *= dt.type(2.0)
+        t = rng.integers(0, shape[1], shape[0], dtype=np.int64)
         g = np.empty_like(x)
-        return x, lambda be: fl.cross_entropy(x, t, return_grad=True, grad_out=g, backend=be)
-
-    def lse(n, c):
-        x = rng.normal(0, 2, (n, c)).astype(dt)
-        return x, lambda be: fl.logsumexp(x, backend=be)
-
-    def bce(n):
-        z = rng.normal(0, 3, n).astype(dt)
-        y = rng.random(n).astype(dt)
-        g = np.empty_like(z)
-        return z, lambda be: fl.binary_cross_entropy_with_logits(z, y, return_grad=True, grad_out=g, backend=be)
-
-    return [
-        ("cross_entropy fwd+grad 2048x32000", lambda: ce(2048, 32000), 2.0, 6),
-        ("cross_entropy fwd+grad 8192x1000", lambda: ce(8192, 1000), 2.0, 7),
-        ("cross_entropy fwd+grad 262144x10", lambda: ce(262144, 10), 4.0, 5),
-        ("logsumexp 2048x32000", lambda: lse(2048, 32000), 1.0, 8),
-        ("bce_with_logits fwd+grad 16M", lambda: bce(1 << 24), 2.5, 10),
-    ]
+        return Case(wl, dt, shape, {"logits": x, "target": t},
+                    lambda be: fl.cross_entropy(x, t, return_grad=True, grad_out=g, backend=be))
+    if wl.function == "logsumexp":
+        x *= dt.type(2.0)
+        return Case(wl, dt, shape, {"x": x}, lambda be: fl.logsumexp(x, backend=be))
+    if wl.function == "bce_with_logits":
+        x *= dt.type(3.0)
+        y = rng.random(shape, dtype=dt)
+        g = np.empty_like(x)
+        return Case(wl, dt, shape, {"logits": x, "target": y},
+                    lambda be: fl.binary_cross_entropy_with_logits(x, y, return_grad=True, grad_out=g, backend=be))
+    raise ValueError(f"function: expected cross_entropy, logsumexp or bce_with_logits, found {wl.function!r}")
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--backend", action="append", help="backend(s) to time (default: numba and cython, if available)")
-    ap.add_argument("--dtype", action="append", choices=["float32", "float64"])
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("names", nargs="*", help="substrings selecting workloads")
-    a = ap.parse_args(argv)
-    avail = {n for n, s in fl.backends().items() if s.available}
-    bes = [b for b in (a.backend or ["numba", "cython"]) if b in avail]
-    rng = np.random.default_rng(0)
-    print(f"threads={fl.get_num_threads()}  backends={bes}")
-    for dn in a.dtype or ["float32", "float64"]:
-        dt = np.dtype(dn)
-        for name, make, g_mem, g_np in workloads(dt, rng):
-            if a.names and not any(s in name for s in a.names):
+# ============================================================================ JAX peer
+class Unavailable(Exception):
+    """An implementation that cannot run here; the message says why."""
+
+
+def _jax_functions(jax):
+    jnp = jax.numpy
+
+    def cross_entropy(x, t):  # the idiomatic mean softmax cross-entropy with integer targets
+        logp = jax.nn.log_softmax(x, axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, t[:, None], axis=-1))
+
+    def bce_with_logits(z, y):  # the stable form, as optax.sigmoid_binary_cross_entropy
+        return jnp.mean(jnp.maximum(z, 0) - z * y + jnp.log1p(jnp.exp(-jnp.abs(z))))
+
+    return {
+        "cross_entropy": jax.value_and_grad(cross_entropy),
+        "logsumexp": lambda x: jax.nn.logsumexp(x, axis=-1),
+        "bce_with_logits": jax.value_and_grad(bce_with_logits),
+    }
+
+
+def jax_callable(case: Case) -> Callable[[], Any]:
+    """``jax.jit`` of the workload's idiomatic JAX form on ``case``'s inputs (not yet compiled).
+
+    Raises :class:`Unavailable` without JAX, and for float64 (JAX computes in float32 unless
+    ``jax_enable_x64`` is set process-wide, which would change every other JAX user here).
+    """
+    try:
+        import jax
+    except ImportError:
+        raise Unavailable("JAX is not installed") from None
+    if case.dtype != np.float32:
+        raise Unavailable("the JAX peer runs float32 only")
+    f = jax.jit(_jax_functions(jax)[case.workload.function])
+    # int64 targets would be silently narrowed (with a warning) without x64: narrow them here
+    args = [jax.device_put(a.astype(np.int32) if a.dtype == np.int64 else a) for a in case.arrays.values()]
+    return lambda: jax.block_until_ready(f(*args))
+
+
+def jax_threads() -> dict:
+    """What is known of JAX's CPU threads without importing it (that takes most of a second):
+    its version, the usable cores XLA's CPU client sizes its thread pool to, and any
+    ``XLA_FLAGS`` (``--xla_cpu_multi_thread_eigen=false`` makes it single-threaded)."""
+    import importlib.metadata
+    import importlib.util
+
+    info = {"usable_cores": _usable_cores(), "XLA_FLAGS": os.environ.get("XLA_FLAGS")}
+    if importlib.util.find_spec("jax") is None:
+        info["unavailable"] = "JAX is not installed"
+    else:
+        try:
+            info["version"] = importlib.metadata.version("jax")
+        except importlib.metadata.PackageNotFoundError:
+            info["version"] = "?"
+    return info
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+# ============================================================================ timing
+@dataclass
+class Timing:
+    best: float  # seconds, the fastest timed call
+    median: float
+    cpu_per_wall: float  # process CPU time / wall time over the timed calls: cores kept busy
+    reps: int
+    first: float  # the warm-up call (compilation, cache load, page faults)
+
+    def as_dict(self) -> dict:
+        return {"best": self.best, "median": self.median, "cpu_per_wall": self.cpu_per_wall,
+                "reps": self.reps, "first": self.first}
+
+
+def time_calls(fn: Callable[[], Any], reps: int, keep: bool = True) -> tuple[Timing, list | None]:
+    """One warm-up call, then ``reps`` timed calls with the garbage collector off.
+
+    Returns the timing and (with ``keep``) the warm-up call's result as a list of array
+    copies, taken before the next call overwrites a reused ``grad_out``.
+    """
+    gc.collect()
+    t0 = time.perf_counter()
+    r = fn()
+    first = time.perf_counter() - t0
+    got = _bench.outputs(r) if keep else None
+    del r
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        ts = []
+        c0 = time.process_time()
+        for _ in range(max(1, reps)):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        cpu = time.process_time() - c0
+    finally:
+        if was:
+            gc.enable()
+    return Timing(min(ts), statistics.median(ts), cpu / max(sum(ts), 1e-12), len(ts), first), got
+
+
+# ============================================================================ measuring
+def measure_case(case: Case, backends, reps: int, jax: bool = True, log=None) -> dict:
+    """Time the memcpy, the numpy backend, ``backends`` and (if ``jax``) the JAX peer on ``case``.
+
+    Returns ``{"times": {impl: Timing dict}, "checks": {impl: {...}}, "not_run": {impl: why}}``.
+    A failing or disagreeing implementation is recorded (``checks[impl]["ok"] = False``) and
+    the others still run.  ``log(impl, timing_or_None, check)`` is called after each one.
+    """
+    res = {"workload": case.workload.key, "name": case.name, "shape": list(case.shape),
+           "dtype": case.dtype.name, "logits_bytes": case.logits.nbytes, "times": {}, "checks": {}, "not_run": {}}
+    impls = [("memcpy", case.memcpy), ("numpy", lambda: (lambda: case.call("numpy")))]
+    impls += [(b, (lambda b=b: (lambda: case.call(b)))) for b in backends]
+    if jax:
+        impls.append((PEER, lambda: jax_callable(case)))
+    ref = None
+    for impl, make in impls:
+        n = max(2, reps // 2) if impl == "numpy" else reps
+        try:
+            fn = make()
+            timing, got = time_calls(fn, n, keep=impl != "memcpy")
+            copied = impl != "memcpy" or np.array_equal(fn(), case.logits)
+        except Unavailable as e:
+            res["not_run"][impl] = str(e)
+            continue
+        except Exception as e:  # a failing kernel, a broken JAX install: report it, go on with the others
+            check = {"ok": False, "max_err": None, "error": f"{type(e).__name__}: {e}"}
+            res["checks"][impl] = check
+            if log:
+                log(impl, None, check)
+            continue
+        if impl == "memcpy":
+            check = {"ok": bool(copied), "max_err": 0.0, "error": None if copied else "np.copyto differs"}
+        elif impl == "numpy":
+            ref = got
+            check = {"ok": True, "max_err": 0.0, "error": None}
+        elif ref is None:
+            check = {"ok": False, "max_err": None, "error": "no numpy reference (the numpy backend failed)"}
+        else:
+            ok, err = _bench.compare(ref, got, case.dtype)
+            check = {"ok": bool(ok), "max_err": err, "error": None}
+        res["times"][impl] = timing.as_dict()
+        res["checks"][impl] = check
+        if log:
+            log(impl, timing, check)
+        del got
+    return res
+
+
+# ============================================================================ start-up
+_IMPORT_SNIPPET = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import numpy
+t1 = time.perf_counter()
+import fastloss
+t2 = time.perf_counter()
+imported_numba = "numba" in sys.modules
+try:  # a diagnostic, after the measurement: what the first numba call will pay on top
+    import numba
+    t_numba = time.perf_counter() - t2
+except ImportError:
+    t_numba = None
+print(json.dumps({"total": t2 - t0, "numpy": t1 - t0, "fastloss": t2 - t1, "imported_numba": imported_numba,
+                  "numba_import": t_numba, "file": fastloss.__file__}))
+"""
+
+_FIRST_CALL_SNIPPET = r"""
+import json, sys, time
+import numpy as np
+import fastloss as fl
+from fastloss import _dispatch
+backend = sys.argv[1] or None
+n, c = int(sys.argv[2]), int(sys.argv[3])
+rng = np.random.default_rng(0)
+x = rng.standard_normal((n, c), dtype=np.float32)
+t = rng.integers(0, c, n)
+t0 = time.perf_counter()
+loss, grad = fl.cross_entropy(x, t, return_grad=True, backend=backend)
+t1 = time.perf_counter()
+fl.cross_entropy(x, t, return_grad=True, backend=backend)
+t2 = time.perf_counter()
+print(json.dumps({"first": t1 - t0, "second": t2 - t1, "backend": _dispatch.resolve(backend).NAME,
+                  "finite": bool(np.isfinite(loss) and np.isfinite(grad).all())}))
+"""
+
+
+def _subprocess_env(threads=None) -> dict:
+    env = dict(os.environ)
+    # the child imports the same fastloss as this process, installed or not
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fl.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    if threads is not None:
+        env["FASTLOSS_NUM_THREADS"] = str(threads)
+    return env
+
+
+def _child(snippet, args=(), threads=None, timeout=900) -> dict:
+    proc = subprocess.run([sys.executable, "-c", snippet, *map(str, args)], capture_output=True, text=True,
+                          env=_subprocess_env(threads), timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child process exited with {proc.returncode}: {(proc.stderr or proc.stdout)[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _summary(runs: list, key: str) -> dict:
+    vals = [r[key] for r in runs]
+    return {"median": statistics.median(vals), "best": min(vals), "runs": vals}
+
+
+def time_import(runs: int = 3, threads=None) -> dict:
+    """``import numpy; import fastloss`` in ``runs`` fresh processes (seconds, numpy included).
+
+    ``imported_numba`` is True if importing fastloss imported Numba in any run (it must not:
+    the backends load on first use).  ``numba_import`` (a diagnostic, timed after the import
+    measurement) is what importing Numba itself costs, part of every first Numba call.
+    """
+    rs = [_child(_IMPORT_SNIPPET, threads=threads) for _ in range(runs)]
+    out = _summary(rs, "total")
+    out["numpy"] = statistics.median(r["numpy"] for r in rs)
+    out["fastloss_only"] = statistics.median(r["fastloss"] for r in rs)
+    out["imported_numba"] = any(r["imported_numba"] for r in rs)
+    nb = [r["numba_import"] for r in rs if r["numba_import"] is not None]
+    out["numba_import"] = statistics.median(nb) if nb else None
+    return out
+
+
+def time_first_call(backend=None, runs: int = 3, shape=STARTUP_SHAPE, warm_cache: bool = True, threads=None) -> dict:
+    """The first ``fl.cross_entropy(x, t, return_grad=True, backend=backend)`` after import, in
+    ``runs`` fresh processes; float32 ``shape`` logits (built before the clock starts).
+
+    With ``warm_cache`` one throwaway process makes the same call first, so that Numba's
+    on-disk cache holds the kernel (its time, ``cache_warming_run``, is a compilation if the
+    cache was cold).  ``second`` is the median time of the second call in the same processes:
+    ``first - second`` is the one-off cost (importing the backend, loading the kernel).
+    """
+    args = ("" if backend is None else backend, *shape)
+    out = {"requested": backend or "auto", "shape": list(shape)}
+    if warm_cache:
+        out["cache_warming_run"] = _child(_FIRST_CALL_SNIPPET, args, threads)["first"]
+    rs = [_child(_FIRST_CALL_SNIPPET, args, threads) for _ in range(runs)]
+    out.update(_summary(rs, "first"))
+    out["second"] = statistics.median(r["second"] for r in rs)
+    out["backend"] = rs[0]["backend"]
+    out["finite"] = all(r["finite"] for r in rs)
+    return out
+
+
+def measure_startup(runs: int = 3, cython: bool = True, threads=None, log=None) -> dict:
+    """Every start-up measurement: ``import``, first ``auto`` call (warm cache), first cython call.
+
+    A measurement that fails is recorded as ``{"error": ...}``.  ``cython=False`` (the
+    backend is unavailable) leaves ``first_call_cython`` out.
+    """
+    out = {}
+    jobs = [("import", lambda: time_import(runs, threads)),
+            ("first_call_auto", lambda: time_first_call(None, runs, threads=threads))]
+    if cython:
+        jobs.append(("first_call_cython", lambda: time_first_call("cython", runs, warm_cache=False, threads=threads)))
+    for name, job in jobs:
+        try:
+            out[name] = job()
+        except Exception as e:
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+        if log:
+            log(name, out[name])
+    return out
+
+
+# ============================================================================ goals
+def _verdict(met) -> str:
+    return "met" if met is True else "NOT MET" if met is False else "not measured"
+
+
+def evaluate(times: dict, startup: dict | None = None, not_run: dict | None = None, reduced: bool = False) -> list:
+    """The goal lines, each with its measured value and verdict.
+
+    Parameters
+    ----------
+    times : dict
+        ``{(workload key, dtype name): {impl: best seconds}}`` for the workloads measured;
+        impl is ``memcpy``, ``numpy``, a backend name or ``jax``.  A workload absent from
+        ``times`` has no goal lines; an implementation absent from a measured workload makes
+        its lines "not measured".
+    startup : dict, optional
+        :func:`measure_startup`'s result; None: no start-up lines.
+    not_run : dict, optional
+        ``{impl: reason}`` for implementations that could not run (shown in the lines).
+    reduced : bool
+        The shapes were reduced: the ratios are shown, but no verdict (the goals are defined
+        on the full shapes).
+
+    Returns
+    -------
+    list of dict
+        ``issue`` (numba or cython), ``workload`` (its key, or ``"startup"``), ``dtype``,
+        ``subject`` (the label shown), ``backend``, ``measure``, ``value`` (a ratio, or
+        seconds for start-up), ``shown`` (the value formatted), ``target``, ``met`` (True,
+        False or None = not measured / not applicable) and ``verdict`` (met, NOT MET,
+        not measured (why), n/a (reduced shapes)).
+    """
+    not_run = not_run or {}
+    lines = []
+
+    def add(issue, key, dtype, subject, backend, measure, value, op, limit, fmt, why=None, applies=True):
+        if value is None:
+            met = None
+            shown = "-"
+            verdict = "not measured" + (f" ({why})" if why else "")
+        else:
+            shown = fmt(value) if callable(fmt) else fmt.format(value)
+            met = (value <= limit if op == "<=" else value < limit if op == "<" else value >= limit) if applies else None
+            verdict = _verdict(met) if applies else "n/a (reduced shapes)"
+        target = f"{op} {fmt(limit) if callable(fmt) else fmt.format(limit)}"
+        lines.append({"issue": issue, "workload": key, "dtype": dtype, "subject": subject, "backend": backend, "measure": measure, "value": value,
+                      "shown": shown, "target": target, "met": met, "verdict": verdict})
+
+    def ratio(t, a, b):
+        return t[a] / t[b] if a in t and b in t and t[b] > 0 else None
+
+    def why(t, *impls):
+        for i in impls:
+            if i not in t:
+                return not_run.get(i, f"{i} not run")
+        return None
+
+    applies = not reduced
+    # ------------------------------------------------------------ numba issue, on the numba backend
+    for dt in ("float32", "float64"):
+        for w in WORKLOADS:
+            t = times.get((w.key, dt))
+            if t is None:
                 continue
-            x, call = make()
-            dst = np.empty_like(x)
-            t_mem = best(lambda: np.copyto(dst, x), a.reps)
-            t_np = best(lambda: call("numpy"), max(2, a.reps // 2))
-            goal = f"goal <= {g_mem}x memcpy, >= {g_np}x numpy" if dt == np.float32 else "goal >= 4x numpy"
-            for be in bes:
-                t = best(lambda: call(be), a.reps)
-                print(f"{dn:8s} {name:36s} {be:7s} {t * 1e3:8.2f} ms   memcpy {t_mem * 1e3:7.2f} ms   "
-                      f"numpy {t_np * 1e3:8.1f} ms   {t / t_mem:5.2f}x memcpy  {t_np / t:6.1f}x numpy   ({goal})",
-                      flush=True)
+            subject = f"{w.name()} {dt}" if not reduced else f"{w.key} {dt} (reduced)"
+            if dt == "float32":
+                add("numba", w.key, dt, subject, "numba", "time / memcpy", ratio(t, "numba", "memcpy"), "<=", w.max_memcpy,
+                    "{:.2f}x", why(t, "numba", "memcpy"), applies)
+                add("numba", w.key, dt, subject, "numba", "speedup vs numpy", ratio(t, "numpy", "numba"), ">=", w.min_numpy,
+                    "{:.1f}x", why(t, "numba", "numpy"), applies)
+                if w.key == JAX_GOAL:
+                    add("numba", w.key, dt, subject, "numba", "time / JAX jit(value_and_grad)", ratio(t, "numba", PEER), "<",
+                        1.0, "{:.2f}x", why(t, "numba", PEER), applies)
+            else:
+                add("numba", w.key, dt, subject, "numba", "speedup vs numpy", ratio(t, "numpy", "numba"), ">=", F64_MIN_NUMPY,
+                    "{:.1f}x", why(t, "numba", "numpy"), applies)
+    if startup is not None:
+        imp = startup.get("import", {})
+        add("numba", "startup", None, "start-up", "-", "import fastloss (numpy included)",
+            imp.get("median"), "<", IMPORT_MAX, "{:.3f} s", imp.get("error", "not run"))
+        fc = startup.get("first_call_auto", {})
+        be = fc.get("backend", "auto")
+        add("numba", "startup", "float32", f"start-up, CE {STARTUP_SUBJECT}", be,
+            f"first call (auto -> {be}), warm cache", fc.get("median"), "<", FIRST_CALL_MAX, "{:.3f} s",
+            fc.get("error", "not run"))
+    # ------------------------------------------------------------ cython issue, on the cython backend
+    for dt in ("float32", "float64"):
+        for w in WORKLOADS:
+            t = times.get((w.key, dt))
+            if t is None:
+                continue
+            subject = f"{w.name()} {dt}" if not reduced else f"{w.key} {dt} (reduced)"
+            add("cython", w.key, dt, subject, "cython", "time / numba time", ratio(t, "cython", "numba"), "<=",
+                CYTHON_MAX_VS_NUMBA, "{:.2f}x", why(t, "cython", "numba"), applies)
+            if (w.key, dt) == CYTHON_MIN_NUMPY[:2]:
+                add("cython", w.key, dt, subject, "cython", "speedup vs numpy", ratio(t, "numpy", "cython"), ">=",
+                    CYTHON_MIN_NUMPY[2], "{:.1f}x", why(t, "cython", "numpy"), applies)
+    if startup is not None:
+        fc = startup.get("first_call_cython")
+        add("cython", "startup", "float32", f"start-up, CE {STARTUP_SUBJECT}", "cython", "first call after import",
+            None if fc is None else fc.get("median"), "<", CYTHON_FIRST_CALL_MAX, lambda v: f"{v * 1e3:.2f} ms",
+            not_run.get("cython", "not run") if fc is None else fc.get("error", "not run"))
+    return lines
+
+
+def summarize(goals: list) -> dict:
+    return {"met": sum(g["met"] is True for g in goals), "not_met": sum(g["met"] is False for g in goals),
+            "not_measured": sum(g["met"] is None for g in goals), "total": len(goals)}
+
+
+def format_goals(goals: list) -> str:
+    """The goal lines as a text table, one section per issue, and a summary line."""
+    if not goals:
+        return "(no goal lines: nothing measured)"
+    head = ("workload", "backend", "measure", "value", "goal", "verdict")
+    rows = [(g["subject"], g["backend"], g["measure"], g["shown"], g["target"], g["verdict"]) for g in goals]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+
+    def fmt(cells):
+        return "  " + "  ".join(c.rjust(w) if i in (3, 4) else c.ljust(w)
+                                for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    out, issue = [], None
+    for g, r in zip(goals, rows):
+        if g["issue"] != issue:
+            issue = g["issue"]
+            if out:
+                out.append("")
+            out.append(f"{issue} issue goals")
+            out.append(fmt(head))
+            out.append(fmt(["-" * w for w in widths]))
+        out.append(fmt(r))
+    s = summarize(goals)
+    out.append("")
+    out.append(f"{s['met']} of {s['total']} goals met, {s['not_met']} not met, {s['not_measured']} not measured/applicable")
+    missed = [g for g in goals if g["met"] is False]
+    if missed:
+        out.append("not met: " + "; ".join(f"{g['subject']} [{g['backend']}] {g['measure']} {g['shown']} "
+                                           f"(goal {g['target']})" for g in missed))
+    return "\n".join(out)
+
+
+def format_startup(startup: dict) -> str:
+    lines = []
+    for name, r in startup.items():
+        if "error" in r:
+            lines.append(f"  {name}: FAILED {r['error']}")
+            continue
+        runs = ", ".join(f"{v:.4f}" for v in r["runs"])
+        if name == "import":
+            nb = "" if r["numba_import"] is None else f"; `import numba` alone {r['numba_import']:.3f} s"
+            extra = (f"  (numpy {r['numpy']:.3f} s + fastloss {r['fastloss_only']:.3f} s; "
+                     f"numba imported: {'YES (it should not be)' if r['imported_numba'] else 'no'}{nb})")
+        else:
+            extra = f"  backend {r['backend']}; second call {r['second'] * 1e3:.2f} ms"
+            if "cache_warming_run" in r:
+                extra += f"; cache-warming process {r['cache_warming_run']:.2f} s"
+        lines.append(f"  {name}: median {r['median']:.4f} s, best {r['best']:.4f} s  [{runs}]{extra}")
+    return "\n".join(lines)
+
+
+# ============================================================================ CLI
+def _fmt_ms(s):
+    return "-" if s is None else f"{s * 1e3:9.2f} ms"
+
+
+def _line(case_name, impl, timing, check, t_mem, t_np):
+    if timing is None:
+        return f"{case_name:44s} {impl:7s} FAILED {check['error']}"
+    r_mem = timing.best / t_mem if t_mem else None
+    r_np = t_np / timing.best if t_np else None
+    status = "ok" if check["ok"] else (f"ERROR {check['error']}" if check["error"]
+                                       else f"MISMATCH (max rel. err {check['max_err']:.2g})")
+    return (f"{case_name:44s} {impl:7s} {_fmt_ms(timing.best)} {_fmt_ms(timing.median)}  "
+            f"{timing.cpu_per_wall:4.1f}  {'-' if r_mem is None else f'{r_mem:6.2f}x':>8s}  "
+            f"{'-' if r_np is None else f'{r_np:6.1f}x':>8s}  {status}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backend", action="append",
+                    help="backend(s) to time besides the numpy baseline (repeatable or a comma list; default: "
+                         "numba and cython, if available)")
+    ap.add_argument("--dtype", action="append", choices=["float32", "float64"], help="default: both")
+    ap.add_argument("--reps", type=int, default=5, help="timed calls per implementation (numpy: half, at least 2)")
+    ap.add_argument("--threads", type=int, help="fastloss threads (fl.set_num_threads); default: every core")
+    ap.add_argument("--json", metavar="FILE", help="write every number, the machine and the verdicts to FILE")
+    ap.add_argument("--no-jax", action="store_true", help="skip the JAX peer")
+    ap.add_argument("--no-startup", action="store_true", help="skip the start-up measurements (fresh processes)")
+    ap.add_argument("--startup-runs", type=int, default=3, help="fresh processes per start-up measurement")
+    # the reduced shapes, one timed call, no start-up: exercises the machinery (tests)
+    ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("names", nargs="*", help="workloads: ce, lse, bce, or substrings of names/keys")
+    a = ap.parse_args(argv)
+    if a.reps < 1 or a.startup_runs < 1 or (a.threads is not None and a.threads < 1):
+        ap.error("--reps, --startup-runs and --threads take positive integers")
+    workloads = select(a.names)
+    if not workloads:
+        ap.error(f"no workload matches {a.names}; keys: {', '.join(w.key for w in WORKLOADS)}")
+    if a.threads is not None:
+        fl.set_num_threads(a.threads)
+    statuses = fl.backends()
+    requested = [b.strip() for item in (a.backend or list(COMPILED)) for b in item.split(",") if b.strip()]
+    for b in requested:
+        if b not in statuses:
+            ap.error(f"--backend: expected one of {', '.join(statuses)}, found {b!r}")
+    requested = [b for b in dict.fromkeys(requested) if b != "numpy"]  # numpy always runs, as the baseline
+    not_run = {b: f"unavailable: {statuses[b].reason}" for b in requested if not statuses[b].available}
+    bes = [b for b in requested if statuses[b].available]
+    reps = 1 if a.tiny else a.reps
+    dtypes = a.dtype or ["float32", "float64"]
+    threads = fl.get_num_threads()
+    cores = _usable_cores()
+    jx = None if a.no_jax else jax_threads()
+    if a.no_jax:
+        not_run[PEER] = "--no-jax"
+    elif "unavailable" in jx:
+        not_run[PEER] = jx["unavailable"]
+
+    print(f"fastloss goals{' (tiny shapes: no verdicts)' if a.tiny else ''}: threads={threads}, "
+          f"usable cores={cores}, backends={bes}" + (f", not run: {not_run}" if not_run else ""))
+    if jx is not None and "unavailable" not in jx:
+        print(f"JAX {jx['version']}: XLA's CPU thread pool uses all {cores} usable cores"
+              + (f" (XLA_FLAGS={jx['XLA_FLAGS']!r})" if jx["XLA_FLAGS"] else "")
+              + ("" if cores == threads else
+                 f" -- NOT an equal-thread comparison: fastloss runs {threads} thread(s)"))
+    print("time: best and median of the timed calls | cpu: process CPU time / wall time (cores busy) | "
+          "x memcpy: time / np.copyto of the logits | x numpy: numpy-backend time / time\n")
+    print(f"{'workload':44s} {'impl':7s} {'best':>12s} {'median':>12s}  {'cpu':>4s}  {'x memcpy':>8s}  "
+          f"{'x numpy':>8s}  check")
+
+    results, times, failed, reasons = [], {}, [], {}
+    for dn in dtypes:
+        for w in workloads:
+            case = build_case(w, dn, w.reduced if a.tiny else None)
+            seen = {}
+
+            def log(impl, timing, check, case=case, seen=seen):
+                if timing is not None:
+                    seen[impl] = timing.best
+                print(_line(case.name, impl, timing, check, seen.get("memcpy"), seen.get("numpy")), flush=True)
+
+            res = measure_case(case, bes, reps, jax=not a.no_jax and PEER not in not_run, log=log)
+            for impl, why in res["not_run"].items():
+                reasons.setdefault(impl, why)
+                if impl != PEER or dn == "float32":  # JAX float64 is skipped by design, not news
+                    print(f"{case.name:44s} {impl:7s} not run: {why}")
+            failed += [f"{case.name} [{i}]: {c['error'] or 'max relative error %.3g vs numpy' % c['max_err']}"
+                       for i, c in res["checks"].items() if not c["ok"]]
+            times[(w.key, dn)] = {i: t["best"] for i, t in res["times"].items()}
+            results.append(res)
+            del case
+            gc.collect()
+        print()
+
+    startup = None
+    if not (a.no_startup or a.tiny):
+        print("start-up (fresh processes):")
+        startup = measure_startup(a.startup_runs, cython="cython" in statuses and statuses["cython"].available,
+                                  threads=a.threads,
+                                  log=lambda n, r: print(format_startup({n: r}), flush=True))
+        for name, r in startup.items():
+            if "error" in r:
+                failed.append(f"start-up {name}: {r['error']}")
+            elif r.get("finite") is False:
+                failed.append(f"start-up {name}: non-finite loss or gradient")
+        print()
+
+    goals = evaluate(times, startup, {**reasons, **not_run}, reduced=a.tiny)
+    print(format_goals(goals))
+    if failed:
+        print("\nFAILED (an error, or a result that disagrees with the numpy backend):", file=sys.stderr)
+        for f in failed:
+            print("  " + f, file=sys.stderr)
+
+    if a.json:
+        doc = {
+            "schema": SCHEMA,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "tiny": a.tiny,
+            "machine": _bench.machine_info(),
+            "threads": {"fastloss": threads, "usable_cores": cores, "jax": jx},
+            "backends": bes,
+            "not_run": not_run,
+            "method": {
+                "time": f"best (and median) of {reps} timed calls after one untimed warm-up call; numpy backend "
+                        f"{max(2, reps // 2)} calls; gc disabled while timing",
+                "memcpy": "np.copyto of the same logits into a preallocated, pre-faulted array",
+                "gradients": "into a reused grad_out (JAX returns a fresh gradient)",
+                "jax": "jax.jit(jax.value_and_grad(loss)) (logsumexp: jax.jit(jax.nn.logsumexp)) on device_put "
+                       "inputs, float32, jax.block_until_ready; compilation in the warm-up call",
+                "startup": "fresh processes; median and best of the runs; numpy's import included",
+            },
+            "measurements": results,
+            "startup": startup,
+            "goals": goals,
+            "summary": summarize(goals),
+            "failed": failed,
+        }
+        with open(a.json, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=2)
+            f.write("\n")
+        print(f"wrote {a.json}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

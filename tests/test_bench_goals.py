@@ -1,0 +1,209 @@
+"""Quick tests of the goal report machinery (``bench/goals.py`` and ``bench/test_goals.py``).
+
+``bench/`` does not run in CI; these keep its goal evaluation, its workloads, the start-up
+probes and the pytest-benchmark hooks from rotting, on tiny shapes (a few seconds).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fastloss as fl
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import goals  # noqa: E402
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+def _compiled():
+    st = fl.backends()
+    return [b for b in goals.COMPILED if st[b].available]
+
+
+# ----------------------------------------------------------------------------- goal evaluation
+def _times(numba=1.0, cython=1.2, jax=2.0, memcpy=0.6, numpy=10.0):
+    t = {"memcpy": memcpy, "numpy": numpy, "numba": numba, "cython": cython, "jax": jax}
+    return {k: v for k, v in t.items() if v is not None}
+
+
+def _line(lines, **kw):
+    hits = [g for g in lines if all(g[k] == v for k, v in kw.items())]
+    assert len(hits) == 1, (kw, hits)
+    return hits[0]
+
+
+def test_evaluate_verdicts_follow_the_goals():
+    times = {("ce_2048x32000", "float32"): _times(numba=1.0, memcpy=0.6, numpy=10.0, jax=2.0, cython=1.6),
+             ("ce_8192x1000", "float32"): _times(numba=1.0, memcpy=0.5, numpy=7.0, cython=1.5),
+             ("bce_16M", "float64"): _times(numba=1.0, numpy=3.9, cython=0.5)}
+    lines = goals.evaluate(times)
+    ce = dict(workload="ce_2048x32000", dtype="float32")
+    g = _line(lines, measure="time / memcpy", **ce)
+    assert g["issue"] == "numba" and g["backend"] == "numba"
+    assert g["value"] == pytest.approx(1.0 / 0.6) and g["met"] is True and g["verdict"] == "met"  # 1.67 <= 2.0
+    assert g["target"] == "<= 2.00x"
+    assert _line(lines, measure="speedup vs numpy", backend="numba", **ce)["met"] is True  # 10x >= 6x
+    jx = _line(lines, measure="time / JAX jit(value_and_grad)", **ce)
+    assert jx["value"] == pytest.approx(0.5) and jx["met"] is True
+    cy = _line(lines, measure="time / numba time", **ce)
+    assert cy["issue"] == "cython" and cy["value"] == pytest.approx(1.6) and cy["met"] is False
+    assert cy["verdict"] == "NOT MET"
+    assert _line(lines, measure="speedup vs numpy", backend="cython", **ce)["value"] == pytest.approx(10 / 1.6)
+    # limits are inclusive where the goal says "<=" / ">=": exactly 2.0x memcpy, exactly 7x numpy, 1.5x numba
+    ce8 = dict(workload="ce_8192x1000", dtype="float32")
+    assert _line(lines, measure="time / memcpy", **ce8)["met"] is True
+    assert _line(lines, measure="speedup vs numpy", **ce8)["met"] is True
+    assert _line(lines, measure="time / numba time", **ce8)["met"] is True
+    # the JAX goal is on CE 2048x32000 only; float64 has only the >= 4x numpy goal
+    assert not [g for g in lines if "JAX" in g["measure"] and g["workload"] != "ce_2048x32000"]
+    b64 = [g for g in lines if g["workload"] == "bce_16M" and g["issue"] == "numba"]
+    assert [(g["measure"], g["met"]) for g in b64] == [("speedup vs numpy", False)]  # 3.9x < 4x
+    # workloads not measured have no lines
+    assert not [g for g in lines if g["workload"] in ("lse_2048x32000", "ce_262144x10")]
+    s = goals.summarize(lines)
+    assert s["total"] == len(lines) and s["met"] + s["not_met"] + s["not_measured"] == s["total"]
+    text = goals.format_goals(lines)
+    assert "numba issue goals" in text and "cython issue goals" in text and "NOT MET" in text
+    assert f"{s['met']} of {s['total']} goals met" in text
+
+
+def test_evaluate_missing_implementations_and_reduced_shapes():
+    times = {("ce_2048x32000", "float32"): _times(cython=None, jax=None)}
+    lines = goals.evaluate(times, not_run={"jax": "JAX is not installed"})
+    jx = _line(lines, measure="time / JAX jit(value_and_grad)")
+    assert jx["met"] is None and jx["value"] is None and "JAX is not installed" in jx["verdict"]
+    assert _line(lines, measure="time / numba time")["verdict"].startswith("not measured")
+    red = goals.evaluate(times, reduced=True)
+    assert all(g["met"] is None for g in red)
+    assert _line(red, measure="time / memcpy")["verdict"] == "n/a (reduced shapes)"
+    assert _line(red, measure="time / memcpy")["value"] == pytest.approx(1.0 / 0.6)
+
+
+def test_evaluate_startup_lines():
+    startup = {"import": {"median": 0.3, "best": 0.2, "runs": [0.3]},
+               "first_call_auto": {"median": 0.6, "best": 0.4, "runs": [0.6], "backend": "numba"},
+               "first_call_cython": {"median": 0.004, "best": 0.003, "runs": [0.004], "backend": "cython"}}
+    lines = goals.evaluate({}, startup)
+    assert [(g["issue"], g["met"]) for g in lines] == [("numba", True), ("numba", False), ("cython", True)]
+    assert "auto -> numba" in lines[1]["measure"]
+    assert lines[2]["shown"] == "4.00 ms" and lines[2]["target"] == "< 10.00 ms"
+    failed = goals.evaluate({}, {"import": {"error": "boom"}, "first_call_auto": {"error": "boom"}},
+                            not_run={"cython": "unavailable: not built"})
+    assert all(g["met"] is None for g in failed)
+    assert "not built" in failed[-1]["verdict"] and "boom" in failed[0]["verdict"]
+
+
+def test_workload_selection():
+    keys = lambda names: [w.key for w in goals.select(names)]  # noqa: E731
+    assert keys([]) == [w.key for w in goals.WORKLOADS]
+    assert keys(["ce"]) == ["ce_2048x32000", "ce_8192x1000", "ce_262144x10"]  # not bce: a family name
+    assert keys(["bce"]) == ["bce_16M"]
+    assert keys(["2048x32000"]) == ["ce_2048x32000", "lse_2048x32000"]
+    assert keys(["logsumexp", "262144"]) == ["ce_262144x10", "lse_2048x32000"]
+    assert goals.BY_KEY["bce_16M"].name() == "bce_with_logits fwd+grad 16M"
+    assert goals.BY_KEY["bce_16M"].name((1 << 16,)) == "bce_with_logits fwd+grad 64K"
+
+
+# ----------------------------------------------------------------------------- measuring
+@pytest.mark.parametrize("key", [w.key for w in goals.WORKLOADS])
+def test_cases_agree_with_the_numpy_backend(key):
+    """Each workload on a tiny shape (the same class count as its reduced shape): memcpy, the
+    numpy backend and every compiled backend run, agree, and are timed."""
+    w = goals.BY_KEY[key]
+    shape = (4, w.reduced[1]) if len(w.reduced) == 2 else (1000,)
+    case = goals.build_case(w, "float32", shape)
+    assert case.logits.shape == shape and case.logits.dtype == np.float32
+    res = goals.measure_case(case, _compiled(), reps=1, jax=False)
+    assert set(res["times"]) == {"memcpy", "numpy", *_compiled()}
+    for impl, c in res["checks"].items():
+        assert c["ok"], (impl, c)
+    for t in res["times"].values():
+        assert t["best"] > 0 and t["median"] >= t["best"] and t["reps"] >= 1
+    assert res["times"]["numpy"]["reps"] == 2  # at least 2 numpy calls
+
+
+def test_a_wrong_implementation_is_flagged(monkeypatch):
+    case = goals.build_case(goals.BY_KEY["ce_8192x1000"], "float64", (8, 1000))
+    real = case.call
+
+    def call(be):
+        if be != "numba":
+            return real(be)
+        loss, grad = real("numpy")
+        return loss * 1.01, grad
+
+    case.call = call
+    res = goals.measure_case(case, ["numba"], reps=1, jax=False)
+    assert res["checks"]["numpy"]["ok"] and not res["checks"]["numba"]["ok"]
+    assert res["checks"]["numba"]["max_err"] == pytest.approx(0.01, rel=1e-3)
+
+
+def test_jax_peer_agrees():
+    pytest.importorskip("jax")
+    for key, shape in (("ce_2048x32000", (4, 100)), ("lse_2048x32000", (4, 100)), ("bce_16M", (512,))):
+        case = goals.build_case(goals.BY_KEY[key], "float32", shape)
+        res = goals.measure_case(case, [], reps=1, jax=True)
+        assert res["checks"]["jax"]["ok"], (key, res["checks"]["jax"])
+    with pytest.raises(goals.Unavailable, match="float32"):
+        goals.jax_callable(goals.build_case(goals.WORKLOADS[0], "float64", (2, 10)))
+
+
+def test_startup_probes_in_fresh_processes():
+    imp = goals.time_import(runs=1)
+    assert 0 < imp["median"] == imp["best"] and imp["numpy"] <= imp["median"]
+    assert imp["imported_numba"] is False  # importing fastloss loads no backend
+    fc = goals.time_first_call("numpy", runs=1, shape=(8, 5), warm_cache=False)
+    assert fc["backend"] == "numpy" and fc["finite"] and fc["median"] > 0 and fc["second"] > 0
+    assert "cache_warming_run" not in fc
+
+
+def test_goals_cli_tiny(tmp_path, capsys):
+    js = tmp_path / "g.json"
+    rc = goals.main(["--tiny", "--no-jax", "--dtype", "float32", "ce_8192x1000", "--json", str(js)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "numba issue goals" in out and "n/a (reduced shapes)" in out
+    doc = json.loads(js.read_text())
+    assert doc["schema"] == goals.SCHEMA and doc["tiny"] is True and doc["startup"] is None
+    assert doc["not_run"]["jax"] == "--no-jax"
+    (m,) = doc["measurements"]
+    assert m["workload"] == "ce_8192x1000" and m["shape"] == [128, 1000] and m["dtype"] == "float32"
+    assert set(m["times"]) == {"memcpy", "numpy", *_compiled()}
+    assert all(g["met"] is None for g in doc["goals"]) and doc["goals"]
+    assert doc["threads"]["fastloss"] == fl.get_num_threads()
+
+
+def test_pytest_goal_suite_reports_a_goal_table(tmp_path):
+    """bench/test_goals.py on one reduced workload with timings on: the conftest hooks print the
+    goal table and put the ratios in the benchmarks' extra_info (and the JSON files)."""
+    pytest.importorskip("pytest_benchmark")
+    bj, gj = tmp_path / "bench.json", tmp_path / "goals.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "bench/test_goals.py", "-q", "-p", "no:cacheprovider",
+         "--goal-shapes", "reduced", "--dtypes", "float32", "--impls", "numba,cython",
+         "-k", "ce_8192x1000", "--benchmark-max-time", "0.01", "--benchmark-min-rounds", "1",
+         "--benchmark-json", str(bj), "--goals-json", str(gj)],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "fastloss goals" in out and "numba issue goals" in out and "reduced shapes" in out
+    infos = {b["extra_info"]["impl"]: b["extra_info"] for b in json.loads(bj.read_text())["benchmarks"]}
+    assert set(infos) == {"memcpy", "numpy", *_compiled()}
+    for impl in _compiled():
+        assert infos[impl]["goal ratios"]["time / memcpy"] > 0
+        assert infos[impl]["goal ratios"]["speedup vs numpy"] > 0
+        assert infos[impl]["goals"] and all(g["verdict"] == "n/a (reduced shapes)" for g in infos[impl]["goals"])
+    doc = json.loads(gj.read_text())
+    assert doc["reduced_shapes"] is True and doc["goals"]
