@@ -92,7 +92,7 @@ def unavailable_reason() -> str:
 
 
 if numba is not None:
-    from ._numba_math import cast_like, neg_log_p, sub_sub, vexp, vlog, vlog1p, vlog1p_recip
+    from ._numba_math import cast_like, neg_log_p, sub_sub, vexp, vexpn, vlog, vlog1p, vlog1p_recip
 
     # Ask for a thread-safe layer before Numba launches its thread pool (it is launched
     # lazily, at the first parallel call).  "threadsafe" = TBB if present, else OpenMP.
@@ -316,27 +316,42 @@ def _finite(v):
 
 
 @njit(**_JIT)
-def _sumexp(x, i, c, shift):
-    """``sum_j exp(x[i, j] - shift)``, in float64 across blocks of ``_SUMBLK`` terms."""
+def _sumexp(x, i, c, shift, neg):
+    """``sum_j exp(x[i, j] - shift)``, in float64 across blocks of ``_SUMBLK`` terms.
+
+    ``neg``: ``shift`` is the row's finite maximum, so every argument is <= 0 (or NaN) and
+    the cheaper :func:`vexpn` applies (30% faster); otherwise (shift 0 for a row whose max is
+    inf or nan) the general :func:`vexp`.
+    """
     s = 0.0
     for j0 in range(0, c, _SUMBLK):
         bs = cast_like(0.0, x)
-        for j in range(j0, min(c, j0 + _SUMBLK)):
-            bs += vexp(x[i, j] - shift)
+        if neg:
+            for j in range(j0, min(c, j0 + _SUMBLK)):
+                bs += vexpn(x[i, j] - shift)
+        else:
+            for j in range(j0, min(c, j0 + _SUMBLK)):
+                bs += vexp(x[i, j] - shift)
         s += bs
     return s
 
 
 @njit(**_JIT)
-def _sumexp_store(x, i, c, shift, out):
+def _sumexp_store(x, i, c, shift, neg, out):
     """Like :func:`_sumexp`, also storing ``out[i, j] = exp(x[i, j] - shift)``."""
     s = 0.0
     for j0 in range(0, c, _SUMBLK):
         bs = cast_like(0.0, x)
-        for j in range(j0, min(c, j0 + _SUMBLK)):
-            e = vexp(x[i, j] - shift)
-            out[i, j] = e
-            bs += e
+        if neg:
+            for j in range(j0, min(c, j0 + _SUMBLK)):
+                e = vexpn(x[i, j] - shift)
+                out[i, j] = e
+                bs += e
+        else:
+            for j in range(j0, min(c, j0 + _SUMBLK)):
+                e = vexp(x[i, j] - shift)
+                out[i, j] = e
+                bs += e
         s += bs
     return s
 
@@ -345,8 +360,9 @@ def _sumexp_store(x, i, c, shift, out):
 def _row_lse(x, i, c, acc):
     """(shift, log(sum exp(x - shift))) of row ``i``; ``lse = shift + log_s`` in float64."""
     m = _rowmax(x, i, c, acc)
-    sh = m if _finite(m) else cast_like(0.0, x)
-    s = _sumexp(x, i, c, sh)
+    fin = _finite(m)
+    sh = m if fin else cast_like(0.0, x)
+    s = _sumexp(x, i, c, sh, fin)
     return sh, np.log(s)
 
 
@@ -368,8 +384,9 @@ def _k_softmax(x, out, nb):
         acc = np.empty(_PMAX, x.dtype)
         for i in range(b * n // nb, (b + 1) * n // nb):
             m = _rowmax(x, i, c, acc)
-            sh = m if _finite(m) else cast_like(0.0, x)
-            s = _sumexp_store(x, i, c, sh, out)
+            fin = _finite(m)
+            sh = m if fin else cast_like(0.0, x)
+            s = _sumexp_store(x, i, c, sh, fin, out)
             # e / s as e * (1/s): one rounding more than a division, far inside the contract
             r = cast_like(1.0 / s, x)
             for j in range(c):
@@ -429,29 +446,20 @@ def _ce_row(x, i, c, t, w, sumw, eps, z, loss, grad, gs, acc):
     # pass 2: s = sum exp(x - sh) (stored as e into grad when that buffer will be rescaled),
     # and for label smoothing sw = sum_c w_c (x_c - sh); all reads of x happen here.
     store = grad is not None and fin
-    s = 0.0
     sw = 0.0
     if eps != 0.0:
+        # its own loop (float64 sums; mixed with the float32 exp sums LLVM keeps a loop
+        # scalar), before the exp pass, which may overwrite x
         if w is None:
             for j in range(c):
-                v = x[i, j] - sh
-                sw += v
-                e = vexp(v)
-                s += e
-                if store:
-                    grad[i, j] = e
+                sw += np.float64(x[i, j] - sh)
         else:
             for j in range(c):
-                v = x[i, j] - sh
-                sw += np.float64(w[j]) * v
-                e = vexp(v)
-                s += e
-                if store:
-                    grad[i, j] = e
-    elif store:
-        s = _sumexp_store(x, i, c, sh, grad)
+                sw += np.float64(w[j]) * np.float64(x[i, j] - sh)
+    if store:
+        s = _sumexp_store(x, i, c, sh, fin, grad)
     else:
-        s = _sumexp(x, i, c, sh)
+        s = _sumexp(x, i, c, sh, fin)
     ls = np.log(s)
     lse = np.float64(sh) + ls
     # -log p[t] = log s - (x[t] - shift), not lse - x[t]: huge logits (3e38) keep their O(1)
@@ -542,7 +550,9 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, loss, grad, gsc, gsa, r0,
     # accumulation in one loop do not vectorize (LLVM keeps it scalar)
     for j in range(c):
         for r in range(nr):
-            et[j, r] = vexp(xt[j, r] - sh[r])
+            # x - shift <= 0 where the max is finite; the other rows (shift 0) get a row sum
+            # that is still right (inf, nan or 0) and are recomputed below
+            et[j, r] = vexpn(xt[j, r] - sh[r])
     for j in range(c):
         for r in range(nr):
             s[r] += et[j, r]
@@ -675,7 +685,7 @@ def _ce_soft_row(x, y, i, c, w, eps, z, loss, grad, gs, acc):
             yw *= np.float64(w[j])
         sy += yw
         syx += yw * v if yw != 0.0 else 0.0
-    s = _sumexp_store(x, i, c, sh, grad) if store else _sumexp(x, i, c, sh)
+    s = _sumexp_store(x, i, c, sh, fin, grad) if store else _sumexp(x, i, c, sh, fin)
     ls = np.log(s)
     lse = np.float64(sh) + ls
     # sum_c y'w (lse - x_c) = sy * log s - sum_c y'w (x_c - sh)
@@ -761,7 +771,7 @@ def _bcel_block(z, y, w, pw, loss, grad, gs, gout, r0, r1, j0, j1):
                 yy = y_[j]
                 # e = exp(-|z|) in (0, 1]: softplus(-z) = max(-z, 0) + log1p(e)
                 na = -zz if zz > zero else zz
-                e = vexp(na)
+                e = vexpn(na)
                 mz = -zz if -zz > zero else zero
                 lp, r = vlog1p_recip(e)  # r = 1 / (1 + e), reused by the gradient
                 sp = mz + lp
