@@ -275,6 +275,39 @@ def _tasks(r, k):
     return -(-r // rpt), k, rpt
 
 
+# ============================================================================= segments
+def _seg(a, i, j0, j1):
+    """``a[i, j0:j1]``, or ``None`` for an absent operand (plain-Python twin of the overload)."""
+    return None if a is None else a[i, j0:j1]
+
+
+def _seg1(a, r0, r1):
+    """``a[r0:r1]`` of a 1-D array, or ``None`` for an absent one."""
+    return None if a is None else a[r0:r1]
+
+
+if numba is not None and not _NOJIT:
+    from numba.extending import overload as _overload
+    from numba.core import types as _types
+
+    @_overload(_seg, inline="always")
+    def _ov_seg(a, i, j0, j1):
+        # Why the block functions index row segments from 0 rather than a[i, j] with j from
+        # range(j0, j1): Numba wraps negative indices (idx < 0 -> idx + dim) unless it can
+        # prove idx >= 0, which it cannot for a loop starting at an argument; the per-element
+        # sign tests then keep the loop scalar (3.6x slower measured on MSE).  j from
+        # range(0, ...) is provably non-negative, and the loop vectorizes.
+        if isinstance(a, _types.NoneType):
+            return lambda a, i, j0, j1: None
+        return lambda a, i, j0, j1: a[i, j0:j1]
+
+    @_overload(_seg1, inline="always")
+    def _ov_seg1(a, r0, r1):
+        if isinstance(a, _types.NoneType):
+            return lambda a, r0, r1: None
+        return lambda a, r0, r1: a[r0:r1]
+
+
 # ============================================================================= row helpers
 @njit(**_JIT)
 def _mx(a, b):
@@ -526,9 +559,15 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, loss, grad, gsc, gsa, r0,
     c = x.shape[1]
     nr = r1 - r0
     zero = cast_like(0.0, x)
+    # this block's rows of the per-row arrays, indexed from 0: an index r0 + r (r0 an argument)
+    # is not provably >= 0, and Numba's wrap-around test on it would keep the loops scalar
+    tg = target[r0:r1]
+    lb = loss[r0:r1]
+    gb = _seg1(gsa, r0, r1)
     for r in range(nr):
+        xr = x[r0 + r]  # a row view: j from range(c) indexes it without wrap-around tests
         for j in range(c):
-            xt[j, r] = x[r0 + r, j]
+            xt[j, r] = xr[j]
     # Row max, NaN skipped as in _rowmax (a NaN reaches the result through the sum of exp).
     # Two buffers in turn, not ``sh[r] = max(sh[r], ...)``: LLVM turns that read-modify-write
     # into a masked store (only where the max changes), and AVX2 masked stores are microcoded
@@ -565,7 +604,7 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, loss, grad, gsc, gsa, r0,
                 dd[r] += wj * (xt[j, r] - sh[r])
     # gathers (scalar): the target logit and weight; an ignored row reads class 0, harmlessly
     for r in range(nr):
-        t = target[r0 + r]
+        t = tg[r]
         t = 0 if t == ignore else t
         xtt[r] = xt[t, r]
         wt[r] = 1.0 if w is None else np.float64(w[t])
@@ -583,10 +622,10 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, loss, grad, gsc, gsa, r0,
             row += u * (sumw * lsr - dd[r])
         if z != 0.0:
             row += z * lser * lser
-        loss[r0 + r] = row if target[r0 + r] != ignore else 0.0
+        lb[r] = row if tg[r] != ignore else 0.0
         if grad is not None:
             # d row / d x_j = a p_j - eps/C w_j - (1-eps) w_t [j = t]
-            gs = gsc if gsa is None else gsc * gsa[r0 + r]
+            gs = gsc if gsa is None else gsc * gb[r]
             a = (1.0 - eps) * wt[r] + u * sumw + 2.0 * z * lser
             cg[r] = cast_like(gs * a / s[r], x)  # p = e / s
             dd[r] = gs * u
@@ -596,31 +635,31 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, loss, grad, gsc, gsa, r0,
         return
     if chk != 0.0:  # i.e. nan: some row holds +inf or nan
         for r in range(nr):
-            if not _finite(s[r]) and target[r0 + r] != ignore:
+            if not _finite(s[r]) and tg[r] != ignore:
                 # p = exp(x - lse) as the reference computes it (0 for finite x, nan at the
                 # inf), not e / s = inf / inf
-                gs = gsc if gsa is None else gsc * gsa[r0 + r]
+                gs = gsc if gsa is None else gsc * gb[r]
                 lsed = cast_like(lse[r], x)
                 for j in range(c):
                     et[j, r] = vexp(xt[j, r] - lsed)
                 cg[r] = cast_like(gs * ((1.0 - eps) * wt[r] + u * sumw + 2.0 * z * lse[r]), x)
     for r in range(nr):
-        i = r0 + r
-        t = target[i]
+        t = tg[r]
+        gr = grad[r0 + r]
         if t == ignore:  # exact zeros, whatever the row holds
             for j in range(c):
-                grad[i, j] = zero
+                gr[j] = zero
             continue
         cgr = cg[r]
         if eps == 0.0:
             for j in range(c):
-                grad[i, j] = et[j, r] * cgr
+                gr[j] = et[j, r] * cgr
         else:
             ddr = cast_like(dd[r], x)
             for j in range(c):
                 wj = cast_like(1.0, x) if w is None else w[j]
-                grad[i, j] = et[j, r] * cgr - ddr * wj
-        grad[i, t] -= cast_like(tc[r], x)
+                gr[j] = et[j, r] * cgr - ddr * wj
+        gr[t] -= cast_like(tc[r], x)
 
 
 @_kernel
@@ -726,25 +765,6 @@ def _k_cross_entropy_soft(x, y, w, eps, z, loss, grad, gsc, gsa, nb):
 
 
 # ============================================================================= elementwise
-def _seg(a, i, j0, j1):
-    """``a[i, j0:j1]``, or ``None`` for an absent operand (plain-Python twin of the overload)."""
-    return None if a is None else a[i, j0:j1]
-
-
-if numba is not None and not _NOJIT:
-    from numba.extending import overload as _overload
-    from numba.core import types as _types
-
-    @_overload(_seg, inline="always")
-    def _ov_seg(a, i, j0, j1):
-        # Why the block functions index row segments from 0 rather than a[i, j] with j from
-        # range(j0, j1): Numba wraps negative indices (idx < 0 -> idx + dim) unless it can
-        # prove idx >= 0, which it cannot for a loop starting at an argument; the per-element
-        # sign tests then keep the loop scalar (3.6x slower measured on MSE).  j from
-        # range(0, ...) is provably non-negative, and the loop vectorizes.
-        if isinstance(a, _types.NoneType):
-            return lambda a, i, j0, j1: None
-        return lambda a, i, j0, j1: a[i, j0:j1]
 # Each block function handles rows [r0, r1) x columns [j0, j1) and returns its float64 loss
 # sum; the parallel driver maps tasks to blocks (see _tasks) and reduces the sums.
 
