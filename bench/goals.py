@@ -216,8 +216,10 @@ def _jax_functions(jax):
         logp = jax.nn.log_softmax(x, axis=-1)
         return -jnp.mean(jnp.take_along_axis(logp, t[:, None], axis=-1))
 
-    def bce_with_logits(z, y):  # the stable form, as optax.sigmoid_binary_cross_entropy
-        return jnp.mean(jnp.maximum(z, 0) - z * y + jnp.log1p(jnp.exp(-jnp.abs(z))))
+    def bce_with_logits(z, y):  # optax.sigmoid_binary_cross_entropy's form
+        # (not max(z, 0) - z y + log1p(exp(-|z|)): JAX differentiates max and abs at a tie
+        # as 0 and 0.5/sign 0, which gives -y instead of 1/2 - y where a logit is exactly 0)
+        return jnp.mean(-(y * jax.nn.log_sigmoid(z) + (1 - y) * jax.nn.log_sigmoid(-z)))
 
     return {
         "cross_entropy": jax.value_and_grad(cross_entropy),
