@@ -10,10 +10,12 @@
  * never would.  Cython cannot emit those pragmas, so the loops live here and the .pyx drives
  * them row by row under OpenMP `prange`.
  *
- * Every loop here takes CONTIGUOUS pointers; the .pyx gathers strided / broadcast operands into
- * thread-local blocks first.  An output may alias an input at the same index (in-place
+ * Every row loop here takes CONTIGUOUS pointers; the .pyx gathers strided / broadcast operands
+ * into thread-local blocks first.  An output may alias an input at the same index (in-place
  * gradients): each loop reads element j before writing element j and never reads j' != j after
- * writing it, so aliasing at equal indices is safe.
+ * writing it, so aliasing at equal indices is safe.  The few-class kernels at the end
+ * (fl_ce_cols, fl_norm_cols) take a block of rows with any strides and transpose it into
+ * column layout themselves; they read the whole block before writing any output.
  *
  * AVX2 note (no AVX-512): packed double <-> int64 conversion and 64-bit arithmetic right shifts
  * do not exist on AVX2, and gcc scalarizes a loop that needs them.  The exp/log below therefore
@@ -137,6 +139,87 @@ FL_INLINE float fl_exp_f(float x)
     return p * s1 * s2;
 }
 
+/* ------------------------------------------------------------------------------ expn
+ * exp(x) for x <= 0 -- the shifted logits x_j - max of the softmax-type kernels, -|z| of the
+ * BCE -- with fewer operations than fl_exp (about 15 instead of 24 per vector):
+ * - k = round(x / ln2) lies in [-150, 0] (float; [-1077, 0] for double) after the clamp at lo,
+ *   so ONE scale 2^(k + K), K = 64 (512), is a normal number;
+ * - the polynomial's coefficients are scaled by 2^-K (exact: powers of two, and the values
+ *   stay normal where they matter), so p(r) 2^-K * 2^(k+K) is the only rounding of the result,
+ *   also into the subnormal range (gradual underflow, as fl_exp's two-factor scaling gives);
+ * - no upper clamp, and max(x, lo) is one vmaxps: `lo` is a parameter that callers pass
+ *   through an empty asm (FL_OPAQUE) outside their loop -- with a constant bound gcc evaluates
+ *   exp on both sides of the select and blends the results (eight instructions instead of one).
+ * lo = -104 (-746): below it the result rounds to 0.
+ * Specials: NaN passes max (the comparison is false) and propagates; -inf -> 0; +inf -> +inf
+ * through the final max(y, x) (y = exp(x) > x for every x <= 0, so it changes nothing else).
+ * For 0 < x < +inf the result is NOT exp(x) (the scale overflows; max(y, x) then returns some
+ * number >= x, never NaN): callers use it only where x <= 0 is certain -- x - max with a finite
+ * row max (rows whose max is not finite, where x - 0 can be positive, take fl_exp) and -|z|.
+ * Accuracy: the polynomial of fl_exp, < 1.5 ulp (tests/test_cython_build.py). */
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__aarch64__))
+#define FL_OPAQUE(v) __asm__("" : "+x"(v)) /* v is now unknown to the optimizer; no code */
+#else
+#define FL_OPAQUE(v) ((void)0)
+#endif
+/* a pointer the compiler may assume 32-byte aligned (the column kernels' scratch arrays) */
+#if defined(__GNUC__) || defined(__clang__)
+#define FL_ALIGNED(p) __builtin_assume_aligned(p, 32)
+#else
+#define FL_ALIGNED(p) (p)
+#endif
+#define FL_EXPN_LO_F (-104.0f)
+#define FL_EXPN_LO_D (-746.0)
+
+#define FL_EXPN_SF 5.42101086242752217e-20f          /* 2^-64 */
+#define FL_EXPN_SD 7.45834073120020674329e-155      /* 2^-512 */
+FL_INLINE float fl_expn_f(float x, float lo)
+{
+    const float xc = x < lo ? lo : x;
+    const float t = xc * 1.44269504f + FL_EXP_SHIFT_F;
+    const float k = t - FL_EXP_SHIFT_F;
+    float r = xc - k * 0.693145751953125f;
+    r = r - k * 1.42860682030941723212e-6f;
+    /* the polynomial of fl_exp_f with every coefficient times 2^-64: the same roundings */
+    float p = FL_EXPN_SF * (1.0f / 5040.0f);
+    p = p * r + FL_EXPN_SF * (1.0f / 720.0f);
+    p = p * r + FL_EXPN_SF * (1.0f / 120.0f);
+    p = p * r + FL_EXPN_SF * (1.0f / 24.0f);
+    p = p * r + FL_EXPN_SF * (1.0f / 6.0f);
+    p = p * r + FL_EXPN_SF * 0.5f;
+    p = p * r + FL_EXPN_SF;
+    p = p * r + FL_EXPN_SF;
+    /* low 9 bits of bits(t) are k mod 512: (k + 64 + 127) << 23 = 2^(k+64), k + 191 in [41, 191] */
+    const float y = p * fl_f_from_bits((fl_bits_f(t) + 191u) << 23);
+    return y > x ? y : x;
+}
+
+FL_INLINE double fl_expn_d(double x, double lo)
+{
+    const double xc = x < lo ? lo : x;
+    const double t = xc * 1.4426950408889634074 + FL_EXP_SHIFT_D;
+    const double k = t - FL_EXP_SHIFT_D;
+    double r = xc - k * 6.93147180369123816490e-01;
+    r = r - k * 1.90821492927058770002e-10;
+    double p = FL_EXPN_SD * (1.0 / 6227020800.0);
+    p = p * r + FL_EXPN_SD * (1.0 / 479001600.0);
+    p = p * r + FL_EXPN_SD * (1.0 / 39916800.0);
+    p = p * r + FL_EXPN_SD * (1.0 / 3628800.0);
+    p = p * r + FL_EXPN_SD * (1.0 / 362880.0);
+    p = p * r + FL_EXPN_SD * (1.0 / 40320.0);
+    p = p * r + FL_EXPN_SD * (1.0 / 5040.0);
+    p = p * r + FL_EXPN_SD * (1.0 / 720.0);
+    p = p * r + FL_EXPN_SD * (1.0 / 120.0);
+    p = p * r + FL_EXPN_SD * (1.0 / 24.0);
+    p = p * r + FL_EXPN_SD * (1.0 / 6.0);
+    p = p * r + FL_EXPN_SD * 0.5;
+    p = p * r + FL_EXPN_SD;
+    p = p * r + FL_EXPN_SD;
+    /* low 12 bits of bits(t) are k mod 4096: (k + 512 + 1023) << 52 = 2^(k+512), k + 1535 > 0 */
+    const double y = p * fl_d_from_bits((fl_bits_d(t) + 1535u) << 52);
+    return y > x ? y : x;
+}
+
 /* ------------------------------------------------------------------------------ log
  * fdlibm / musl algorithm: x = 2^k * m with m in [sqrt(2)/2, sqrt(2)), f = m - 1,
  * s = f / (2 + f), log(1+f) = f - f^2/2 + s (f^2/2 + R(s^2)) with a minimax R; then
@@ -222,7 +305,7 @@ FL_INLINE float fl_log1p_f(float u)
  * Instantiated for float (suffix _f) and double (suffix _d).  NaN conventions: comparisons
  * are written so that NaN propagates exactly where NumPy's reference propagates it
  * (np.maximum(a, b) -> `a < b ? b : a` keeps a NaN a). */
-#define FL_DEFINE(T, S, EXP, LOG, LOG1P, INF)                                                  \
+#define FL_DEFINE(T, S, EXP, EXPN, EXPN_LO, LOG, LOG1P, INF)                                    \
                                                                                                 \
 /* max ignoring NaN (a NaN row is caught later through the sum of exp) */                     \
 static inline T fl_max_##S(const T *x, fl_idx n)                                                \
@@ -233,14 +316,27 @@ static inline T fl_max_##S(const T *x, fl_idx n)                                
     return m;                                                                                   \
 }                                                                                               \
                                                                                                 \
-/* sum exp(x - sh); if e != NULL also stores e[j] = exp(x[j] - sh) (e may be x) */             \
-static inline double fl_sumexp_##S(const T *x, T *e, fl_idx n, T sh)                            \
+/* sum exp(x - sh); if e != NULL also stores e[j] = exp(x[j] - sh) (e may be x).  neg: sh is    \
+ * the finite row max, so every x - sh <= 0 (or NaN) and the cheaper EXPN applies */            \
+static inline double fl_sumexp_##S(const T *x, T *e, fl_idx n, T sh, int neg)                   \
 {                                                                                               \
     double tot = 0.0;                                                                           \
+    T lo = EXPN_LO;                                                                             \
+    FL_OPAQUE(lo);                                                                              \
     for (fl_idx j0 = 0; j0 < n; j0 += FL_BLOCK) {                                               \
         const fl_idx j1 = j0 + FL_BLOCK < n ? j0 + FL_BLOCK : n;                                \
         T acc = 0;                                                                              \
-        if (e) {                                                                                \
+        if (neg && e) {                                                                         \
+            FL_SIMD_SUM(acc)                                                                    \
+            for (fl_idx j = j0; j < j1; j++) {                                                  \
+                const T v = EXPN(x[j] - sh, lo);                                                \
+                e[j] = v;                                                                       \
+                acc += v;                                                                       \
+            }                                                                                   \
+        } else if (neg) {                                                                       \
+            FL_SIMD_SUM(acc)                                                                    \
+            for (fl_idx j = j0; j < j1; j++) acc += EXPN(x[j] - sh, lo);                        \
+        } else if (e) {                                                                         \
             FL_SIMD_SUM(acc)                                                                    \
             for (fl_idx j = j0; j < j1; j++) { const T v = EXP(x[j] - sh); e[j] = v; acc += v; } \
         } else {                                                                                \
@@ -374,30 +470,43 @@ static inline double fl_soft_terms_##S(const T *x, const T *y, const T *w, fl_id
     return tot;                                                                                 \
 }                                                                                               \
                                                                                                 \
-/* soft-target gradient: out = gs * (exp(x - sh) * pa - yw) with pa = a / sum exp(x - sh) */  \
+/* soft-target gradient: out = gs * (exp(x - sh) * pa - yw) with pa = a / sum exp(x - sh);     \
+ * neg: sh is the finite row max (EXPN applies, as in fl_sumexp) */                            \
 static inline void fl_soft_grad_##S(const T *x, const T *y, const T *w, T *out, fl_idx n, T sh, \
-                                     T pa, T a1, T a0, T gs)                                     \
+                                     T pa, T a1, T a0, T gs, int neg)                            \
 {                                                                                               \
-    FL_SIMD                                                                                     \
-    for (fl_idx j = 0; j < n; j++) {                                                            \
-        const T yw = (a1 * y[j] + a0) * w[j];                                                   \
-        out[j] = gs * (EXP(x[j] - sh) * pa - yw);                                               \
+    T lo = EXPN_LO;                                                                             \
+    FL_OPAQUE(lo);                                                                              \
+    if (neg) {                                                                                  \
+        FL_SIMD                                                                                 \
+        for (fl_idx j = 0; j < n; j++) {                                                        \
+            const T yw = (a1 * y[j] + a0) * w[j];                                               \
+            out[j] = gs * (EXPN(x[j] - sh, lo) * pa - yw);                                      \
+        }                                                                                       \
+    } else {                                                                                    \
+        FL_SIMD                                                                                 \
+        for (fl_idx j = 0; j < n; j++) {                                                        \
+            const T yw = (a1 * y[j] + a0) * w[j];                                               \
+            out[j] = gs * (EXP(x[j] - sh) * pa - yw);                                           \
+        }                                                                                       \
     }                                                                                           \
 }                                                                                               \
                                                                                                 \
 /* ---- elementwise: all operands contiguous blocks; w / go are never NULL (ones); l is never \
  * NULL (scratch); g may be NULL (no gradient).  Return the float64 sum of l. */               \
                                                                                                 \
-/* softplus(-z) = max(-z, 0) + log1p(exp(-|z|)) */                                             \
+/* softplus(-z) = max(-z, 0) + log1p(exp(-|z|)); -|z| <= 0, so EXPN applies */                 \
 static inline double fl_bce_logits_##S(fl_idx n, const T *z, const T *y, const T *w,            \
                                         const T *pw, int has_pw, T *l, T *g, const T *go, T gs) \
 {                                                                                               \
     T acc = 0;                                                                                  \
+    T lo = EXPN_LO;                                                                             \
+    FL_OPAQUE(lo);                                                                              \
     if (g) {                                                                                    \
         FL_SIMD_SUM(acc)                                                                        \
         for (fl_idx j = 0; j < n; j++) {                                                        \
             const T zj = z[j], yj = y[j], mz = -zj;                                             \
-            const T e = EXP(-(zj < 0 ? -zj : zj)); /* exp(-|z|), NaN stays NaN */              \
+            const T e = EXPN(-(zj < 0 ? -zj : zj), lo); /* exp(-|z|), NaN stays NaN */         \
             const T sp = (mz < 0 ? (T)0 : mz) + LOG1P(e);                                       \
             const T c = has_pw ? (T)1 + (pw[j] - (T)1) * yj : (T)1;                             \
             const T lv = ((T)1 - yj) * zj + c * sp;                                             \
@@ -413,7 +522,7 @@ static inline double fl_bce_logits_##S(fl_idx n, const T *z, const T *y, const T
         FL_SIMD_SUM(acc)                                                                        \
         for (fl_idx j = 0; j < n; j++) {                                                        \
             const T zj = z[j], yj = y[j], mz = -zj;                                             \
-            const T e = EXP(-(zj < 0 ? -zj : zj));                                              \
+            const T e = EXPN(-(zj < 0 ? -zj : zj), lo);                                         \
             const T sp = (mz < 0 ? (T)0 : mz) + LOG1P(e);                                       \
             const T c = has_pw ? (T)1 + (pw[j] - (T)1) * yj : (T)1;                             \
             l[j] = (((T)1 - yj) * zj + c * sp) * w[j];                                          \
@@ -513,6 +622,13 @@ static inline void fl_vexp_##S(const T *x, T *out, fl_idx n)                    
     FL_SIMD                                                                                     \
     for (fl_idx j = 0; j < n; j++) out[j] = EXP(x[j]);                                          \
 }                                                                                               \
+static inline void fl_vexpn_##S(const T *x, T *out, fl_idx n)                                   \
+{                                                                                               \
+    T lo = EXPN_LO;                                                                             \
+    FL_OPAQUE(lo);                                                                              \
+    FL_SIMD                                                                                     \
+    for (fl_idx j = 0; j < n; j++) out[j] = EXPN(x[j], lo);                                     \
+}                                                                                               \
 static inline void fl_vlog_##S(const T *x, T *out, fl_idx n)                                    \
 {                                                                                               \
     FL_SIMD                                                                                     \
@@ -571,8 +687,584 @@ static inline void fl_scatter_##S(const T *buf, T *p, fl_idx s, fl_idx n)       
     for (fl_idx j = 0; j < n; j++) p[j * s] = buf[j];                                           \
 }
 
-FL_DEFINE(float, f, fl_exp_f, fl_log_f, fl_log1p_f, HUGE_VALF)
-FL_DEFINE(double, d, fl_exp_d, fl_log_d, fl_log1p_d, HUGE_VAL)
+FL_DEFINE(float, f, fl_exp_f, fl_expn_f, FL_EXPN_LO_F, fl_log_f, fl_log1p_f, HUGE_VALF)
+FL_DEFINE(double, d, fl_exp_d, fl_expn_d, FL_EXPN_LO_D, fl_log_d, fl_log1p_d, HUGE_VAL)
+
+/* ------------------------------------------------------------------------------ few classes
+ * The column-layout kernels below work on blocks of SB rows chosen by the caller (a multiple of
+ * 8; measured best: a few KB of logits per block -- the scratch then stays in L1 and the row
+ * streams are read and written in short, regular bursts), and sum at most FL_CB_SUMC
+ * exponentials per row in T lanes before adding them in float64. */
+#define FL_CB_SUMC 32
+
+/* Block transposes between row layout and column layout: dst[k*ds + r] = src[r*ss + k] for
+ * r < R, k < K.  A scalar transpose moves one element per load and per store (~1 cycle each);
+ * with AVX a W x W tile (8 floats / 4 doubles) takes W vector loads, W vector stores and a few
+ * shuffles per tile.  Tiles cover both dimensions in steps of W, the last tile of each
+ * overlapping the previous one (it rewrites a few elements with the same values), so any
+ * R, K >= W needs no scalar remainder; smaller blocks take the scalar loop.  src and dst must
+ * not overlap. */
+#if defined(__AVX__)
+#include <immintrin.h>
+#define FL_TW_f 8
+#define FL_TW_d 4
+FL_INLINE void fl_tile_f(const float *src, fl_idx ss, float *dst, fl_idx ds)
+{
+    const __m256 r0 = _mm256_loadu_ps(src), r1 = _mm256_loadu_ps(src + ss);
+    const __m256 r2 = _mm256_loadu_ps(src + 2 * ss), r3 = _mm256_loadu_ps(src + 3 * ss);
+    const __m256 r4 = _mm256_loadu_ps(src + 4 * ss), r5 = _mm256_loadu_ps(src + 5 * ss);
+    const __m256 r6 = _mm256_loadu_ps(src + 6 * ss), r7 = _mm256_loadu_ps(src + 7 * ss);
+    const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+    const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+    const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+    const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xee);
+    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xee);
+    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xee);
+    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xee);
+    _mm256_storeu_ps(dst, _mm256_permute2f128_ps(u0, u4, 0x20));
+    _mm256_storeu_ps(dst + ds, _mm256_permute2f128_ps(u1, u5, 0x20));
+    _mm256_storeu_ps(dst + 2 * ds, _mm256_permute2f128_ps(u2, u6, 0x20));
+    _mm256_storeu_ps(dst + 3 * ds, _mm256_permute2f128_ps(u3, u7, 0x20));
+    _mm256_storeu_ps(dst + 4 * ds, _mm256_permute2f128_ps(u0, u4, 0x31));
+    _mm256_storeu_ps(dst + 5 * ds, _mm256_permute2f128_ps(u1, u5, 0x31));
+    _mm256_storeu_ps(dst + 6 * ds, _mm256_permute2f128_ps(u2, u6, 0x31));
+    _mm256_storeu_ps(dst + 7 * ds, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+FL_INLINE void fl_tile_d(const double *src, fl_idx ss, double *dst, fl_idx ds)
+{
+    const __m256d r0 = _mm256_loadu_pd(src), r1 = _mm256_loadu_pd(src + ss);
+    const __m256d r2 = _mm256_loadu_pd(src + 2 * ss), r3 = _mm256_loadu_pd(src + 3 * ss);
+    const __m256d t0 = _mm256_unpacklo_pd(r0, r1), t1 = _mm256_unpackhi_pd(r0, r1);
+    const __m256d t2 = _mm256_unpacklo_pd(r2, r3), t3 = _mm256_unpackhi_pd(r2, r3);
+    _mm256_storeu_pd(dst, _mm256_permute2f128_pd(t0, t2, 0x20));
+    _mm256_storeu_pd(dst + ds, _mm256_permute2f128_pd(t1, t3, 0x20));
+    _mm256_storeu_pd(dst + 2 * ds, _mm256_permute2f128_pd(t0, t2, 0x31));
+    _mm256_storeu_pd(dst + 3 * ds, _mm256_permute2f128_pd(t1, t3, 0x31));
+}
+#define FL_TRANSPOSE(T, S)                                                                      \
+static inline void fl_transpose_##S(const T *src, fl_idx ss, fl_idx R, fl_idx K, T *dst,        \
+                                    fl_idx ds)                                                  \
+{                                                                                               \
+    const fl_idx W = FL_TW_##S;                                                                 \
+    fl_idx r0, k0, r, k;                                                                        \
+    if (R < W || K < W) {                                                                       \
+        for (r = 0; r < R; r++)                                                                 \
+            for (k = 0; k < K; k++) dst[k * ds + r] = src[r * ss + k];                          \
+        return;                                                                                 \
+    }                                                                                           \
+    for (r0 = 0; r0 < R; r0 += W) {                                                             \
+        if (r0 > R - W) r0 = R - W;    /* the last tile overlaps the previous one */            \
+        const T *s0 = src + r0 * ss;                                                            \
+        T *d0 = dst + r0;                                                                       \
+        for (k0 = 0; k0 + W <= K; k0 += W) fl_tile_##S(s0 + k0, ss, d0 + k0 * ds, ds);          \
+        if (k0 < K) fl_tile_##S(s0 + K - W, ss, d0 + (K - W) * ds, ds);                         \
+    }                                                                                           \
+}
+#else
+#define FL_TRANSPOSE(T, S)                                                                      \
+static inline void fl_transpose_##S(const T *src, fl_idx ss, fl_idx R, fl_idx K, T *dst,        \
+                                    fl_idx ds)                                                  \
+{                                                                                               \
+    for (fl_idx r = 0; r < R; r++)                                                              \
+        for (fl_idx k = 0; k < K; k++) dst[k * ds + r] = src[r * ss + k];                       \
+}
+#endif
+FL_TRANSPOSE(float, f)
+FL_TRANSPOSE(double, d)
+
+/* bytes of scratch fl_ce_cols_* and fl_norm_cols_* need for c classes of itemsize isz in blocks
+ * of sb rows */
+static inline size_t fl_cols_scratch(fl_idx c, fl_idx sb, size_t isz)
+{
+    /* c columns, 3 float64 row arrays and 12 T row arrays (fl_ce_cols; fl_norm_cols uses less) */
+    size_t b = ((size_t)c + 12) * (size_t)sb * isz + 3 * (size_t)sb * sizeof(double);
+    return (b + 63) / 64 * 64;
+}
+
+/* Cross-entropy of a block of nr <= SB rows with few classes, in column layout.
+ *
+ * Why: with C ~ 10 classes the per-row loops of fl_max / fl_sumexp are 10 iterations long:
+ * they never fill a vector and their select-max and add chains are latency bound, so per-row
+ * overhead dominates (the row kernel runs ~5x slower at C = 10).  Here the block is first laid
+ * out by columns, X[j*xs + r] (for each class j, the nr rows of the block consecutively), and
+ * every step is a loop over the rows r of one column -- contiguous, independent lanes,
+ * vectorized -- while j only picks the column:
+ *   m_r = max_j x_rj (NaN skipped, as fl_max),  sh_r = m_r if finite else 0,
+ *   lin_r = sum_j w_j (x_rj - sh_r) (label smoothing only, float64),
+ *   e_rj = exp(x_rj - sh_r) (fl_expn),  s_r = sum_j e_rj,  L_r = log s_r,  lse_r = sh_r + L_r,
+ *   loss_r = (1-eps) w_t (L_r - (x_rt - sh_r)) + eps/C (wsum L_r - lin_r) + z lse_r^2,
+ *   g_rj = e_rj gs_r a_r / s_r - gs_r eps/C w_j,  g_rt -= gs_r (1-eps) w_t,
+ *   a_r = (1-eps) w_t + eps/C wsum + 2 z lse_r,
+ * the formulas of the row kernel (_ce_row in _kernels_cy.pyx): -log p_t is formed as
+ * L - (x_t - sh), exact for huge logits.  The target's logit, weight and gradient column are
+ * picked by per-column selects (no gathers).  Rows that need care are patched by a scalar
+ * pass at the end: ignored rows (loss 0, gradient exactly 0 even with inf/NaN logits), rows
+ * whose target is outside [0, C) (NaN, for a direct caller that skipped validation), and rows
+ * whose max is not finite or that hold a NaN: their gradient is recomputed from the original
+ * logits as exp(x - lse) gs a, what the reference's p = exp(x - sh) / s gives there.
+ *
+ * Layout: x[r*xrs + j*xcs].  When the rows are adjacent in memory (xrs == 1: Fortran order,
+ * e.g. the transpose of a C-contiguous (C, N) array) the columns are read in place; otherwise
+ * they are transposed into the scratch (fl_transpose).  The gradient is built in the scratch
+ * and written to g[r*grs + j*gcs] at the end: g may be x (in place), as every read of the
+ * block's logits -- the patch pass included -- happens before the first write.
+ * gsa == NULL: no gradient (g unused).  loss[r*ls]: the float64 row losses.
+ * scratch: fl_cols_scratch(c, SB, sizeof(T)) bytes, 64-byte aligned; SB a multiple of 8. */
+#define FL_DEFINE_CB(T, S, EXP, EXPN, EXPN_LO, LOG, INF)                                        \
+static inline void fl_ce_cols_##S(fl_idx nr, fl_idx c, const T *x, fl_idx xrs, fl_idx xcs,      \
+                                  const int64_t *tg, fl_idx ts, const T *w, double wsum,        \
+                                  int64_t ign, double eps, double z, double *loss, fl_idx ls,   \
+                                  const double *gsa, fl_idx gss, T *g, fl_idx grs, fl_idx gcs,  \
+                                  fl_idx SB, void *scratch)                                     \
+{                                                                                               \
+    /* Vector loops run over n8 >= nr rows, a multiple of 8: with aligned row arrays they need  \
+     * no peeling or remainder code (a block's loops are short).  Padding rows hold zeros and   \
+     * count as ignored; nothing of them is written out. */                                     \
+    const fl_idx n8 = (nr + 7) & ~(fl_idx)7;                                                    \
+    T *E = (T *)FL_ALIGNED(scratch);   /* c columns of SB: x (copied), then exp, then grad */   \
+    double *s = (double *)FL_ALIGNED(E + c * SB); /* row sums of exp (FL_CB_SUMC < C) */        \
+    double *lin = (double *)FL_ALIGNED(s + SB); /* sum_j w_j (x_j - sh), then the row loss */   \
+    double *gsd = (double *)FL_ALIGNED(lin + SB); /* gradient scale */                          \
+    T *m = (T *)FL_ALIGNED(gsd + SB);  /* row max, then the shift */                            \
+    T *st = (T *)FL_ALIGNED(m + SB);   /* sum of exp */                                         \
+    T *Lt = (T *)FL_ALIGNED(st + SB);  /* log s */                                              \
+    T *nl = (T *)FL_ALIGNED(Lt + SB);  /* -log p_t */                                           \
+    T *xt = (T *)FL_ALIGNED(nl + SB);  /* target logit */                                       \
+    T *wt = (T *)FL_ALIGNED(xt + SB);  /* target weight */                                      \
+    T *tj = (T *)FL_ALIGNED(wt + SB);  /* target class as T (-1: none) */                       \
+    T *kind = (T *)FL_ALIGNED(tj + SB); /* 0 normal, 1 ignored (or padding), 2 bad target */    \
+    T *sp = (T *)FL_ALIGNED(kind + SB); /* partial sums of exp; then 1 for rows to patch */     \
+    T *cg = (T *)FL_ALIGNED(sp + SB);  /* gs a / s */                                           \
+    T *bb = (T *)FL_ALIGNED(cg + SB);  /* gs eps / C */                                         \
+    T *gt = (T *)FL_ALIGNED(bb + SB);  /* gs (1-eps) w_t */                                     \
+    const T *X = E;                                                                             \
+    fl_idx xs = SB;                                                                             \
+    const int grad = gsa != NULL;                                                               \
+    const double ec = eps / (double)c;                                                          \
+    T lo = EXPN_LO;                                                                             \
+    fl_idx r, j;                                                                                \
+                                                                                                \
+    FL_OPAQUE(lo);                                                                              \
+    if (xrs == 1 && nr == n8) {        /* columns already contiguous: read in place */          \
+        X = x;                                                                                  \
+        xs = xcs;                                                                               \
+    } else if (xrs == 1) {             /* the same, last block: copied (padding) */             \
+        for (j = 0; j < c; j++)                                                                 \
+            for (r = 0; r < nr; r++) E[j * SB + r] = x[j * xcs + r];                            \
+    } else if (xcs == 1) {             /* C order: transpose */                                 \
+        fl_transpose_##S(x, xrs, nr, c, E, SB);                                                 \
+    } else {                                                                                    \
+        for (r = 0; r < nr; r++)                                                                \
+            for (j = 0; j < c; j++) E[j * SB + r] = x[r * xrs + j * xcs];                       \
+    }                                                                                           \
+    if (nr < n8)                                                                                \
+        for (j = 0; j < c; j++)                                                                 \
+            for (r = nr; r < n8; r++) E[j * SB + r] = 0;                                        \
+    FL_SIMD                                                                                     \
+    for (r = 0; r < nr; r++) {                                                                  \
+        const int64_t t = tg[r * ts];                                                           \
+        const int ok = t >= 0 && t < c;                                                         \
+        tj[r] = ok ? (T)(int32_t)t : (T)-1;                                                     \
+        kind[r] = t == ign ? (T)1 : (ok ? (T)0 : (T)2);                                         \
+    }                                                                                           \
+    if (grad) {                                                                                 \
+        FL_SIMD                                                                                 \
+        for (r = 0; r < nr; r++) gsd[r] = gsa[r * gss];                                         \
+    }                                                                                           \
+    for (r = nr; r < n8; r++) {                                                                 \
+        tj[r] = -1;                                                                             \
+        kind[r] = 1;                                                                            \
+        gsd[r] = 0.0;                                                                           \
+    }                                                                                           \
+    /* The max, and the target's logit picked by a select per column (no gathers): columns      \
+     * four at a time, the row arrays are loaded and stored once per four columns.  Every read  \
+     * of X happens before the exponentials overwrite it (it may be the scratch). */            \
+    FL_SIMD                                                                                     \
+    for (r = 0; r < n8; r++) {                                                                  \
+        m[r] = -INF;                                                                            \
+        xt[r] = 0;                                                                              \
+        wt[r] = 1;                                                                              \
+    }                                                                                           \
+    for (j = 0; j + 4 <= c; j += 4) {                                                           \
+        const T *X0 = X + j * xs, *X1 = X0 + xs, *X2 = X1 + xs, *X3 = X2 + xs;                  \
+        const T j0 = (T)j, j1 = (T)(j + 1), j2 = (T)(j + 2), j3 = (T)(j + 3);                   \
+        FL_SIMD                                                                                 \
+        for (r = 0; r < n8; r++) {                                                              \
+            const T v0 = X0[r], v1 = X1[r], v2 = X2[r], v3 = X3[r], tr = tj[r];                 \
+            T mm = m[r], tt = xt[r];                                                            \
+            mm = v0 > mm ? v0 : mm;                                                             \
+            mm = v1 > mm ? v1 : mm;                                                             \
+            mm = v2 > mm ? v2 : mm;                                                             \
+            mm = v3 > mm ? v3 : mm;                                                             \
+            tt = tr == j0 ? v0 : tt;                                                            \
+            tt = tr == j1 ? v1 : tt;                                                            \
+            tt = tr == j2 ? v2 : tt;                                                            \
+            tt = tr == j3 ? v3 : tt;                                                            \
+            m[r] = mm;                                                                          \
+            xt[r] = tt;                                                                         \
+        }                                                                                       \
+    }                                                                                           \
+    for (; j < c; j++) {                                                                        \
+        const T *Xj = X + j * xs;                                                               \
+        const T jf = (T)j;                                                                      \
+        FL_SIMD                                                                                 \
+        for (r = 0; r < n8; r++) {                                                              \
+            const T v = Xj[r];                                                                  \
+            m[r] = v > m[r] ? v : m[r];                                                         \
+            xt[r] = tj[r] == jf ? v : xt[r];                                                    \
+        }                                                                                       \
+    }                                                                                           \
+    if (w)                                                                                      \
+        for (j = 0; j < c; j++) {                                                               \
+            const T wj = w[j], jf = (T)j;                                                       \
+            FL_SIMD                                                                             \
+            for (r = 0; r < n8; r++) wt[r] = tj[r] == jf ? wj : wt[r];                          \
+        }                                                                                       \
+    FL_SIMD /* the shift: the max if finite, else 0 (+inf, or only -inf / NaN) */               \
+    for (r = 0; r < n8; r++) m[r] = m[r] > -INF && m[r] < INF ? m[r] : (T)0;                    \
+    if (eps != 0.0) {                                                                           \
+        FL_SIMD                                                                                 \
+        for (r = 0; r < n8; r++) lin[r] = 0.0;                                                  \
+        for (j = 0; j < c; j++) {                                                               \
+            const T *Xj = X + j * xs;                                                           \
+            const double wj = w ? (double)w[j] : 1.0;                                           \
+            FL_SIMD                                                                             \
+            for (r = 0; r < n8; r++) lin[r] += wj * (double)(Xj[r] - m[r]);                     \
+        }                                                                                       \
+    }                                                                                           \
+    /* s = sum exp(x - sh): T lanes over at most FL_CB_SUMC columns (a float32 sum of <= 32     \
+     * terms in [0, 1], as the row kernel sums up to FL_BLOCK in float32 lanes); more columns   \
+     * add such partial sums in float64 */                                                      \
+    {                                                                                           \
+        T *acc = c <= FL_CB_SUMC ? st : sp;                                                     \
+        if (acc == sp) {                                                                        \
+            FL_SIMD                                                                             \
+            for (r = 0; r < n8; r++) s[r] = 0.0;                                                \
+        }                                                                                       \
+        for (fl_idx j0 = 0; j0 < c; j0 += FL_CB_SUMC) {                                         \
+            const fl_idx j1 = j0 + FL_CB_SUMC < c ? j0 + FL_CB_SUMC : c;                        \
+            FL_SIMD                                                                             \
+            for (r = 0; r < n8; r++) acc[r] = 0;                                                \
+            j = j0;                                                                             \
+            if (grad)                  /* two columns at a time (register pressure of EXPN) */  \
+                for (; j + 2 <= j1; j += 2) {                                                   \
+                    const T *Xa = X + j * xs, *Xb = Xa + xs;                                    \
+                    T *Ea = E + j * SB, *Eb = Ea + SB; /* may be Xa, Xb: read before written */ \
+                    FL_SIMD                                                                     \
+                    for (r = 0; r < n8; r++) {                                                  \
+                        const T mr = m[r], ea = EXPN(Xa[r] - mr, lo), eb = EXPN(Xb[r] - mr, lo); \
+                        Ea[r] = ea;                                                             \
+                        Eb[r] = eb;                                                             \
+                        acc[r] = (acc[r] + ea) + eb;                                            \
+                    }                                                                           \
+                }                                                                               \
+            for (; j < j1; j++) {                                                               \
+                const T *Xj = X + j * xs;                                                       \
+                T *Ej = E + j * SB;                                                             \
+                if (grad) {                                                                     \
+                    FL_SIMD                                                                     \
+                    for (r = 0; r < n8; r++) {                                                  \
+                        const T e = EXPN(Xj[r] - m[r], lo);                                     \
+                        Ej[r] = e;                                                              \
+                        acc[r] += e;                                                            \
+                    }                                                                           \
+                } else {                                                                        \
+                    FL_SIMD                                                                     \
+                    for (r = 0; r < n8; r++) acc[r] += EXPN(Xj[r] - m[r], lo);                  \
+                }                                                                               \
+            }                                                                                   \
+            if (acc == sp) {                                                                    \
+                FL_SIMD                                                                         \
+                for (r = 0; r < n8; r++) s[r] += (double)sp[r];                                 \
+            }                                                                                   \
+        }                                                                                       \
+        if (acc == sp) {                                                                        \
+            FL_SIMD                                                                             \
+            for (r = 0; r < n8; r++) st[r] = (T)s[r];                                           \
+        }                                                                                       \
+    }                                                                                           \
+    /* Row terms in T lanes (float32: 8 per vector): L = log s and -log p_t = L - (x_t - sh),   \
+     * each within an ulp or two -- far inside the 2e-6 of the loss.  (x_t - sh is rounded to T \
+     * as in the reference.)  The label smoothing and z-loss terms are added in float64. */     \
+    FL_SIMD                                                                                     \
+    for (r = 0; r < n8; r++) {                                                                  \
+        const T L = LOG(st[r]);                                                                 \
+        Lt[r] = L;                                                                              \
+        nl[r] = L - (xt[r] - m[r]);                                                             \
+    }                                                                                           \
+    {                                                                                           \
+        const double a0 = 1.0 - eps, a1 = ec * wsum, zz = 2.0 * z;                              \
+        const int plain = eps == 0.0 && z == 0.0;                                               \
+        double *row = lin;             /* lin is read before row[r] is written */               \
+        T nsp = 0;                                                                              \
+        if (plain) {                                                                            \
+            FL_SIMD                                                                             \
+            for (r = 0; r < n8; r++) {                                                          \
+                const double v = (double)(wt[r] * nl[r]);                                       \
+                row[r] = kind[r] == 0 ? v : (kind[r] == 1 ? 0.0 : (double)NAN);                 \
+            }                                                                                   \
+        } else {                                                                                \
+            FL_SIMD                                                                             \
+            for (r = 0; r < n8; r++) {                                                          \
+                const double L = (double)Lt[r], l = L + (double)m[r];                           \
+                double v = a0 * (double)wt[r] * (double)nl[r];                                  \
+                v = eps != 0.0 ? v + ec * (wsum * L - lin[r]) : v;                              \
+                v = z != 0.0 ? v + z * l * l : v;                                               \
+                row[r] = kind[r] == 0 ? v : (kind[r] == 1 ? 0.0 : (double)NAN);                 \
+            }                                                                                   \
+        }                                                                                       \
+        if (ls == 1) {                                                                          \
+            FL_SIMD                                                                             \
+            for (r = 0; r < nr; r++) loss[r] = row[r];                                          \
+        } else {                                                                                \
+            for (r = 0; r < nr; r++) loss[r * ls] = row[r];                                     \
+        }                                                                                       \
+        if (!grad) return;                                                                      \
+        /* Gradient coefficients.  s lies in [1, C] exactly when the row max is finite and the  \
+         * row holds no NaN (the max contributes exp(0) = 1, every other term is <= 1): other   \
+         * rows, and ignored / bad / padding rows, are flagged (sp = 1) for the patch pass. */  \
+        if (plain) {                   /* a = gs w_t */                                         \
+            FL_SIMD_SUM(nsp)                                                                    \
+            for (r = 0; r < n8; r++) {                                                          \
+                const T a = (T)gsd[r] * wt[r];                                                  \
+                const int bad = kind[r] != 0 || !(st[r] >= (T)1 && st[r] <= (T)c);              \
+                cg[r] = a / st[r];                                                              \
+                gt[r] = a;                                                                      \
+                sp[r] = bad ? (T)1 : (T)0;                                                      \
+                nsp += sp[r];                                                                   \
+            }                                                                                   \
+        } else {                                                                                \
+            FL_SIMD_SUM(nsp)                                                                    \
+            for (r = 0; r < n8; r++) {                                                          \
+                const double gs = gsd[r], l = (double)Lt[r] + (double)m[r];                     \
+                const double a = gs * (a0 * (double)wt[r] + a1 + zz * l);                       \
+                const int bad = kind[r] != 0 || !(st[r] >= (T)1 && st[r] <= (T)c);              \
+                cg[r] = (T)a / st[r];                                                           \
+                bb[r] = (T)(gs * ec);                                                           \
+                gt[r] = (T)(gs * a0 * (double)wt[r]);                                           \
+                sp[r] = bad ? (T)1 : (T)0;                                                      \
+                nsp += sp[r];                                                                   \
+            }                                                                                   \
+        }                                                                                       \
+        /* g = e gs a / s - gs eps/C w_j, minus gs (1-eps) w_t in the target's column */        \
+        if (eps == 0.0) {              /* four columns at a time */                             \
+            for (j = 0; j + 4 <= c; j += 4) {                                                   \
+                T *E0 = E + j * SB, *E1 = E0 + SB, *E2 = E1 + SB, *E3 = E2 + SB;                \
+                const T j0 = (T)j, j1 = (T)(j + 1), j2 = (T)(j + 2), j3 = (T)(j + 3);           \
+                FL_SIMD                                                                         \
+                for (r = 0; r < n8; r++) {                                                      \
+                    const T cr = cg[r], gr = gt[r], tr = tj[r];                                 \
+                    E0[r] = E0[r] * cr - (tr == j0 ? gr : (T)0);                                \
+                    E1[r] = E1[r] * cr - (tr == j1 ? gr : (T)0);                                \
+                    E2[r] = E2[r] * cr - (tr == j2 ? gr : (T)0);                                \
+                    E3[r] = E3[r] * cr - (tr == j3 ? gr : (T)0);                                \
+                }                                                                               \
+            }                                                                                   \
+            for (; j < c; j++) {                                                                \
+                T *Ej = E + j * SB;                                                             \
+                const T jf = (T)j;                                                              \
+                FL_SIMD                                                                         \
+                for (r = 0; r < n8; r++) Ej[r] = Ej[r] * cg[r] - (tj[r] == jf ? gt[r] : (T)0);  \
+            }                                                                                   \
+        } else {                                                                                \
+            for (j = 0; j < c; j++) {                                                           \
+                T *Ej = E + j * SB;                                                             \
+                const T wj = w ? w[j] : (T)1, jf = (T)j;                                        \
+                FL_SIMD                                                                         \
+                for (r = 0; r < n8; r++)                                                        \
+                    Ej[r] = Ej[r] * cg[r] - bb[r] * wj - (tj[r] == jf ? gt[r] : (T)0);          \
+            }                                                                                   \
+        }                                                                                       \
+        if (nsp != 0)                                                                           \
+            for (r = 0; r < nr; r++) {                                                          \
+                if (sp[r] == 0) continue;                                                       \
+                if (kind[r] == 0) {    /* the reference's p = exp(x - lse), from the logits */  \
+                    const double gs = gsd[r], lse = (double)Lt[r] + (double)m[r];               \
+                    /* a as the row kernel forms it (2 z lse is NaN for z = 0, lse = +-inf) */  \
+                    const T a = (T)(gs * (a0 * (double)wt[r] + a1 + zz * lse)), l = (T)lse;     \
+                    const T b = (T)(gs * ec);                                                   \
+                    for (j = 0; j < c; j++) {                                                   \
+                        const T wj = (eps != 0.0 && w) ? w[j] : (T)1;                           \
+                        E[j * SB + r] = EXP(x[r * xrs + j * xcs] - l) * a - b * wj;             \
+                    }                                                                           \
+                    E[(fl_idx)tj[r] * SB + r] -= gt[r];                                         \
+                } else {               /* ignored: exact zeros; bad target: NaN */              \
+                    const T v = kind[r] == 1 ? (T)0 : (T)NAN;                                   \
+                    for (j = 0; j < c; j++) E[j * SB + r] = v;                                  \
+                }                                                                               \
+            }                                                                                   \
+    }                                                                                           \
+    if (grs == 1) {                    /* Fortran order: column copies */                       \
+        for (j = 0; j < c; j++) {                                                               \
+            T *gj = g + j * gcs;                                                                \
+            const T *Ej = E + j * SB;                                                           \
+            FL_SIMD                                                                             \
+            for (r = 0; r < nr; r++) gj[r] = Ej[r];                                             \
+        }                                                                                       \
+    } else if (gcs == 1) {             /* C order: transpose back */                            \
+        fl_transpose_##S(E, SB, c, nr, g, grs);                                                 \
+    } else {                                                                                    \
+        for (r = 0; r < nr; r++)                                                                \
+            for (j = 0; j < c; j++) g[r * grs + j * gcs] = E[j * SB + r];                       \
+    }                                                                                           \
+}
+
+FL_DEFINE_CB(float, f, fl_exp_f, fl_expn_f, FL_EXPN_LO_F, fl_log_f, HUGE_VALF)
+FL_DEFINE_CB(double, d, fl_exp_d, fl_expn_d, FL_EXPN_LO_D, fl_log_d, HUGE_VAL)
+
+/* Log-sum-exp, softmax or log-softmax (mode FL_NORM_*) of a block of nr <= SB rows in column
+ * layout, for the same reason and with the same layout handling as fl_ce_cols: m = max (NaN
+ * skipped), sh = m if finite else 0, s = sum exp(x - sh) (fl_expn, T lanes over FL_CB_SUMC
+ * columns, then float64), L = log s in float64, and
+ *   logsumexp: out[r*ors] = L + sh;  softmax: exp(x - sh) * (1/s);  log-softmax: (x - sh) - L
+ * (never x - lse: with large logits lse rounds to sh and the O(1) part would be lost).  Rows
+ * whose max is not finite or that hold a NaN (s outside [1, C]) are summed again with fl_exp
+ * from the original logits, as the row kernels do.  out may be x (in place): the output is
+ * written at the end.  scratch: fl_cols_scratch(c, SB, sizeof(T)) bytes, 64-byte aligned. */
+#define FL_NORM_LSE 0
+#define FL_NORM_SOFTMAX 1
+#define FL_NORM_LOGSOFTMAX 2
+#define FL_DEFINE_NORM(T, S, EXP, EXPN, EXPN_LO, INF)                                           \
+static inline void fl_norm_cols_##S(fl_idx nr, fl_idx c, const T *x, fl_idx xrs, fl_idx xcs,    \
+                                    int mode, T *out, fl_idx ors, fl_idx ocs, fl_idx SB,        \
+                                    void *scratch)                                              \
+{                                                                                               \
+    const fl_idx n8 = (nr + 7) & ~(fl_idx)7;                                                    \
+    T *E = (T *)FL_ALIGNED(scratch);   /* c columns of SB: x (copied), exp, then the output */  \
+    double *s = (double *)FL_ALIGNED(E + c * SB); /* row sums of exp */                         \
+    double *L = (double *)FL_ALIGNED(s + SB); /* log s */                                       \
+    T *m = (T *)FL_ALIGNED(L + SB);    /* row max, then the shift */                            \
+    T *sp = (T *)FL_ALIGNED(m + SB);   /* partial sums of exp, then 1 for rows to patch */      \
+    T *f = (T *)FL_ALIGNED(sp + SB);   /* 1/s (softmax) or log s (log-softmax), in T */         \
+    const T *X = E;                                                                             \
+    fl_idx xs = SB;                                                                             \
+    const int store = mode == FL_NORM_SOFTMAX; /* exp(x - sh) kept for the output */            \
+    T lo = EXPN_LO;                                                                             \
+    T nbad = 0;                                                                                 \
+    fl_idx r, j;                                                                                \
+                                                                                                \
+    FL_OPAQUE(lo);                                                                              \
+    if (xrs == 1 && nr == n8) {        /* columns already contiguous: read in place */          \
+        X = x;                                                                                  \
+        xs = xcs;                                                                               \
+    } else if (xrs == 1) {                                                                      \
+        for (j = 0; j < c; j++)                                                                 \
+            for (r = 0; r < nr; r++) E[j * SB + r] = x[j * xcs + r];                            \
+    } else if (xcs == 1) {                                                                      \
+        fl_transpose_##S(x, xrs, nr, c, E, SB);                                                 \
+    } else {                                                                                    \
+        for (r = 0; r < nr; r++)                                                                \
+            for (j = 0; j < c; j++) E[j * SB + r] = x[r * xrs + j * xcs];                       \
+    }                                                                                           \
+    if (nr < n8)                                                                                \
+        for (j = 0; j < c; j++)                                                                 \
+            for (r = nr; r < n8; r++) E[j * SB + r] = 0;                                        \
+    FL_SIMD                                                                                     \
+    for (r = 0; r < n8; r++) m[r] = -INF;                                                       \
+    for (j = 0; j + 4 <= c; j += 4) {                                                           \
+        const T *X0 = X + j * xs, *X1 = X0 + xs, *X2 = X1 + xs, *X3 = X2 + xs;                  \
+        FL_SIMD                                                                                 \
+        for (r = 0; r < n8; r++) {                                                              \
+            T mm = m[r];                                                                        \
+            mm = X0[r] > mm ? X0[r] : mm;                                                       \
+            mm = X1[r] > mm ? X1[r] : mm;                                                       \
+            mm = X2[r] > mm ? X2[r] : mm;                                                       \
+            mm = X3[r] > mm ? X3[r] : mm;                                                       \
+            m[r] = mm;                                                                          \
+        }                                                                                       \
+    }                                                                                           \
+    for (; j < c; j++) {                                                                        \
+        const T *Xj = X + j * xs;                                                               \
+        FL_SIMD                                                                                 \
+        for (r = 0; r < n8; r++) m[r] = Xj[r] > m[r] ? Xj[r] : m[r];                            \
+    }                                                                                           \
+    FL_SIMD                                                                                     \
+    for (r = 0; r < n8; r++) m[r] = m[r] > -INF && m[r] < INF ? m[r] : (T)0;                    \
+    FL_SIMD                                                                                     \
+    for (r = 0; r < n8; r++) s[r] = 0.0;                                                        \
+    for (fl_idx j0 = 0; j0 < c; j0 += FL_CB_SUMC) {                                             \
+        const fl_idx j1 = j0 + FL_CB_SUMC < c ? j0 + FL_CB_SUMC : c;                            \
+        FL_SIMD                                                                                 \
+        for (r = 0; r < n8; r++) sp[r] = 0;                                                     \
+        for (j = j0; j < j1; j++) {                                                             \
+            const T *Xj = X + j * xs;                                                           \
+            T *Ej = E + j * SB;        /* may be Xj: element r is read before it is written */  \
+            if (store) {                                                                        \
+                FL_SIMD                                                                         \
+                for (r = 0; r < n8; r++) {                                                      \
+                    const T e = EXPN(Xj[r] - m[r], lo);                                         \
+                    Ej[r] = e;                                                                  \
+                    sp[r] += e;                                                                 \
+                }                                                                               \
+            } else {                                                                            \
+                FL_SIMD                                                                         \
+                for (r = 0; r < n8; r++) sp[r] += EXPN(Xj[r] - m[r], lo);                       \
+            }                                                                                   \
+        }                                                                                       \
+        FL_SIMD                                                                                 \
+        for (r = 0; r < n8; r++) s[r] += (double)sp[r];                                         \
+    }                                                                                           \
+    /* rows whose max is not finite or that hold a NaN (s outside [1, C], see fl_ce_cols): the  \
+     * sum again with fl_exp, from the original logits (x - 0 may be positive there) */         \
+    FL_SIMD_SUM(nbad)                                                                           \
+    for (r = 0; r < n8; r++) {                                                                  \
+        sp[r] = s[r] >= 1.0 && s[r] <= (double)c ? (T)0 : (T)1;                                 \
+        nbad += sp[r];                                                                          \
+    }                                                                                           \
+    if (nbad != 0)                                                                              \
+        for (r = 0; r < nr; r++) {                                                              \
+            if (sp[r] == 0) continue;                                                           \
+            T acc = 0;                                                                          \
+            for (j = 0; j < c; j++) acc += EXP(x[r * xrs + j * xcs] - m[r]);                    \
+            s[r] = (double)acc;                                                                 \
+        }                                                                                       \
+    FL_SIMD                                                                                     \
+    for (r = 0; r < n8; r++) L[r] = fl_log_d(s[r]);                                             \
+    if (mode == FL_NORM_LSE) {         /* out[r] = log s + sh */                                \
+        for (r = 0; r < nr; r++) out[r * ors] = (T)(L[r] + (double)m[r]);                       \
+        return;                                                                                 \
+    }                                                                                           \
+    if (store) {                       /* softmax: e / s */                                     \
+        FL_SIMD                                                                                 \
+        for (r = 0; r < n8; r++) f[r] = (T)(1.0 / s[r]);                                        \
+        for (j = 0; j < c; j++) {                                                               \
+            T *Ej = E + j * SB;                                                                 \
+            FL_SIMD                                                                             \
+            for (r = 0; r < n8; r++) Ej[r] = Ej[r] * f[r];                                      \
+        }                                                                                       \
+    } else {                           /* log-softmax: (x - sh) - log s, never x - lse */       \
+        FL_SIMD                                                                                 \
+        for (r = 0; r < n8; r++) f[r] = (T)L[r];                                                \
+        for (j = 0; j < c; j++) {                                                               \
+            const T *Xj = X + j * xs;                                                           \
+            T *Ej = E + j * SB;                                                                 \
+            FL_SIMD                                                                             \
+            for (r = 0; r < n8; r++) Ej[r] = (Xj[r] - m[r]) - f[r];                             \
+        }                                                                                       \
+    }                                                                                           \
+    if (store && nbad != 0)            /* softmax of the patched rows: fl_exp, as summed */     \
+        for (r = 0; r < nr; r++) {                                                              \
+            if (sp[r] == 0) continue;                                                           \
+            for (j = 0; j < c; j++) E[j * SB + r] = EXP(x[r * xrs + j * xcs] - m[r]) * f[r];    \
+        }                                                                                       \
+    if (ors == 1) {                                                                             \
+        for (j = 0; j < c; j++) {                                                               \
+            T *oj = out + j * ocs;                                                              \
+            const T *Ej = E + j * SB;                                                           \
+            FL_SIMD                                                                             \
+            for (r = 0; r < nr; r++) oj[r] = Ej[r];                                             \
+        }                                                                                       \
+    } else if (ocs == 1) {                                                                      \
+        fl_transpose_##S(E, SB, c, nr, out, ors);                                               \
+    } else {                                                                                    \
+        for (r = 0; r < nr; r++)                                                                \
+            for (j = 0; j < c; j++) out[r * ors + j * ocs] = E[j * SB + r];                     \
+    }                                                                                           \
+}
+
+FL_DEFINE_NORM(float, f, fl_exp_f, fl_expn_f, FL_EXPN_LO_F, HUGE_VALF)
+FL_DEFINE_NORM(double, d, fl_exp_d, fl_expn_d, FL_EXPN_LO_D, HUGE_VAL)
 
 /* ------------------------------------------------------------------------------ OpenMP */
 #ifdef _OPENMP

@@ -121,6 +121,34 @@ def test_exp_accuracy_full_range(dt):
 
 @needs_ext
 @pytest.mark.parametrize("dt", DTYPES)
+def test_expn_accuracy(dt):
+    """fl_expn, the exp of shifted logits (x <= 0) of the few-class kernels: one 2^k scale and
+    a final rounding into the subnormal range; -inf -> 0, +inf -> +inf, NaN -> NaN."""
+    from fastloss import _kernels_cy as K
+
+    rng = np.random.default_rng(13)
+    fi = np.finfo(dt)
+    lo = float(np.log(fi.smallest_subnormal)) - 2
+    x = np.concatenate([rng.uniform(lo, 0, 400_000), rng.uniform(-1, 0, 100_000),
+                        np.linspace(-1e-6, 0, 1001), [-0.0, fi.smallest_subnormal * -1]]).astype(dt)
+    o = np.empty_like(x)
+    K._vexpn(x, o)
+    with np.errstate(under="ignore"):
+        ref = np.exp(x.astype(np.longdouble))
+    normal = ref > fi.tiny
+    assert _ulps(o[normal], ref[normal], dt) < 1.5
+    sub = ~normal
+    assert np.all(np.abs(o[sub].astype(np.longdouble) - ref[sub]) <= fi.smallest_subnormal)
+    assert np.any((o[sub] > 0) & (o[sub] < fi.tiny))  # gradual underflow, not a flush to 0
+    _check_specials(K._vexpn, dt, [-np.inf, 0.0, -0.0, -fi.max, np.inf],
+                    [0.0, 1.0, 1.0, 0.0, np.inf])
+    o = np.empty(1, dt)
+    K._vexpn(np.array([np.nan], dt), o)
+    assert np.isnan(o[0])
+
+
+@needs_ext
+@pytest.mark.parametrize("dt", DTYPES)
 def test_log_accuracy_full_range(dt):
     from fastloss import _kernels_cy as K
 
@@ -350,6 +378,156 @@ def test_large_logits_keep_the_log_term(dt, c):
             _close(got_g, ws_g, dt, "soft grad " + what)
 
 
+# ----------------------------------------------------------------------------- few classes
+def _few_class_logits(n, c, dt, rng):
+    """Logits for the column-block kernel: several blocks (the last one partial) and one row of
+    each special kind (the reference's semantics are the contract)."""
+    x = (rng.standard_normal((n, c)) * 3).astype(dt)
+    big = 3e38 if dt == np.float32 else 1e300
+    x[1, :] = -np.inf  # only -inf
+    x[2, 0] = np.inf  # +inf (with finite others)
+    x[3, :] = np.inf  # only +inf
+    x[4, -1] = np.nan  # NaN with a finite max
+    x[5, :] = big  # huge equal logits: loss log C
+    x[6, :] = -big
+    x[6, 0] = -0.99 * big
+    x[7, :] = 800.0  # exp(x) overflows without the shift
+    x[8, 0] = -np.inf  # a masked class (the target of row 8)
+    x[300, :] = np.nan
+    x[301, 0] = np.inf
+    x[301, -1] = 1e30  # +inf max with a large finite entry: exp(x - 0) overflows
+    return x
+
+
+def _few_class_targets(n, c, rng, ignore):
+    t = rng.integers(0, c, n)
+    t[8] = 0  # target logit -inf -> loss +inf, finite gradient
+    t[9] = ignore
+    t[10:n:7] = ignore  # ignored rows all over the blocks
+    t[12] = ignore
+    return t
+
+
+@needs_ext
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("c", [1, 2, 3, 5, 7, 8, 9, 10, 16, 31, 32, 33, 47, 64, 97])
+def test_cross_entropy_few_classes(dt, c):
+    """The column-block kernel (few classes in C order, more in Fortran order) against the
+    reference: every option, every special row, per-row and scalar gradient scales, every
+    layout (the row kernel takes some of them: 97 classes, float64 from 49), in place and loss
+    only."""
+    rng = np.random.default_rng(20 + c)
+    n = 600  # blocks of 256 rows: two full ones and a partial one
+    x = _few_class_logits(n, c, dt, rng)
+    w = (rng.random(c) + 0.5).astype(dt)
+    gs_rows = rng.standard_normal(n)
+    gs_rows[:3] = [0.0, -1.0, 2.5]
+    gs_scalar = np.broadcast_to(0.5, (n,))
+    for ignore, weight, eps, z, gs in itertools.product(
+        (-100, min(1, c - 1)), (None, w), (0.0, 0.1), (0.0, 1e-3), (gs_rows, gs_scalar)
+    ):
+        t = _few_class_targets(n, c, rng, ignore)
+        what = f"c={c} ignore={ignore} weight={weight is not None} eps={eps} z={z} gs={gs.strides}"
+        want_l, want_g = np.empty(n), np.empty((n, c), dt)
+        with np.errstate(all="ignore"):
+            R.cross_entropy(x, t, weight, ignore, eps, z, want_l, want_g, gs)
+        want_g[t == ignore] = 0  # the protocol: exact zeros for an ignored row
+        for name, xv in _layouts(x):
+            for gorder in "CF":
+                got_l, got_g = np.full(n, 7.0), np.full((n, c), 7, dt, order=gorder)
+                C.cross_entropy(xv, t, weight, ignore, eps, z, got_l, got_g, gs)
+                _close(got_l, want_l, dt, f"loss {name} grad={gorder} {what}")
+                _close(got_g, want_g, dt, f"grad {name} grad={gorder} {what}")
+                assert np.all(got_g[t == ignore] == 0)
+            xi = xv.copy(order="K") if name != "strided" else next(v for k, v in _layouts(x) if k == "strided")
+            C.cross_entropy(xi, t, weight, ignore, eps, z, got_l, xi, gs)  # in place
+            _close(got_l, want_l, dt, f"loss in place {name} {what}")
+            _close(xi, want_g, dt, f"grad in place {name} {what}")
+            got_l2 = np.zeros(2 * n)[::2]  # a strided loss output
+            C.cross_entropy(xv, t, weight, ignore, eps, z, got_l2, None, None)
+            _close(got_l2, want_l, dt, f"loss without grad {name} {what}")
+        if c > 1:  # target logit -inf among finite ones
+            assert got_l[8] == np.inf and np.isfinite(xi[8]).all()
+        if weight is None and eps == 0 and z == 0 and t[5] != ignore:  # equal huge logits
+            assert abs(got_l[5] - np.log(c)) <= 1e-6 * max(1.0, np.log(c))
+
+
+@needs_ext
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("c", [1, 2, 5, 10, 33, 64, 300, 3000])
+def test_normalizers_column_blocks(dt, c):
+    """logsumexp / softmax / log_softmax through the column-block kernel (few classes, or
+    Fortran order up to 2048 / 1024 classes) against the reference: several blocks, special
+    rows (+inf, only -inf, NaN, huge logits), every layout of input and output, in place."""
+    rng = np.random.default_rng(23)
+    n = 600
+    x = _few_class_logits(n, c, dt, rng)
+    want_lse = np.empty(n, dt)
+    with np.errstate(all="ignore"):
+        R.logsumexp(x, want_lse)
+    for name, xv in _layouts(x):
+        got = np.zeros(2 * n, dt)[::2]  # a strided output
+        C.logsumexp(xv, got)
+        _close(got, want_lse, dt, f"logsumexp c={c} {name}")
+        for fn in ("softmax", "log_softmax"):
+            want = np.empty((n, c), dt)
+            with np.errstate(all="ignore"):
+                getattr(R, fn)(x, want)
+            for order in "CF":
+                got = _empty((n, c), dt, order)
+                getattr(C, fn)(xv, got)
+                _close(got, want, dt, f"{fn} c={c} {name} out={order}")
+            xi = xv.copy(order="K") if name != "strided" else next(v for k, v in _layouts(x) if k == "strided")
+            getattr(C, fn)(xi, xi)
+            _close(xi, want, dt, f"{fn} in place c={c} {name}")
+
+
+@needs_ext
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("c", [300, 1000, 3000])
+def test_cross_entropy_fortran_order_columns(dt, c):
+    """Fortran-order logits are read by columns in place (float32 up to 2048 classes, float64
+    up to 1024; the rest through gathered row panels): several blocks, more than FL_CB_SUMC
+    classes (partial sums of exp added in float64), special rows, both gradient orders."""
+    rng = np.random.default_rng(22)
+    n = 320
+    x = _few_class_logits(n, c, dt, rng)
+    xf = np.asfortranarray(x)
+    w = (rng.random(c) + 0.5).astype(dt)
+    for weight, eps, z in ((None, 0.0, 0.0), (w, 0.1, 1e-3)):
+        t = _few_class_targets(n, c, rng, -100)
+        gs = rng.standard_normal(n)
+        want_l, want_g = np.empty(n), np.empty((n, c), dt)
+        with np.errstate(all="ignore"):
+            R.cross_entropy(x, t, weight, -100, eps, z, want_l, want_g, gs)
+        want_g[t == -100] = 0
+        for gorder in "FC":
+            got_l, got_g = np.empty(n), np.empty((n, c), dt, order=gorder)
+            C.cross_entropy(xf, t, weight, -100, eps, z, got_l, got_g, gs)
+            _close(got_l, want_l, dt, f"loss c={c} grad={gorder} eps={eps}")
+            _close(got_g, want_g, dt, f"grad c={c} grad={gorder} eps={eps}")
+        xi = xf.copy(order="F")
+        C.cross_entropy(xi, t, weight, -100, eps, z, got_l, xi, gs)
+        _close(got_l, want_l, dt, f"loss in place c={c}")
+        _close(xi, want_g, dt, f"grad in place c={c}")
+
+
+@needs_ext
+@pytest.mark.parametrize("dt", DTYPES)
+def test_cross_entropy_few_classes_bad_target(dt):
+    """A direct caller that skipped validation: a target outside [0, C) gives a NaN row on the
+    column-block path as on the row path (never an out-of-bounds read)."""
+    rng = np.random.default_rng(21)
+    for c in (10, 40):  # column blocks / rows
+        x = rng.standard_normal((300, c)).astype(dt)
+        t = rng.integers(0, c, 300)
+        t[[0, 299]] = [c, -5]
+        loss, grad = np.empty(300), np.empty_like(x)
+        C.cross_entropy(x, t, None, -100, 0.0, 0.0, loss, grad, np.ones(300))
+        assert np.isnan(loss[[0, 299]]).all() and np.isnan(grad[[0, 299]]).all()
+        assert np.isfinite(loss[1:299]).all() and np.isfinite(grad[1:299]).all()
+
+
 def _ew_inputs(n, c, dt, rng):
     z = (rng.standard_normal((n, c)) * 5).astype(dt)
     y = rng.random((n, c)).astype(dt)
@@ -458,6 +636,8 @@ def test_thread_count_independent_results():
     rng = np.random.default_rng(11)
     x = rng.standard_normal((256, 2048)).astype(np.float32)
     t = rng.integers(0, 2048, 256)
+    xs = rng.standard_normal((40_000, 10)).astype(np.float32)  # column blocks, parallel
+    ts = rng.integers(0, 10, 40_000)
     old = C.get_num_threads()
     res = []
     try:
@@ -466,10 +646,11 @@ def test_thread_count_independent_results():
             loss, grad = np.empty(256), np.empty_like(x)
             C.cross_entropy(x, t, None, -100, 0.0, 0.0, loss, grad, np.ones(256))
             s = C.mse(x, x[::-1], None, None, 1.0, None)
-            res.append((loss, grad, s))
+            ls, gsm = np.empty(40_000), np.empty_like(xs)
+            C.cross_entropy(xs, ts, None, -100, 0.1, 0.0, ls, gsm, np.ones(40_000))
+            res.append((loss, grad, s, ls, gsm))
     finally:
         C.set_num_threads(old)
-    for loss, grad, s in res[1:]:
-        np.testing.assert_array_equal(loss, res[0][0])
-        np.testing.assert_array_equal(grad, res[0][1])
-        assert s == res[0][2]
+    for r in res[1:]:
+        for a, b in zip(r, res[0]):
+            np.testing.assert_array_equal(a, b)
