@@ -461,12 +461,17 @@ def cross_entropy(
         if t.shape != row_shape:
             raise ValueError(f"target: expected class indices of shape {row_shape} (logits without axis {axis}), found {t.shape}")
         t64 = t.astype(np.int64, copy=False)
-        bad = ((t64 < 0) | (t64 >= C)) & (t64 != ii)
-        if bad.any():
-            pos = first_position(bad, t.shape)
-            raise IndexError(
-                f"target: expected class indices in [0, {C}) or ignore_index={ii}, found {t[pos]} at position {pos}"
-            )
+        # two reductions and no temporaries in the common case (every target a class); the
+        # elementwise test only when some index is out of range or ignored
+        tmin, tmax = (int(t64.min()), int(t64.max())) if t64.size else (0, 0)
+        all_classes = 0 <= tmin and tmax < C
+        if not all_classes:
+            bad = ((t64 < 0) | (t64 >= C)) & (t64 != ii)
+            if bad.any():
+                pos = first_position(bad, t.shape)
+                raise IndexError(
+                    f"target: expected class indices in [0, {C}) or ignore_index={ii}, found {t[pos]} at position {pos}"
+                )
     w = None
     if weight is not None:
         w = as_cast(weight, "weight", cdt)
@@ -488,8 +493,11 @@ def cross_entropy(
     else:
         t2 = np.ascontiguousarray(t64.reshape(-1))
         if reduction == "mean":
-            keep = t2 != ii
-            denom = float(np.sum(w[t2[keep]], dtype=np.float64)) if w is not None else float(np.count_nonzero(keep))
+            if all_classes and not tmin <= ii <= tmax:  # nothing ignored
+                denom = float(np.sum(w[t2], dtype=np.float64)) if w is not None else float(N)
+            else:
+                keep = t2 != ii
+                denom = float(np.sum(w[t2[keep]], dtype=np.float64)) if w is not None else float(np.count_nonzero(keep))
     scale = 1.0 / denom if reduction == "mean" and denom != 0 else (0.0 if reduction == "mean" else 1.0)
 
     loss_rows = np.empty(N, np.float64)
@@ -499,7 +507,7 @@ def cross_entropy(
         if gout_rows is not None:
             gscale = np.ascontiguousarray(gout_rows.reshape(-1), dtype=np.float64)
         else:
-            gscale = np.full(N, go * scale, np.float64)
+            gscale = float(go * scale)  # a scalar: no (N,) array to fill on every call
     if soft:
         be.cross_entropy_soft(x2, t2, w, eps, zl, loss_rows, g2, gscale)
     else:

@@ -334,6 +334,11 @@ def log_softmax_backward(g, y, out):
     h.finish()
 
 
+def _host_gscale(gscale, n):
+    """A scalar or per-row gradient scale as the (n,) float64 array the device kernels index."""
+    return np.ascontiguousarray(np.broadcast_to(np.asarray(gscale, np.float64), (n,)))
+
+
 def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, loss, grad, gscale):
     h = _Offload()
     dx = h.up(x)
@@ -342,7 +347,7 @@ def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, loss
     _d_cross_entropy(
         dx, h.up(np.asarray(target, dtype=np.int64)), h.up(weight), wsum, ignore_index,
         label_smoothing, z_loss, h.out(loss), h.out(grad, _inplace(dx, x, grad)),
-        None if grad is None else h.up(np.asarray(gscale, np.float64)), h.stream,
+        None if grad is None else h.up(_host_gscale(gscale, x.shape[0])), h.stream,
     )
     h.finish()
 
@@ -353,7 +358,7 @@ def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, loss, grad, g
     _d_cross_entropy_soft(
         dx, h.up(target), h.up(weight), label_smoothing, z_loss, h.out(loss),
         h.out(grad, _inplace(dx, x, grad)),
-        None if grad is None else h.up(np.asarray(gscale, np.float64)), h.stream,
+        None if grad is None else h.up(_host_gscale(gscale, x.shape[0])), h.stream,
     )
     h.finish()
 

@@ -28,7 +28,8 @@ Row-wise kernels
     ``loss[i] = (1-eps) w[t] (lse - x[t]) + eps/C sum_c w[c] (lse - x[c]) + z lse**2``
     (``0`` for an ignored row) and, when ``grad`` is not None,
     ``grad[i] = gscale[i] * d loss[i] / d x[i]`` (exact zeros for an ignored row, even one
-    holding inf/NaN).
+    holding inf/NaN); ``gscale`` is a Python float (the same for every row) or a float64
+    ``(N,)`` array.
 ``cross_entropy_soft(x, target, weight, label_smoothing, z_loss, loss, grad, gscale)``
     Probability targets ``(N, C)``: ``loss[i] = sum_c w[c] y'[c] (lse - x[c]) + z lse**2``
     with ``y' = (1-eps) y + eps/C``.
@@ -184,7 +185,7 @@ def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, loss, grad, g
         return
     with np.errstate(invalid="ignore", over="ignore"):
         a = np.sum(y, axis=1) + 2.0 * z_loss * lse
-        g = gscale[:, None] * (p * a[:, None] - y)
+        g = np.asarray(gscale, np.float64).reshape(-1, 1) * (p * a[:, None] - y)
     grad[...] = g
 
 
