@@ -9,6 +9,11 @@
    with CUDA is installed -- next to torch.nn.functional forward+backward.
 
 Usage: ``python bench/gpu_check.py [--quick]`` (``--quick`` quarters the big shapes).
+
+``NUMBA_ENABLE_CUDASIM=1 python bench/gpu_check.py --sim`` runs the same code under Numba's
+CUDA simulator on tiny shapes (seconds): the checks are real, the timings meaningless (wall
+clock of the simulator).  The test suite does this so that the script cannot rot between GPU
+sessions (tests/test_cuda_sim.py).
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ TOL = {np.float32: dict(rtol=2e-6, atol=1e-6), np.float64: dict(rtol=1e-12, atol
 
 
 # ----------------------------------------------------------------------------- verification
-def verify() -> list[tuple[str, str, float, bool]]:
+def verify(shapes=((64, 1000), (8, 262_144)), ew=(256, 1000), dc=(50, 40)) -> list[tuple[str, str, float, bool]]:
     rng = np.random.default_rng(0)
     rows = []
 
@@ -41,7 +46,7 @@ def verify() -> list[tuple[str, str, float, bool]]:
         rows.append((name, np.dtype(dt).name, err, bool(ok)))
 
     for dt in (np.float32, np.float64):
-        for n, c in ((64, 1000), (8, 262_144)):
+        for n, c in shapes:
             x = (rng.standard_normal((n, c)) * 3).astype(dt)
             x[0, 5] = -np.inf
             a, b = np.empty(n, dt), np.empty(n, dt)
@@ -76,10 +81,10 @@ def verify() -> list[tuple[str, str, float, bool]]:
             R.cross_entropy_soft(x, p, None, 0.0, 0.0, la, ga, gs)
             C.cross_entropy_soft(x, p, None, 0.0, 0.0, lb, gb, gs)
             rec(f"cross_entropy_soft C={c}", dt, np.r_[la, ga.ravel()], np.r_[lb, gb.ravel()])
-        z = (rng.standard_normal((256, 1000)) * 20).astype(dt)
+        z = (rng.standard_normal(ew) * 20).astype(dt)
         yv = rng.random(z.shape).astype(dt)
         pv = rng.random(z.shape).astype(dt)
-        w = np.broadcast_to(rng.random(1000).astype(dt), z.shape)
+        w = np.broadcast_to(rng.random(ew[1]).astype(dt), z.shape)
         go = rng.random(z.shape).astype(dt)
         var = np.abs(rng.standard_normal(z.shape)).astype(dt)
         cases = [
@@ -100,12 +105,12 @@ def verify() -> list[tuple[str, str, float, bool]]:
         rec("gaussian_nll", dt, np.r_[sa, o[0].ravel(), o[1].ravel(), o[2].ravel()],
             np.r_[sb, o[3].ravel(), o[4].ravel(), o[5].ravel()])
         # device_call with Numba device arrays, class axis 0
-        x = rng.standard_normal((50, 40)).astype(dt)
-        t = rng.integers(0, 50, 40)
+        x = rng.standard_normal(dc).astype(dt)
+        t = rng.integers(0, dc[0], dc[1])
         lv, g = C.device_call("cross_entropy", dict(logits=cuda.to_device(x), target=cuda.to_device(t), axis=0,
                                                      return_grad=True))
-        la, ga = np.empty(40), np.empty((40, 50), dt)
-        R.cross_entropy(np.ascontiguousarray(x.T), t, None, -100, 0.0, 0.0, la, ga, np.full(40, 1 / 40))
+        la, ga = np.empty(dc[1]), np.empty(dc[::-1], dt)
+        R.cross_entropy(np.ascontiguousarray(x.T), t, None, -100, 0.0, 0.0, la, ga, np.full(dc[1], 1 / dc[1]))
         rec("device_call cross_entropy axis=0", dt, np.r_[la.mean(), ga.T.ravel()],
             np.r_[lv, g.copy_to_host().ravel()])
     return rows
@@ -113,9 +118,20 @@ def verify() -> list[tuple[str, str, float, bool]]:
 
 # ----------------------------------------------------------------------------- timing
 def _time(fn, reps=5):
-    """Median milliseconds of ``fn`` (which launches on the default stream), CUDA events."""
+    """Median milliseconds of ``fn`` (which launches on the default stream), CUDA events.
+
+    Under the simulator (events record no time) the wall clock of the simulation instead.
+    """
     fn()
     cuda.synchronize()
+    if C._simulated():
+        reps = 1  # the simulator is slow and its times mean nothing
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t) * 1e3)
+        return float(np.median(ts))
     ts = []
     for _ in range(reps):
         e0, e1 = cuda.event(), cuda.event()
@@ -135,7 +151,7 @@ def _copy_ms(nbytes):
     return ms
 
 
-def bench(quick: bool):
+def bench(quick: bool, sim: bool = False):
     rows = []
     try:
         import torch
@@ -147,7 +163,8 @@ def bench(quick: bool):
         torch = None
     s = cuda.default_stream()
     scale = 4 if quick else 1
-    for n, c in ((16384 // scale, 32768), (4096 // scale, 131072)):
+    ce_shapes = ((4, 16), (2, 64)) if sim else ((16384 // scale, 32768), (4096 // scale, 131072))
+    for n, c in ce_shapes:
         x = cuda.to_device(np.random.default_rng(1).standard_normal((n, c), dtype=np.float32))
         t = cuda.to_device(np.random.default_rng(2).integers(0, c, n))
         loss = cuda.device_array(n, np.float64)
@@ -167,8 +184,9 @@ def bench(quick: bool):
             tms = _time(tstep)
         rows.append((f"cross_entropy fwd+grad {n}x{c} f32", ms, nbytes, _copy_ms(nbytes // 2), tms))
         del x, grad
-    m = (256 << 20) // scale
-    n, c = m // 32768, 32768
+    m = 256 if sim else (256 << 20) // scale
+    c = 64 if sim else 32768
+    n = m // c
     x = cuda.to_device(np.random.default_rng(3).standard_normal((n, c), dtype=np.float32))
     out = cuda.device_array(n, np.float32)
     ms = _time(lambda: C._d_row_lse(x, out, None, 0, s))
@@ -198,19 +216,27 @@ def bench(quick: bool):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sim", action="store_true",
+                    help="under NUMBA_ENABLE_CUDASIM=1: tiny shapes, real checks, meaningless timings")
     args = ap.parse_args(argv)
     why = C.unavailable_reason()
-    if why or C._simulated():
-        print(f"needs a real GPU: {why or 'the CUDA simulator is on'}")
+    if args.sim and not C._simulated():
+        print("--sim needs the CUDA simulator: set NUMBA_ENABLE_CUDASIM=1 before starting Python")
         return 2
-    print(f"device: {cuda.get_current_device().name.decode() if isinstance(cuda.get_current_device().name, bytes) else cuda.get_current_device().name}")
+    if why or (C._simulated() and not args.sim):
+        print(f"needs a real GPU: {why or 'the CUDA simulator is on (use --sim for a dry run)'}")
+        return 2
+    if args.sim:
+        print("CUDA simulator dry run: tiny shapes; the checks are real, the timings are not GPU timings")
+    name = getattr(cuda.get_current_device(), "name", "CUDA simulator")
+    print(f"device: {name.decode() if isinstance(name, bytes) else name}")
     t0 = time.time()
-    ver = verify()
+    ver = verify(((4, 12), (2, 70)), ew=(6, 40), dc=(7, 5)) if args.sim else verify()
     print(f"\n{'check':44s} {'dtype':8s} {'max rel err':>12s}  ok")
     for name, dt, err, ok in ver:
         print(f"{name:44s} {dt:8s} {err:12.3e}  {'yes' if ok else 'NO'}")
     print(f"verification: {sum(r[3] for r in ver)}/{len(ver)} passed in {time.time() - t0:.1f} s")
-    rows = bench(args.quick)
+    rows = bench(args.quick, args.sim)
     print(f"\n{'kernel':44s} {'ms':>8s} {'GB/s':>8s} {'copy GB/s':>10s} {'% copy':>7s} {'torch ms':>9s} {'vs torch':>9s}")
     for name, ms, nbytes, copy_ms, tms in rows:
         gbs = nbytes / ms / 1e6

@@ -784,3 +784,25 @@ def test_gpu_large_rows_match_numpy():
     C.cross_entropy(x, t, None, -100, 0.0, 0.0, lb, gb, gs)
     np.testing.assert_allclose(la, lb, rtol=2e-6)
     np.testing.assert_allclose(ga * 64, gb * 64, atol=1e-6)
+
+
+@pytest.mark.skipif(not SIM, reason="the dry run of the GPU script needs the CUDA simulator")
+def test_gpu_check_script_dry_run_under_the_simulator():
+    """bench/gpu_check.py runs end to end (tiny shapes) and every one of its checks passes, so
+    the script a GPU session relies on cannot rot unseen between GPU sessions."""
+    import re
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    r = subprocess.run([sys.executable, os.path.join(root, "bench", "gpu_check.py"), "--sim"],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    m = re.search(r"verification: (\d+)/(\d+) passed", r.stdout)
+    assert m and m.group(1) == m.group(2) and int(m.group(2)) >= 40, r.stdout[-3000:]
+    for kernel in ("cross_entropy fwd+grad", "logsumexp", "bce_with_logits fwd+grad"):
+        assert kernel in r.stdout
+    # without the simulator flag --sim refuses instead of timing the simulator as a GPU
+    r2 = subprocess.run([sys.executable, os.path.join(root, "bench", "gpu_check.py")],
+                        cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert r2.returncode == 2 and "--sim" in r2.stdout
