@@ -185,6 +185,8 @@ if numba.config.DISABLE_JIT:
 
     def _ldexp_bias(y, kf, kb):
         dt = np.float32 if isinstance(y, np.float32) else np.float64
+        if not np.isfinite(kf):  # a NaN/inf argument: the compiled code's lane is discarded
+            return dt(np.nan)     # by the caller's final select; so is this value
         return dt(y * np.ldexp(dt(1.0), int(kf) + int(kb)))
 
     def _frexp32(x):
@@ -194,6 +196,8 @@ if numba.config.DISABLE_JIT:
 
     def _ldexp_split(y, kf):
         dt = np.float32 if isinstance(y, np.float32) else np.float64
+        if not np.isfinite(kf):  # see _ldexp_bias
+            return dt(np.nan)
         k = int(kf)
         k1 = k >> 1
         return dt(dt(y * np.ldexp(dt(1.0), k1)) * np.ldexp(dt(1.0), k - k1))
