@@ -539,24 +539,28 @@ def evaluate(times: dict, startup: dict | None = None, not_run: dict | None = No
         return None
 
     applies = not reduced
+
+    def measured():
+        """(workload, dtype, its times, subject) of every workload measured in this run."""
+        for dt in ("float32", "float64"):
+            for w in WORKLOADS:
+                t = times.get((w.key, dt))
+                if t is not None:
+                    yield w, dt, t, (f"{w.name()} {dt}" if not reduced else f"{w.key} {dt} (reduced)")
+
     # ------------------------------------------------------------ numba issue, on the numba backend
-    for dt in ("float32", "float64"):
-        for w in WORKLOADS:
-            t = times.get((w.key, dt))
-            if t is None:
-                continue
-            subject = f"{w.name()} {dt}" if not reduced else f"{w.key} {dt} (reduced)"
-            if dt == "float32":
-                add("numba", w.key, dt, subject, "numba", "time / memcpy", ratio(t, "numba", "memcpy"), "<=", w.max_memcpy,
-                    "{:.2f}x", why(t, "numba", "memcpy"), applies)
-                add("numba", w.key, dt, subject, "numba", "speedup vs numpy", ratio(t, "numpy", "numba"), ">=", w.min_numpy,
-                    "{:.1f}x", why(t, "numba", "numpy"), applies)
-                if w.key == JAX_GOAL:
-                    add("numba", w.key, dt, subject, "numba", "time / JAX jit(value_and_grad)", ratio(t, "numba", PEER), "<",
-                        1.0, "{:.2f}x", why(t, "numba", PEER), applies)
-            else:
-                add("numba", w.key, dt, subject, "numba", "speedup vs numpy", ratio(t, "numpy", "numba"), ">=", F64_MIN_NUMPY,
-                    "{:.1f}x", why(t, "numba", "numpy"), applies)
+    for w, dt, t, subject in measured():
+        if dt == "float32":
+            add("numba", w.key, dt, subject, "numba", "time / memcpy", ratio(t, "numba", "memcpy"), "<=", w.max_memcpy,
+                "{:.2f}x", why(t, "numba", "memcpy"), applies)
+            add("numba", w.key, dt, subject, "numba", "speedup vs numpy", ratio(t, "numpy", "numba"), ">=", w.min_numpy,
+                "{:.1f}x", why(t, "numba", "numpy"), applies)
+            if w.key == JAX_GOAL:
+                add("numba", w.key, dt, subject, "numba", "time / JAX jit(value_and_grad)", ratio(t, "numba", PEER), "<",
+                    1.0, "{:.2f}x", why(t, "numba", PEER), applies)
+        else:
+            add("numba", w.key, dt, subject, "numba", "speedup vs numpy", ratio(t, "numpy", "numba"), ">=", F64_MIN_NUMPY,
+                "{:.1f}x", why(t, "numba", "numpy"), applies)
     if startup is not None:
         imp = startup.get("import", {})
         add("numba", "startup", None, "start-up", "-", "import fastloss (numpy included)",
@@ -567,17 +571,12 @@ def evaluate(times: dict, startup: dict | None = None, not_run: dict | None = No
             f"first call (auto -> {be}), warm cache", fc.get("median"), "<", FIRST_CALL_MAX, "{:.3f} s",
             fc.get("error", "not run"))
     # ------------------------------------------------------------ cython issue, on the cython backend
-    for dt in ("float32", "float64"):
-        for w in WORKLOADS:
-            t = times.get((w.key, dt))
-            if t is None:
-                continue
-            subject = f"{w.name()} {dt}" if not reduced else f"{w.key} {dt} (reduced)"
-            add("cython", w.key, dt, subject, "cython", "time / numba time", ratio(t, "cython", "numba"), "<=",
-                CYTHON_MAX_VS_NUMBA, "{:.2f}x", why(t, "cython", "numba"), applies)
-            if (w.key, dt) == CYTHON_MIN_NUMPY[:2]:
-                add("cython", w.key, dt, subject, "cython", "speedup vs numpy", ratio(t, "numpy", "cython"), ">=",
-                    CYTHON_MIN_NUMPY[2], "{:.1f}x", why(t, "cython", "numpy"), applies)
+    for w, dt, t, subject in measured():
+        add("cython", w.key, dt, subject, "cython", "time / numba time", ratio(t, "cython", "numba"), "<=",
+            CYTHON_MAX_VS_NUMBA, "{:.2f}x", why(t, "cython", "numba"), applies)
+        if (w.key, dt) == CYTHON_MIN_NUMPY[:2]:
+            add("cython", w.key, dt, subject, "cython", "speedup vs numpy", ratio(t, "numpy", "cython"), ">=",
+                CYTHON_MIN_NUMPY[2], "{:.1f}x", why(t, "cython", "numpy"), applies)
     if startup is not None:
         fc = startup.get("first_call_cython")
         add("cython", "startup", "float32", f"start-up, CE {STARTUP_SUBJECT}", "cython", "first call after import",
