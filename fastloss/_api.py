@@ -52,8 +52,12 @@ def _device_call(fname, kwargs):
 
 
 def _scalar(value, cdt):
-    """A reduced loss as a NumPy scalar of the compute dtype."""
-    return cdt.type(value)
+    """A reduced loss as a NumPy scalar of the compute dtype.
+
+    A float64 total beyond the float32 range becomes ``inf`` without NumPy's overflow
+    warning: an infinite loss is the result, as PyTorch returns it, not a fault."""
+    with np.errstate(over="ignore"):
+        return cdt.type(value)
 
 
 def _class_axes(axis, ndim):

@@ -863,6 +863,13 @@ cdef double _ew_task(int kind, Py_ssize_t i, Py_ssize_t j0, Py_ssize_t nb,
             tot = fl_mse_d(nb, op[0], op[1], op[5], op[6], op[4], gs)
         else:
             tot = fl_gnll_d(nb, op[0], op[1], op[2], p1, p2, op[5], op[6], op[7], op[4], gs)
+    if not isfinite(tot):
+        # the block sum runs in the compute dtype (vector lanes), so float32 losses near
+        # FLT_MAX overflow a sum that float64 holds (two losses of 2e38): add the stored losses
+        # again in double (rare, outside the hot loop; a genuinely inf/NaN loss stays inf/NaN)
+        tot = 0.0
+        for s in range(nb):
+            tot += op[5][s]
     for k in range(NIN, NOP):
         if present[k] and not direct[k]:
             f_scatter(op[k], <floating *>(base[k] + i * rs[k] + j0 * es[k]),

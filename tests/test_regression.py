@@ -269,3 +269,38 @@ def test_gnll_nan_propagates(backend):
     x[0, 0] = np.nan
     l = fl.gaussian_nll_loss(x, t, var, reduction="none", backend=backend)
     assert np.isnan(l[0, 0]) and np.isfinite(l.ravel()[1:]).all()
+
+
+# ----------------------------------------------------------------------------- float64 totals
+M32 = 3e38  # near the float32 maximum (3.4e38)
+
+
+def _huge(fn):
+    """float32 losses whose every term fits float32 but whose sum does not; the mean fits."""
+    f = np.float32
+    if fn == "binary_cross_entropy_with_logits":  # softplus: |z| per term
+        return fl.binary_cross_entropy_with_logits, (f([M32, -M32, 0, 0]), f([0, 1, 0, 1])), {}, M32 / 2
+    if fn == "binary_cross_entropy":  # the -100 clamp times a weight of 3e36
+        return fl.binary_cross_entropy, (f([0, 1, 0.5, 0.5]), f([1, 0, 0.5, 0.5])), {"weight": f([3e36] * 4)}, (
+            (2 * 100 + 2 * np.log(2)) * 3e36 / 4)
+    if fn == "kl_div":  # t (log t - x) with x = -3e38
+        return fl.kl_div, (f([[-M32, -M32, 0, 0]]), f([[1, 1, 0, 0]])), {"reduction": "mean"}, M32 / 2
+    if fn == "mse_loss":
+        return fl.mse_loss, (f([1.5e19, -1.5e19, 0, 0]), f([0, 0, 0, 0])), {}, 2 * np.float64(1.5e19) ** 2 / 4
+    d = np.float64(np.float32(1.8e19))  # (log 1 + d^2) / 2 = 1.62e38 per term, three of them
+    return fl.gaussian_nll_loss, (f([1.8e19, -1.8e19, 1.8e19, 0]), f([0, 0, 0, 0]), f([1, 1, 1, 1])), {}, (
+        3 * d * d / 2 / 4)
+
+
+@pytest.mark.parametrize("fn", ["binary_cross_entropy_with_logits", "binary_cross_entropy", "kl_div", "mse_loss",
+                                "gaussian_nll_loss"])
+@pytest.mark.parametrize("return_grad", [False, True])
+def test_float32_mean_of_huge_terms_is_finite(backend, fn, return_grad):
+    """SPEC: reduced losses are accumulated in float64.  Fast kernels sum blocks of float32
+    terms in float32 lanes; a block whose lanes overflow must be summed again in float64, so a
+    mean (and a sum below the float64 range) of terms near FLT_MAX is exact, not inf."""
+    f, args, kw, want = _huge(fn)
+    r = f(*args, **kw, return_grad=return_grad, backend=backend)
+    loss = r[0] if return_grad else r
+    assert type(loss) is np.float32
+    close(loss, want, np.float32)

@@ -770,8 +770,32 @@ def _k_cross_entropy_soft(x, y, w, eps, z, loss, grad, gsc, gsa, nb):
 
 
 @njit(**_JIT)
+def _block_total(bs, seg, scr, jb, je):
+    """The float64 total of one block of elementwise losses whose compute-dtype sum is ``bs``.
+
+    The block sums run in the compute dtype (a float64 accumulator keeps the loops scalar, see
+    ``_EBLK``), so float32 losses near FLT_MAX can overflow a block sum that the float64 total
+    holds (two losses of 2e38).  Then the block's stored losses -- ``seg[jb:je]`` (the loss
+    output) or ``scr[:je - jb]`` (scratch, when the losses are not asked for) -- are summed
+    again in float64; a genuinely inf/NaN loss gives the same inf/NaN.  Rare, and outside the
+    hot loop.  ``abs(bs) < inf``, not ``math.isfinite``: Numba writes isfinite as
+    ``x - x == x - x``, which this fastmath set folds to true."""
+    if abs(bs) < np.inf:
+        return float(bs)
+    t = 0.0
+    if seg is None:
+        for k in range(je - jb):
+            t += float(scr[k])  # float(): in plain Python a Python float + np.float32 stays float32
+    else:
+        for j in range(jb, je):
+            t += float(seg[j])
+    return t
+
+
+@njit(**_JIT)
 def _bcel_block(z, y, w, pw, loss, grad, gs, gout, r0, r1, j0, j1):
     tot = 0.0
+    scr = np.empty(_EBLK, z.dtype)  # the block's losses when they are not stored (_block_total)
     one = cast_like(1.0, z)
     zero = cast_like(0.0, z)
     gsd = cast_like(gs, z)
@@ -785,8 +809,9 @@ def _bcel_block(z, y, w, pw, loss, grad, gs, gout, r0, r1, j0, j1):
         grad_ = _seg(grad, i, j0, j1)
         gout_ = _seg(gout, i, j0, j1)
         for jb in range(0, n, _EBLK):
+            je = min(n, jb + _EBLK)
             bs = cast_like(0.0, z)
-            for j in range(jb, min(n, jb + _EBLK)):
+            for j in range(jb, je):
                 zz = z_[j]
                 yy = y_[j]
                 # e = exp(-|z|) in (0, 1]: softplus(-z) = max(-z, 0) + log1p(e)
@@ -819,14 +844,17 @@ def _bcel_block(z, y, w, pw, loss, grad, gs, gout, r0, r1, j0, j1):
                     grad_[j] = g
                 if loss is not None:
                     loss_[j] = l
+                else:
+                    scr[j - jb] = l
                 bs += l
-            tot += bs
+            tot += _block_total(bs, loss_, scr, jb, je)
     return tot
 
 
 @njit(**_JIT)
 def _bce_block(p, y, w, loss, grad, gs, gout, r0, r1, j0, j1):
     tot = 0.0
+    scr = np.empty(_EBLK, p.dtype)
     one = cast_like(1.0, p)
     lo = cast_like(-100.0, p)
     tiny = cast_like(1e-12, p)
@@ -840,8 +868,9 @@ def _bce_block(p, y, w, loss, grad, gs, gout, r0, r1, j0, j1):
         grad_ = _seg(grad, i, j0, j1)
         gout_ = _seg(gout, i, j0, j1)
         for jb in range(0, n, _EBLK):
+            je = min(n, jb + _EBLK)
             bs = cast_like(0.0, p)
-            for j in range(jb, min(n, jb + _EBLK)):
+            for j in range(jb, je):
                 pp = p_[j]
                 yy = y_[j]
                 # PyTorch clamps each log term at -100 (the "not less than" form keeps NaN)
@@ -864,13 +893,15 @@ def _bce_block(p, y, w, loss, grad, gs, gout, r0, r1, j0, j1):
                     grad_[j] = g
                 if loss is not None:
                     loss_[j] = l
+                else:
+                    scr[j - jb] = l
                 bs += l
-            tot += bs
+            tot += _block_total(bs, loss_, scr, jb, je)
     return tot
 
 
 @njit(**_JIT)
-def _kl_seg(x_, t_, loss_, grad_, gout_, n, gsd, log_target):
+def _kl_seg(x_, t_, loss_, grad_, gout_, n, gsd, log_target, scr):
     """KL terms of one row segment, ``log_target`` fixed for the whole loop.
 
     The choice between the two formulas is made once, outside the loops: a branch on a run-time
@@ -880,9 +911,10 @@ def _kl_seg(x_, t_, loss_, grad_, gout_, n, gsd, log_target):
     zero = cast_like(0.0, x_)
     ninf = cast_like(-np.inf, x_)
     for jb in range(0, n, _EBLK):
+        je = min(n, jb + _EBLK)
         bs = cast_like(0.0, x_)
         if log_target:
-            for j in range(jb, min(n, jb + _EBLK)):
+            for j in range(jb, je):
                 tt = t_[j]
                 xx = x_[j]  # loaded unconditionally: a load inside the select keeps it a branch
                 et = vexp(tt)
@@ -893,9 +925,11 @@ def _kl_seg(x_, t_, loss_, grad_, gout_, n, gsd, log_target):
                     grad_[j] = g if gout_ is None else g * gout_[j]
                 if loss_ is not None:
                     loss_[j] = l
+                else:
+                    scr[j - jb] = l
                 bs += l
         else:
-            for j in range(jb, min(n, jb + _EBLK)):
+            for j in range(jb, je):
                 tt = t_[j]
                 xx = x_[j]
                 # the log outside the select too: LLVM does not speculate a call-sized
@@ -907,8 +941,10 @@ def _kl_seg(x_, t_, loss_, grad_, gout_, n, gsd, log_target):
                     grad_[j] = g if gout_ is None else g * gout_[j]
                 if loss_ is not None:
                     loss_[j] = l
+                else:
+                    scr[j - jb] = l
                 bs += l
-        tot += bs
+        tot += _block_total(bs, loss_, scr, jb, je)
     return tot
 
 
@@ -916,15 +952,17 @@ def _kl_seg(x_, t_, loss_, grad_, gout_, n, gsd, log_target):
 def _kl_block(x, t, log_target, loss, grad, gs, gout, r0, r1, j0, j1):
     tot = 0.0
     gsd = cast_like(gs, x)
+    scr = np.empty(_EBLK, x.dtype)
     for i in range(r0, r1):
         tot += _kl_seg(_seg(x, i, j0, j1), _seg(t, i, j0, j1), _seg(loss, i, j0, j1),
-                       _seg(grad, i, j0, j1), _seg(gout, i, j0, j1), j1 - j0, gsd, log_target)
+                       _seg(grad, i, j0, j1), _seg(gout, i, j0, j1), j1 - j0, gsd, log_target, scr)
     return tot
 
 
 @njit(**_JIT)
 def _mse_block(x, t, loss, grad, gs, gout, r0, r1, j0, j1):
     tot = 0.0
+    scr = np.empty(_EBLK, x.dtype)
     g2 = cast_like(2.0 * gs, x)
     n = j1 - j0
     for i in range(r0, r1):
@@ -934,8 +972,9 @@ def _mse_block(x, t, loss, grad, gs, gout, r0, r1, j0, j1):
         grad_ = _seg(grad, i, j0, j1)
         gout_ = _seg(gout, i, j0, j1)
         for jb in range(0, n, _EBLK):
+            je = min(n, jb + _EBLK)
             bs = cast_like(0.0, x)
-            for j in range(jb, min(n, jb + _EBLK)):
+            for j in range(jb, je):
                 d = x_[j] - t_[j]
                 l = d * d
                 if grad is not None:
@@ -945,14 +984,17 @@ def _mse_block(x, t, loss, grad, gs, gout, r0, r1, j0, j1):
                     grad_[j] = g
                 if loss is not None:
                     loss_[j] = l
+                else:
+                    scr[j - jb] = l
                 bs += l
-            tot += bs
+            tot += _block_total(bs, loss_, scr, jb, je)
     return tot
 
 
 @njit(**_JIT)
 def _gnll_block(x, t, var, full, eps, loss, grad, grad_var, gs, gout, r0, r1, j0, j1):
     tot = 0.0
+    scr = np.empty(_EBLK, x.dtype)
     half = cast_like(0.5, x)
     one = cast_like(1.0, x)
     epsd = cast_like(eps, x)
@@ -968,8 +1010,9 @@ def _gnll_block(x, t, var, full, eps, loss, grad, grad_var, gs, gout, r0, r1, j0
         grad_var_ = _seg(grad_var, i, j0, j1)
         gout_ = _seg(gout, i, j0, j1)
         for jb in range(0, n, _EBLK):
+            je = min(n, jb + _EBLK)
             bs = cast_like(0.0, x)
-            for j in range(jb, min(n, jb + _EBLK)):
+            for j in range(jb, je):
                 v = var_[j]
                 v = v if not (v < epsd) else epsd  # clamp at eps, NaN kept
                 d = x_[j] - t_[j]
@@ -988,8 +1031,10 @@ def _gnll_block(x, t, var, full, eps, loss, grad, grad_var, gs, gout, r0, r1, j0
                         grad_var_[j] = s * (half * (iv - d * d * iv * iv))
                 if loss is not None:
                     loss_[j] = l
+                else:
+                    scr[j - jb] = l
                 bs += l
-            tot += bs
+            tot += _block_total(bs, loss_, scr, jb, je)
     return tot
 
 
