@@ -1,12 +1,14 @@
 """Check and time the ``cuda`` backend on a real GPU (finishes in well under 5 minutes).
 
 1. Verifies every kernel entry point (offload path) and a few ``device_call`` paths against
-   the ``numpy`` reference on small random inputs (float32 and float64).
+   the ``numpy`` reference on small random inputs (float32 and float64), and bfloat16
+   device arrays (torch.bfloat16 tensors) through ``device_call``.
 2. Times, with CUDA events on device-resident data (no host transfers):
    cross-entropy forward+gradient 16384x32768 and 4096x131072 float32, and logsumexp and
    bce_with_logits forward+gradient on 256M float32 elements; each as GB/s of its
    compulsory traffic next to a device-to-device copy of the same bytes, and -- when PyTorch
-   with CUDA is installed -- next to torch.nn.functional forward+backward.
+   with CUDA is installed -- next to torch.nn.functional forward+backward (and the first
+   cross-entropy shape once more with torch.bfloat16 logits, against torch in bfloat16).
 
 Usage: ``python bench/gpu_check.py [--quick]`` (``--quick`` quarters the big shapes).
 
@@ -31,7 +33,33 @@ from numba import cuda  # noqa: E402
 from fastloss.backends import cuda_backend as C  # noqa: E402
 from fastloss.backends import numpy_backend as R  # noqa: E402
 
-TOL = {np.float32: dict(rtol=2e-6, atol=1e-6), np.float64: dict(rtol=1e-12, atol=1e-12)}
+BF16 = C.V._BF16  # ml_dtypes.bfloat16 (None without ml_dtypes)
+# bfloat16 results: both paths compute in float32 and round once, so one bfloat16 ulp
+TOL = {np.float32: dict(rtol=2e-6, atol=1e-6), np.float64: dict(rtol=1e-12, atol=1e-12), BF16: dict(rtol=8e-3, atol=1e-6)}
+
+
+def _torch_cuda():
+    """``torch`` when PyTorch with a usable CUDA device is installed, else None."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None
+
+
+def _bf16_device():
+    """(to_device, to_host) for bfloat16 device arrays: torch.bfloat16 CUDA tensors on a GPU,
+    ml_dtypes.bfloat16 simulator arrays in the dry run; None where neither exists (Numba's
+    own device arrays cannot hold bfloat16)."""
+    if BF16 is None:
+        return None
+    if C._simulated():
+        return cuda.to_device, lambda d: d.copy_to_host()
+    torch = _torch_cuda()
+    if torch is None:
+        return None
+    return (lambda a: torch.from_numpy(a.astype(np.float32)).cuda().to(torch.bfloat16),
+            lambda d: d.float().cpu().numpy().astype(BF16))
 
 
 # ----------------------------------------------------------------------------- verification
@@ -113,6 +141,24 @@ def verify(shapes=((64, 1000), (8, 262_144)), ew=(256, 1000), dc=(50, 40)) -> li
         R.cross_entropy(np.ascontiguousarray(x.T), t, None, -100, 0.0, 0.0, la, ga, np.full(dc[1], 1 / dc[1]))
         rec("device_call cross_entropy axis=0", dt, np.r_[la.mean(), ga.T.ravel()],
             np.r_[lv, g.copy_to_host().ravel()])
+    # bfloat16 device arrays through device_call (computed in float32, answered in bfloat16)
+    # against the numpy backend on the same bfloat16 values
+    bf = _bf16_device()
+    if bf is not None:
+        import fastloss as fl
+
+        to_dev, to_host = bf
+        x = (rng.standard_normal(dc) * 3).astype(BF16)
+        t = rng.integers(0, dc[1], dc[0])
+        lv, g = C.device_call("cross_entropy", dict(logits=to_dev(x), target=t, return_grad=True))
+        hl, hg = fl.cross_entropy(x, t, return_grad=True, backend="numpy")
+        rec("device_call cross_entropy", BF16, np.r_[hl, hg.astype(np.float64).ravel()],
+            np.r_[lv, to_host(g).astype(np.float64).ravel()])
+        for f in ("softmax", "log_softmax", "logsumexp"):
+            rec(f"device_call {f}", BF16, getattr(fl, f)(x, backend="numpy").astype(np.float64),
+                to_host(C.device_call(f, dict(x=to_dev(x)))).astype(np.float64))
+    else:
+        print("bfloat16 device checks skipped: they need ml_dtypes and PyTorch with CUDA")
     return rows
 
 
@@ -153,14 +199,9 @@ def _copy_ms(nbytes):
 
 def bench(quick: bool, sim: bool = False):
     rows = []
-    try:
-        import torch
+    torch = _torch_cuda()
+    if torch is not None:
         import torch.nn.functional as F
-
-        if not torch.cuda.is_available():
-            torch = None
-    except ImportError:
-        torch = None
     s = cuda.default_stream()
     scale = 4 if quick else 1
     ce_shapes = ((4, 16), (2, 64)) if sim else ((16384 // scale, 32768), (4096 // scale, 131072))
@@ -183,6 +224,21 @@ def bench(quick: bool, sim: bool = False):
 
             tms = _time(tstep)
         rows.append((f"cross_entropy fwd+grad {n}x{c} f32", ms, nbytes, _copy_ms(nbytes // 2), tms))
+        if torch is not None and BF16 is not None and c == ce_shapes[0][1]:
+            # torch.bfloat16 logits through the public device path (bfloat16 is staged
+            # through float32 copies: Numba kernels have no bfloat16 type)
+            bx = torch.as_tensor(x, device="cuda").to(torch.bfloat16).requires_grad_(True)
+            bt = torch.as_tensor(t, device="cuda")
+            gb = torch.empty_like(bx)
+            ms = _time(lambda: C.device_call("cross_entropy", dict(logits=bx, target=bt, return_grad=True,
+                                                                    grad_out=gb)))
+
+            def bstep():
+                bx.grad = None
+                F.cross_entropy(bx, bt).backward()
+
+            rows.append((f"cross_entropy fwd+grad {n}x{c} bf16", ms, n * c * 4, _copy_ms(n * c * 2), _time(bstep)))
+            del bx, gb
         del x, grad
     m = 256 if sim else (256 << 20) // scale
     c = 64 if sim else 32768

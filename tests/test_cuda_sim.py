@@ -13,6 +13,7 @@ import os
 import sys
 import types
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -30,6 +31,7 @@ gpu = pytest.mark.gpu
 needs_gpu = pytest.mark.skipif(SIM or bool(C.unavailable_reason()), reason="needs a real CUDA GPU")
 
 DTYPES = [np.float32, np.float64]
+BF16 = np.dtype(ml_dtypes.bfloat16)
 TOL = {np.float32: dict(rtol=2e-6, atol=1e-6), np.float64: dict(rtol=1e-12, atol=1e-13)}
 
 
@@ -489,7 +491,7 @@ def _agreement_cases():
     def case(id, fn, marks=(), **kw):
         c.append(pytest.param(fn, kw, id=id, marks=marks))
 
-    for dt in (np.float32, np.float64, np.float16):
+    for dt in (np.float32, np.float64, np.float16, BF16):
         n = np.dtype(dt).name
         case(f"lse-{n}", "logsumexp", x=_a((3, 5), dt))
         case(f"lse-1d-scalar-{n}", "logsumexp", x=_a((5,), dt))
@@ -559,6 +561,32 @@ def _agreement_cases():
          var=_a((1, 4), np.float32, 0.1, 2), reduction="none", return_grad=True)
     case("gnll-var-clamped-eps", "gaussian_nll_loss", input=_a((3, 4)), target=_a((3, 4)),
          var=_a((3, 4), np.float64, 0, 0.3), eps=0.1, reduction="sum", return_grad=True)
+    # bfloat16 (torch.bfloat16 on a GPU): every operand kind, outputs, in place, range checks
+    case("softmax-bf16-out", "softmax", x=_a((3, 4), BF16), out=np.zeros((3, 4), BF16))
+    case("log_softmax-bf16-in-place-axis0", "log_softmax", x=_a((3, 4), BF16), axis=0, out=SAME)
+    case("softmax_backward-bf16", "softmax_backward", grad=_a((3, 4), BF16), y=_a((3, 4), BF16, 0, 1))
+    case("ce-bf16-in-place-weight", "cross_entropy", logits=_a((3, 5), BF16), target=_T,
+         weight=_a((5,), BF16, 0.1, 2), return_grad=True, grad_out=SAME)
+    case("ce-bf16-soft-target", "cross_entropy", logits=_a((3, 5), BF16), target=_a((3, 5), BF16, 0, 1),
+         label_smoothing=0.1, return_grad=True)
+    case("ce-bf16-none-grad_output", "cross_entropy", logits=_a((4, 5), BF16), target=np.array([0, 3, -100, 1]),
+         reduction="none", return_grad=True, grad_output=_a((4,), BF16))
+    case("ce-bf16-grad_out", "cross_entropy", logits=_a((3, 5), BF16), target=_T, return_grad=True,
+         grad_out=np.zeros((3, 5), BF16))
+    case("bce-bf16-probs", "binary_cross_entropy", probs=_a((3, 4), BF16, 0, 1), target=_a((3, 4), BF16, 0, 1),
+         reduction="none", return_grad=True)
+    case("kl-bf16-f32-target", "kl_div", input=_a((3, 4), BF16), target=_a((3, 4), np.float32, 0, 1),
+         return_grad=True)
+    case("mse-bf16-fortran-grad_out", "mse_loss", input=np.asfortranarray(_a((3, 4), BF16)), target=_a((3, 4), BF16),
+         return_grad=True, grad_out=np.zeros((3, 4), BF16))
+    case("gnll-var-bf16-per-row", "gaussian_nll_loss", input=_a((3, 4), np.float32), target=_a((3, 4), np.float32),
+         var=_a((3,), BF16, 0.1, 1), return_grad=True)
+    case("lse-bf16-specials", "logsumexp", x=np.array([[1e30, 1e30], [np.inf, 1.0], [-np.inf, -np.inf],
+                                                        [np.nan, 0.0]], BF16))
+    case("E-bce-range-bf16", "binary_cross_entropy", probs=np.array([[0.5, 1.5]], BF16), target=np.ones((1, 2), BF16))
+    case("E-ce-grad_out-dtype-bf16", "cross_entropy", logits=_a((3, 5), BF16), target=_T, return_grad=True,
+         grad_out=np.zeros((3, 5), np.float32))
+    case("E-gnll-negative-var-bf16", "gaussian_nll_loss", input=_X, target=_X, var=-np.ones((3, 5), BF16))
     case("gnll-var-f16", "gaussian_nll_loss", input=_a((3, 4), np.float32), target=_a((3, 4), np.float32),
          var=_a((3, 4), np.float16, 0.1, 1), return_grad=True)
     # errors: same type, same message
@@ -651,15 +679,27 @@ def _agree(h, d, path="result"):
         assert (tuple(d.shape), np.dtype(d.dtype)) == (h.shape, h.dtype), f"{path}: {d.shape} {d.dtype} vs {h.shape} {h.dtype}"
         dv = d.copy_to_host()
     dt = np.asarray(h).dtype
-    tol = {np.dtype(np.float64): (1e-12, 1e-13), np.dtype(np.float32): (2e-6, 1e-6)}.get(dt, (2e-3, 2e-3))
+    # float16/bfloat16 outputs: computed in float32 on both paths, so they agree to one
+    # rounding of the output dtype (bfloat16 keeps 8 bits: 2^-8 = 3.9e-3 relative)
+    tol = {np.dtype(np.float64): (1e-12, 1e-13), np.dtype(np.float32): (2e-6, 1e-6), BF16: (8e-3, 8e-3)}.get(
+        dt, (2e-3, 2e-3))
     np.testing.assert_allclose(np.asarray(dv, np.float64), np.asarray(h, np.float64), rtol=tol[0], atol=tol[1],
                                equal_nan=True, err_msg=path)
+
+
+def _assert_same(a, b, name):
+    """Unchanged input: equal values, NaN where NaN (bfloat16 compared on its bits, since
+    NumPy's NaN-aware equality does not know the ml_dtypes type)."""
+    if a.dtype == BF16:
+        a, b = a.view(np.uint16), b.view(np.uint16)
+    np.testing.assert_array_equal(a, b, err_msg=name)
 
 
 @pytest.mark.parametrize("fn,kw", _agreement_cases())
 def test_host_device_agreement(routes_device_arrays, fn, kw):
     hkw = _resolve_same({k: v.copy() if isinstance(v, np.ndarray) else v for k, v in kw.items()})
-    dkw = _resolve_same({k: cuda.to_device(v) if isinstance(v, np.ndarray) and v.dtype.kind in "biuf" else v
+    dkw = _resolve_same({k: cuda.to_device(v) if isinstance(v, np.ndarray) and (v.dtype.kind in "biuf" or v.dtype == BF16)
+                         else v
                          for k, v in kw.items()})
     before = {k: v.copy_to_host() for k, v in dkw.items() if hasattr(v, "copy_to_host")}
     hr, he = _call(fn, dict(hkw, backend="numpy"))
@@ -668,7 +708,7 @@ def test_host_device_agreement(routes_device_arrays, fn, kw):
         assert type(de) is type(he), f"host raised {he!r}, device raised {de!r}"
         assert _norm_msg(str(de)) == _norm_msg(str(he))
         for k, v in before.items():  # nothing written when a call raises (in place included)
-            np.testing.assert_array_equal(dkw[k].copy_to_host(), v, err_msg=k)
+            _assert_same(dkw[k].copy_to_host(), v, k)
         return
     _agree(hr, dr)
     for name in ("out", "grad_out"):
@@ -679,7 +719,7 @@ def test_host_device_agreement(routes_device_arrays, fn, kw):
     outs = {"out", "grad_out"} | ({next(iter(dkw))} if in_place else set())
     for k, v in before.items():  # inputs untouched
         if k not in outs:
-            np.testing.assert_array_equal(dkw[k].copy_to_host(), v, err_msg=k)
+            _assert_same(dkw[k].copy_to_host(), v, k)
 
 
 def test_device_only_errors(routes_device_arrays):
@@ -806,3 +846,93 @@ def test_gpu_check_script_dry_run_under_the_simulator():
     r2 = subprocess.run([sys.executable, os.path.join(root, "bench", "gpu_check.py")],
                         cwd=root, env=env, capture_output=True, text=True, timeout=120)
     assert r2.returncode == 2 and "--sim" in r2.stdout
+
+
+# ----------------------------------------------------------------------------- bfloat16 conversions
+def _bf16_device(bits_u16):
+    """A bfloat16 device array (the backend's wrapper) holding the given bit patterns."""
+    return C._BF16(cuda.to_device(np.asarray(bits_u16, np.uint16).view(np.int16)))
+
+
+def test_bf16_widening_is_exact_for_every_bit_pattern():
+    """All 65,536 bfloat16 values (zeros, subnormals, infinities, every NaN) widen to the
+    float32 whose high half they are: bit for bit what ml_dtypes gives."""
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    out = cuda.device_array(bits.shape, np.float32)
+    C._copy(_bf16_device(bits), out, cuda.default_stream())
+    expect = bits.view(BF16).astype(np.float32)
+    np.testing.assert_array_equal(out.copy_to_host().view(np.uint32), expect.view(np.uint32))
+
+
+def test_bf16_narrowing_rounds_to_nearest_even():
+    """float32 -> bfloat16 against ml_dtypes: exact values, exact ties (both parities), one
+    ulp either side of ties, values that round up into the next binade or to infinity,
+    subnormals, random bit patterns; NaNs stay NaN with their sign (quiet)."""
+    rng = np.random.default_rng(40)
+    hi = np.arange(1 << 16, dtype=np.uint32) << 16
+    w = np.concatenate([
+        hi, hi | 0x8000, hi | 0x7FFF, hi | 0x8001,
+        np.array([0x7F7FFFFF, 0xFF7FFFFF, 0x7F7F8000, 0x7F7F7FFF, 0x00000001, 0x80008000, 0x007FFFFF,
+                  0x7F800001, 0xFF800001, 0x7FC00000, 0x7FFFFFFF], np.uint32),
+        rng.integers(0, 1 << 32, 50_000, dtype=np.uint64).astype(np.uint32),
+    ])
+    src = cuda.to_device(w.view(np.float32))
+    dst = C._empty(w.shape, BF16, cuda.default_stream())
+    C._copy(src, dst, cuda.default_stream())
+    got = dst.copy_to_host()
+    with np.errstate(over="ignore", invalid="ignore"):
+        expect = w.view(np.float32).astype(BF16)
+    nan = np.isnan(w.view(np.float32))
+    assert np.isnan(got[nan].astype(np.float32)).all()
+    gb = got.view(np.uint16)
+    np.testing.assert_array_equal(gb[nan] >> 15, (w[nan] >> 31).astype(np.uint16))  # sign kept
+    assert ((gb[nan] & 0x40) != 0).all()  # quiet
+    np.testing.assert_array_equal(gb[~nan], expect[~nan].view(np.uint16))
+
+
+def test_bf16_strided_copies_and_other_dtypes():
+    """Copies from and to bfloat16 views with any strides, through float64 and float16 too."""
+    x = np.random.default_rng(41).standard_normal((5, 6)).astype(np.float32).astype(BF16)
+    s = cuda.default_stream()
+    dx = C._BF16(cuda.to_device(x.view(np.int16)))
+    tview = C._view(dx, (6, 3), (2, 24))  # every other row, transposed
+    for dt in (np.float64, np.float16, np.float32):
+        out = cuda.device_array((6, 3), dt)
+        C._copy(tview, out, s)
+        np.testing.assert_array_equal(out.copy_to_host(), x[::2].T.astype(dt))
+    back = C._empty((6, 3), BF16, s)
+    C._copy(cuda.to_device(x[::2].T.astype(np.float64)), back, s)
+    np.testing.assert_array_equal(back.copy_to_host().view(np.uint16), x[::2].T.copy().view(np.uint16))
+    both = C._empty((6, 3), BF16, s)
+    C._copy(tview, both, s)
+    np.testing.assert_array_equal(both.copy_to_host().view(np.uint16), x[::2].T.copy().view(np.uint16))
+
+
+def test_bf16_needs_ml_dtypes_message(monkeypatch):
+    monkeypatch.setattr(C.V, "_BF16", None)
+    with pytest.raises(TypeError, match=r"logits: torch\.bfloat16 tensors need the ml_dtypes package"):
+        C._bf16_supported("logits", "torch.bfloat16 tensors")
+
+
+@pytest.mark.parametrize("func", ["cross_entropy", "softmax"])
+def test_torch_bf16_real(func):
+    """torch.bfloat16 CUDA tensors: computed in float32, answered as bfloat16 torch tensors,
+    agreeing with PyTorch's own bfloat16 result within one bfloat16 rounding."""
+    torch = pytest.importorskip("torch")
+    if SIM or not torch.cuda.is_available():
+        pytest.skip("torch CUDA tensors need a real GPU")
+    x = torch.randn(16, 1000, device="cuda").to(torch.bfloat16)
+    if func == "softmax":
+        r = C.device_call("softmax", dict(x=x))
+        assert r.dtype == torch.bfloat16 and r.device == x.device
+        torch.testing.assert_close(r.float(), torch.softmax(x.float(), -1), rtol=8e-3, atol=1e-5)
+        return
+    xg = x.clone().requires_grad_(True)
+    t = torch.randint(0, 1000, (16,), device="cuda")
+    lv, g = C.device_call("cross_entropy", dict(logits=xg, target=t, return_grad=True))
+    assert isinstance(lv, np.float32) and g.dtype == torch.bfloat16 and g.device == x.device
+    ref = torch.nn.functional.cross_entropy(x.float().requires_grad_(True), t)
+    np.testing.assert_allclose(lv, ref.item(), rtol=2e-6)
+    xf = x.float().requires_grad_(True)
+    torch.nn.functional.cross_entropy(xf, t).backward()
+    torch.testing.assert_close(g.float(), xf.grad.to(torch.bfloat16).float(), rtol=8e-3, atol=1e-7)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 
-from numba import cuda, float32, float64
+from numba import cuda, float32, float64, int64
 
 MAX_THREADS = 1024  # shared scratch per block; blockDim.x * blockDim.y never exceeds it
 INF = math.inf
@@ -480,8 +480,8 @@ def _make_partial_sum(ftype):
     return k
 
 
-def _make_copy4(ftype):
-    """``dst[...] = src`` for 4-D views of any strides and dtypes (casts on the way).
+def _copy4_kernel(elem):
+    """A kernel ``k(src, dst)`` doing ``dst[...] = elem(src[...])`` over 4-D views of any strides.
 
     2-D launch: the y threads walk the ``d0 * d1 * d2`` outer index (one division per row,
     not per element), the x threads the innermost dim, which is the contiguous one when
@@ -500,9 +500,49 @@ def _make_copy4(ftype):
             i1 = q % d1
             i0 = q // d1
             for i3 in range(j0, d3, cuda.gridDim.x * cuda.blockDim.x):
-                dst[i0, i1, i2, i3] = src[i0, i1, i2, i3]
+                dst[i0, i1, i2, i3] = elem(src[i0, i1, i2, i3])
 
     return k
+
+
+@cuda.jit(device=True)
+def _same(v):
+    return v
+
+
+@cuda.jit(device=True)
+def _bf16_bits_to_f32_bits(h):
+    """bfloat16 bits (uint16) -> the float32 with those as its high half (exact)."""
+    return int64(h) << 16
+
+
+@cuda.jit(device=True)
+def _f32_bits_to_bf16_bits(w):
+    """float32 bits (uint32) -> bfloat16 bits rounded to nearest even, as ``ml_dtypes`` and
+    PyTorch round: add 0x7fff plus the lowest kept bit, drop the low half (a finite value past
+    the largest bfloat16 rounds to inf, like every IEEE narrowing); a NaN keeps its sign and
+    high payload bits and is made quiet, so rounding cannot carry it into an infinity."""
+    b = int64(w)
+    if (b & 0x7FFFFFFF) > 0x7F800000:
+        return (b >> 16) | 0x40
+    return (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+
+
+def _make_copy4(ftype):
+    """``dst[...] = src`` for 4-D views of any strides and dtypes (Numba casts on the store)."""
+    return _copy4_kernel(_same)
+
+
+def _make_bf16_widen4(ftype):
+    """bfloat16 -> float32 on the bits: ``src`` a uint16 view of the bfloat16 data, ``dst`` a
+    uint32 view of a float32 array (Numba kernels cannot hold a bfloat16 value)."""
+    return _copy4_kernel(_bf16_bits_to_f32_bits)
+
+
+def _make_bf16_round4(ftype):
+    """float32 -> bfloat16 on the bits: ``src`` a uint32 view of float32 data, ``dst`` a uint16
+    view of the bfloat16 output."""
+    return _copy4_kernel(_f32_bits_to_bf16_bits)
 
 
 def _make_fill(ftype):
@@ -663,6 +703,8 @@ _FACTORIES = {
     "check_range": _make_check_range,
     "partial_sum": _make_partial_sum,
     "copy4": _make_copy4,
+    "bf16_widen4": _make_bf16_widen4,
+    "bf16_round4": _make_bf16_round4,
     "fill": _make_fill,
     "scale_rows": _make_scale_rows,
     "sum_to": _make_sum_to,

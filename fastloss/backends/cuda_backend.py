@@ -11,6 +11,10 @@ Two ways in
   public layer hands over the public function's name and arguments, and everything --
   validation of the values, axis handling, float16 -> float32, the reductions -- happens on
   the device, on the caller's current stream, with results in the caller's library.
+  ``torch.bfloat16`` tensors are computed in float32 and answered in bfloat16 like float16
+  ones (with ``ml_dtypes`` installed, which names the dtype for the host path's rules): Numba
+  has no bfloat16 type, so they enter as their int16 bits (:class:`_BF16`) and cross to and
+  from float32 in bit-exact conversion kernels (round to nearest even on the way back).
 
 Kernels (:mod:`fastloss.backends._cuda_kernels`) compile on first use, never at import.
 Row-wise kernels give each row ``blockDim.x`` threads (several rows per block for small class
@@ -98,9 +102,58 @@ def _grid2(r: int, k: int):
 
 
 # ----------------------------------------------------------------------------- device arrays
+class _BF16:
+    """A bfloat16 device array (a PyTorch ``torch.bfloat16`` CUDA tensor, or under the
+    simulator a Numba array of ``ml_dtypes.bfloat16``).
+
+    Numba kernels have no bfloat16 type, so the data is held as ``raw``, an int16 device
+    array over the same memory (same shape and byte strides), and it enters and leaves the
+    kernels only through :func:`_copy`, which widens it to float32 and rounds float32 back
+    on the bits.  It answers the few array attributes the backend's layout helpers use;
+    ``dtype`` is ``ml_dtypes.bfloat16``, so validation follows the host path's rules
+    (computed in float32, results in bfloat16)."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw):
+        self.raw = raw
+
+    dtype = property(lambda self: V._BF16)
+    shape = property(lambda self: tuple(self.raw.shape))
+    strides = property(lambda self: tuple(self.raw.strides))
+    size = property(lambda self: self.raw.size)
+
+    def is_c_contiguous(self):
+        return self.raw.is_c_contiguous()
+
+    def is_f_contiguous(self):
+        return self.raw.is_f_contiguous()
+
+    def copy_to_host(self, stream=0):
+        return self.raw.copy_to_host(stream=stream).view(V._BF16)
+
+
+def _kernel_dtype(d):
+    """The dtype a kernel can read ``d`` in without a conversion (float32 for bfloat16)."""
+    return np.dtype(np.float32) if isinstance(d, _BF16) else np.dtype(d.dtype)
+
+
+def _retype(a, dtype):
+    """Device array over ``a``'s memory, same shape and byte strides, read as ``dtype`` (of
+    the same item size): how bfloat16/float32 bits reach the conversion kernels."""
+    dtype = np.dtype(dtype)
+    if _simulated():
+        return type(a)(a._ary.view(dtype), stream=a.stream)
+    desc = dict(a.__cuda_array_interface__)
+    desc.update(typestr=dtype.str, stream=None)
+    return cuda.from_cuda_array_interface(desc, owner=a, sync=False)
+
+
 def _view(a, shape, strides):
     """A device array aliasing ``a``'s memory from its first element with new ``shape`` and
     byte ``strides`` (broadcasts, axis moves, dim merges) -- no copy."""
+    if isinstance(a, _BF16):
+        return _BF16(_view(a.raw, shape, strides))
     shape, strides = tuple(int(s) for s in shape), tuple(int(s) for s in strides)
     if _simulated():
         return type(a)(np.lib.stride_tricks.as_strided(a._ary, shape, strides), stream=a.stream)
@@ -110,6 +163,8 @@ def _view(a, shape, strides):
 
 
 def _empty(shape, dtype, stream, order="C"):
+    if V._BF16 is not None and np.dtype(dtype) == V._BF16:
+        return _BF16(cuda.device_array(tuple(int(n) for n in shape), dtype=np.int16, stream=stream, order=order))
     return cuda.device_array(tuple(int(n) for n in shape), dtype=np.dtype(dtype), stream=stream, order=order)
 
 
@@ -130,9 +185,27 @@ def _merge(shape, strides_list):
 
 
 def _copy(src, dst, stream):
-    """``dst[...] = src`` for device arrays of one shape, any strides and dtypes (cast)."""
+    """``dst[...] = src`` for device arrays of one shape, any strides and dtypes (cast).
+
+    bfloat16 (:class:`_BF16`) goes through float32 on the bits: widening is exact, and
+    narrowing rounds to nearest even (NaN kept quiet), as PyTorch and ``ml_dtypes`` do; a
+    float64 source is rounded to float32 first (the compute dtype of bfloat16 data is
+    float32, so only reduced float64 sums take that path)."""
     if src.size == 0:
         return
+    kname = "copy4"
+    if isinstance(src, _BF16) or isinstance(dst, _BF16):
+        if isinstance(src, _BF16) and isinstance(dst, _BF16):
+            src, dst = src.raw, dst.raw
+        elif isinstance(src, _BF16) and np.dtype(dst.dtype) == np.float32:
+            kname, src, dst = "bf16_widen4", _retype(src.raw, np.uint16), _retype(dst, np.uint32)
+        elif isinstance(dst, _BF16) and np.dtype(src.dtype) == np.float32:
+            kname, src, dst = "bf16_round4", _retype(src, np.uint32), _retype(dst.raw, np.uint16)
+        else:
+            tmp = _empty(src.shape, np.float32, stream)
+            _copy(src, tmp, stream)
+            _copy(tmp, dst, stream)
+            return
     dims = _merge(src.shape, [src.strides, dst.strides])
     if len(dims) > 4:
         raise ValueError(
@@ -144,7 +217,7 @@ def _copy(src, dst, stream):
     s4 = _view(src, shape, [d[1][0] for d in dims])
     d4 = _view(dst, shape, [d[1][1] for d in dims])
     grid, block = _grid2(shape[0] * shape[1] * shape[2], shape[3])
-    _kern("copy4", dst.dtype)[grid, block, stream](s4, d4)
+    _kern(kname, dst.dtype)[grid, block, stream](s4, d4)
 
 
 def _bcast_scalar(value, dtype, shape, stream):
@@ -408,6 +481,29 @@ from .. import _validate as V  # noqa: E402
 _DLPACK_CUDA = (2, 13)  # kDLCUDA, kDLCUDAManaged
 
 
+def _torch_from_dlpack(obj):
+    """``torch.from_dlpack(obj)`` when PyTorch with CUDA is importable (it takes bfloat16,
+    which CuPy has no dtype for), else None."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.from_dlpack(obj) if torch.cuda.is_available() else None
+
+
+def _is_bf16(dtype) -> bool:
+    return V._BF16 is not None and np.dtype(dtype) == V._BF16
+
+
+def _bf16_supported(name, what):
+    """bfloat16 follows the host path's dtype rules, which need ``ml_dtypes`` to name it."""
+    if V._BF16 is None:
+        raise TypeError(
+            f"{name}: {what} need the ml_dtypes package (pip install ml_dtypes), which gives NumPy "
+            f"its bfloat16 dtype; found it missing. Install it, or convert with {name}.float()"
+        )
+
+
 def is_device_array(obj) -> bool:
     """True for CuPy arrays, PyTorch CUDA tensors, Numba device arrays (simulator ones too) and
     any object with ``__cuda_array_interface__`` or a ``__dlpack__`` on a CUDA device."""
@@ -432,19 +528,13 @@ def _meta(d):
 
 
 def _compute_dtype(d, name):
-    """The compute dtype of device array ``d`` (the host path's rules and messages); bfloat16,
-    which Numba kernels cannot read, is refused with the fix."""
-    dt = np.dtype(d.dtype)
-    cdt = V.float_dtype_or_raise(dt, name)
-    if dt.name == "bfloat16":
-        raise TypeError(
-            f"{name}: bfloat16 arrays on the GPU are not supported by the cuda backend (found dtype "
-            f"bfloat16); convert it with {name}.float() / {name}.astype(np.float32)"
-        )
-    return cdt
+    """The compute dtype of device array ``d`` (the host path's rules and messages)."""
+    return V.float_dtype_or_raise(np.dtype(d.dtype), name)
 
 
 def _ptr(d) -> int:
+    if isinstance(d, _BF16):
+        d = d.raw
     cai = getattr(d, "__cuda_array_interface__", None)
     if cai is None:  # simulator arrays wrap a host ndarray
         return int(d.__array_interface__["data"][0])
@@ -512,26 +602,38 @@ class _Ctx:
         """A Numba device array for device-resident ``obj`` (no copy), or a device copy of a
         host array-like (after the host path's object-dtype check)."""
         if getattr(obj, "__cuda_ndarray__", False):
+            if _is_bf16(obj.dtype):  # only simulator arrays: Numba's device arrays cannot be bfloat16
+                return _BF16(_retype(obj, np.int16))
             return obj
         mod = type(obj).__module__.split(".")[0]
         if mod == "torch" and getattr(obj, "is_cuda", False):
-            if str(obj.dtype) == "torch.bfloat16":
-                raise TypeError(
-                    f"{name}: bfloat16 tensors are not supported by the cuda backend (found dtype "
-                    f"torch.bfloat16); convert it with {name}.float()"
-                )
-            return cuda.as_cuda_array(obj.detach(), sync=False)
+            t = obj.detach()
+            if str(t.dtype) == "torch.bfloat16":  # no CUDA array interface: its bits, as int16
+                import torch
+
+                _bf16_supported(name, "torch.bfloat16 tensors")
+                return _BF16(cuda.as_cuda_array(t.view(torch.int16), sync=False))
+            return cuda.as_cuda_array(t, sync=False)
         if hasattr(obj, "__cuda_array_interface__"):
             return cuda.as_cuda_array(obj, sync=False)
         if is_device_array(obj):  # CUDA DLPack without the array interface: go through torch/CuPy
-            try:
-                import cupy
-
+            t = _torch_from_dlpack(obj)
+            if t is None:
+                try:
+                    import cupy
+                except ImportError:
+                    raise TypeError(
+                        f"{name}: a CUDA array without __cuda_array_interface__ ({type(obj).__name__}) is read "
+                        f"through DLPack, which needs PyTorch with CUDA or CuPy; found neither"
+                    ) from None
                 return cuda.as_cuda_array(cupy.from_dlpack(obj), sync=False)
-            except ImportError:
-                import torch
-
-                return cuda.as_cuda_array(torch.from_dlpack(obj), sync=False)
+            if str(t.dtype) == "torch.bfloat16" and self.lib == "numba":
+                raise TypeError(
+                    f"{name}: expected a bfloat16 array from PyTorch, found one from {type(obj).__module__} "
+                    f"through DLPack: its results would be Numba device arrays, which cannot hold bfloat16; "
+                    f"pass torch.from_dlpack({name}) (results then come back as torch tensors) or convert it to float32"
+                )
+            return self.dev(t, name)
         a = np.asarray(obj)
         if a.dtype == object:
             V.as_float_array(a, name)  # raises the host path's TypeError
@@ -549,13 +651,21 @@ class _Ctx:
 
     def host(self, d):
         """Host copy of device array ``d`` (error paths only)."""
-        h = d.copy_to_host(stream=self.stream)
+        h = d.copy_to_host(stream=self.stream)  # a bfloat16 one comes back as ml_dtypes.bfloat16
         self.stream.synchronize()
         return h
 
     # -- outputs
     def wrap(self, d):
         """Return device array ``d`` in the caller's library (zero copy)."""
+        if isinstance(d, _BF16):  # only torch tensors (and simulator arrays) bring bfloat16 in
+            if self.lib == "torch":
+                import torch
+
+                return torch.as_tensor(d.raw, device=self.torch_device).view(torch.bfloat16)
+            if _simulated():
+                return _retype(d.raw, V._BF16)
+            raise TypeError(f"cuda backend: cannot return bfloat16 results as {self.lib} arrays")  # pragma: no cover
         if self.lib == "cupy":
             import cupy
 
@@ -569,7 +679,7 @@ class _Ctx:
     @staticmethod
     def scalar(value, cdt):
         """A reduced result: a NumPy scalar of the compute dtype, as on the host."""
-        return np.dtype(cdt).type(value)
+        return _A._scalar(value, np.dtype(cdt))
 
 
 def _first_bad(kname, dtype, args, stream, total) -> bool:
@@ -903,7 +1013,7 @@ def _dc_cross_entropy(ctx, logits, target, axis=-1, weight=None, ignore_index=-1
         gscale = _empty((n,), np.float64, ctx.stream)
         grid, tpb = _flat_cfg(n)
         if n and gvec is not None:
-            _kern("scale_rows", cdt)[grid, tpb, ctx.stream](_rows_vec(ctx, gvec, n, gvec.dtype), 1.0, gscale)
+            _kern("scale_rows", cdt)[grid, tpb, ctx.stream](_rows_vec(ctx, gvec, n, _kernel_dtype(gvec)), 1.0, gscale)
         elif n:
             _kern("fill", np.float64)[grid, tpb, ctx.stream](gscale, go * scale)
         # the kernel writes grad_out (the logits themselves when in place) directly whenever
@@ -1074,7 +1184,7 @@ def _dc_bce(ctx, probs, target, weight=None, reduction="mean", return_grad=False
 
     # the range check runs on the raw probs (any dtype) before the other operands are judged,
     # as on the host
-    if _first_bad("check_range", xd.dtype, (_as2_any(ctx, xd), 0.0, 1.0), ctx.stream, total_of(shape)):
+    if _first_bad("check_range", _kernel_dtype(xd), (_as2_any(ctx, xd), 0.0, 1.0), ctx.stream, total_of(shape)):
         range_error()
     wd = None if weight is None else _operand(ctx, weight, "weight", cdt, shape)
     return_grad = bool(return_grad)
@@ -1086,7 +1196,10 @@ def _dc_bce(ctx, probs, target, weight=None, reduction="mean", return_grad=False
 
 
 def _as2_any(ctx, d):
-    """A 2-D (R, K) view (or C-contiguous copy) of device array ``d`` for the check kernels."""
+    """A 2-D (R, K) view (or C-contiguous copy) of device array ``d`` for the check kernels
+    (bfloat16 is widened to float32 first: kernels cannot read it)."""
+    if isinstance(d, _BF16):
+        d = _cast_to(ctx, d, np.float32)
     shape = tuple(d.shape)
     dims = _merge(shape, [d.strides])
     if len(dims) <= 2 and min(tuple(d.strides) + (0,)) >= 0:
@@ -1175,7 +1288,7 @@ def _dc_gaussian_nll(ctx, input, target, var, full=False, eps=1e-6, reduction="m
             pos = V.first_position(neg, v.shape)
             raise ValueError(f"var: expected non-negative variances, found {v[pos]} at position {pos}")
 
-        if _first_bad("check_range", vd.dtype, (_as2_any(ctx, vd), 0.0, math.inf), ctx.stream, total_of(vshape)):
+        if _first_bad("check_range", _kernel_dtype(vd), (_as2_any(ctx, vd), 0.0, math.inf), ctx.stream, total_of(vshape)):
             var_error()
         vdt = np.dtype(vd.dtype)  # d_var has var's dtype, like every gradient (float16 too)
         vd = _bcast_view(vd, shape)
@@ -1236,7 +1349,7 @@ def device_call(func_name: str, kwargs: dict):
     the Numba array's own stream, else the default stream).  Array results come back in the
     caller's library on the same device (CuPy -> CuPy, torch -> torch, Numba device array ->
     Numba device array); fully reduced results (losses, ``d_var`` of a float ``var``, the
-    log-sum-exp of a 1-D input) are NumPy scalars of the compute dtype (float16 ->
+    log-sum-exp of a 1-D input) are NumPy scalars of the compute dtype (float16 and bfloat16 ->
     float32), as on the host; reading one synchronizes the stream, like ``tensor.item()``.
     """
     try:
