@@ -90,21 +90,27 @@ def _max_nan(a, b):
 
 
 @cuda.jit(device=True)
-def _block_sum(sh, v):
-    """Sum ``v`` over the threads of this row group (``threadIdx.y``); every thread gets it."""
-    tx = cuda.threadIdx.x
-    base = cuda.threadIdx.y * cuda.blockDim.x
-    sh[base + tx] = v
+def _tree_sum(sh, base, t, width, v):
+    """Sum ``v`` over ``width`` threads (a power of two) numbered ``t = 0 .. width-1`` whose
+    scratch is ``sh[base : base + width]``; every one of them gets the sum.  Every thread of
+    the block must call it (it synchronizes the block), with neutral values where it has none."""
+    sh[base + t] = v
     cuda.syncthreads()
-    w = cuda.blockDim.x // 2
+    w = width // 2
     while w > 0:
-        if tx < w:
-            sh[base + tx] += sh[base + tx + w]
+        if t < w:
+            sh[base + t] += sh[base + t + w]
         cuda.syncthreads()
         w //= 2
     r = sh[base]
     cuda.syncthreads()  # the scratch is reused by the next reduction
     return r
+
+
+@cuda.jit(device=True)
+def _block_sum(sh, v):
+    """Sum ``v`` over the threads of this row group (``threadIdx.y``); every thread gets it."""
+    return _tree_sum(sh, cuda.threadIdx.y * cuda.blockDim.x, cuda.threadIdx.x, cuda.blockDim.x, v)
 
 
 @cuda.jit(device=True)
@@ -129,36 +135,10 @@ def _block_max(sh, v):
 
 @cuda.jit(device=True)
 def _block_sum_all(sh, v):
-    """Sum ``v`` over all threads of a 1-D block."""
-    tx = cuda.threadIdx.x
-    sh[tx] = v
-    cuda.syncthreads()
-    w = cuda.blockDim.x // 2
-    while w > 0:
-        if tx < w:
-            sh[tx] += sh[tx + w]
-        cuda.syncthreads()
-        w //= 2
-    r = sh[0]
-    cuda.syncthreads()
-    return r
-
-
-@cuda.jit(device=True)
-def _block_sum_2d(sh, v):
-    """Sum ``v`` over all threads of a 2-D block (``blockDim.x * blockDim.y`` a power of two)."""
-    tid = cuda.threadIdx.y * cuda.blockDim.x + cuda.threadIdx.x
-    sh[tid] = v
-    cuda.syncthreads()
-    w = cuda.blockDim.x * cuda.blockDim.y // 2
-    while w > 0:
-        if tid < w:
-            sh[tid] += sh[tid + w]
-        cuda.syncthreads()
-        w //= 2
-    r = sh[0]
-    cuda.syncthreads()
-    return r
+    """Sum ``v`` over all threads of the block (1-D or 2-D, ``blockDim.x * blockDim.y`` a
+    power of two)."""
+    return _tree_sum(sh, 0, cuda.threadIdx.y * cuda.blockDim.x + cuda.threadIdx.x,
+                     cuda.blockDim.x * cuda.blockDim.y, v)
 
 
 @cuda.jit(device=True)
@@ -616,7 +596,7 @@ def _elementwise(ftype, body):
                         grad[i, j] = s * g
                     if want & 4:
                         grad2[i, j] = s * g2
-        acc = _block_sum_2d(sh, acc)
+        acc = _block_sum_all(sh, acc)
         if cuda.threadIdx.x == 0 and cuda.threadIdx.y == 0:
             part[cuda.blockIdx.y * cuda.gridDim.x + cuda.blockIdx.x] = acc
 
