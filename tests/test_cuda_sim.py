@@ -936,3 +936,31 @@ def test_torch_bf16_real(func):
     xf = x.float().requires_grad_(True)
     torch.nn.functional.cross_entropy(xf, t).backward()
     torch.testing.assert_close(g.float(), xf.grad.to(torch.bfloat16).float(), rtol=8e-3, atol=1e-7)
+
+
+class _DLPackOnly:
+    """A CUDA array known only through DLPack (no __cuda_array_interface__), like a JAX array."""
+
+    def __dlpack_device__(self):
+        return (2, 0)  # kDLCUDA, device 0
+
+    def __dlpack__(self, stream=None):  # pragma: no cover - never consumed in these tests
+        raise AssertionError("not consumed")
+
+
+def test_dlpack_only_bf16_refused_with_the_fix(monkeypatch):
+    """A bfloat16 array from a library other than PyTorch, through DLPack, would have to come
+    back as a Numba device array, which cannot hold bfloat16: refused, naming the fix."""
+    bf16_tensor = types.SimpleNamespace(dtype="torch.bfloat16")
+    monkeypatch.setattr(C, "_torch_from_dlpack", lambda obj: bf16_tensor)
+    obj = _DLPackOnly()
+    assert C.is_device_array(obj)
+    with pytest.raises(TypeError, match=r"x: expected a bfloat16 array from PyTorch.*torch\.from_dlpack\(x\)"):
+        C.device_call("softmax", dict(x=obj))
+
+
+def test_dlpack_only_without_torch_or_cupy(monkeypatch):
+    monkeypatch.setattr(C, "_torch_from_dlpack", lambda obj: None)
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy -> ImportError
+    with pytest.raises(TypeError, match="x: a CUDA array without __cuda_array_interface__ .* needs PyTorch"):
+        C.device_call("softmax", dict(x=_DLPackOnly()))
