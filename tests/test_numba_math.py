@@ -421,9 +421,11 @@ def _compile_helpers(x, g):
     m = x[0].max()
     o = nb._sumexp(x, 0, x.shape[1], m, True)
     o += nb._sumexp_store(x, 0, x.shape[1], m, True, g)
-    o += nb._bcel_block(x, x, None, None, None, g, 1.0, None, 0, x.shape[0], 0, x.shape[1])
-    o += nb._mse_block(x, x, None, g, 1.0, None, 0, x.shape[0], 0, x.shape[1])
-    o += nb._kl_block(x, np.abs(x), False, None, g, 1.0, None, 0, x.shape[0], 0, x.shape[1])
+    r, k = x.shape
+    o += nb._bcel_block(x, x, None, None, 0, 0.0, None, g, None, 1.0, None, 0, r, 0, k)
+    o += nb._mse_block(x, x, None, None, 0, 0.0, None, g, None, 1.0, None, 0, r, 0, k)
+    o += nb._kl_block(x, np.abs(x), None, None, 0, 0.0, None, g, None, 1.0, None, 0, r, 0, k)
+    o += nb._kl_log_block(x, x, None, None, 0, 0.0, None, g, None, 1.0, None, 0, r, 0, k)
     return o
 
 
@@ -439,10 +441,11 @@ def test_hot_kernels_are_vectorized(dt):
     # (the row maximum, _rowmax, is not in this list: LLVM keeps it scalar -- see its docstring)
     # (_mse_block is a few arithmetic ops per element: a handful of packed ops is the whole
     # loop; before its loss sum was blocked in the compute dtype it had none)
-    # (_kl_seg: both formulas, exp of log-targets and log of targets, vectorized -- a branch on
-    # log_target or a log inside a select kept it scalar, 5x slower)
+    # (KL: both formulas, the exp of log-targets and the log of targets, vectorized -- a branch
+    # on log_target or a log inside a select kept it scalar, 5x slower)
+    # (the elementwise blocks are one loop, _make_ew_block, around each loss's element function)
     for disp, least in ((nb._sumexp, 8), (nb._sumexp_store, 8), (nb._bcel_block, 8),
-                        (nb._mse_block, 3), (nb._kl_seg, 16)):
+                        (nb._mse_block, 3), (nb._kl_block, 8), (nb._kl_log_block, 8)):
         assert disp.signatures, disp
         assert _packed_ops(disp) >= least, disp.py_func.__name__
     # the exp inside the cross-entropy row is inlined (no call to a libm exp)
