@@ -133,6 +133,10 @@ class _BF16:
         return self.raw.copy_to_host(stream=stream).view(V._BF16)
 
 
+def _is_bf16(dtype) -> bool:
+    return V._BF16 is not None and np.dtype(dtype) == V._BF16
+
+
 def _kernel_dtype(d):
     """The dtype a kernel can read ``d`` in without a conversion (float32 for bfloat16)."""
     return np.dtype(np.float32) if isinstance(d, _BF16) else np.dtype(d.dtype)
@@ -163,7 +167,7 @@ def _view(a, shape, strides):
 
 
 def _empty(shape, dtype, stream, order="C"):
-    if V._BF16 is not None and np.dtype(dtype) == V._BF16:
+    if _is_bf16(dtype):
         return _BF16(cuda.device_array(tuple(int(n) for n in shape), dtype=np.int16, stream=stream, order=order))
     return cuda.device_array(tuple(int(n) for n in shape), dtype=np.dtype(dtype), stream=stream, order=order)
 
@@ -492,10 +496,6 @@ def _torch_from_dlpack(obj):
     except ImportError:
         return None
     return torch.from_dlpack(obj) if torch.cuda.is_available() else None
-
-
-def _is_bf16(dtype) -> bool:
-    return V._BF16 is not None and np.dtype(dtype) == V._BF16
 
 
 def _bf16_supported(name, what):
