@@ -131,7 +131,8 @@ def logsumexp(x, axis=-1, keepdims=False, *, backend=None):
     -------
     ndarray or scalar
         The input's dtype for arrays; a full reduction gives a NumPy scalar of the compute
-        dtype (float32 for float16 input). An empty axis gives ``-inf`` (``log 0``).
+        dtype (float32 for float16 input). An empty axis gives ``-inf`` (``log 0``). A 0-d
+        ``x`` gives its value (``axis`` -1, 0, None or ``()``), as SciPy does.
 
     Examples
     --------
@@ -143,6 +144,12 @@ def logsumexp(x, axis=-1, keepdims=False, *, backend=None):
         return _device_call("logsumexp", dict(x=x, axis=axis, keepdims=keepdims, backend=backend))
     a, cdt = as_float_array(x, "x")
     keepdims = bool(keepdims)
+    if a.ndim == 0:
+        # the log-sum-exp of one value is that value (scipy.special.logsumexp agrees); the
+        # axes a 0-d array can name are -1 and 0, as a 1-element row
+        for ax in axis if isinstance(axis, tuple) else (() if axis is None else (axis,)):
+            normalize_axis(ax, 1)
+        return a.copy() if keepdims else _scalar(a[()], cdt)
     axes = _class_axes(axis, a.ndim)
     be = _dispatch.resolve(backend)
     lay = Layout(a, axes)
@@ -222,7 +229,8 @@ def log_softmax(x, axis=-1, *, out=None, backend=None):
 
     Computed as ``x - lse(x)`` with the max-shifted log-sum-exp -- never as
     ``log(softmax(x))``, which underflows to ``-inf`` for very negative entries. An entry of
-    ``-inf`` gives ``-inf`` exactly; a row of only ``-inf`` gives NaN, as in PyTorch.
+    ``-inf`` gives ``-inf`` exactly; a row of only ``-inf``, or one holding ``+inf``, gives NaN
+    throughout, as in PyTorch.
 
     Parameters
     ----------
@@ -374,7 +382,9 @@ def cross_entropy(
     weight : array_like, optional
         ``(C,)`` class weights (``w`` above).
     ignore_index : int, default -100
-        Class index whose rows contribute nothing (index targets only).
+        Class index whose rows contribute nothing (index targets only); it must fit in int64
+        (``ValueError`` otherwise). Index targets may have any integer dtype; an unsigned one
+        beyond the int64 range is an ``IndexError``, never wrapped around.
     label_smoothing : float in [0, 1], default 0
         ``epsilon`` above.
     z_loss : float >= 0, default 0
@@ -411,9 +421,21 @@ def cross_entropy(
 
     Notes
     -----
-    Choices where PyTorch differs or is silent: when every target is ignored (or the batch is
-    empty) ``"mean"`` gives ``0.0`` and a zero gradient (PyTorch: NaN); a target class whose
-    logit is ``-inf`` gives loss ``+inf`` and a finite gradient.
+    Choices where PyTorch differs or is silent (see the README's "Semantics" section):
+
+    * when every target is ignored (or the batch is empty), or the summed weight of the
+      targets is 0, ``"mean"`` gives ``0.0`` and a zero gradient (PyTorch: NaN);
+    * a target class whose logit is ``-inf`` gives loss ``+inf`` and a finite gradient;
+    * a row holding ``+inf`` at a class that is not its target (probability targets: at a
+      class without target mass, with mass elsewhere) gives loss ``+inf`` (the limit) and a
+      NaN gradient (PyTorch: NaN loss);
+    * probability targets: a class with logit ``-inf`` and no target mass (after smoothing and
+      weights) contributes 0 (PyTorch: NaN); a NaN logit, or a ``+inf`` one in a row without
+      target mass, still makes the row NaN;
+    * with ``label_smoothing=0`` the weights of classes no target uses are never read, so a
+      NaN or infinite weight there does not leak into other rows (PyTorch agrees);
+    * float32 logits whose row spread (max - min) exceeds the float32 range may give ``inf``,
+      as in float32 PyTorch; single logits up to the dtype's max are exact.
 
     Examples
     --------
@@ -442,7 +464,7 @@ def cross_entropy(
     reduction = check_reduction(reduction)
     eps = check_real(label_smoothing, "label_smoothing", 0.0, 1.0)
     zl = check_real(z_loss, "z_loss", 0.0)
-    ii = check_int(ignore_index, "ignore_index")
+    ii = check_int(ignore_index, "ignore_index", int64=True)
     return_grad = bool(return_grad)
     lay = Layout(x, (ax,))
     row_shape = tuple(s for i, s in enumerate(x.shape) if i != ax)
@@ -464,6 +486,14 @@ def cross_entropy(
             )
         if t.shape != row_shape:
             raise ValueError(f"target: expected class indices of shape {row_shape} (logits without axis {axis}), found {t.shape}")
+        if t.dtype.kind == "u" and t.dtype.itemsize == 8 and t.size and int(t.max()) > np.iinfo(np.int64).max:
+            # checked before the int64 cast, which would wrap 2**64 - 100 to -100 (a valid
+            # ignore_index): the row would be silently ignored
+            bad = t > np.uint64(np.iinfo(np.int64).max)
+            pos = first_position(bad, t.shape)
+            raise IndexError(
+                f"target: expected class indices in [0, {C}) or ignore_index={ii}, found {t[pos]} at position {pos}"
+            )
         t64 = t.astype(np.int64, copy=False)
         # two reductions and no temporaries in the common case (every target a class); the
         # elementwise test only when some index is out of range or ignored
@@ -484,7 +514,7 @@ def cross_entropy(
         w = np.ascontiguousarray(w)
     go = _grad_scale_value(grad_output, reduction)
     gout_rows = None
-    if return_grad and go is None:
+    if go is None:  # an array (reduction="none"): checked even when no gradient is asked for
         gout_rows = _grad_output_array(grad_output, row_shape, np.dtype(np.float64))
     _prep_grad_out(grad_out, x, return_grad, [("logits", x), ("target", t)])
 
@@ -531,8 +561,10 @@ def _elementwise(kernel, x, cdt, operands, params, reduction, denom, return_grad
     ``params`` are scalar kernel arguments; ``denom`` divides the total for ``"mean"``."""
     go = _grad_scale_value(grad_output, reduction)
     gout = None
-    if return_grad and go is None:
+    if go is None:  # an array (reduction="none"): checked even when no gradient is asked for
         gout = _grad_output_array(grad_output, x.shape, cdt)
+        if not return_grad:
+            gout = None
         go = 1.0
     be = _dispatch.resolve(backend)
     lay = Layout(x)
@@ -548,8 +580,10 @@ def _elementwise(kernel, x, cdt, operands, params, reduction, denom, return_grad
     gout2 = None if gout is None else lay.view_in(gout)
     fn = getattr(be, kernel)
     if grad_var is not None:
-        gv_full = np.empty_like(x, dtype=cdt) if return_grad else None
-        gv2 = None if gv_full is None else lay.view_in(gv_full)
+        # an output buffer laid out like x, through the same path as the other outputs (a
+        # view_in of an input-like array may be a reshape *copy* that the kernel would fill
+        # instead of the returned buffer)
+        gv2, finish_gv = lay.output(None, cdt, cdt) if return_grad else (None, None)
         total = fn(x2, *ops2, *params, loss2, g2, gv2, go * scale, gout2)
     else:
         total = fn(x2, *ops2, *params, loss2, g2, go * scale, gout2)
@@ -558,7 +592,7 @@ def _elementwise(kernel, x, cdt, operands, params, reduction, denom, return_grad
         return loss
     grad = finish()
     if grad_var is not None:
-        return loss, (grad, grad_var(gv_full))
+        return loss, (grad, grad_var(finish_gv()))
     return loss, grad
 
 
@@ -644,7 +678,8 @@ def binary_cross_entropy(probs, target, *, weight=None, reduction="mean", return
     probs : array_like
         Probabilities ``p`` in [0, 1] (else ``ValueError``; NaN propagates).
     target : array_like
-        Targets ``y``, the shape of ``probs``.
+        Targets ``y`` in [0, 1] (else ``ValueError``, as in PyTorch; NaN propagates), the shape
+        of ``probs``.
     weight : array_like, optional
         Elementwise weight ``w``, broadcastable to ``probs``.
     reduction, return_grad, grad_output, grad_out, backend
@@ -673,6 +708,11 @@ def binary_cross_entropy(probs, target, *, weight=None, reduction="mean", return
     if bad.any():
         pos = first_position(bad, p.shape)
         raise ValueError(f"probs: expected probabilities in [0, 1], found {p[pos]} at position {pos}")
+    with np.errstate(invalid="ignore"):
+        bad = (y < 0) | (y > 1)
+    if bad.any():  # PyTorch refuses them too; NaN passes (it propagates)
+        pos = first_position(bad, y.shape)
+        raise ValueError(f"target: expected targets in [0, 1], found {y[pos]} at position {pos}")
     w = None if weight is None else as_cast(weight, "weight", cdt, p.shape)
     _prep_grad_out(grad_out, p, bool(return_grad), [("probs", p), ("target", y)])
     return _elementwise("bce", p, cdt, [y, w], [], reduction, p.size, bool(return_grad), grad_output, grad_out,

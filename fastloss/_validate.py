@@ -32,6 +32,8 @@ _LOW = tuple(d for d in (np.dtype(np.float16), _BF16) if d is not None)
 def float_dtype_or_raise(dtype, name: str) -> np.dtype:
     """Return the compute dtype (float32/float64) for a values array of ``dtype``."""
     dtype = np.dtype(dtype)
+    if dtype.kind == "f" and not dtype.isnative:  # byte-swapped data: judged by its native twin
+        dtype = dtype.newbyteorder("=")
     if dtype in _NATIVE:
         return dtype
     if dtype in _LOW:
@@ -47,14 +49,21 @@ def float_dtype_or_raise(dtype, name: str) -> np.dtype:
 
 
 def as_float_array(a, name: str):
-    """``np.asarray(a)`` checked to hold floating values; returns (array, compute dtype)."""
+    """``np.asarray(a)`` checked to hold floating values; returns (array, compute dtype).
+
+    An array of non-native byte order (``>f8`` on a little-endian machine, as read from some
+    files) is converted to native order once: the kernels and every result use native dtypes.
+    """
     arr = np.asarray(a)
     if arr.dtype == object:
         raise TypeError(
             f"{name}: expected a floating array-like, found dtype object (ragged or non-numeric "
             f"input); convert it with np.asarray({name}, dtype=np.float32)"
         )
-    return arr, float_dtype_or_raise(arr.dtype, name)
+    cdt = float_dtype_or_raise(arr.dtype, name)
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    return arr, cdt
 
 
 def as_cast(a, name: str, dtype, shape=None):
@@ -102,13 +111,21 @@ def check_real(value, name: str, lo=None, hi=None, lo_open=False) -> float:
     return v
 
 
-def check_int(value, name: str) -> int:
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def check_int(value, name: str, int64=False) -> int:
+    """``value`` as a Python int; with ``int64`` it must fit a 64-bit signed integer (what the
+    kernels take), else ``ValueError``."""
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name}: expected an integer, found bool {value!r}")
     try:
-        return operator.index(value)
+        v = operator.index(value)
     except TypeError:
         raise TypeError(f"{name}: expected an integer, found {type(value).__name__} {value!r}") from None
+    if int64 and not _INT64_MIN <= v <= _INT64_MAX:
+        raise ValueError(f"{name}: expected an integer in [{_INT64_MIN}, {_INT64_MAX}], found {value!r}")
+    return v
 
 
 def normalize_axis(axis, ndim: int, name="axis") -> int:
