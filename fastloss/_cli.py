@@ -51,9 +51,27 @@ def cmd_info(args) -> int:
         else:
             print(f"  {name:<7} unavailable: {st.reason}")
             print(f"  {'':<7} install: {st.install}")
+    print(f"numba cache  {_numba_cache()}")
     gpus = _gpus()
     print(f"GPUs         {gpus}")
     return 0
+
+
+def _numba_cache() -> str:
+    """Where the numba backend's kernels are cached on disk, and whether that works."""
+    from .backends import BackendUnavailable, get
+
+    try:
+        info = get("numba").cache_info()
+    except BackendUnavailable:
+        return "- (the numba backend is unavailable)"
+    if info["enabled"]:
+        extra = f"; {info['note']}" if info["note"] else ""
+        return f"{info['dir']} (writable{extra})"
+    if not info["dir"]:
+        return f"- ({info['note']})"
+    return (f"{info['dir']} (not writable: the kernels are compiled in memory on every run; "
+            f"set NUMBA_CACHE_DIR to a writable directory)\n             {info['note']}")
 
 
 def _gpus() -> str:

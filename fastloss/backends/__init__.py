@@ -4,19 +4,34 @@ Each backend is a module implementing the kernel entry points documented in
 :mod:`fastloss.backends.numpy_backend`.  Nothing is imported (and nothing compiled) until a
 backend is first asked for; a backend that cannot load raises :class:`BackendUnavailable`
 saying why and how to install it.
+
+It also keeps the one piece of process state the compiled backends share: whether this
+process is a child forked after a parallel call (see :func:`forked_serial`).
 """
 from __future__ import annotations
 
 import importlib
 import os
+import sys
 import threading
 from dataclasses import dataclass
 
-__all__ = ["BackendUnavailable", "BackendStatus", "KNOWN", "get", "status", "backends"]
+__all__ = ["BackendUnavailable", "BackendStatus", "NumbaCacheWarning", "KNOWN", "get", "status",
+           "backends", "forked_serial"]
 
 
 class BackendUnavailable(RuntimeError):
     """A backend was asked for that is unknown or cannot be used on this machine."""
+
+
+class NumbaCacheWarning(RuntimeWarning):
+    """Numba cannot use a disk cache for the ``numba`` backend's kernels where it was asked to.
+
+    Emitted at most once per process, when the backend is loaded: either no cache directory
+    is writable (the kernels then compile in memory on every run), or ``NUMBA_CACHE_DIR``
+    names a directory Numba cannot write (Numba then silently caches elsewhere).  The
+    message says which directories were tried and how to fix it.
+    """
 
 
 @dataclass(frozen=True)
@@ -109,3 +124,63 @@ def backends() -> dict[str, BackendStatus]:
     Importing a backend to check it may take a moment (Numba, CUDA); nothing is compiled.
     """
     return {name: status(name) for name in KNOWN}
+
+
+# ----------------------------------------------------------------------------- fork safety
+# GNU OpenMP (libgomp) does not survive fork(): its worker threads are not copied into the
+# child, but the calling thread's team state is, so the child's first parallel region waits
+# forever for them (the cython backend hangs) -- and Numba's 'omp' layer detects the fork
+# and kills the child ("fork() called from a process already using GNU OpenMP").  A region
+# of ONE thread is safe: libgomp returns from gomp_team_start before it looks at the pool,
+# and Numba's serial kernels do not enter its threading layer at all.  Both backends load the
+# same libgomp, so a pool started by either one makes the other unsafe in a forked child.
+# TBB and Numba's workqueue layer are fork-safe (Numba's threading-layer documentation).
+_forked_serial: frozenset = frozenset()  # backends that must run single-threaded here
+
+
+def _gomp_pools() -> tuple:
+    """(``numba``'s layer if Numba has launched one (else ``None``), whether the cython
+    backend's kernels have run an OpenMP team of more than one thread) in this process."""
+    par = sys.modules.get("numba.np.ufunc.parallel")  # never imports Numba
+    layer = getattr(par, "_threading_layer", None) if getattr(par, "_is_initialized", False) else None
+    cy = sys.modules.get("fastloss._kernels_cy")
+    if cy is None:
+        return layer, False
+    started = getattr(cy, "openmp_team_started", None)
+    if started is None:  # an extension built before it could tell: assume it did
+        return layer, bool(cy.openmp_enabled())
+    return layer, bool(started())
+
+
+def _after_fork_in_child() -> None:
+    global _forked_serial
+    layer, cy_team = _gomp_pools()
+    unsafe = set()
+    if layer == "omp" or cy_team:
+        unsafe.add("cython")  # libgomp's team of this thread is stale
+    if layer == "omp" or (layer is None and cy_team):
+        # Numba's own 'omp' pool; or none yet, and the one it would launch (OpenMP when TBB
+        # is missing) would start from libgomp's stale team
+        unsafe.add("numba")
+    if unsafe:
+        _forked_serial = _forked_serial | unsafe  # a grandchild inherits it (and adds to it)
+
+
+if hasattr(os, "register_at_fork"):  # POSIX; Windows has no fork
+    # registered at package import, before any backend can start a pool, so that it runs in
+    # every forked child -- also for a backend first imported in the child
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def forked_serial(name: str) -> bool:
+    """Whether backend ``name`` must run single-threaded in this process.
+
+    True in a child process forked (``os.fork``, ``multiprocessing``'s ``'fork'`` start
+    method, e.g. DataLoader-style workers) from a process that had started an OpenMP thread
+    pool -- in practice, after a parallel call of the ``numba`` or ``cython`` backend.  Such
+    a pool does not survive ``fork()``, so the backend then runs every kernel on the calling
+    thread, whatever :func:`fastloss.set_num_threads` says.  Children started with
+    ``'spawn'`` or ``'forkserver'``, and children forked before any parallel call, are
+    unaffected.
+    """
+    return name in _forked_serial

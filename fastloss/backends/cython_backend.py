@@ -35,11 +35,25 @@ through typed memoryviews, gathering non-contiguous rows/blocks into thread-loca
   Row losses and all sums are accumulated in float64.
 
 Threads: :func:`set_num_threads` sets the OpenMP team size of every following call (default:
-OpenMP's own, i.e. ``OMP_NUM_THREADS`` or all cores).
+OpenMP's own, i.e. ``OMP_NUM_THREADS`` or all cores).  Calls below ~262k elements run on one
+thread (``_PAR_MIN`` in the extension).
+
+Fork safety: GNU OpenMP's thread pool does not survive ``fork()`` -- a child forked after a
+parallel call (``multiprocessing``'s ``'fork'`` start method, DataLoader-style workers) would
+hang in its first parallel region.  In such a child (see
+:func:`fastloss.backends.forked_serial`; a pool started by the ``numba`` backend's OpenMP layer
+counts too, as both use the same libgomp) every kernel runs with a team of one thread, which
+libgomp runs on the calling thread without touching the stale pool.  :func:`set_num_threads`
+there checks its argument but keeps one thread.  Use the ``'spawn'`` or ``'forkserver'``
+start method for workers that should compute in parallel.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
+
+from . import forked_serial
 
 NAME = "cython"
 
@@ -70,13 +84,37 @@ def build_info() -> str:
     return _k.build_info()
 
 
+def _stay_serial() -> None:
+    """In a child forked after a parallel call: one-thread OpenMP teams from now on."""
+    if _k is not None and forked_serial(NAME):
+        _k.set_num_threads(1)
+
+
+_stay_serial()  # imported in such a child (the fork happened before this import)
+if hasattr(os, "register_at_fork"):
+    # runs after the registry's own handler, which decides (registration order)
+    os.register_at_fork(after_in_child=_stay_serial)
+
+
 def set_num_threads(n: int) -> None:
-    """Run every following kernel on ``n`` (>= 1) OpenMP threads."""
-    if _k is not None:
-        _k.set_num_threads(int(n))
+    """Run every following kernel on ``n`` (>= 1) OpenMP threads.
+
+    In a child process forked after a parallel call (:func:`fastloss.backends.forked_serial`)
+    the request is checked but not applied: the kernels keep running on the calling thread,
+    since the parent's OpenMP pool is unusable there.
+    """
+    if _k is None:
+        return
+    n = int(n)
+    if forked_serial(NAME):
+        if n < 1:
+            raise ValueError(f"n: expected a positive number of threads, found {n}")
+        return
+    _k.set_num_threads(n)
 
 
 def get_num_threads() -> int:
+    """Threads the kernels use (1 in a child forked after a parallel call)."""
     return 1 if _k is None else _k.get_num_threads()
 
 
