@@ -19,14 +19,15 @@ are already in that layout and are read in place, for up to ~2000 classes.
 Every ``def`` entry point here takes already-validated, normalized arguments (see
 :mod:`fastloss.backends.numpy_backend` for the protocol); absent optional arrays are passed as
 empty dummies with a ``has_*`` flag by :mod:`fastloss.backends.cython_backend`.
-Row losses and every sum are accumulated in float64 (float32 lanes at most ``FL_BLOCK`` long).
+Row losses and elementwise loss totals are accumulated in float64; the row sums of exp in float32
+lanes at most ``FL_BLOCK`` long, then in float64.
 """
 from cython cimport floating
 from cython.parallel cimport prange, parallel
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 from libc.stdint cimport int64_t, uintptr_t
-from libc.math cimport log, isfinite, NAN
+from libc.math cimport log, isfinite, NAN, INFINITY
 
 import numpy as np
 
@@ -151,8 +152,23 @@ def openmp_enabled():
     return bool(fl_openmp_enabled())
 
 
+# Set once a kernel has run an OpenMP team of more than one thread: from then on libgomp keeps
+# a pool of worker threads, which a child forked from this process does not inherit (see
+# fastloss.backends.forked_serial: such a child must stay at one thread).
+cdef int _team_started = 0
+
+
+def openmp_team_started():
+    """True once a kernel of this process ran an OpenMP team of more than one thread."""
+    return bool(_team_started and fl_openmp_enabled())
+
+
 cdef inline int _team(Py_ssize_t work) noexcept nogil:
-    return _nthreads if work >= _PAR_MIN else 1
+    global _team_started
+    if work >= _PAR_MIN and _nthreads > 1:
+        _team_started = 1
+        return _nthreads
+    return 1
 
 
 # ----------------------------------------------------------------------------- fused shims
@@ -468,7 +484,12 @@ cdef inline void _softmax_row(const floating *x, Py_ssize_t sx, floating *o, Py_
     cdef floating *oc = o if so == 1 else buf  # buf may hold xr: exp/sub write index j after reading it
     cdef double m = f_max(xr, c), sh = _shift(m), s
     cdef bint fin = isfinite(m)
-    if logsm:
+    if m == INFINITY:
+        # no softmax / log-softmax for a row holding +inf: NaN throughout, as PyTorch gives
+        # (SEMANTICS K4; e / s would give 0 or NaN at the finite entries depending on overflow,
+        # (x - 0) - log(inf) NaN at the +inf and -inf elsewhere)
+        f_fill_strided(oc, 1, c, <floating>NAN)
+    elif logsm:
         # log p = (x - sh) - log s, never x - lse: lse = sh + log s rounds to sh for large
         # logits and would lose the O(1) part (see fl_sub2 in fl_math.h)
         s = f_sumexp(xr, <floating *>NULL, c, <floating>sh, fin)
@@ -607,7 +628,11 @@ cdef inline double _ce_row(const floating *x, Py_ssize_t sx, Py_ssize_t c, Py_ss
 
     ``loss = (1-eps) w_t (lse - x_t) + eps/C sum_c w_c (lse - x_c) + z lse^2`` with
     ``lse = sh + L``, ``L = log sum exp(x - sh)``, ``lse - x_c = L - (x_c - sh)``: no
-    cancellation of two large numbers when the logits are large.  With a finite row max the
+    cancellation of two large numbers when the logits are large.  The smoothing sum is
+    evaluated as ``wsum L - sum_c w_c (x_c - sh)`` with a term ``x_c - sh == 0`` taken as 0 (an
+    infinite weight at the row max gives +inf, as the per-element sum does, not inf * 0 = NaN:
+    SEMANTICS K2), and only when ``eps != 0`` (K1: with ``eps == 0`` no smoothing term is
+    evaluated, so a NaN/inf weight of a class no target uses cannot leak).  With a finite row max the
     exponentials are stored into the gradient row during the sum and only rescaled afterwards
     (one exp per element); otherwise the reference's ``exp(x - lse)`` is used as it is.
     """
@@ -633,7 +658,11 @@ cdef inline double _ce_row(const floating *x, Py_ssize_t sx, Py_ssize_t c, Py_ss
     if z != 0.0:
         row += z * lse * lse
     if g != NULL:
-        a = (1.0 - eps) * wt + ec * wsum + 2.0 * z * lse
+        # eps == 0: eps/C sum(w) is not evaluated at all (SEMANTICS K1: 0 * a NaN/inf weight of a
+        # class no target uses must not leak into the gradient)
+        a = (1.0 - eps) * wt + 2.0 * z * lse
+        if eps != 0.0:
+            a += ec * wsum
         if fin:
             f_scale_axpy(gc, c, <floating>(gs * a / s), ws, <floating>(gs * ec))
         else:
@@ -708,7 +737,9 @@ def cross_entropy(const floating[:, :] x, const int64_t[:] target, const floatin
 cdef inline double _ce_soft_row(const floating *x, Py_ssize_t sx, const floating *y, Py_ssize_t sy,
                                 Py_ssize_t c, const floating *w, double eps, double z, double gs,
                                 floating *g, Py_ssize_t sg, floating *buf) noexcept nogil:
-    """One soft-target row: ``sum_c yw_c (lse - x_c) + z lse^2``, ``yw = ((1-eps) y + eps/C) w``;
+    """One soft-target row: ``sum_c yw_c (lse - x_c) + z lse^2``, ``yw = ((1-eps) y + eps/C) w``,
+    evaluated as ``sum(yw) L - sum_{yw != 0, x_c != sh} yw (x_c - sh)`` (SEMANTICS K3, K3b, see
+    fl_soft_terms);
     gradient ``gs * (softmax(x) * sum(yw) + 2 z lse softmax(x) - yw)``.  ``buf``: 2 c elements."""
     cdef const floating *xr = f_row(x, sx, c, buf)
     cdef const floating *yr = f_row(y, sy, c, buf + c)
@@ -863,13 +894,6 @@ cdef double _ew_task(int kind, Py_ssize_t i, Py_ssize_t j0, Py_ssize_t nb,
             tot = fl_mse_d(nb, op[0], op[1], op[5], op[6], op[4], gs)
         else:
             tot = fl_gnll_d(nb, op[0], op[1], op[2], p1, p2, op[5], op[6], op[7], op[4], gs)
-    if not isfinite(tot):
-        # the block sum runs in the compute dtype (vector lanes), so float32 losses near
-        # FLT_MAX overflow a sum that float64 holds (two losses of 2e38): add the stored losses
-        # again in double (rare, outside the hot loop; a genuinely inf/NaN loss stays inf/NaN)
-        tot = 0.0
-        for s in range(nb):
-            tot += op[5][s]
     for k in range(NIN, NOP):
         if present[k] and not direct[k]:
             f_scatter(op[k], <floating *>(base[k] + i * rs[k] + j0 * es[k]),

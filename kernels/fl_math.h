@@ -301,6 +301,16 @@ FL_INLINE float fl_log1p_f(float u)
     return r;
 }
 
+/* Elementwise loss totals in float64 (SEMANTICS K5), by compute dtype (see fl_dsum below):
+ * float32 loss loops store l and the block is then summed in float64 by fl_dsum; float64 loops
+ * accumulate in the loop itself, as before (a float64 reduction costs nothing extra there). */
+#define FL_EW_SIMD_f FL_SIMD
+#define FL_EW_ADD_f(v) ((void)0)
+#define FL_EW_TOTAL_f(l, n) (acc + fl_dsum_f(l, n))
+#define FL_EW_SIMD_d FL_SIMD_SUM(acc)
+#define FL_EW_ADD_d(v) (acc += (v))
+#define FL_EW_TOTAL_d(l, n) acc
+
 /* ------------------------------------------------------------------------------ loops
  * Instantiated for float (suffix _f) and double (suffix _d).  NaN conventions: comparisons
  * are written so that NaN propagates exactly where NumPy's reference propagates it
@@ -349,10 +359,12 @@ static inline double fl_sumexp_##S(const T *x, T *e, fl_idx n, T sh, int neg)   
 }                                                                                               \
                                                                                                 \
 /* sum w[j] * (x[j] - sh)  (w == NULL: weights 1), each difference rounded to T as in the     \
- * reference.  With logits near the dtype's max the T lanes can overflow although the float64 \
- * total does not (float32: a few differences of -3e38, or w * (x - sh) itself): a row whose  \
- * sum is not finite is summed again in double (rare; inf/NaN inputs land there too and give  \
- * the same inf/NaN). */                                                                       \
+ * reference, and a product taken as 0 where x[j] - sh == 0 (SEMANTICS K2: an infinite weight \
+ * at the row max must not give inf * 0 = NaN here; the caller's wsum * log s carries it).    \
+ * With logits near the dtype's max the T lanes can overflow although the float64 total does \
+ * not (float32: a few differences of -3e38, or w * (x - sh) itself): a row whose sum is not  \
+ * finite is summed again in double (rare; inf/NaN inputs land there too and give the same    \
+ * inf/NaN). */                                                                                \
 static inline double fl_wsum_shift_##S(const T *x, const T *w, fl_idx n, T sh)                  \
 {                                                                                               \
     double tot = 0.0;                                                                           \
@@ -361,7 +373,10 @@ static inline double fl_wsum_shift_##S(const T *x, const T *w, fl_idx n, T sh)  
         T acc = 0;                                                                              \
         if (w) {                                                                                \
             FL_SIMD_SUM(acc)                                                                    \
-            for (fl_idx j = j0; j < j1; j++) acc += w[j] * (x[j] - sh);                         \
+            for (fl_idx j = j0; j < j1; j++) {                                                  \
+                const T d = x[j] - sh, p = w[j] * d; /* w[j] read in any case: no masked load */\
+                acc += d == (T)0 ? (T)0 : p;                                                    \
+            }                                                                                   \
         } else {                                                                                \
             FL_SIMD_SUM(acc)                                                                    \
             for (fl_idx j = j0; j < j1; j++) acc += x[j] - sh;                                  \
@@ -372,7 +387,7 @@ static inline double fl_wsum_shift_##S(const T *x, const T *w, fl_idx n, T sh)  
         tot = 0.0;                                                                              \
         for (fl_idx j = 0; j < n; j++) {                                                        \
             const T d = x[j] - sh;                                                              \
-            tot += (w ? (double)w[j] : 1.0) * (double)d;                                        \
+            tot += d == (T)0 ? 0.0 : (w ? (double)w[j] : 1.0) * (double)d;                      \
         }                                                                                       \
     }                                                                                           \
     return tot;                                                                                 \
@@ -452,9 +467,14 @@ static inline void fl_lsmb_##S(const T *g, const T *y, T *out, fl_idx n, T s)   
 }                                                                                               \
                                                                                                 \
 /* soft-target cross-entropy, pass over a row after its shift sh and L = log(sum exp(x-sh)):   \
- * yw = ((1-eps) y + eps/C) * w (computed in double), returns sum_j yw (lse - x_j) with        \
- * lse - x_j = L - (x_j - sh) (accurate when |lse| >> lse - x_j) and 0 where yw == 0;            \
- * *ysum = sum_j yw.  w is never NULL (ones when unweighted: no conditional load in the loop) */\
+ * yw = ((1-eps) y + eps/C) * w (computed in double), *ysum = sum_j yw, returns the row loss  \
+ *   sum_j yw (lse - x_j) = ysum * L - sum_{j : yw != 0, x_j != sh} yw (x_j - sh)               \
+ * (SEMANTICS K3; x_j - sh rounded to T as in the reference; accurate when |lse| >> lse - x_j). \
+ * A zero-mass term is left out of the second sum (a masked class, x_j = -inf with yw = 0,     \
+ * contributes 0), and so is a term at the row max, x_j - sh == 0 (K3b: an infinite yw there   \
+ * gives inf through ysum * L, not inf * 0 = NaN); a NaN or +inf logit anywhere in the row     \
+ * makes L NaN/inf and the row NaN through ysum * L even when the whole mass is 0 (0 * inf).  \
+ * w is never NULL (ones when unweighted: no conditional load in the loop) */                  \
 static inline double fl_soft_terms_##S(const T *x, const T *y, const T *w, fl_idx n, T sh,      \
                                         double L, double a1, double a0, double *ysum)           \
 {                                                                                               \
@@ -462,12 +482,12 @@ static inline double fl_soft_terms_##S(const T *x, const T *y, const T *w, fl_id
     _Pragma("omp simd reduction(+:tot,ys)") /* reassociate only these two sums */              \
     for (fl_idx j = 0; j < n; j++) {                                                            \
         const double yw = (a1 * (double)y[j] + a0) * (double)w[j];                              \
-        const double nl = L - ((double)x[j] - (double)sh);                                      \
-        tot += yw == 0.0 ? 0.0 : yw * nl;                                                       \
+        const double d = (double)(x[j] - sh);                                                   \
+        tot += yw == 0.0 || d == 0.0 ? 0.0 : yw * d;                                            \
         ys += yw;                                                                               \
     }                                                                                           \
     *ysum = ys;                                                                                 \
-    return tot;                                                                                 \
+    return ys * L - tot;                                                                        \
 }                                                                                               \
                                                                                                 \
 /* soft-target gradient: out = gs * (exp(x - sh) * pa - yw) with pa = a / sum exp(x - sh);     \
@@ -492,18 +512,37 @@ static inline void fl_soft_grad_##S(const T *x, const T *y, const T *w, T *out, 
     }                                                                                           \
 }                                                                                               \
                                                                                                 \
-/* ---- elementwise: all operands contiguous blocks; w / go are never NULL (ones); l is never \
- * NULL (scratch); g may be NULL (no gradient).  Return the float64 sum of l. */               \
+/* ---- elementwise: all operands contiguous blocks; w / go are never NULL (ones); l is never  \
+ * NULL (scratch); g may be NULL (no gradient).  Return the float64 sum of l.                  \
+ *                                                                                             \
+ * The sum is accumulated in float64 (SEMANTICS K5): every T term is widened (exactly) before  \
+ * it is added, so the total carries no rounding of the compute dtype -- float32 terms near    \
+ * FLT_MAX cannot overflow it, and a float32 / float16 mean is the float64 mean of the terms   \
+ * (float32 lanes of FL_BLOCK / W ~ 128 terms each had a worst-case relative error of          \
+ * ~128 u ~ 8e-6, and reached 2e-6 on random float16 data).  Where it happens (FL_EW_*): the   \
+ * float32 loss loops of bce-with-logits, bce, kl and gnll only store l, and fl_dsum sums the  \
+ * block (4 KB, still in L1) afterwards -- a float64 reduction inside those long,              \
+ * register-hungry loops made gcc spill more (~10% slower in cache), the separate pass costs   \
+ * ~1-3%; float64 loops reduce in the loop, as they always did; mse, a short loop, widens and  \
+ * adds in the loop itself for both (a separate pass would double its work in cache). */       \
+                                                                                                \
+static inline double fl_dsum_##S(const T *l, fl_idx n)                                          \
+{                                                                                               \
+    double acc = 0.0;                                                                           \
+    FL_SIMD_SUM(acc)                                                                            \
+    for (fl_idx j = 0; j < n; j++) acc += (double)l[j];                                         \
+    return acc;                                                                                 \
+}                                                                                               \
                                                                                                 \
 /* softplus(-z) = max(-z, 0) + log1p(exp(-|z|)); -|z| <= 0, so EXPN applies */                 \
 static inline double fl_bce_logits_##S(fl_idx n, const T *z, const T *y, const T *w,            \
                                         const T *pw, int has_pw, T *l, T *g, const T *go, T gs) \
 {                                                                                               \
-    T acc = 0;                                                                                  \
+    double acc = 0.0;                                                                           \
     T lo = EXPN_LO;                                                                             \
     FL_OPAQUE(lo);                                                                              \
     if (g) {                                                                                    \
-        FL_SIMD_SUM(acc)                                                                        \
+        FL_EW_SIMD_##S                                                                          \
         for (fl_idx j = 0; j < n; j++) {                                                        \
             const T zj = z[j], yj = y[j], mz = -zj;                                             \
             const T e = EXPN(-(zj < 0 ? -zj : zj), lo); /* exp(-|z|), NaN stays NaN */         \
@@ -516,35 +555,35 @@ static inline double fl_bce_logits_##S(fl_idx n, const T *z, const T *y, const T
             const T gv = has_pw ? ((T)1 - yj) - c * sigm : sig - yj;                            \
             l[j] = lv * w[j];                                                                   \
             g[j] = gv * w[j] * gs * go[j];                                                      \
-            acc += l[j];                                                                        \
+            FL_EW_ADD_##S(l[j]);                                                                \
         }                                                                                       \
     } else {                                                                                    \
-        FL_SIMD_SUM(acc)                                                                        \
+        FL_EW_SIMD_##S                                                                          \
         for (fl_idx j = 0; j < n; j++) {                                                        \
             const T zj = z[j], yj = y[j], mz = -zj;                                             \
             const T e = EXPN(-(zj < 0 ? -zj : zj), lo);                                         \
             const T sp = (mz < 0 ? (T)0 : mz) + LOG1P(e);                                       \
             const T c = has_pw ? (T)1 + (pw[j] - (T)1) * yj : (T)1;                             \
             l[j] = (((T)1 - yj) * zj + c * sp) * w[j];                                          \
-            acc += l[j];                                                                        \
+            FL_EW_ADD_##S(l[j]);                                                                \
         }                                                                                       \
     }                                                                                           \
-    return (double)acc;                                                                         \
+    return FL_EW_TOTAL_##S(l, n);                                                               \
 }                                                                                               \
                                                                                                 \
 /* PyTorch: log terms clamped at -100; gradient (p - y) / max(p (1 - p), 1e-12) */             \
 static inline double fl_bce_##S(fl_idx n, const T *p, const T *y, const T *w, T *l, T *g,       \
                                  const T *go, T gs)                                             \
 {                                                                                               \
-    T acc = 0;                                                                                  \
-    FL_SIMD_SUM(acc)                                                                            \
+    double acc = 0.0;                                                                           \
+    FL_EW_SIMD_##S                                                                              \
     for (fl_idx j = 0; j < n; j++) {                                                            \
         const T pj = p[j], yj = y[j];                                                           \
         T lp = LOG(pj), l1 = LOG1P(-pj);                                                        \
         lp = lp < (T)-100 ? (T)-100 : lp;                                                       \
         l1 = l1 < (T)-100 ? (T)-100 : l1;                                                       \
         l[j] = -(yj * lp + ((T)1 - yj) * l1) * w[j];                                            \
-        acc += l[j];                                                                            \
+        FL_EW_ADD_##S(l[j]);                                                                    \
     }                                                                                           \
     if (g) {                                                                                    \
         FL_SIMD                                                                                 \
@@ -555,46 +594,47 @@ static inline double fl_bce_##S(fl_idx n, const T *p, const T *y, const T *w, T 
             g[j] = (pj - y[j]) / den * w[j] * gs * go[j];                                       \
         }                                                                                       \
     }                                                                                           \
-    return (double)acc;                                                                         \
+    return FL_EW_TOTAL_##S(l, n);                                                               \
 }                                                                                               \
                                                                                                 \
-/* pointwise t (log t - x), 0 where t == 0; log_target: exp(t) (t - x), 0 where t == -inf */  \
+/* pointwise t (log t - x), 0 where t == 0; log_target: exp(t) (t - x), 0 where t == -inf */    \
 static inline double fl_kl_##S(fl_idx n, const T *x, const T *t, int log_target, T *l, T *g,    \
                                 const T *go, T gs)                                              \
 {                                                                                               \
-    T acc = 0;                                                                                  \
+    double acc = 0.0;                                                                           \
     if (log_target) {                                                                           \
-        FL_SIMD_SUM(acc)                                                                        \
+        FL_EW_SIMD_##S                                                                          \
         for (fl_idx j = 0; j < n; j++) {                                                        \
             const T tj = t[j], et = EXP(tj);                                                    \
             const int zero = tj == -INF;                                                        \
             l[j] = zero ? (T)0 : et * (tj - x[j]);                                              \
             if (g) g[j] = (zero ? (T)0 : -et) * gs * go[j];                                     \
-            acc += l[j];                                                                        \
+            FL_EW_ADD_##S(l[j]);                                                                \
         }                                                                                       \
     } else {                                                                                    \
-        FL_SIMD_SUM(acc)                                                                        \
+        FL_EW_SIMD_##S                                                                          \
         for (fl_idx j = 0; j < n; j++) {                                                        \
             const T tj = t[j];                                                                  \
             l[j] = tj == 0 ? (T)0 : tj * (LOG(tj) - x[j]);                                      \
             if (g) g[j] = -tj * gs * go[j];                                                     \
-            acc += l[j];                                                                        \
+            FL_EW_ADD_##S(l[j]);                                                                \
         }                                                                                       \
     }                                                                                           \
-    return (double)acc;                                                                         \
+    return FL_EW_TOTAL_##S(l, n);                                                               \
 }                                                                                               \
                                                                                                 \
 static inline double fl_mse_##S(fl_idx n, const T *x, const T *t, T *l, T *g, const T *go, T gs) \
 {                                                                                               \
-    T acc = 0;                                                                                  \
+    double acc = 0.0;                                                                           \
     FL_SIMD_SUM(acc)                                                                            \
     for (fl_idx j = 0; j < n; j++) {                                                            \
         const T d = x[j] - t[j];                                                                \
-        l[j] = d * d;                                                                           \
+        const T lj = d * d;                                                                     \
+        l[j] = lj;                                                                              \
         if (g) g[j] = (T)2 * d * gs * go[j];                                                    \
-        acc += l[j];                                                                            \
+        acc += (double)lj;                                                                      \
     }                                                                                           \
-    return (double)acc;                                                                         \
+    return acc;                                                                                 \
 }                                                                                               \
                                                                                                 \
 /* v = max(var, eps) (NaN stays NaN); l = (log v + d^2 / v) / 2 (+ log(2 pi)/2);               \
@@ -602,8 +642,8 @@ static inline double fl_mse_##S(fl_idx n, const T *x, const T *t, T *l, T *g, co
 static inline double fl_gnll_##S(fl_idx n, const T *x, const T *t, const T *var, T eps, T cst,  \
                                   T *l, T *g, T *gv, const T *go, T gs)                          \
 {                                                                                               \
-    T acc = 0;                                                                                  \
-    FL_SIMD_SUM(acc)                                                                            \
+    double acc = 0.0;                                                                           \
+    FL_EW_SIMD_##S                                                                              \
     for (fl_idx j = 0; j < n; j++) {                                                            \
         const T v = var[j] < eps ? eps : var[j];                                                \
         const T d = x[j] - t[j];                                                                \
@@ -611,9 +651,9 @@ static inline double fl_gnll_##S(fl_idx n, const T *x, const T *t, const T *var,
         l[j] = (T)0.5 * (LOG(v) + d * d / v) + cst;                                             \
         if (g) g[j] = s * (d / v);                                                              \
         if (gv) gv[j] = s * ((T)0.5 * ((T)1 / v - d * d / (v * v)));                            \
-        acc += l[j];                                                                            \
+        FL_EW_ADD_##S(l[j]);                                                                    \
     }                                                                                           \
-    return (double)acc;                                                                         \
+    return FL_EW_TOTAL_##S(l, n);                                                               \
 }                                                                                               \
                                                                                                 \
 /* elementwise maps exposed for testing the elementary functions */                          \
@@ -791,11 +831,12 @@ static inline size_t fl_cols_scratch(fl_idx c, fl_idx sb, size_t isz)
  * every step is a loop over the rows r of one column -- contiguous, independent lanes,
  * vectorized -- while j only picks the column:
  *   m_r = max_j x_rj (NaN skipped, as fl_max),  sh_r = m_r if finite else 0,
- *   lin_r = sum_j w_j (x_rj - sh_r) (label smoothing only, float64),
+ *   lin_r = sum_j w_j (x_rj - sh_r) (label smoothing only, float64; a term with
+ *           x_rj - sh_r == 0 is 0, even for w_j = inf: SEMANTICS K2),
  *   e_rj = exp(x_rj - sh_r) (fl_expn),  s_r = sum_j e_rj,  L_r = log s_r,  lse_r = sh_r + L_r,
  *   loss_r = (1-eps) w_t (L_r - (x_rt - sh_r)) + eps/C (wsum L_r - lin_r) + z lse_r^2,
  *   g_rj = e_rj gs_r a_r / s_r - gs_r eps/C w_j,  g_rt -= gs_r (1-eps) w_t,
- *   a_r = (1-eps) w_t + eps/C wsum + 2 z lse_r,
+ *   a_r = (1-eps) w_t + eps/C wsum + 2 z lse_r  (eps/C wsum left out when eps == 0: K1),
  * the formulas of the row kernel (_ce_row in _kernels_cy.pyx): -log p_t is formed as
  * L - (x_t - sh), exact for huge logits.  The target's logit, weight and gradient column are
  * picked by per-column selects (no gathers).  Rows that need care are patched by a scalar
@@ -930,7 +971,10 @@ static inline void fl_ce_cols_##S(fl_idx nr, fl_idx c, const T *x, fl_idx xrs, f
             const T *Xj = X + j * xs;                                                           \
             const double wj = w ? (double)w[j] : 1.0;                                           \
             FL_SIMD                                                                             \
-            for (r = 0; r < n8; r++) lin[r] += wj * (double)(Xj[r] - m[r]);                     \
+            for (r = 0; r < n8; r++) {                                                          \
+                const T d = Xj[r] - m[r];  /* w_j d taken as 0 where d == 0 (K2) */             \
+                lin[r] += d == (T)0 ? 0.0 : wj * (double)d;                                     \
+            }                                                                                   \
         }                                                                                       \
     }                                                                                           \
     /* s = sum exp(x - sh): T lanes over at most FL_CB_SUMC columns (a float32 sum of <= 32     \
@@ -994,7 +1038,9 @@ static inline void fl_ce_cols_##S(fl_idx nr, fl_idx c, const T *x, fl_idx xrs, f
         nl[r] = L - (xt[r] - m[r]);                                                             \
     }                                                                                           \
     {                                                                                           \
-        const double a0 = 1.0 - eps, a1 = ec * wsum, zz = 2.0 * z;                              \
+        /* eps == 0: the smoothing terms are not evaluated at all (K1: a NaN/inf weight of a   \
+         * class no target uses must not leak into a through 0 * wsum) */                       \
+        const double a0 = 1.0 - eps, a1 = eps != 0.0 ? ec * wsum : 0.0, zz = 2.0 * z;           \
         const int plain = eps == 0.0 && z == 0.0;                                               \
         double *row = lin;             /* lin is read before row[r] is written */               \
         T nsp = 0;                                                                              \
@@ -1120,7 +1166,8 @@ FL_DEFINE_CB(double, d, fl_exp_d, fl_expn_d, FL_EXPN_LO_D, fl_log_d, HUGE_VAL)
  *   logsumexp: out[r*ors] = L + sh;  softmax: exp(x - sh) * (1/s);  log-softmax: (x - sh) - L
  * (never x - lse: with large logits lse rounds to sh and the O(1) part would be lost).  Rows
  * whose max is not finite or that hold a NaN (s outside [1, C]) are summed again with fl_exp
- * from the original logits, as the row kernels do.  out may be x (in place): the output is
+ * from the original logits, as the row kernels do; the softmax and log-softmax of a row
+ * holding +inf are NaN throughout (SEMANTICS K4, as PyTorch).  out may be x (in place): the output is
  * written at the end.  scratch: fl_cols_scratch(c, SB, sizeof(T)) bytes, 64-byte aligned. */
 #define FL_NORM_LSE 0
 #define FL_NORM_SOFTMAX 1
@@ -1243,10 +1290,16 @@ static inline void fl_norm_cols_##S(fl_idx nr, fl_idx c, const T *x, fl_idx xrs,
             for (r = 0; r < n8; r++) Ej[r] = (Xj[r] - m[r]) - f[r];                             \
         }                                                                                       \
     }                                                                                           \
-    if (store && nbad != 0)            /* softmax of the patched rows: fl_exp, as summed */     \
+    if (nbad != 0)                     /* the patched rows */                                   \
         for (r = 0; r < nr; r++) {                                                              \
             if (sp[r] == 0) continue;                                                           \
-            for (j = 0; j < c; j++) E[j * SB + r] = EXP(x[r * xrs + j * xcs] - m[r]) * f[r];    \
+            if (!(s[r] < (double)INF)) { /* +inf in the row (s = inf), or a NaN: no softmax /  \
+                                          * log-softmax, NaN throughout (SEMANTICS K4) */       \
+                for (j = 0; j < c; j++) E[j * SB + r] = (T)NAN;                                 \
+                continue;                                                                       \
+            }                                                                                   \
+            if (store)                 /* softmax: fl_exp, as summed */                         \
+                for (j = 0; j < c; j++) E[j * SB + r] = EXP(x[r * xrs + j * xcs] - m[r]) * f[r]; \
         }                                                                                       \
     if (ors == 1) {                                                                             \
         for (j = 0; j < c; j++) {                                                               \

@@ -113,13 +113,17 @@ def test_softmax_rows_with_inf(backend):
         close(s[1], sp.softmax([0.0, 1.0, 2.0]), dtype, kind="grad")
 
 
-def test_softmax_plus_inf_single(backend):
-    # a single +inf in a row: lse = +inf; log_softmax gives nan at the +inf (inf - inf) in
-    # SciPy/PyTorch; we only require the finite entries: softmax 0 there and no crash
-    x = np.array([[np.inf, 0.0, 1.0]])
-    s = fl.softmax(x, backend=backend)
-    assert s.shape == x.shape
-    assert s[0, 1] == 0 or np.isnan(s[0, 1])  # PyTorch: nan; never a finite wrong value
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_plus_inf_single(backend, dtype):
+    # a single +inf in a row: no softmax, no log-softmax: NaN throughout, as PyTorch gives
+    # (torch.softmax / torch.log_softmax of [inf, 0, 1] are [nan, nan, nan]); lse = +inf
+    x = np.array([[np.inf, 0.0, 1.0], [0.0, 1.0, 2.0], [1000.0, np.inf, -np.inf]], dtype)
+    for fn in (fl.softmax, fl.log_softmax):
+        s = fn(x, backend=backend)
+        assert s.shape == x.shape and s.dtype == dtype
+        assert np.isnan(s[[0, 2]]).all()
+        close(s[1], (sp.softmax if fn is fl.softmax else sp.log_softmax)([0.0, 1.0, 2.0]), dtype, kind="grad")
+    assert fl.logsumexp(x, backend=backend)[0] == np.inf
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

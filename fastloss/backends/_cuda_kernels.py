@@ -159,8 +159,10 @@ def _make_row_lse(ftype):
 
     The shift is the row max; a row whose max is not finite is settled without summing:
     NaN anywhere -> NaN, +inf anywhere -> +inf, only -inf -> -inf (never ``inf - inf``).
-    ``mode`` 0 only stores ``lse``; 1 writes ``softmax`` into ``out``; 2 writes
-    ``log_softmax`` as ``(x - m) - log s`` (not ``x - lse``, see the module docstring).
+    ``mode`` 0 only stores ``lse``; 1 writes ``softmax`` into ``out`` (NaN throughout a row
+    without a finite max: one holding +inf or NaN, or only -inf); 2 writes ``log_softmax`` as
+    ``(x - m) - log s`` (not ``x - lse``, see the module docstring; a row holding +inf gives
+    NaN throughout, as PyTorch).
     ``out`` may be ``x``: a row is fully reduced before it is written.
     """
 
@@ -196,10 +198,10 @@ def _make_row_lse(ftype):
                         v = x[i, j]
                         if finite:
                             out[i, j] = math.exp(v - ftype(m)) / ftype(s)
-                        elif m == INF and v != INF and v == v:
-                            out[i, j] = 0  # a finite entry next to +inf gets no mass
                         else:
-                            out[i, j] = NAN  # +inf / +inf, a nan row, a row of only -inf
+                            # a row holding +inf has no defined softmax: NaN everywhere, as
+                            # PyTorch gives (exp(x - inf) / inf); a nan row, a row of only -inf
+                            out[i, j] = NAN
                 elif mode == 2:
                     mf = ftype(m)
                     lsf = ftype(ls)
@@ -207,10 +209,10 @@ def _make_row_lse(ftype):
                         v = x[i, j]
                         if finite:
                             out[i, j] = (v - mf) - lsf  # x - m exact near the max
-                        elif m == INF and v != INF:
-                            out[i, j] = -INF  # a finite (or -inf) entry next to +inf
                         else:
-                            out[i, j] = NAN  # +inf - +inf, a nan row, a row of only -inf
+                            # a row holding +inf has no log-softmax: NaN throughout, as
+                            # PyTorch gives; a nan row; a row of only -inf (-inf - -inf)
+                            out[i, j] = NAN
             r0 += step
 
     return k
@@ -235,7 +237,7 @@ def _make_softmax_bwd(ftype):
                     if mode == 0:
                         s += float64(g[i, j]) * float64(y[i, j])
                     else:
-                        s += g[i, j]
+                        s += float64(g[i, j])
             s = ftype(_block_sum(sh, s))
             if ok:
                 for j in range(cuda.threadIdx.x, c, cuda.blockDim.x):
@@ -258,9 +260,13 @@ def _make_ce_hard(ftype):
     ``sum_c w_c (lse - x_c)`` and the gradient
     ``gs * (p_c a - eps/C w_c - [c = t] (1-eps) w_t)`` with ``p = exp(x - max) / s`` and
     ``a = (1-eps) w_t + eps/C sum(w) + 2 z lse``.  Every ``lse - x_c`` is formed as
-    ``log s - (x_c - max)`` (see the module docstring).  ``has_w`` 0 means unit weights
-    (``w`` is then a dummy); ``want_grad`` 0 skips the gradient.  Ignored rows get loss 0
-    and a zero gradient.
+    ``log s - (x_c - max)`` (see the module docstring).  Without smoothing (``eps == 0``) no
+    smoothing term is evaluated at all -- not ``eps/C sum(w)`` in ``a``, not ``eps/C w_c``,
+    not the smoothing sum -- so a NaN/inf weight of a class no target uses cannot leak in as
+    ``0 * nan``.  With smoothing, ``sum_c w_c (lse - x_c)`` is evaluated per element, as
+    PyTorch does (an infinite weight gives +inf, never a factored ``inf - inf``).  ``has_w`` 0
+    means unit weights (``w`` is then a dummy); ``want_grad`` 0 skips the gradient.  Ignored
+    rows get loss 0 and a zero gradient.
     """
 
     @cuda.jit
@@ -299,7 +305,12 @@ def _make_ce_hard(ftype):
                 # 0 / nan entries
                 mf = ftype(m)
                 gs = gscale[i] if want_grad else 0.0  # gscale is a dummy without a gradient
-                a = gs * ((1.0 - eps) * wt + eps / c * wsum + 2.0 * zl * lse)
+                # the smoothing term only with smoothing: without it a NaN/inf weight of a
+                # class no target uses must not reach the gradient (0 * nan)
+                a = (1.0 - eps) * wt
+                if eps != 0:
+                    a += eps / c * wsum
+                a = gs * (a + 2.0 * zl * lse)
                 pa = ftype(a / s) if finite else ftype(a)
                 b = ftype(gs * (eps / c))
                 at_t = ftype(gs * (1.0 - eps) * wt)
@@ -308,9 +319,10 @@ def _make_ce_hard(ftype):
                     wj = w[j] if has_w else ftype(1.0)
                     if eps != 0:
                         # -log p_c = log s - (x_c - m); lse - x_c without a finite max
-                        d = ls - (float64(v) - m) if finite else lse - v
-                        if d != 0:  # w_c * 0 stays 0 even for w_c = 0 (and no 0 * inf)
-                            sm += float64(wj) * d
+                        # evaluated per element, as PyTorch: an infinite weight gives +inf
+                        # where -log p_c > 0 (and nan where it is 0, as inf * 0 does)
+                        d = ls - (float64(v) - m) if finite else lse - float64(v)
+                        sm += float64(wj) * d
                     if want_grad:
                         gv = math.exp(v - mf) * pa
                         if eps != 0:
@@ -346,7 +358,10 @@ def _make_ce_soft(ftype):
     ``y' = ((1-eps) y + eps/C) w``; loss ``sum_c y'_c (lse - x_c) + z lse**2`` (a term with
     ``y'_c = 0`` is 0 even where ``x_c = -inf``); gradient ``gs (p_c a - y'_c)`` with
     ``a = sum_c y'_c + 2 z lse``.  ``lse - x_c`` is formed as ``log s - (x_c - max)`` and
-    ``p_c`` as ``exp(x_c - max) / s`` (see the module docstring).
+    ``p_c`` as ``exp(x_c - max) / s`` (see the module docstring).  A row whose max is not
+    finite (shift 0) gives ``(sum_c y'_c) log s - sum_{y'_c != 0} y'_c x_c`` with
+    ``log s = max``: a NaN or +inf logit makes the row NaN/inf even when its whole target mass
+    is 0 (as PyTorch), while a ``-inf`` logit with zero mass still contributes nothing.
     """
 
     @cuda.jit
@@ -368,9 +383,9 @@ def _make_ce_soft(ftype):
                 for j in range(cuda.threadIdx.x, c, cuda.blockDim.x):
                     if finite:
                         s += math.exp(x[i, j] - mf)
-                    yj = (1.0 - eps) * y[i, j] + eps / c
+                    yj = (1.0 - eps) * float64(y[i, j]) + eps / c
                     if has_w:
-                        yj *= w[j]
+                        yj *= float64(w[j])
                     ysum += yj
             s = _block_sum(sh, s)
             ysum = _block_sum(sh, ysum)
@@ -385,16 +400,23 @@ def _make_ce_soft(ftype):
                 pa = ftype(a / s) if finite else ftype(a)
                 for j in range(cuda.threadIdx.x, c, cuda.blockDim.x):
                     v = x[i, j]  # read x and y before the write: grad may be x
-                    yj = (1.0 - eps) * y[i, j] + eps / c
+                    yj = (1.0 - eps) * float64(y[i, j]) + eps / c
                     if has_w:
-                        yj *= w[j]
-                    if yj != 0:
-                        # -log p_c = log s - (x_c - m), not lse - x_c
-                        tot += yj * (ls - (float64(v) - m) if finite else lse - v)
+                        yj *= float64(w[j])
+                    if yj != 0:  # a zero-mass term is left out: no 0 * inf at x_c = -inf
+                        if finite:
+                            # -log p_c = log s - (x_c - m), not lse - x_c
+                            tot += yj * (ls - (float64(v) - m))
+                        else:
+                            tot -= yj * float64(v)  # the shift is 0: - y'_c x_c
                     if want_grad:
                         grad[i, j] = math.exp(v - mf) * pa - ftype(gs * yj)
             tot = _block_sum(sh, tot)
             if ok and cuda.threadIdx.x == 0:
+                if not finite:
+                    # (sum_c y'_c) log s with the shift 0, log s = log sum exp(x) = m (nan or
+                    # +-inf): a nan/+inf logit gives a nan/inf row even with zero target mass
+                    tot += ysum * m
                 loss[i] = tot + zl * lse * lse if zl != 0 else tot
             r0 += step
 
@@ -405,19 +427,23 @@ def _make_ce_soft(ftype):
 def _make_check_targets(ftype):
     """First position of a class index outside ``[0, C)`` (not ``ignore_index``) -> ``bad[0]``
     (atomic min), and per-block partial sums of ``w[t]`` over the kept rows (the ``"mean"``
-    denominator) -> ``part``."""
+    denominator) -> ``part``.  ``unsigned``: ``target`` holds the int64 bits of uint64 indices,
+    so a negative one is a value above ``2**63 - 1``: out of range even if it equals
+    ``ignore_index``."""
 
     @cuda.jit
-    def k(target, c, ignore_index, w, has_w, bad, part):
+    def k(target, c, ignore_index, w, has_w, unsigned, bad, part):
         sh = cuda.shared.array(MAX_THREADS, float64)
         acc = 0.0
         for i in range(cuda.grid(1), target.shape[0], cuda.gridsize(1)):
             t = target[i]
-            if t != ignore_index:
+            if unsigned and t < 0:
+                cuda.atomic.min(bad, 0, i)
+            elif t != ignore_index:
                 if t < 0 or t >= c:
                     cuda.atomic.min(bad, 0, i)
                 elif has_w:
-                    acc += w[t]
+                    acc += float64(w[t])
                 else:
                     acc += 1.0
         acc = _block_sum_all(sh, acc)
@@ -452,7 +478,7 @@ def _make_partial_sum(ftype):
         sh = cuda.shared.array(MAX_THREADS, float64)
         acc = 0.0
         for i in range(cuda.grid(1), v.shape[0], cuda.gridsize(1)):
-            acc += v[i]
+            acc += float64(v[i])
         acc = _block_sum_all(sh, acc)
         if cuda.threadIdx.x == 0:
             part[cuda.blockIdx.x] = acc
@@ -587,7 +613,7 @@ def _elementwise(ftype, body):
         for i in range(cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y, a.shape[0], cuda.gridDim.y * cuda.blockDim.y):
             for j in range(j0, kk, cuda.gridDim.x * cuda.blockDim.x):
                 l, g, g2 = body(a[i, j], b[i, j], p[i, j], q[i, j], flag, eps)
-                acc += l
+                acc += float64(l)  # float64 totals, whatever the compute dtype
                 if want & 1:
                     loss[i, j] = l
                 if want & 6:

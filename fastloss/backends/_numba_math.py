@@ -46,7 +46,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-__all__ = ["vexp", "vexpn", "vlog", "vlog1p", "vsoftplus", "vlog1p_recip", "sub_sub", "neg_log_p", "cast_like",
+__all__ = ["vexp", "vexpn", "vlog", "vlog1p", "vsoftplus", "vlog1p_recip", "sub_sub", "neg_log_p", "bce_mix", "cast_like",
            "HELPER_FASTMATH"]
 
 # The helpers must keep IEEE evaluation order (Cody-Waite split, log1p correction); FMA
@@ -485,6 +485,18 @@ def sub_sub(a, b, c):
     fast-math flags of the function it was written in when it is inlined elsewhere.
     """
     return (a - b) - c
+
+
+@njit(**_JIT)
+def bce_mix(y, a, b):
+    """``-(y a + (1 - y) b)``, the binary cross-entropy of the clamped logs ``a = log p`` and
+    ``b = log(1 - p)``, in this order, even inside a caller compiled with ``reassoc``.
+
+    Both products are <= 0, so the sum as written never cancels.  Under ``reassoc`` LLVM
+    rewrites it as ``b + y (a - b)``, which cancels when ``y`` is near 1 and ``b`` is large:
+    float32 ``p = 1 - 2**-24``, ``y = 1`` gave ``-0.0`` instead of ``5.96e-8``.
+    """
+    return -(y * a + (cast_like(1.0, y) - y) * b)
 
 
 @njit(**_JIT)

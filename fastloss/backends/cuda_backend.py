@@ -486,6 +486,7 @@ from .. import _api as _A  # noqa: E402  (the public layer is imported before an
 from .. import _validate as V  # noqa: E402
 
 _DLPACK_CUDA = (2, 13)  # kDLCUDA, kDLCUDAManaged
+_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 
 
 def _torch_from_dlpack(obj):
@@ -643,14 +644,19 @@ class _Ctx:
         return self.up(a)
 
     def up(self, a):
-        """Device copy of host array ``a``; a stride-0 broadcast view sends its one stored core."""
+        """Device copy of host array ``a``; a stride-0 broadcast view sends its one stored core.
+        Data of non-native byte order (``>f8`` on a little-endian machine) is converted to
+        native order once, as on the host path: kernels take native dtypes only."""
         a = np.asarray(a)
+        if not a.dtype.isnative:
+            a = a.astype(a.dtype.newbyteorder("="))
         if a.size and 0 in a.strides:
             core = np.ascontiguousarray(a[tuple(0 if s == 0 else slice(None) for s in a.strides)])
             dcore = cuda.to_device(core, stream=self.stream)
             it = iter(dcore.strides)
             return _view(dcore, a.shape, [next(it) if s != 0 else 0 for s in a.strides])
-        return cuda.to_device(np.ascontiguousarray(a), stream=self.stream)
+        # (not np.ascontiguousarray for a contiguous one: it makes a 0-d array 1-d)
+        return cuda.to_device(a if a.flags.c_contiguous else np.ascontiguousarray(a), stream=self.stream)
 
     def host(self, d):
         """Host copy of device array ``d`` (error paths only)."""
@@ -711,11 +717,13 @@ def _grad_output_scalar(ctx, grad_output, reduction):
     return go
 
 
-def _grad_output_array(ctx, grad_output, shape, cdt):
+def _grad_output_array(ctx, grad_output, shape, cdt, upload=True):
     """``grad_output`` for ``reduction="none"`` as a device view broadcast to ``shape`` (the
-    host path's ``_grad_output_array`` checks and messages)."""
+    host path's ``_grad_output_array`` checks and messages); ``upload=False`` only checks a
+    host one."""
     if not is_device_array(grad_output):
-        return ctx.up(_A._grad_output_array(grad_output, shape, cdt))
+        g = _A._grad_output_array(grad_output, shape, cdt)
+        return ctx.up(g) if upload else None
     gd = ctx.dev(grad_output, "grad_output")
     if np.dtype(gd.dtype).kind not in "iu":
         _compute_dtype(gd, "grad_output")
@@ -865,6 +873,17 @@ def _dc_logsumexp(ctx, x, axis=-1, keepdims=False, **_):
     cdt = _compute_dtype(xd, "x")
     keepdims = bool(keepdims)
     nd = len(xd.shape)
+    if nd == 0:
+        # the log-sum-exp of one value is that value (scipy.special.logsumexp agrees); the
+        # axes a 0-d array can name are -1 and 0 (as a 1-element row), None and (): the host
+        # path's checks and results (a NumPy scalar of the compute dtype; keepdims: a copy)
+        for a in axis if isinstance(axis, tuple) else (() if axis is None else (axis,)):
+            V.normalize_axis(a, 1)
+        if keepdims:
+            o = _empty((), xd.dtype, ctx.stream)
+            _copy(xd, o, ctx.stream)
+            return ctx.wrap(o)
+        return ctx.scalar(float(ctx.host(xd).reshape(())), cdt)
     axes = _A._class_axes(axis, nd)
     n = int(np.prod([s for i, s in enumerate(xd.shape) if i not in axes], dtype=np.int64))
     c = int(np.prod([xd.shape[i] for i in axes], dtype=np.int64))
@@ -941,6 +960,8 @@ def _dc_cross_entropy(ctx, logits, target, axis=-1, weight=None, ignore_index=-1
     eps = V.check_real(label_smoothing, "label_smoothing", 0.0, 1.0)
     zl = V.check_real(z_loss, "z_loss", 0.0)
     ii = V.check_int(ignore_index, "ignore_index")
+    if not _I64_MIN <= ii <= _I64_MAX:  # the kernels compare it as an int64
+        raise ValueError(f"ignore_index: expected an integer in [{_I64_MIN}, {_I64_MAX}], found {ignore_index!r}")
     return_grad = bool(return_grad)
     row_shape = tuple(s for i, s in enumerate(xshape) if i != ax)
 
@@ -976,8 +997,8 @@ def _dc_cross_entropy(ctx, logits, target, axis=-1, weight=None, ignore_index=-1
             wd = w2
     go = _grad_output_scalar(ctx, grad_output, reduction)
     gvec = None
-    if return_grad and go is None:
-        gvec = _grad_output_array(ctx, grad_output, row_shape, np.dtype(np.float64))
+    if go is None:  # an array (reduction="none"): checked even when no gradient is asked for
+        gvec = _grad_output_array(ctx, grad_output, row_shape, np.dtype(np.float64), upload=return_grad)
     god = _grad_out_device(ctx, grad_out, xshape, np.dtype(xd.dtype), return_grad)
     if god is not None:
         _check_no_partial_overlap(god, [("logits", xd), ("target", td)], "grad_out")
@@ -988,19 +1009,29 @@ def _dc_cross_entropy(ctx, logits, target, axis=-1, weight=None, ignore_index=-1
         tr = _rows(ctx, td, (ax,), cdt)
         denom = float(n)
     else:
-        tr = _rows_vec(ctx, td, n, np.int64)
+        # 64-bit unsigned indices are read as their int64 bits, never cast: a value above
+        # 2**63 - 1 is then negative, and flagged as such (``unsigned``) before any
+        # comparison with ignore_index -- a cast would wrap it onto a valid or ignored index
+        # (and the simulator's cast raises OverflowError)
+        u64 = tdt.kind == "u" and tdt.itemsize == 8
+        tr = _rows_vec(ctx, _retype(td, np.int64) if u64 else td, n, np.int64)
         denom = 0.0
         if n:  # the class indices are checked before anything is written
             part_n, tpb = _flat_cfg(n)
             part = _empty((part_n,), np.float64, ctx.stream)
             bad = cuda.to_device(np.array([np.iinfo(np.int64).max], np.int64), stream=ctx.stream)
             _kern("check_targets", cdt)[part_n, tpb, ctx.stream](
-                tr, c, ii, wd if wd is not None else _empty((1,), cdt, ctx.stream), wd is not None, bad, part,
+                tr, c, ii, wd if wd is not None else _empty((1,), cdt, ctx.stream), wd is not None, u64, bad,
+                part,
             )
             if int(ctx.host(bad)[0]) != np.iinfo(np.int64).max:
                 t = ctx.host(td)  # the error path: the host's message, value and position
-                t64 = t.astype(np.int64, copy=False)
-                badm = ((t64 < 0) | (t64 >= c)) & (t64 != ii)
+                big = t > np.uint64(_I64_MAX) if u64 else np.zeros(t.shape, bool)
+                if big.any():  # judged first, before the int64 cast, as on the host
+                    badm = big
+                else:
+                    t64 = t.astype(np.int64, copy=False)
+                    badm = ((t64 < 0) | (t64 >= c)) & (t64 != ii)
                 pos = V.first_position(badm, t.shape)
                 raise IndexError(
                     f"target: expected class indices in [0, {c}) or ignore_index={ii}, found {t[pos]} at position {pos}"
@@ -1052,8 +1083,11 @@ def _ew_run(ctx, name, xd, cdt, operands, flag, eps, reduction, denom, return_gr
     go = _grad_output_scalar(ctx, grad_output, reduction)
     shape = tuple(xd.shape)
     gout = None
-    if return_grad and go is None:
-        gout = _grad_output_array(ctx, grad_output, shape, cdt)
+    if go is None:  # an array for reduction="none"
+        if return_grad:
+            gout = _grad_output_array(ctx, grad_output, shape, cdt)
+        else:  # validated (shape, dtype), otherwise unused: there is no gradient to scale
+            _grad_output_array(ctx, grad_output, shape, cdt, upload=False)
         go = 1.0
     total = int(np.prod(shape, dtype=np.int64))
     scale = 1.0 if reduction in ("none", "sum") else (1.0 / denom if denom else math.nan)
@@ -1178,17 +1212,20 @@ def _dc_bce(ctx, probs, target, weight=None, reduction="mean", return_grad=False
     reduction = V.check_reduction(reduction)
     td = _same_shape_target(ctx, target, shape, "target")
 
-    def range_error():  # the host path's message, from a host copy (error path only)
-        p = ctx.host(xd)
+    def range_error(d, name, what):  # the host path's message, from a host copy (error path only)
+        p = ctx.host(d)
+        if d is td:  # the host judges the target cast to the compute dtype
+            p = p.astype(cdt)
         with np.errstate(invalid="ignore"):
             bad = (p < 0) | (p > 1)
         pos = V.first_position(bad, p.shape)
-        raise ValueError(f"probs: expected probabilities in [0, 1], found {p[pos]} at position {pos}")
+        raise ValueError(f"{name}: expected {what} in [0, 1], found {p[pos]} at position {pos}")
 
-    # the range check runs on the raw probs (any dtype) before the other operands are judged,
-    # as on the host
-    if _first_bad("check_range", _kernel_dtype(xd), (_as2_any(ctx, xd), 0.0, 1.0), ctx.stream, total_of(shape)):
-        range_error()
+    # the range checks run on the raw probs, then the raw targets (any dtype; NaN passes)
+    # before the other operands are judged, as on the host
+    for d, name, what in ((xd, "probs", "probabilities"), (td, "target", "targets")):
+        if _first_bad("check_range", _kernel_dtype(d), (_as2_any(ctx, d), 0.0, 1.0), ctx.stream, total_of(shape)):
+            range_error(d, name, what)
     wd = None if weight is None else _operand(ctx, weight, "weight", cdt, shape)
     return_grad = bool(return_grad)
     god = _grad_out_device(ctx, grad_out, shape, np.dtype(xd.dtype), return_grad)

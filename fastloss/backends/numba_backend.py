@@ -50,6 +50,18 @@ Design
   inside, the entry kernels.  Caveat: Numba invalidates a cached kernel only when *this* file
   changes -- after editing :mod:`._numba_math`, delete the ``numba_backend.*.nbi/.nbc`` files
   in ``__pycache__`` (or touch this file).
+* **Where the cache lives.**  Numba (0.68) caches a function in the first of these
+  directories that it can create and write a file in: ``NUMBA_CACHE_DIR`` (when set),
+  ``__pycache__`` next to this file, the user-wide ``$XDG_CACHE_HOME/numba`` (or
+  ``~/.cache/numba``); it neither reads nor writes a directory it cannot write, and skips an
+  unwritable ``NUMBA_CACHE_DIR`` silently.  With none of them writable (a read-only install
+  for a user without a home cache) ``cache=True`` would raise at import ("no locator
+  available") and the whole backend would be lost; so the search is run once at import on a
+  probe function (``_cache_setup``) and, when it fails, every kernel is compiled with
+  ``cache=False`` -- in memory, again in every process -- and one
+  :class:`~fastloss.backends.NumbaCacheWarning` says how to fix it (``NUMBA_CACHE_DIR`` set
+  to a writable directory).  An unwritable ``NUMBA_CACHE_DIR`` that Numba skips for another
+  directory gets the warning too.  :func:`cache_info` (shown by ``fastloss info``) reports it.
 * **Strict subexpressions under ``reassoc``.**  ``(x - m) - log s`` (log-softmax) and
   ``log s - (x[t] - m)`` (cross-entropy) are evaluated in helpers compiled without
   ``reassoc`` (``sub_sub``, ``neg_log_p``): LLVM would otherwise rewrite them through
@@ -58,14 +70,28 @@ Design
   ``workqueue`` threading layer is not safe for concurrent calls from several Python threads;
   this module asks for a thread-safe layer (OpenMP or TBB) unless the user chose one, and
   serializes calls if Numba still ends up on ``workqueue``.
+* **Fork.**  GNU OpenMP's pool does not survive ``fork()``: in a child forked after a
+  parallel call (``multiprocessing``'s ``'fork'`` start method, DataLoader-style workers)
+  Numba's ``omp`` layer kills the process ("fork() called from a process already using GNU
+  OpenMP, this is unsafe"), and a libgomp pool started by the ``cython`` backend would hang
+  it.  In such a child (:func:`fastloss.backends.forked_serial`, decided by an
+  ``os.register_at_fork`` handler from the state of the parent) every call runs the serial
+  twin of its kernel on the calling thread, :func:`get_num_threads` is 1 and
+  :func:`set_num_threads` checks its argument without applying it.  Children of a process
+  that never started a pool (or that uses the fork-safe TBB or workqueue layers) stay
+  parallel; workers started with ``'spawn'`` or ``'forkserver'`` are always parallel.
 """
 from __future__ import annotations
 
 import math
 import os
+import tempfile
 import threading
+import warnings
 
 import numpy as np
+
+from . import NumbaCacheWarning, forked_serial
 
 try:  # the registry reports the backend unavailable (with this reason) if numba is missing
     import numba
@@ -79,7 +105,7 @@ except Exception as exc:  # pragma: no cover - exercised only without numba
 NAME = "numba"
 
 __all__ = [
-    "NAME", "unavailable_reason", "set_num_threads", "get_num_threads", "warmup",
+    "NAME", "unavailable_reason", "set_num_threads", "get_num_threads", "warmup", "cache_info",
     "logsumexp", "softmax", "log_softmax", "softmax_backward", "log_softmax_backward",
     "cross_entropy", "cross_entropy_soft", "bce_with_logits", "bce", "kl_div", "mse",
     "gaussian_nll",
@@ -91,8 +117,108 @@ def unavailable_reason() -> str:
     return _IMPORT_ERROR
 
 
+# ----------------------------------------------------------------------------- disk cache
+def _cache_probe(a):  # never called: Numba's cache-directory search is run on it at import
+    return a
+
+
+def _dir_problem(path) -> str:
+    """``""`` if a file can be written in directory ``path``, else why not -- checked as Numba
+    checks it (create the directory if missing, write a temporary file), not with
+    ``os.access``, which cannot tell whether a missing directory could be created and may
+    disagree with ACLs, quotas or network filesystems."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc.strerror or exc}"
+    return ""
+
+
+def _cache_candidates():
+    """The directories Numba (0.68) tries for this file, in its order: ``[(label, dir)]``."""
+    out = []
+    if numba.config.CACHE_DIR:
+        out.append(("NUMBA_CACHE_DIR", os.path.abspath(numba.config.CACHE_DIR)))
+    out.append(("next to the package",
+                os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")))
+    try:
+        from numba.misc.appdirs import AppDirs
+
+        out.append(("user-wide", AppDirs(appname="numba", appauthor=False).user_cache_dir))
+    except Exception:  # pragma: no cover - a Numba that moved its appdirs
+        pass
+    return out
+
+
+def _cache_setup() -> dict:
+    """Decide whether this module's kernels can be cached on disk; warn (once) if not.
+
+    Runs Numba's own search (``cache=True`` on :func:`_cache_probe`, a function of this file,
+    so exactly the locators, ``NUMBA_CACHE_LOCATOR_CLASSES`` included, that the kernels would
+    get), then writes a file in the directory found, as saving will (Numba checks that for
+    every locator but the zip-archive one).  Returns :func:`cache_info`'s dictionary.
+    """
+    info = dict(enabled=False, dir="", writable=False, note="")
+    if numba.config.DISABLE_JIT:
+        info["note"] = "NUMBA_DISABLE_JIT=1: nothing is compiled"
+        return info
+    try:
+        disp = njit(cache=True)(_cache_probe)
+        found = str(getattr(getattr(disp, "_cache", None), "cache_path", "") or "")
+        problem = _dir_problem(found) if found else ""
+        if problem:  # a locator that does not check (zip archives), or a race
+            problem = f"{found} (Numba's choice: {problem})"
+    except RuntimeError as exc:  # "cannot cache function ...: no locator available for file ..."
+        found, problem = "", str(exc)
+    env_dir = os.path.abspath(numba.config.CACHE_DIR) if numba.config.CACHE_DIR else ""
+    if not problem:
+        info.update(enabled=True, dir=found, writable=True)
+        if (env_dir and found and not getattr(numba.config, "CACHE_LOCATOR_CLASSES", "")
+                and not os.path.abspath(found).startswith(env_dir.rstrip(os.sep) + os.sep)):
+            # Numba skipped the directory the user asked for, without a word
+            why = _dir_problem(env_dir) or "no file can be written there"
+            info["note"] = f"NUMBA_CACHE_DIR={numba.config.CACHE_DIR} is ignored: not writable ({why})"
+            warnings.warn(
+                f"fastloss: NUMBA_CACHE_DIR={numba.config.CACHE_DIR!r} is not writable ({why}). "
+                "Numba neither reads nor writes a cache directory it cannot write: it caches "
+                f"the numba backend's kernels in {found} instead. Point NUMBA_CACHE_DIR at a "
+                "writable directory, or unset it.",
+                NumbaCacheWarning, stacklevel=2)
+        return info
+    cands = _cache_candidates()
+    tried = "; ".join(f"{d} ({label}: {_dir_problem(d) or 'writable now'})" for label, d in cands)
+    if problem and "no locator available" not in problem:  # e.g. NUMBA_CACHE_LOCATOR_CLASSES
+        tried = f"{problem}; {tried}"
+    info["dir"] = found or cands[0][1]
+    info["note"] = f"tried {tried}" if tried else problem
+    warnings.warn(
+        "fastloss: Numba has no writable cache directory for the numba backend's kernels, so "
+        "they are compiled in memory on every run (seconds per kernel at its first use in "
+        f"each process). Tried: {tried or problem}. To cache them, set NUMBA_CACHE_DIR to a "
+        "writable directory (e.g. export NUMBA_CACHE_DIR=/var/tmp/numba-cache) before "
+        "starting Python.",
+        NumbaCacheWarning, stacklevel=2)
+    return info
+
+
+def cache_info() -> dict:
+    """Where Numba caches this backend's compiled kernels.
+
+    Returns
+    -------
+    dict
+        ``enabled`` (bool): kernels are cached on disk (else compiled in memory in every
+        process); ``dir`` (str): the cache directory in use, or when there is none the one
+        Numba would try first (``NUMBA_CACHE_DIR``, else ``__pycache__`` next to this
+        file); ``writable`` (bool); ``note`` (str): what was tried, or why
+        ``NUMBA_CACHE_DIR`` is ignored ("" when nothing is to be said).
+    """
+    return dict(_CACHE_INFO)
+
+
 if numba is not None:
-    from ._numba_math import cast_like, neg_log_p, sub_sub, vexp, vexpn, vlog, vlog1p, vlog1p_recip
+    from ._numba_math import bce_mix, cast_like, neg_log_p, sub_sub, vexp, vexpn, vlog, vlog1p, vlog1p_recip
 
     # Ask for a thread-safe layer before Numba launches its thread pool (it is launched
     # lazily, at the first parallel call).  "threadsafe" = TBB if present, else OpenMP.
@@ -105,12 +231,15 @@ if numba is not None:
     # vectorizable exp out of the loops.  They compile with, and are cached inside, the
     # parallel entry kernels (cache=True), whose machine code contains them inlined.
     _JIT = dict(nogil=True, fastmath=_FM, error_model="numpy")
-    _PJIT = dict(_JIT, parallel=True, cache=True)
-    _SJIT = dict(_JIT, cache=True)
+    # cache=False when Numba has no writable cache directory (it would raise at definition)
+    _CACHE_INFO = _cache_setup()
+    _PJIT = dict(_JIT, parallel=True, cache=_CACHE_INFO["enabled"])
+    _SJIT = dict(_JIT, cache=_CACHE_INFO["enabled"])
     _NOJIT = bool(numba.config.DISABLE_JIT)  # NUMBA_DISABLE_JIT=1: kernels run as Python
 else:  # pragma: no cover
     _JIT = _PJIT = _SJIT = {}
     _NOJIT = False
+    _CACHE_INFO = dict(enabled=False, dir="", writable=False, note=_IMPORT_ERROR)
 
     def njit(*a, **k):
         return lambda f: f
@@ -177,7 +306,9 @@ def _call(kern, work, *args):
 
 
 def _call_jit(kern, work, *args):
-    if _force_mode == "serial" or (
+    # _fork_serial first: in a child forked after a parallel call even warmup's forced
+    # "parallel" mode must not enter the threading layer (see the module docstring, Fork)
+    if _fork_serial or _force_mode == "serial" or (
             _force_mode is None and (work < _SERIAL_MAX or get_num_threads() == 1)):
         return _SERIAL[getattr(kern, "py_func", kern).__name__](*args)
     with _Guard():
@@ -192,11 +323,27 @@ _serialize = False
 _nthreads = 0  # 0: not set, use Numba's default
 
 
+def _after_fork_in_child() -> None:
+    global _fork_serial
+    _fork_serial = forked_serial(NAME)
+
+
+# True in a child forked after a parallel call: serial twins only, on the calling thread.
+# Set here for a child that imports this module after the fork, and by the handler (run
+# after the registry's, which decides: handlers run in registration order) for the others.
+_fork_serial = forked_serial(NAME)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def set_num_threads(n: int) -> None:
     """Bound the number of worker threads of this backend's kernels (``1 <= n <= cores``).
 
     Numba's own setting is per calling thread; the value is stored here and applied on every
-    call, so it holds for calls from any Python thread.
+    call, so it holds for calls from any Python thread.  In a child process forked after a
+    parallel call (:func:`fastloss.backends.forked_serial`) ``n`` is checked and stored but
+    the kernels keep running serially on the calling thread: the parent's OpenMP pool is
+    unusable there, and Numba is not asked to touch it.
     """
     global _nthreads
     if numba is None:  # pragma: no cover
@@ -207,12 +354,13 @@ def set_num_threads(n: int) -> None:
             f"n: expected an integer in [1, {numba.config.NUMBA_NUM_THREADS}], found {n}"
         )
     _nthreads = n
-    numba.set_num_threads(n)
+    if not _fork_serial:
+        numba.set_num_threads(n)
 
 
 def get_num_threads() -> int:
-    """Number of worker threads the kernels use."""
-    if numba is None:  # pragma: no cover
+    """Number of worker threads the kernels use (1 in a child forked after a parallel call)."""
+    if numba is None or _fork_serial:
         return 1
     return _nthreads or numba.config.NUMBA_NUM_THREADS
 
@@ -417,6 +565,12 @@ def _k_softmax(x, out, nb):
         acc = np.empty(_PMAX, x.dtype)
         for i in range(b * n // nb, (b + 1) * n // nb):
             m = _rowmax(x, i, c, acc)
+            if m == np.inf:
+                # no softmax for a row holding +inf: NaN throughout, as PyTorch gives (e / s
+                # would give 0 or NaN at the finite entries, depending on overflow)
+                for j in range(c):
+                    out[i, j] = np.nan
+                continue
             fin = _finite(m)
             sh = m if fin else cast_like(0.0, x)
             s = _sumexp_store(x, i, c, sh, fin, out)
@@ -435,8 +589,10 @@ def _k_log_softmax(x, out, nb):
             sh, ls = _row_lse(x, i, c, acc)
             # (x - shift) - log s rather than x - lse: with huge logits (3e38) lse rounds to the
             # max and the O(1) part would be lost.  A row of only -inf: -inf - -inf = nan, as
-            # PyTorch gives.
+            # PyTorch gives.  A row holding +inf (log s = inf): NaN throughout, as PyTorch.
             lsd = cast_like(ls, x)
+            if ls == np.inf:
+                lsd = cast_like(np.nan, x)
             for j in range(c):
                 out[i, j] = sub_sub(x[i, j], sh, lsd)
 
@@ -488,7 +644,10 @@ def _ce_row(x, i, c, t, w, sumw, eps, z, loss, grad, gs, acc):
                 sw += np.float64(x[i, j] - sh)
         else:
             for j in range(c):
-                sw += np.float64(w[j]) * np.float64(x[i, j] - sh)
+                v = np.float64(x[i, j] - sh)
+                # 0 where x_c is the max: an infinite weight there must give inf (through
+                # sumw * log s), not inf * 0 = nan
+                sw += np.float64(w[j]) * v if v != 0.0 else 0.0
     if store:
         s = _sumexp_store(x, i, c, sh, fin, grad)
     else:
@@ -506,7 +665,11 @@ def _ce_row(x, i, c, t, w, sumw, eps, z, loss, grad, gs, acc):
     loss[i] = row
     if grad is not None:
         # d row / d x_j = a p_j - eps/C w_j - (1-eps) w_t [j = t],  a = (1-eps) w_t + eps/C sumw + 2 z lse
-        a = (1.0 - eps) * wt + eps / c * sumw + 2.0 * z * lse
+        # (the smoothing term only with eps != 0: 0 * sumw is nan for a nan weight of an
+        # unused class)
+        a = (1.0 - eps) * wt + 2.0 * z * lse
+        if eps != 0.0:
+            a += eps / c * sumw
         ce = cast_like(gs * eps / c, x)
         if fin:
             cg = cast_like(gs * a / s, x)  # grad holds e = exp(x - m); p = e / s
@@ -601,7 +764,8 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, loss, grad, gsc, gsa, r0,
         for j in range(c):
             wj = 1.0 if w is None else np.float64(w[j])
             for r in range(nr):
-                dd[r] += wj * (xt[j, r] - sh[r])
+                v = np.float64(xt[j, r] - sh[r])
+                dd[r] += wj * v if v != 0.0 else 0.0  # no inf * 0 at the max (see _ce_row)
     # gathers (scalar): the target logit and weight; an ignored row reads class 0, harmlessly
     for r in range(nr):
         t = tg[r]
@@ -609,6 +773,7 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, loss, grad, gsc, gsa, r0,
         xtt[r] = xt[t, r]
         wt[r] = 1.0 if w is None else np.float64(w[t])
     u = eps / c
+    us = u * sumw if eps != 0.0 else 0.0  # no 0 * nan from a nan weight of an unused class
     chk = 0.0
     # per-row loss and gradient coefficients: one loop across rows, vectorized
     for r in range(nr):
@@ -626,7 +791,7 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, loss, grad, gsc, gsa, r0,
         if grad is not None:
             # d row / d x_j = a p_j - eps/C w_j - (1-eps) w_t [j = t]
             gs = gsc if gsa is None else gsc * gb[r]
-            a = (1.0 - eps) * wt[r] + u * sumw + 2.0 * z * lser
+            a = (1.0 - eps) * wt[r] + us + 2.0 * z * lser
             cg[r] = cast_like(gs * a / s[r], x)  # p = e / s
             dd[r] = gs * u
             tc[r] = gs * (1.0 - eps) * wt[r]
@@ -642,7 +807,7 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, loss, grad, gsc, gsa, r0,
                 lsed = cast_like(lse[r], x)
                 for j in range(c):
                     et[j, r] = vexp(xt[j, r] - lsed)
-                cg[r] = cast_like(gs * ((1.0 - eps) * wt[r] + u * sumw + 2.0 * z * lse[r]), x)
+                cg[r] = cast_like(gs * ((1.0 - eps) * wt[r] + us + 2.0 * z * lse[r]), x)
     for r in range(nr):
         t = tg[r]
         gr = grad[r0 + r]
@@ -723,7 +888,8 @@ def _ce_soft_row(x, y, i, c, w, eps, z, loss, grad, gs, acc):
         if w is not None:
             yw *= np.float64(w[j])
         sy += yw
-        syx += yw * v if yw != 0.0 else 0.0
+        # also 0 at the row max (v = 0): an infinite y'w there gives inf through sy * log s
+        syx += yw * v if yw != 0.0 and v != 0.0 else 0.0
     s = _sumexp_store(x, i, c, sh, fin, grad) if store else _sumexp(x, i, c, sh, fin)
     ls = np.log(s)
     lse = np.float64(sh) + ls
@@ -928,7 +1094,7 @@ def _bce_elem(p, y, w, q, c1, c2):
     a = a if not (a < lo) else lo
     b = vlog1p(-p)
     b = b if not (b < lo) else lo
-    l = -(y * a + (one - y) * b)
+    l = bce_mix(y, a, b)
     den = p * (one - p)
     den = den if not (den < tiny) else tiny
     g = (p - y) / den

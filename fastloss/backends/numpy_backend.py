@@ -76,7 +76,8 @@ def _shifted(x):
     m = np.max(x, axis=1, keepdims=True)
     m = np.where(np.isfinite(m), m, 0)
     d = x - m
-    s = np.sum(np.exp(d), axis=1, keepdims=True)
+    with np.errstate(over="ignore"):  # exp of a finite x beside a +inf max (shift 0): inf, on purpose
+        s = np.sum(np.exp(d), axis=1, keepdims=True)
     return m, d, s
 
 
@@ -97,14 +98,18 @@ def log_softmax(x, out):
         _, d, s = _shifted(x)
         with np.errstate(invalid="ignore"):
             # a row of only -inf: -inf - (-inf) = nan, as PyTorch gives
-            out[...] = d - _log(s)
+            r = d - _log(s)
+        out[...] = np.where(np.max(x, axis=1, keepdims=True) == np.inf, np.nan, r)  # see softmax
 
 
 def softmax(x, out):
     if x.size:
-        _, d, s = _shifted(x)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[...] = np.exp(d) / s
+        m, d, s = _shifted(x)
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            p = np.exp(d) / s
+        # a row holding +inf has no softmax: NaN throughout, as PyTorch gives (e / s alone
+        # would give 0 or NaN at its finite entries, depending on whether exp(x) overflows)
+        out[...] = np.where(np.max(x, axis=1, keepdims=True) == np.inf, np.nan, p)
 
 
 def softmax_backward(g, y, out):
@@ -152,7 +157,9 @@ def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, loss
     if grad is None:
         return
     with np.errstate(invalid="ignore", over="ignore"):
-        a = (1.0 - eps) * wt + (eps / c) * float(np.sum(w, dtype=np.float64)) + 2.0 * z_loss * lse
+        a = (1.0 - eps) * wt + 2.0 * z_loss * lse
+        if eps:  # not 0 * sum(w): a NaN weight of a class no target uses must not leak
+            a = a + (eps / c) * float(np.sum(w, dtype=np.float64))
         gs = np.where(keep, gscale, 0.0)
         g = p * (gs * a)[:, None].astype(dt)
         if eps:
@@ -175,9 +182,14 @@ def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, loss, grad, g
         y = y * weight.astype(np.float64)
     lse, logs, d, p = _row_terms(x)
     with np.errstate(invalid="ignore"):
-        # 0 * inf terms (a masked class with zero target mass) contribute 0, not nan
-        terms = np.where(y == 0, 0.0, y * (logs - d.astype(np.float64)))
-    row = np.sum(terms, axis=1)
+        # sum_c y_c (log s - d_c) = sum(y) log s - sum_c y_c d_c, where a class without target
+        # mass is left out of the second sum: a masked class (x_c = -inf, y_c = 0) contributes
+        # 0, not 0 * inf = nan.  log s itself keeps every NaN and +inf of the row, so such a row
+        # gives NaN even when its target mass is 0 (as PyTorch).
+        # (a term at the row max, d_c = 0, is 0 too: an infinite y_c w_c there gives inf through
+        # sum(y) log s, not inf * 0 = nan)
+        yd = np.where((y == 0) | (d == 0), 0.0, y * d.astype(np.float64))
+        row = np.sum(y, axis=1) * logs[:, 0] - np.sum(yd, axis=1)
     if z_loss:
         row = row + z_loss * lse * lse
     loss[...] = row
