@@ -571,7 +571,7 @@ static inline double fl_bce_logits_##S(fl_idx n, const T *z, const T *y, const T
     return FL_EW_TOTAL_##S(l, n);                                                               \
 }                                                                                               \
                                                                                                 \
-/* PyTorch: log terms clamped at -100; gradient (p - y) / max(p (1 - p), 1e-12) */             \
+/* PyTorch: log terms clamped at -100; gradient (p - y) / max(p (1 - p), 1e-12f) */            \
 static inline double fl_bce_##S(fl_idx n, const T *p, const T *y, const T *w, T *l, T *g,       \
                                  const T *go, T gs)                                             \
 {                                                                                               \
@@ -590,7 +590,7 @@ static inline double fl_bce_##S(fl_idx n, const T *p, const T *y, const T *w, T 
         for (fl_idx j = 0; j < n; j++) {                                                        \
             const T pj = p[j];                                                                  \
             T den = pj * ((T)1 - pj);                                                           \
-            den = den < (T)1e-12 ? (T)1e-12 : den;                                              \
+            den = den < (T)1e-12f ? (T)1e-12f : den; /* ATen's float 1e-12, any dtype */     \
             g[j] = (pj - y[j]) / den * w[j] * gs * go[j];                                       \
         }                                                                                       \
     }                                                                                           \

@@ -200,14 +200,15 @@ def test_bce_grad_fd(backend, opt, reduction):
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_bce_clamp_literal(backend, dtype):
-    """PyTorch: log terms clamped at -100; gradient (p - y) / max(p (1 - p), 1e-12)."""
+    """PyTorch: log terms clamped at -100; gradient (p - y) / max(p (1 - p), 1e-12), where ATen's
+    1e-12 is a float constant (9.99999996e-13) in every dtype."""
     p = np.array([0.0, 0.0, 1.0, 1.0, 0.5, 1e-50 if dtype == np.float64 else 0.0], dtype)
     y = np.array([1.0, 0.0, 0.0, 1.0, 1.0, 0.5], dtype)
     loss, g = fl.binary_cross_entropy(p, y, reduction="none", return_grad=True, grad_output=np.ones(6, dtype),
                                       backend=backend)
     last = 0.5 * 100 if dtype == np.float32 else 0.5 * min(100.0, -np.log(1e-50))
     close(loss, [100.0, 0.0, 100.0, 0.0, np.log(2.0), last], dtype)
-    e = np.float64(dtype(1e-12))
+    e = np.float64(np.float32(1e-12))
     close(g, [-1 / e, 0.0, 1 / e, 0.0, -2.0, (float(p[-1]) - 0.5) / max(float(p[-1]) * (1 - float(p[-1])), e)],
           dtype, kind="grad", rtol=1e-6 if dtype == np.float32 else 1e-12)
     assert np.all(np.isfinite(g))

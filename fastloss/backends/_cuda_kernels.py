@@ -653,7 +653,8 @@ def _make_bce(ftype):
         lp = ftype(_max_nan(_safe_log(p), -100.0))  # PyTorch clamps each log term at -100
         l1 = ftype(_max_nan(_safe_log1p(-p), -100.0))
         l = -(y * lp + (one - y) * l1) * w
-        g = (p - y) / _max_nan(p * (one - p), ftype(1e-12)) * w
+        # ATen's 1e-12 is a float constant (9.99999996e-13), also for float64 input
+        g = (p - y) / _max_nan(p * (one - p), ftype(9.999999960041972e-13)) * w
         return l, g, ftype(0)
 
     return _elementwise(ftype, body)

@@ -1083,13 +1083,17 @@ def _bcel_elem(z, y, w, pw, c1, c2):
     return _mul_opt(l, w), _mul_opt(g, w), zero
 
 
+_BCE_EPS = float(np.float32(1e-12))  # a global: a compile-time constant
+
+
 @njit(**_EJIT)
 def _bce_elem(p, y, w, q, c1, c2):
     """Binary cross-entropy on probabilities, PyTorch's clamps: each log term at -100 (the
-    "not less than" form keeps NaN), the gradient's ``p (1 - p)`` at 1e-12."""
+    "not less than" form keeps NaN), the gradient's ``p (1 - p)`` at ``float32(1e-12)`` (ATen's
+    constant is a float, also for float64 input)."""
     one = cast_like(1.0, p)
     lo = cast_like(-100.0, p)
-    tiny = cast_like(1e-12, p)
+    tiny = cast_like(_BCE_EPS, p)
     a = vlog(p)
     a = a if not (a < lo) else lo
     b = vlog1p(-p)

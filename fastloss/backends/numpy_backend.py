@@ -250,8 +250,9 @@ def bce(p, y, weight, loss, grad, gscale, gout):
         l = l * weight
     g = None
     if grad is not None:
-        # PyTorch's gradient: (p - y) / max(p (1 - p), 1e-12)
-        g = (p - y) / np.maximum(p * (1 - p), p.dtype.type(1e-12))
+        # PyTorch's gradient: (p - y) / max(p (1 - p), 1e-12), its 1e-12 a float32 constant
+        # (9.99999996e-13) in every dtype, as in ATen's kernel
+        g = (p - y) / np.maximum(p * (1 - p), p.dtype.type(np.float32(1e-12)))
         if weight is not None:
             g = g * weight
     return _finish(l, loss, grad, g, gscale, gout)
