@@ -15,6 +15,14 @@ import math
 import numpy as np
 
 
+def rounded(a, dtype):
+    """``a`` rounded once to the result ``dtype`` (float16/bfloat16 results are computed in
+    float32): a value beyond the dtype's range becomes +-inf, as PyTorch's cast does, without
+    NumPy's overflow warning."""
+    with np.errstate(over="ignore"):
+        return a.astype(dtype, copy=False)
+
+
 class Layout:
     """How an array of ``shape`` is viewed as 2-D; ``view_in``/``output`` apply it."""
 
@@ -84,7 +92,7 @@ class Layout:
                 target = self._unmove(v)
             if out_dtype == cdt:
                 return v, lambda: target
-            return v, lambda: target.astype(out_dtype)
+            return v, lambda: rounded(target, out_dtype)
         target = user if user.dtype == cdt else np.empty_like(user, dtype=cdt)
         v, back = self.view_out(target)
 
@@ -92,7 +100,8 @@ class Layout:
             if back is not None:
                 np.copyto(back, v.reshape(back.shape))
             if target is not user:
-                np.copyto(user, target, casting="unsafe")
+                with np.errstate(over="ignore"):  # rounded, as in rounded()
+                    np.copyto(user, target, casting="unsafe")
             return user
 
         return v, finish

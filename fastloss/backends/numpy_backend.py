@@ -52,6 +52,8 @@ Optional hooks: ``set_num_threads(n)``.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 NAME = "numpy"
@@ -202,6 +204,18 @@ def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, loss, grad, g
 
 
 # ----------------------------------------------------------------------------- elementwise
+def _ieee(fn):
+    """Run an elementwise loss without NumPy's floating-point warnings: an overflow to inf
+    or a NaN from the data is the IEEE value the compiled backends give silently too (the
+    documented semantics), not a condition to warn about."""
+    @functools.wraps(fn)
+    def quiet(*args):
+        with np.errstate(all="ignore"):
+            return fn(*args)
+
+    return quiet
+
+
 def _finish(l, loss, grad, g, gscale, gout):
     """Store the elementwise loss and the scaled gradient; return the float64 loss sum."""
     if loss is not None:
@@ -219,6 +233,7 @@ def _softplus(z):
     return np.maximum(z, 0) + np.log1p(np.exp(-np.abs(z)))
 
 
+@_ieee
 def bce_with_logits(z, y, weight, pos_weight, loss, grad, gscale, gout):
     sp = _softplus(-z)  # -log sigmoid(z)
     if pos_weight is None:
@@ -241,6 +256,7 @@ def bce_with_logits(z, y, weight, pos_weight, loss, grad, gscale, gout):
     return _finish(l, loss, grad, g, gscale, gout)
 
 
+@_ieee
 def bce(p, y, weight, loss, grad, gscale, gout):
     with np.errstate(divide="ignore"):
         logp = np.maximum(np.log(p), -100)
@@ -258,6 +274,7 @@ def bce(p, y, weight, loss, grad, gscale, gout):
     return _finish(l, loss, grad, g, gscale, gout)
 
 
+@_ieee
 def kl_div(x, t, log_target, loss, grad, gscale, gout):
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         if log_target:
@@ -270,11 +287,13 @@ def kl_div(x, t, log_target, loss, grad, gscale, gout):
     return _finish(l, loss, grad, g, gscale, gout)
 
 
+@_ieee
 def mse(x, t, loss, grad, gscale, gout):
     d = x - t
     return _finish(d * d, loss, grad, None if grad is None else 2 * d, gscale, gout)
 
 
+@_ieee
 def gaussian_nll(x, t, var, full, eps, loss, grad, grad_var, gscale, gout):
     v = np.maximum(var, var.dtype.type(eps))
     d = x - t
