@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _dispatch
-from ._layout import Layout
+from ._layout import Layout, rounded
 from ._validate import (
     as_cast,
     as_float_array,
@@ -164,7 +164,7 @@ def logsumexp(x, axis=-1, keepdims=False, *, backend=None):
     res = out.reshape(red_shape)
     if res.ndim == 0:
         return _scalar(res[()], cdt)
-    return res.astype(a.dtype, copy=False)
+    return rounded(res, a.dtype)
 
 
 def _rowwise_out(fname, x, axis, out, backend):
@@ -428,7 +428,11 @@ def cross_entropy(
     * a target class whose logit is ``-inf`` gives loss ``+inf`` and a finite gradient;
     * a row holding ``+inf`` at a class that is not its target (probability targets: at a
       class without target mass, with mass elsewhere) gives loss ``+inf`` (the limit) and a
-      NaN gradient (PyTorch: NaN loss);
+      NaN gradient (PyTorch: NaN loss) when ``label_smoothing=0``; with smoothing the
+      smoothing term of that class is ``inf - inf`` and the row is NaN, as in PyTorch;
+    * an ignored row (``ignore_index``) has loss 0 and gradient 0 even when its logits hold
+      NaN or ``inf`` or a class weight is NaN or ``inf`` (PyTorch's gradient there is NaN,
+      from ``0 * inf``);
     * probability targets: a class with logit ``-inf`` and no target mass (after smoothing and
       weights) contributes 0 (PyTorch: NaN); a NaN logit, or a ``+inf`` one in a row without
       target mass, still makes the row NaN;
@@ -548,7 +552,7 @@ def cross_entropy(
         be.cross_entropy(x2, t2, w, ii, eps, zl, loss_rows, g2, gscale)
 
     if reduction == "none":
-        loss = loss_rows.reshape(row_shape).astype(x.dtype)
+        loss = rounded(loss_rows.reshape(row_shape), x.dtype)
     else:
         loss = _scalar(float(np.sum(loss_rows)) * scale, cdt)
     return (loss, finish()) if return_grad else loss
@@ -626,6 +630,11 @@ def binary_cross_entropy_with_logits(
     Returns
     -------
     loss : scalar or ndarray
+        As in :func:`binary_cross_entropy_with_logits` (float32 element losses beyond the
+        float32 range are ``inf``).
+        Each element's loss is computed in the compute dtype and the reduced loss summed in
+        float64, so in float32 an element loss beyond the float32 range (~3.4e38) is ``inf``
+        and so is the reduced loss, as in float32 PyTorch (compute in float64 for such data).
     grad : ndarray, only with ``return_grad=True``
 
     Examples
@@ -688,6 +697,8 @@ def binary_cross_entropy(probs, target, *, weight=None, reduction="mean", return
     Returns
     -------
     loss : scalar or ndarray
+        As in :func:`binary_cross_entropy_with_logits` (float32 element losses beyond the
+        float32 range are ``inf``).
     grad : ndarray, only with ``return_grad=True``
 
     Examples
@@ -747,6 +758,8 @@ def kl_div(input, target, *, log_target=False, reduction="batchmean", return_gra
     Returns
     -------
     loss : scalar or ndarray
+        As in :func:`binary_cross_entropy_with_logits` (float32 element losses beyond the
+        float32 range are ``inf``).
     grad : ndarray, only with ``return_grad=True``
 
     Examples
@@ -791,6 +804,8 @@ def mse_loss(input, target, *, reduction="mean", return_grad=False, grad_output=
     Returns
     -------
     loss : scalar or ndarray
+        As in :func:`binary_cross_entropy_with_logits` (float32 element losses beyond the
+        float32 range are ``inf``).
     grad : ndarray, only with ``return_grad=True``
 
     Examples
@@ -841,7 +856,7 @@ def _var_shape(var, x, cdt):
 
     def reduce_grad(g):
         r = np.sum(g, axis=red, keepdims=True, dtype=np.float64) if red else g
-        return r.reshape(orig).astype(v.dtype)  # the dtype of var, like every gradient
+        return rounded(r.reshape(orig), v.dtype)  # the dtype of var, like every gradient
 
     return np.broadcast_to(v.astype(cdt, copy=False), x.shape), reduce_grad
 
@@ -878,6 +893,8 @@ def gaussian_nll_loss(input, target, var, *, full=False, eps=1e-6, reduction="me
     Returns
     -------
     loss : scalar or ndarray
+        As in :func:`binary_cross_entropy_with_logits` (float32 element losses beyond the
+        float32 range are ``inf``).
     (d_input, d_var) : tuple, only with ``return_grad=True``
         ``d_var`` has the shape of ``var`` (summed over broadcast dimensions); a NumPy scalar
         when ``var`` is a float.
