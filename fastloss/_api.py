@@ -15,6 +15,7 @@ from ._validate import (
     as_cast,
     as_float_array,
     broadcast_to_or_raise,
+    check_class_target,
     check_grad_out,
     check_int,
     check_no_partial_overlap,
@@ -474,22 +475,10 @@ def cross_entropy(
     row_shape = tuple(s for i, s in enumerate(x.shape) if i != ax)
 
     t = np.asarray(target)
-    soft = t.dtype.kind == "f" or t.dtype.kind == "V"
-    if soft:
+    if t.dtype.kind in "fV":
         float_dtype_or_raise(t.dtype, "target")
-        if t.shape != x.shape:
-            raise ValueError(
-                f"target: expected class probabilities of the logits' shape {x.shape} or class indices "
-                f"of shape {row_shape}, found floating values of shape {t.shape}"
-            )
-    else:
-        if t.dtype.kind not in "iu":
-            raise TypeError(
-                f"target: expected integer class indices or floating class probabilities, found dtype "
-                f"{t.dtype}; convert it with target.astype(np.int64)"
-            )
-        if t.shape != row_shape:
-            raise ValueError(f"target: expected class indices of shape {row_shape} (logits without axis {axis}), found {t.shape}")
+    soft = check_class_target(t.dtype, t.shape, x.shape, ax, axis)
+    if not soft:
         if t.dtype.kind == "u" and t.dtype.itemsize == 8 and t.size and int(t.max()) > np.iinfo(np.int64).max:
             # checked before the int64 cast, which would wrap 2**64 - 100 to -100 (a valid
             # ignore_index): the row would be silently ignored

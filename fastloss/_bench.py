@@ -536,7 +536,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                                  "(fl.set_num_threads)")
     parser.add_argument("--repeat", type=int, metavar="K", help="best of K timed batches (default 7, --quick 5)")
     parser.add_argument("-k", "--filter", metavar="TEXT", action="append",
-                        help="only workloads whose name contains TEXT (repeatable)")
+                        help="only workloads with each word of TEXT as a word of their name, or its "
+                             "start up to a '_' (cross_entropy does not select binary_cross_entropy; "
+                             "binary selects both binary losses; repeatable)")
     parser.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
                         help="progress bar on stderr: auto shows it when stderr is a terminal")
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -570,6 +572,15 @@ def _select_backends(fl, requested) -> tuple[list, dict]:
     return names, skipped
 
 
+def _matches(text, label):
+    """Whether ``--filter TEXT`` selects the workload ``label``: each word of TEXT is a word
+    of the label or its start up to a ``_`` (so ``cross_entropy`` selects ``cross_entropy``
+    but not ``binary_cross_entropy``, ``binary`` selects both binary losses, ``fwd`` selects
+    ``fwd`` but not ``fwd+grad``)."""
+    words = label.split()
+    return all(any(w == t or w.startswith(t + "_") for w in words) for t in text.split())
+
+
 def _workloads(args):
     base = _TINY if args.tiny else _QUICK if args.quick else _FULL
     out = []
@@ -577,7 +588,7 @@ def _workloads(args):
         label = f"{fn} {mode} {'x'.join(map(str, shape))} {dt.name}"
         if not reuse and mode == "fwd+grad":
             label += " (new grad)"
-        if args.filter and not any(f in label for f in args.filter):
+        if args.filter and not any(_matches(f, label) for f in args.filter):
             continue
         out.append((label, fn, mode, shape, dt, reuse))
     return out
@@ -672,7 +683,7 @@ def run(args) -> int:
                 raise _UsageError("--plot needs matplotlib: pip install matplotlib (or: pip install \"fastloss[bench]\")")
         workloads = _workloads(args)
         if not workloads:
-            raise _UsageError(f"--filter: no workload name contains any of {args.filter}")
+            raise _UsageError(f"--filter: no workload name matches any of {args.filter}")
     except _UsageError as e:
         print(f"fastloss bench: error: {e}", file=err)
         return 2

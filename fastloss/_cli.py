@@ -20,7 +20,7 @@ def _cpu_model() -> str:
 
 def _versions():
     out = {"python": platform.python_version()}
-    for mod in ("numpy", "numba", "numba_cuda", "Cython", "scipy"):
+    for mod in ("numpy", "numba", "numba_cuda", "scipy"):
         try:
             from importlib.metadata import version
 
@@ -36,6 +36,7 @@ def cmd_info(args) -> int:
     print(f"fastloss {fl.__version__}")
     for k, v in _versions().items():
         print(f"  {k:<11} {v}")
+    print(f"cython ext   {_cython_build()}")
     print(f"machine      {_cpu_model()}, {os.cpu_count()} logical CPUs")
     print(f"threads      {fl.get_num_threads()} (set_num_threads / FASTLOSS_NUM_THREADS)")
     default = fl.get_backend()
@@ -55,6 +56,13 @@ def cmd_info(args) -> int:
     gpus = _gpus()
     print(f"GPUs         {gpus}")
     return 0
+
+
+def _cython_build() -> str:
+    """How the ahead-of-time extension was built (Cython itself is needed only to build it)."""
+    from .backends import cython_backend
+
+    return cython_backend.build_info()
 
 
 def _numba_cache() -> str:
@@ -98,16 +106,29 @@ def cmd_warmup(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="fastloss", description="Fused compiled loss + gradient kernels.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_info = sub.add_parser("info", help="versions, backends (and why one is missing), threads, GPUs")
+    import fastloss
+
+    parser = argparse.ArgumentParser(
+        prog="fastloss", description="Fused compiled loss + gradient kernels: "
+        "`fastloss info` says what this machine can run, `fastloss bench --quick` times it.")
+    parser.add_argument("--version", action="version", version=f"fastloss {fastloss.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{info,bench,warmup}")
+    p_info = sub.add_parser("info", help="versions, backends (and why one is missing), threads, GPUs",
+                            description="Print versions, how the Cython extension was built, the CPU, "
+                                        "threads, every backend (and why one is unavailable), the Numba "
+                                        "cache directory and the GPUs.")
     p_info.set_defaults(func=cmd_info)
     p_bench = sub.add_parser("bench", help="time every kernel on every backend against NumPy (the main job)")
     from . import _bench
 
     _bench.add_arguments(p_bench)
     p_bench.set_defaults(func=_bench.run)
-    p_warm = sub.add_parser("warmup", help="compile and cache every Numba kernel ahead of use")
+    p_warm = sub.add_parser(
+        "warmup", help="compile and cache every Numba kernel ahead of use",
+        description="Compile every kernel of the JIT backends (numba; cuda where a GPU is present) "
+                    "and store it in the Numba disk cache, so that a later program starts without "
+                    "compiling. Takes minutes for everything; --dtype and --layout compile only what "
+                    "a program uses.")
     p_warm.add_argument("--backend", action="append", help="backend to warm up (default: all JIT backends)")
     p_warm.add_argument("--dtype", action="append", choices=["float32", "float64"],
                         help="compute dtype to compile for (repeatable; default both)")
@@ -115,6 +136,9 @@ def main(argv=None) -> int:
                         help="C: C-contiguous operands; A: strided/Fortran-order ones (repeatable; default both)")
     p_warm.set_defaults(func=cmd_warmup)
     args = parser.parse_args(argv)
+    if args.command is None:  # bare `fastloss`: what it can do, not an argparse error
+        parser.print_help()
+        return 0
     return int(args.func(args) or 0)
 
 

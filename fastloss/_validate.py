@@ -135,6 +135,45 @@ def normalize_axis(axis, ndim: int, name="axis") -> int:
     return ax % ndim
 
 
+def check_class_target(dtype, shape, xshape, ax: int, axis) -> bool:
+    """The rules of a cross-entropy ``target`` that need only its metadata (``dtype`` and
+    ``shape``), for logits of shape ``xshape`` with classes along ``ax`` (``axis`` as the
+    user gave it); returns whether it holds class probabilities.
+
+    Floating targets are probabilities of the logits' shape; integer targets are class indices
+    of the logits' shape without the class axis.  A float target of the index shape and a
+    target that fits another class axis (transposed logits) get a hint at the likely fix.
+    """
+    dtype, shape, xshape = np.dtype(dtype), tuple(shape), tuple(xshape)
+    kind = dtype.kind
+    row_shape = tuple(s for i, s in enumerate(xshape) if i != ax)
+    if kind in "fV":
+        if shape != xshape:
+            hint = ("; class indices must be integers: convert them with target.astype(np.int64)"
+                    if shape == row_shape else "")
+            raise ValueError(
+                f"target: expected class probabilities of the logits' shape {xshape} or class indices "
+                f"of shape {row_shape}, found floating values of shape {shape}{hint}"
+            )
+        return True
+    if kind not in "iu":
+        raise TypeError(
+            f"target: expected integer class indices or floating class probabilities, found dtype "
+            f"{dtype}; convert it with target.astype(np.int64)"
+        )
+    if shape != row_shape:
+        hint = ""
+        for k in range(len(xshape)):
+            if k != ax and tuple(s for i, s in enumerate(xshape) if i != k) == shape:
+                # the target is right for logits with the classes along axis k
+                hint = (f"; it fits logits of shape {xshape} with the classes along axis {k}: pass axis={k}, "
+                        f"or transpose the logits")
+                break
+        raise ValueError(f"target: expected class indices of shape {row_shape} (logits without axis {axis}), "
+                         f"found {shape}{hint}")
+    return False
+
+
 def first_position(mask, shape):
     """Index tuple of the first True of ``mask`` (for error messages)."""
     flat = int(np.argmax(mask.reshape(-1)))

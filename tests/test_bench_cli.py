@@ -1,6 +1,7 @@
 """End-to-end tests of ``fastloss bench`` (on tiny shapes) and of the pytest-benchmark suite."""
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -162,6 +163,21 @@ def test_unavailable_backend_says_why_and_how(capsys):
     rc, out, err = _main(["bench", "--tiny", "--backend", missing[0]], capsys)
     assert rc == 2
     assert "unavailable" in err and "install" in err.lower()
+
+
+def test_filter_selects_whole_words():
+    # "cross_entropy" is not a substring match: binary_cross_entropy stays out
+    rows = _bench_labels(["-k", "cross_entropy"])
+    assert rows and all(lb.split()[0] == "cross_entropy" for lb in rows), rows
+    binary = _bench_labels(["-k", "binary"])
+    assert {lb.split()[0] for lb in binary} == {"binary_cross_entropy", "binary_cross_entropy_with_logits"}
+    assert all(lb.split()[1] == "fwd" for lb in _bench_labels(["-k", "fwd"]))
+
+
+def _bench_labels(filter_args):
+    parser = argparse.ArgumentParser()
+    _bench.add_arguments(parser)
+    return [w[0] for w in _bench._workloads(parser.parse_args(["--tiny", *filter_args]))]
 
 
 def test_filter_matching_nothing_is_a_usage_error(capsys):

@@ -27,10 +27,45 @@ def test_info_as_module_subprocess():
     assert "backends:" in r.stdout and "numpy   available" in r.stdout
 
 
-def test_no_command_is_a_usage_error(capsys):
+def test_no_command_prints_the_help(capsys):
+    # bare `fastloss` says what it can do (not argparse's "arguments are required")
+    assert _cli.main([]) == 0
+    out = capsys.readouterr().out
+    for cmd in ("info", "bench", "warmup", "--version"):
+        assert cmd in out, out
+
+
+def test_unknown_command_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
-        _cli.main([])
+        _cli.main(["frobnicate"])
     assert e.value.code == 2
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        _cli.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fastloss {fl.__version__}"
+
+
+@pytest.mark.parametrize("cmd", ["info", "bench", "warmup"])
+def test_every_command_has_a_description(cmd, capsys):
+    with pytest.raises(SystemExit):
+        _cli.main([cmd, "--help"])
+    out = capsys.readouterr().out
+    usage, _, rest = out.partition("\n\n")
+    assert rest and not rest.startswith("options:"), out  # a paragraph before the options
+
+
+def test_info_shows_the_extension_build_not_cython(capsys):
+    # Cython is a build-time tool: info shows how the extension was built, not whether the
+    # Cython package happens to be installed beside it
+    from fastloss.backends import cython_backend
+
+    assert _cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "Cython" not in out
+    assert f"cython ext   {cython_backend.build_info()}" in out
 
 
 def test_warmup_numpy_has_nothing_to_compile(capsys):

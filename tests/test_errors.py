@@ -65,11 +65,24 @@ def test_type_error_other_arguments(backend, call, name):
 
 
 def test_ce_target_dtype(backend):
-    # floating target shaped like the logits without the class axis is not a class index
-    with pytest.raises((TypeError, ValueError), match="target"):
+    # floating target shaped like the logits without the class axis is not a class index:
+    # the message says how to make it one
+    with pytest.raises(ValueError, match=r"target: .*class indices must be integers: .*target\.astype\(np\.int64\)"):
         fl.cross_entropy(X, T.astype(np.float64), backend=backend)
-    with pytest.raises((TypeError, ValueError), match="target"):
+    with pytest.raises(TypeError, match=r"target: .*found dtype complex64; convert it with target\.astype\(np\.int64\)"):
         fl.cross_entropy(X, T.astype(np.complex64), backend=backend)
+
+
+def test_ce_transposed_logits_say_which_axis(backend):
+    # logits (C, N) with N targets: the target fits, the class axis does not -- the message
+    # (naming target, the argument that disagrees) points at axis=0
+    with pytest.raises(ValueError, match=r"target: expected class indices of shape \(4,\).*found \(3,\); "
+                                         r"it fits logits of shape \(4, 3\) with the classes along axis 0: pass axis=0"):
+        fl.cross_entropy(np.ascontiguousarray(X.T), T, backend=backend)
+    # a target that fits no axis gets no hint
+    with pytest.raises(ValueError) as ei:
+        fl.cross_entropy(X, np.array([0, 1]), backend=backend)
+    assert "fits" not in str(ei.value), ei.value
 
 
 # ----------------------------------------------------------------------------- ValueError

@@ -967,24 +967,9 @@ def _dc_cross_entropy(ctx, logits, target, axis=-1, weight=None, ignore_index=-1
 
     td = ctx.dev(target, "target")
     tdt = np.dtype(td.dtype)
-    soft = tdt.kind in "fV"
-    if soft:
+    if tdt.kind in "fV":
         _compute_dtype(td, "target")
-        if tuple(td.shape) != xshape:
-            raise ValueError(
-                f"target: expected class probabilities of the logits' shape {xshape} or class indices "
-                f"of shape {row_shape}, found floating values of shape {tuple(td.shape)}"
-            )
-    else:
-        if tdt.kind not in "iu":
-            raise TypeError(
-                f"target: expected integer class indices or floating class probabilities, found dtype "
-                f"{tdt}; convert it with target.astype(np.int64)"
-            )
-        if tuple(td.shape) != row_shape:
-            raise ValueError(
-                f"target: expected class indices of shape {row_shape} (logits without axis {axis}), found {tuple(td.shape)}"
-            )
+    soft = V.check_class_target(tdt, td.shape, xshape, ax, axis)
     wd = None
     if weight is not None:
         wd = ctx.dev(weight, "weight")
