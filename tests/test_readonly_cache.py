@@ -181,3 +181,53 @@ def test_writable_numba_cache_dir_fixes_a_read_only_install(install, tmp_path):
     assert any(f.endswith(".nbi") for _, _, files in os.walk(cache_dir) for f in files)
     line = next(ln for ln in _info(root, env).splitlines() if ln.startswith("numba cache"))
     assert str(cache_dir) in line and "(writable)" in line, line
+
+
+def test_cache_is_keyed_on_every_kernel_source(install, tmp_path):
+    """Numba invalidates a cached kernel only when the file defining it changes; an edit of a
+    helper module the kernel inlines (``_numba_math``) must not be served the old machine
+    code.  Here ``exp64`` and ``expn64`` are made to return 2: the next process must compute
+    with them."""
+    root, blocker = install
+    cache_dir = tmp_path / "numba-cache"
+    env = _env(root, blocker, cache_dir)
+    res = _child(root, env)
+    for got in res["got"]:
+        np.testing.assert_allclose(got, _want(), rtol=1e-14)
+
+    def index_files():
+        return {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+                for d, _, files in os.walk(cache_dir) for f in files if f.endswith(".nbi")}
+
+    cached = index_files()
+    assert cached
+    # a process with unchanged sources keeps (and uses) the cached kernels
+    _child(root, env)
+    assert index_files() == cached
+
+    math_py = root / "fastloss" / "backends" / "_numba_math.py"
+    src = math_py.read_text()
+    for fn in ("exp64", "expn64"):
+        assert src.count(f"def {fn}(x):\n") == 1
+        src = src.replace(f"def {fn}(x):\n", f"def {fn}(x):\n    return x * 0.0 + 2.0\n")
+    math_py.write_text(src)
+    res = _child(root, env)
+    x = np.arange(12.0).reshape(4, 3)
+    edited = x.max(axis=1) + np.log(2.0 * 3)  # every exp is 2 now
+    for got in res["got"]:
+        np.testing.assert_allclose(got, edited, rtol=1e-14)
+    assert res["warnings"] == [], res["warnings"]
+
+
+def test_every_helper_module_of_the_kernels_is_in_the_cache_key():
+    """The modules whose Numba functions numba_backend uses are those its cache key reads."""
+    import importlib
+
+    nb = importlib.import_module("fastloss.backends.numba_backend")
+    used = set()
+    for obj in vars(nb).values():
+        mod = getattr(getattr(obj, "py_func", obj), "__module__", "") or ""
+        if mod.startswith("fastloss.backends.") and callable(obj):
+            used.add(mod.rsplit(".", 1)[1] + ".py")
+    assert used <= set(nb._KERNEL_SOURCES), (used, nb._KERNEL_SOURCES)
+    assert "_numba_math.py" in used

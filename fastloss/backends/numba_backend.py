@@ -47,9 +47,11 @@ Design
   *not* cached: a function loaded from Numba's disk cache is linked into its callers as
   object code, which LLVM cannot inline, and the vectorizable ``exp`` would then be an
   out-of-line call that keeps every loop scalar.  They compile in memory with, and are cached
-  inside, the entry kernels.  Caveat: Numba invalidates a cached kernel only when *this* file
-  changes -- after editing :mod:`._numba_math`, delete the ``numba_backend.*.nbi/.nbc`` files
-  in ``__pycache__`` (or touch this file).
+  inside, the entry kernels.  Numba itself invalidates a cached kernel only
+  when *this* file changes, so this module keys the cache on the sources of every module
+  its kernels compile (:data:`_KERNEL_SOURCES`): a digest of them is kept beside the cached
+  kernels, and when it differs (an edited helper, a partial upgrade) this module's cached
+  kernels are dropped at import and compiled afresh (:func:`_drop_stale_kernels`).
 * **Where the cache lives.**  Numba (0.68) caches a function in the first of these
   directories that it can create and write a file in: ``NUMBA_CACHE_DIR`` (when set),
   ``__pycache__`` next to this file, the user-wide ``$XDG_CACHE_HOME/numba`` (or
@@ -83,6 +85,7 @@ Design
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import tempfile
@@ -151,6 +154,61 @@ def _cache_candidates():
     return out
 
 
+# Every module whose code the cached kernels contain (this one and the helpers they inline):
+# the cache is keyed on their sources (_drop_stale_kernels)
+_KERNEL_SOURCES = ("numba_backend.py", "_numba_math.py")
+_STAMP = "numba_backend.sources.sha256"
+
+
+def _sources_digest() -> str:
+    h = hashlib.sha256()
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in _KERNEL_SOURCES:
+        with open(os.path.join(here, name), "rb") as f:
+            h.update(name.encode() + b"\0" + f.read() + b"\0")
+    return h.hexdigest()
+
+
+def _drop_stale_kernels(cache_dir: str) -> bool:
+    """Delete this module's cached kernels in ``cache_dir`` unless they were compiled from
+    the current sources of every module in :data:`_KERNEL_SOURCES`; returns whether any were.
+
+    Numba checks only the stamp of the file defining a kernel; a kernel inlines helpers of
+    other modules (:mod:`._numba_math`), whose edit would otherwise be served the old machine
+    code.  The digest of the sources is written beside the kernels (atomically) once they
+    are dropped.  Best effort: an unreadable source or a file another process removed first
+    is no error (the kernels then compile as usual).
+    """
+    try:
+        digest = _sources_digest()
+    except OSError:  # pragma: no cover - sources not on disk (zipimport): nothing to compare
+        return False
+    stamp = os.path.join(cache_dir, _STAMP)
+    try:
+        with open(stamp) as f:
+            if f.read().strip() == digest:
+                return False
+    except OSError:
+        pass
+    prefix = os.path.splitext(os.path.basename(__file__))[0] + "."
+    dropped = False
+    for entry in os.listdir(cache_dir):
+        if entry.startswith(prefix) and entry.endswith((".nbi", ".nbc")):
+            try:
+                os.remove(os.path.join(cache_dir, entry))
+                dropped = True
+            except OSError:
+                pass
+    try:
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=_STAMP + ".")
+        with os.fdopen(fd, "w") as f:
+            f.write(digest + "\n")
+        os.replace(tmp, stamp)
+    except OSError:  # pragma: no cover - checked writable just before
+        pass
+    return dropped
+
+
 def _cache_setup() -> dict:
     """Decide whether this module's kernels can be cached on disk; warn (once) if not.
 
@@ -174,6 +232,7 @@ def _cache_setup() -> dict:
     env_dir = os.path.abspath(numba.config.CACHE_DIR) if numba.config.CACHE_DIR else ""
     if not problem:
         info.update(enabled=True, dir=found, writable=True)
+        _drop_stale_kernels(found)
         if (env_dir and found and not getattr(numba.config, "CACHE_LOCATOR_CLASSES", "")
                 and not os.path.abspath(found).startswith(env_dir.rstrip(os.sep) + os.sep)):
             # Numba skipped the directory the user asked for, without a word
