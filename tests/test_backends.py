@@ -196,3 +196,55 @@ def test_env_num_threads():
     if "BackendUnavailable" in r.stderr:
         pytest.skip("numba backend unavailable")
     assert "THREADS 1" in r.stdout, r.stdout + r.stderr
+
+
+# ----------------------------------------------------------------------------- protocol
+def test_every_backend_module_conforms_to_the_protocol():
+    """Every backend module that imports here (cuda's does without a GPU) has every entry
+    point of the protocol, with its parameter names in order."""
+    from fastloss.backends import KNOWN, _protocol
+
+    assert {"logsumexp", "cross_entropy", "cross_entropy_soft", "gaussian_nll"} <= set(_protocol.ENTRY_POINTS)
+    checked = []
+    for name, (modname, _) in KNOWN.items():
+        try:
+            mod = importlib.import_module(modname)
+        except ImportError:
+            continue  # numba / numba-cuda not installed: nothing to check
+        assert _protocol.check(mod) == [], name
+        checked.append(name)
+    assert {"numpy", "numba", "cython"} <= set(checked) or not fl.backends()["numba"].available
+
+
+def test_the_protocol_check_names_what_is_wrong():
+    import types
+
+    from fastloss.backends import _protocol, numpy_backend
+
+    bad = types.ModuleType("bad")
+    for name in _protocol.ENTRY_POINTS:
+        setattr(bad, name, getattr(numpy_backend, name))
+    bad.NAME = "bad"
+    del bad.mse
+    bad.kl_div = lambda x, t, loss, grad, gscale, gout: 0.0  # log_target missing
+    problems = _protocol.check(bad)
+    assert "mse: missing" in problems, problems
+    assert any(p.startswith("kl_div: parameters ['x', 't', 'loss'") for p in problems), problems
+    assert len(problems) == 2, problems
+
+
+def test_a_backend_breaking_the_protocol_is_unavailable_with_the_reason(monkeypatch):
+    import sys
+    import types
+
+    reg = importlib.import_module("fastloss.backends")  # the package (fl.backends is a function)
+    numpy_backend = importlib.import_module("fastloss.backends.numpy_backend")
+    broken = types.ModuleType("fastloss_test_broken_backend")
+    for name in dir(numpy_backend):
+        setattr(broken, name, getattr(numpy_backend, name))
+    del broken.softmax
+    monkeypatch.setitem(sys.modules, "fastloss_test_broken_backend", broken)
+    monkeypatch.setitem(reg.KNOWN, "broken", ("fastloss_test_broken_backend", "fix the module"))
+    monkeypatch.setattr(reg, "_failed", {})
+    with pytest.raises(fl.BackendUnavailable, match=r"breaks the backend protocol \(softmax: missing\)"):
+        reg.get("broken")

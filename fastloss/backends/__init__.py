@@ -1,7 +1,7 @@
 """Backend registry: name -> lazily imported kernel module.
 
-Each backend is a module implementing the kernel entry points documented in
-:mod:`fastloss.backends.numpy_backend`.  Nothing is imported (and nothing compiled) until a
+Each backend is a module implementing the kernel entry points of the backend protocol,
+:class:`fastloss.backends._protocol.KernelSet` (checked when the backend is loaded).  Nothing is imported (and nothing compiled) until a
 backend is first asked for; a backend that cannot load raises :class:`BackendUnavailable`
 saying why and how to install it.
 
@@ -96,6 +96,12 @@ def get(name: str):
                 mod = importlib.import_module(KNOWN[name][0])
                 check = getattr(mod, "unavailable_reason", None)
                 why = check() if check is not None else ""
+                if not why:  # a module that breaks the protocol is a bug: say what it lacks
+                    from ._protocol import check as conforms
+
+                    problems = conforms(mod)
+                    if problems:
+                        why = f"{KNOWN[name][0]} breaks the backend protocol ({'; '.join(problems)})"
             except Exception as exc:  # ImportError, missing shared library, no GPU driver ...
                 why = f"{type(exc).__name__}: {exc}"
             if why:

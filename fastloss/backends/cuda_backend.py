@@ -2,7 +2,7 @@
 
 Two ways in
 -----------
-* The backend protocol of :mod:`fastloss.backends.numpy_backend` with NumPy host arrays
+* The backend protocol (:mod:`fastloss.backends._protocol`) with NumPy host arrays
   (``backend="cuda"`` with NumPy input, *offload*): inputs are copied to the GPU, the kernels
   run there, and the results are copied back into the given host outputs (a gradient output
   may be the first input itself).

@@ -1,52 +1,8 @@
 """The ``numpy`` backend: the readable reference every compiled backend is tested against.
 
-Kernel entry points (the backend protocol)
-------------------------------------------
-Every backend module exposes the functions below with exactly these signatures.  The public
-layer (:mod:`fastloss._api`) has already validated and normalized every argument:
-
-* floating arrays are float32 or float64 (float16/bfloat16 were cast to float32), and every
-  floating operand of one call has the same dtype (the *compute dtype*);
-* row-wise kernels see 2-D arrays ``(N, C)`` with the class axis last; elementwise kernels see
-  2-D arrays ``(R, K)`` of one common shape.  Arrays may have any strides (Fortran order,
-  strided views, and stride-0 broadcast views for ``weight``, ``pos_weight``, ``var`` and
-  ``gout``); ``N``/``R`` may be 0;
-* outputs are preallocated; a gradient output may be the first input itself (in place), so a
-  kernel must read an element (and everything it needs of its row) before writing it;
-* class indices are int64 and either in ``[0, C)`` or equal to ``ignore_index``.
-
-Row-wise kernels
-~~~~~~~~~~~~~~~~
-``logsumexp(x, out)``
-    ``out[i] = log(sum_j exp(x[i, j]))`` (``out`` is ``(N,)`` of the compute dtype).
-``softmax(x, out)`` / ``log_softmax(x, out)``
-    Row softmax / log-softmax into ``out`` (may be ``x``).
-``softmax_backward(g, y, out)`` / ``log_softmax_backward(g, y, out)``
-    ``y * (g - sum(g*y))`` / ``g - exp(y) * sum(g)`` per row.
-``cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, loss, grad, gscale)``
-    Hard targets.  ``weight`` is ``(C,)`` or None.  Writes the unreduced float64 row loss
-    ``loss[i] = (1-eps) w[t] (lse - x[t]) + eps/C sum_c w[c] (lse - x[c]) + z lse**2``
-    (``0`` for an ignored row) and, when ``grad`` is not None,
-    ``grad[i] = gscale[i] * d loss[i] / d x[i]`` (exact zeros for an ignored row, even one
-    holding inf/NaN); ``gscale`` is a Python float (the same for every row) or a float64
-    ``(N,)`` array.
-``cross_entropy_soft(x, target, weight, label_smoothing, z_loss, loss, grad, gscale)``
-    Probability targets ``(N, C)``: ``loss[i] = sum_c w[c] y'[c] (lse - x[c]) + z lse**2``
-    with ``y' = (1-eps) y + eps/C``.
-
-Elementwise kernels
-~~~~~~~~~~~~~~~~~~~
-Each returns the float64 sum over all elements of the (weighted) elementwise loss, writes the
-elementwise loss into ``loss`` when it is not None, and when ``grad`` is not None writes
-``grad = gscale * gout * d loss / d input`` (``gout`` None means 1).
-
-``bce_with_logits(z, y, weight, pos_weight, loss, grad, gscale, gout)``
-``bce(p, y, weight, loss, grad, gscale, gout)``
-``kl_div(x, t, log_target, loss, grad, gscale, gout)``
-``mse(x, t, loss, grad, gscale, gout)``
-``gaussian_nll(x, t, var, full, eps, loss, grad, grad_var, gscale, gout)``
-    ``var`` is the unclamped (broadcast) variance; ``grad_var`` is a full-size output that the
-    public layer sums back to the shape of ``var``.
+It implements every kernel entry point of the backend protocol
+(:class:`fastloss.backends._protocol.KernelSet`, where the contract of each one is written)
+in a few lines of array code, with the same stability tricks as the compiled kernels.
 
 Optional hooks: ``set_num_threads(n)``.
 """
