@@ -698,12 +698,15 @@ def _ce_row(x, i, c, t, w, sumw, eps, z, loss, grad, gs, acc):
     if eps != 0.0:
         # its own loop (float64 sums; mixed with the float32 exp sums LLVM keeps a loop
         # scalar), before the exp pass, which may overwrite x
+        # x - sh through sub_sub (no reassoc): LLVM would otherwise distribute the sum into
+        # sum(x) - c sh, the garbage difference of two huge sums for logits near the max
+        zero = cast_like(0.0, x)
         if w is None:
             for j in range(c):
-                sw += np.float64(x[i, j] - sh)
+                sw += np.float64(sub_sub(x[i, j], sh, zero))
         else:
             for j in range(c):
-                v = np.float64(x[i, j] - sh)
+                v = np.float64(sub_sub(x[i, j], sh, zero))
                 # 0 where x_c is the max: an infinite weight there must give inf (through
                 # sumw * log s), not inf * 0 = nan
                 sw += np.float64(w[j]) * v if v != 0.0 else 0.0
@@ -823,7 +826,10 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, loss, grad, gsc, gsa, r0,
         for j in range(c):
             wj = 1.0 if w is None else np.float64(w[j])
             for r in range(nr):
-                v = np.float64(xt[j, r] - sh[r])
+                # x - shift as an instruction of its own (sub_sub, compiled without reassoc):
+                # under reassoc LLVM distributes the sum into sum(w x) - shift sum(w), which
+                # for equal huge logits (1e300) is the garbage difference of two huge sums
+                v = np.float64(sub_sub(xt[j, r], sh[r], zero))
                 dd[r] += wj * v if v != 0.0 else 0.0  # no inf * 0 at the max (see _ce_row)
     # gathers (scalar): the target logit and weight; an ignored row reads class 0, harmlessly
     for r in range(nr):
