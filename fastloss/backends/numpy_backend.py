@@ -27,7 +27,7 @@ def _shifted(x):
 
     Every exponent is ``<= 0``, so nothing overflows. ``m`` is replaced by 0 where it is not
     finite, so a row of only ``-inf`` gives ``s = 0`` (``log s = -inf``) and a row holding
-    ``+inf`` gives ``s = inf`` -- never ``inf - inf``. Callers form ``log p = d - log s``
+    ``+inf`` gives ``s = inf`` -- never ``inf - inf``. ``s`` is float64. Callers form ``log p = d - log s``
     rather than ``x - lse``: with huge logits (``3e38``) ``lse = m + log s`` rounds to ``m``
     and the O(1) part would be lost.
     """
@@ -35,7 +35,9 @@ def _shifted(x):
     m = np.where(np.isfinite(m), m, 0)
     d = x - m
     with np.errstate(over="ignore"):  # exp of a finite x beside a +inf max (shift 0): inf, on purpose
-        s = np.sum(np.exp(d), axis=1, keepdims=True)
+        # summed in float64: NumPy adds the terms of a strided (e.g. Fortran-order) row one by
+        # one, and 3000 float32 terms would lose 5e-6 relative -- beyond the float32 contract
+        s = np.sum(np.exp(d), axis=1, keepdims=True, dtype=np.float64)
     return m, d, s
 
 
