@@ -125,10 +125,10 @@ def main(argv=None) -> int:
     p_bench.set_defaults(func=_bench.run)
     p_warm = sub.add_parser(
         "warmup", help="compile and cache every Numba kernel ahead of use",
-        description="Compile every kernel of the JIT backends (numba; cuda where a GPU is present) "
-                    "and store it in the Numba disk cache, so that a later program starts without "
-                    "compiling. Takes minutes for everything; --dtype and --layout compile only what "
-                    "a program uses.")
+        description="Compile every kernel of the numba backend and store it in the Numba disk "
+                    "cache, so that a later program starts without compiling (the cython backend is "
+                    "compiled ahead of time and needs none). Takes minutes for everything; --dtype "
+                    "and --layout compile only what a program uses.")
     p_warm.add_argument("--backend", action="append", help="backend to warm up (default: all JIT backends)")
     p_warm.add_argument("--dtype", action="append", choices=["float32", "float64"],
                         help="compute dtype to compile for (repeatable; default both)")
