@@ -619,8 +619,6 @@ def binary_cross_entropy_with_logits(
     Returns
     -------
     loss : scalar or ndarray
-        As in :func:`binary_cross_entropy_with_logits` (float32 element losses beyond the
-        float32 range are ``inf``).
         Each element's loss is computed in the compute dtype and the reduced loss summed in
         float64, so in float32 an element loss beyond the float32 range (~3.4e38) is ``inf``
         and so is the reduced loss, as in float32 PyTorch (compute in float64 for such data).

@@ -97,13 +97,13 @@ class KernelSet(Protocol):
         full-size output that the public layer sums back to the shape of ``var``."""
 
 
-def _parameters(fn):
-    return [p for p in inspect.signature(fn).parameters if p != "self"]
+def _parameters(sig):
+    return [p for p in sig.parameters if p != "self"]
 
 
 # name -> parameter names, read off KernelSet (the one place they are written)
 ENTRY_POINTS = {
-    name: _parameters(getattr(KernelSet, name))
+    name: _parameters(inspect.signature(member))
     for name, member in vars(KernelSet).items()
     if inspect.isfunction(member) and not name.startswith("_")
 }
@@ -132,7 +132,7 @@ def check(module) -> list:
             continue
         if any(p.kind is p.VAR_POSITIONAL for p in sig.parameters.values()):
             continue  # a wrapper (spy, profiler) forwarding *args: its target is what counts
-        got = [p for p in sig.parameters if p != "self"]
+        got = _parameters(sig)
         if got != params:
             problems.append(f"{name}: parameters {got}, expected {params}")
     return problems

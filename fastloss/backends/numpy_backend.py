@@ -163,9 +163,10 @@ def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, loss, grad, g
 
 # ----------------------------------------------------------------------------- elementwise
 def _ieee(fn):
-    """Run an elementwise loss without NumPy's floating-point warnings: an overflow to inf
-    or a NaN from the data is the IEEE value the compiled backends give silently too (the
-    documented semantics), not a condition to warn about."""
+    """Run an elementwise loss without NumPy's floating-point warnings (every one of them,
+    so the losses need no errstate of their own): an overflow to inf, a log of 0 or a NaN
+    from the data is the IEEE value the compiled backends give silently too (the documented
+    semantics), not a condition to warn about."""
     @functools.wraps(fn)
     def quiet(*args):
         with np.errstate(all="ignore"):
@@ -216,9 +217,8 @@ def bce_with_logits(z, y, weight, pos_weight, loss, grad, gscale, gout):
 
 @_ieee
 def bce(p, y, weight, loss, grad, gscale, gout):
-    with np.errstate(divide="ignore"):
-        logp = np.maximum(np.log(p), -100)
-        log1mp = np.maximum(np.log1p(-p), -100)
+    logp = np.maximum(np.log(p), -100)
+    log1mp = np.maximum(np.log1p(-p), -100)
     l = -(y * logp + (1 - y) * log1mp)
     if weight is not None:
         l = l * weight
@@ -234,14 +234,13 @@ def bce(p, y, weight, loss, grad, gscale, gout):
 
 @_ieee
 def kl_div(x, t, log_target, loss, grad, gscale, gout):
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        if log_target:
-            et = np.exp(t)
-            l = np.where(t == -np.inf, 0, et * (t - x))
-            g = None if grad is None else np.where(t == -np.inf, 0, -et)
-        else:
-            l = np.where(t == 0, 0, t * (np.log(t) - x))
-            g = None if grad is None else -t
+    if log_target:
+        et = np.exp(t)
+        l = np.where(t == -np.inf, 0, et * (t - x))
+        g = None if grad is None else np.where(t == -np.inf, 0, -et)
+    else:
+        l = np.where(t == 0, 0, t * (np.log(t) - x))
+        g = None if grad is None else -t
     return _finish(l, loss, grad, g, gscale, gout)
 
 
@@ -255,10 +254,9 @@ def mse(x, t, loss, grad, gscale, gout):
 def gaussian_nll(x, t, var, full, eps, loss, grad, grad_var, gscale, gout):
     v = np.maximum(var, var.dtype.type(eps))
     d = x - t
-    with np.errstate(divide="ignore", invalid="ignore"):
-        l = 0.5 * (np.log(v) + d * d / v)
-        if full:
-            l = l + x.dtype.type(_HALF_LOG_2PI)
+    l = 0.5 * (np.log(v) + d * d / v)
+    if full:
+        l = l + x.dtype.type(_HALF_LOG_2PI)
     if grad is not None or grad_var is not None:
         s = gscale if gout is None else gscale * gout
         if grad is not None:
