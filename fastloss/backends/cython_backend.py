@@ -200,13 +200,7 @@ def _collapse(arrays):
 
 def _elementwise(kind, dt, x, t, w, pw, gout, loss, grad, grad_var, gscale, p1=0.0, p2=0.0, flag=0):
     shape = x.shape
-    gs = np.asarray(gscale)
-    if gs.ndim == 0:
-        gsv = float(gs)
-    else:  # an array gscale is folded into grad_output (rare: the public layer passes scalars)
-        gsv = 1.0
-        base = gs if gout is None else gs * gout
-        gout = np.broadcast_to(base.astype(dt, copy=False), shape)
+    gsv = float(gscale)  # a scalar (the protocol): a per-element scale arrives as gout
     outs = [_Out(a, dt) for a in (loss, grad, grad_var)]
     arrays = [None if a is None else _ok(a) for a in (x, t, w, pw, gout)] + [o.arr for o in outs]
     for i in range(5):

@@ -306,7 +306,6 @@ else:  # pragma: no cover
     prange = range
 
 _CHUNK = 16384  # elements per elementwise task: big enough to amortize, small enough for L1/L2
-_PMAX = 16  # partial maxima per row (vectorizes the max without nnan)
 # Row sums of exp: blocks of _SUMBLK terms are summed in the compute dtype (8 float32 lanes
 # per ymm instead of 4 float64 ones; each lane adds <= 64 terms in [0, 1], relative error
 # ~1e-7 at worst), and the block sums are added in float64.
@@ -522,7 +521,7 @@ def _mx(a, b):
 
 
 @njit(**_JIT)
-def _rowmax(x, i, c, acc):
+def _rowmax(x, i, c):
     """Max of row ``i`` of ``x`` (NaN ignored; -inf for an empty row).
 
     Eight independent running maxima: a single running max is a loop-carried dependency and a
@@ -531,7 +530,6 @@ def _rowmax(x, i, c, acc):
     times the rate of the ``exp`` pass that follows, so it is not the bottleneck (a vectorized
     ``llvm.maxnum`` reduction measured slower, 1.9 G el/s, its NaN fix-ups included).  A NaN
     is skipped here but reaches the row's result through the sum of ``exp``.
-    ``acc`` is unused (kept for a stable signature).
     """
     m0 = m1 = m2 = m3 = m4 = m5 = m6 = m7 = cast_like(-np.inf, x)
     c8 = c - c % 8
@@ -597,9 +595,9 @@ def _sumexp_store(x, i, c, shift, neg, out):
 
 
 @njit(**_JIT)
-def _row_lse(x, i, c, acc):
+def _row_lse(x, i, c):
     """(shift, log(sum exp(x - shift))) of row ``i``; ``lse = shift + log_s`` in float64."""
-    m = _rowmax(x, i, c, acc)
+    m = _rowmax(x, i, c)
     fin = _finite(m)
     sh = m if fin else cast_like(0.0, x)
     s = _sumexp(x, i, c, sh, fin)
@@ -611,9 +609,8 @@ def _row_lse(x, i, c, acc):
 def _k_logsumexp(x, out, nb):
     n, c = x.shape
     for b in prange(nb):
-        acc = np.empty(_PMAX, x.dtype)
         for i in range(b * n // nb, (b + 1) * n // nb):
-            sh, ls = _row_lse(x, i, c, acc)
+            sh, ls = _row_lse(x, i, c)
             out[i] = sh + ls
 
 
@@ -621,9 +618,8 @@ def _k_logsumexp(x, out, nb):
 def _k_softmax(x, out, nb):
     n, c = x.shape
     for b in prange(nb):
-        acc = np.empty(_PMAX, x.dtype)
         for i in range(b * n // nb, (b + 1) * n // nb):
-            m = _rowmax(x, i, c, acc)
+            m = _rowmax(x, i, c)
             if m == np.inf:
                 # no softmax for a row holding +inf: NaN throughout, as PyTorch gives (e / s
                 # would give 0 or NaN at the finite entries, depending on overflow)
@@ -643,9 +639,8 @@ def _k_softmax(x, out, nb):
 def _k_log_softmax(x, out, nb):
     n, c = x.shape
     for b in prange(nb):
-        acc = np.empty(_PMAX, x.dtype)
         for i in range(b * n // nb, (b + 1) * n // nb):
-            sh, ls = _row_lse(x, i, c, acc)
+            sh, ls = _row_lse(x, i, c)
             # (x - shift) - log s rather than x - lse: with huge logits (3e38) lse rounds to the
             # max and the O(1) part would be lost.  A row of only -inf: -inf - -inf = nan, as
             # PyTorch gives.  A row holding +inf (log s = inf): NaN throughout, as PyTorch.
@@ -684,9 +679,9 @@ def _k_log_softmax_backward(g, y, out, nb):
 
 # ============================================================================= cross-entropy
 @njit(**_JIT)
-def _ce_row(x, i, c, t, w, sumw, eps, z, loss, grad, gs, acc):
+def _ce_row(x, i, c, t, w, sumw, eps, z, loss, grad, gs):
     """Loss (and gradient) of one non-ignored row of the hard-target cross-entropy."""
-    m = _rowmax(x, i, c, acc)
+    m = _rowmax(x, i, c)
     fin = _finite(m)
     sh = m if fin else cast_like(0.0, x)
     xt = x[i, t]  # read before grad (which may be x) is written
@@ -919,7 +914,6 @@ def _k_cross_entropy_small(x, target, w, sumw, ignore, eps, z, loss, grad, gsc, 
 def _k_cross_entropy(x, target, w, sumw, ignore, eps, z, loss, grad, gsc, gsa, nb):
     n, c = x.shape
     for b in prange(nb):
-        acc = np.empty(_PMAX, x.dtype)
         for i in range(b * n // nb, (b + 1) * n // nb):
             t = target[i]
             if t == ignore:
@@ -930,13 +924,13 @@ def _k_cross_entropy(x, target, w, sumw, ignore, eps, z, loss, grad, gsc, gsa, n
                         grad[i, j] = zero
                 continue
             gs = gsc if gsa is None else gsc * gsa[i]
-            _ce_row(x, i, c, t, w, sumw, eps, z, loss, grad, gs, acc)
+            _ce_row(x, i, c, t, w, sumw, eps, z, loss, grad, gs)
 
 
 @njit(**_JIT)
-def _ce_soft_row(x, y, i, c, w, eps, z, loss, grad, gs, acc):
+def _ce_soft_row(x, y, i, c, w, eps, z, loss, grad, gs):
     """Loss (and gradient) of one row of the probability-target cross-entropy."""
-    m = _rowmax(x, i, c, acc)
+    m = _rowmax(x, i, c)
     fin = _finite(m)
     sh = m if fin else cast_like(0.0, x)
     store = grad is not None and fin
@@ -989,10 +983,9 @@ def _ce_soft_row(x, y, i, c, w, eps, z, loss, grad, gs, acc):
 def _k_cross_entropy_soft(x, y, w, eps, z, loss, grad, gsc, gsa, nb):
     n, c = x.shape
     for b in prange(nb):
-        acc = np.empty(_PMAX, x.dtype)
         for i in range(b * n // nb, (b + 1) * n // nb):
             gs = gsc if gsa is None else gsc * gsa[i]
-            _ce_soft_row(x, y, i, c, w, eps, z, loss, grad, gs, acc)
+            _ce_soft_row(x, y, i, c, w, eps, z, loss, grad, gs)
 
 
 # ============================================================================= elementwise
@@ -1294,6 +1287,41 @@ def _k_gaussian_nll(x, t, var, full, eps, loss, grad, grad_var, gs, gout, ntask,
 
 
 # ============================================================================= entry points
+# Every distinct tuple of argument types is one more compiled specialization (seconds of
+# LLVM each, twice with the serial twin), and Numba's array type holds the layout and the
+# read-only flag: a C-contiguous array, the same values in a stride-0 broadcast view and a
+# writable copy are three specializations of every kernel they reach.  The entry points
+# therefore hand the kernels few types: every input as a read-only view (a kernel never
+# writes its inputs; the flag changes no machine code) and every 1-D operand (class
+# weights, targets, per-row losses) C-contiguous -- copying C or N values costs nothing
+# next to the N x C pass.
+def _ro(a):
+    """``a`` as a read-only view (``None`` stays ``None``): one type for every input."""
+    if a is None or not a.flags.writeable:
+        return a
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
+def _vec(a, dtype=None):
+    """A 1-D operand C-contiguous and read-only (a copy only when it is strided)."""
+    if a is None:
+        return None
+    return _ro(np.ascontiguousarray(a, dtype=dtype))
+
+
+def _rows_out(loss, run):
+    """Run ``run(buf)`` on a C-contiguous per-row output buffer and copy it into ``loss``
+    when ``loss`` itself is strided."""
+    if loss.flags.c_contiguous:
+        run(loss)
+        return
+    buf = np.empty(loss.shape, loss.dtype)
+    run(buf)
+    loss[...] = buf
+
+
 def _gscale_rows(gscale, n):
     """Split a row scale into (scalar, per-row float64 array or None)."""
     g = np.asarray(gscale, dtype=np.float64)
@@ -1302,16 +1330,6 @@ def _gscale_rows(gscale, n):
     return 1.0, np.ascontiguousarray(np.broadcast_to(g, (n,)))
 
 
-def _gscale_elem(gscale, gout, shape):
-    """Fold an elementwise scale into (scalar, optional (R, K) array)."""
-    g = np.asarray(gscale, dtype=np.float64)
-    if g.ndim == 0:
-        return float(g), gout
-    # an array-valued gscale is not produced by the public layer; support it correctly anyway
-    full = np.broadcast_to(g, shape)
-    if gout is not None:
-        full = full * gout
-    return 1.0, np.ascontiguousarray(full, dtype=gout.dtype if gout is not None else None)
 
 
 def _elementwise_layout(first, *arrays):
@@ -1327,31 +1345,31 @@ def _elementwise_layout(first, *arrays):
 def logsumexp(x, out):
     if x.shape[0] == 0:
         return
-    _call(_k_logsumexp, x.size, x, out, _nblocks(x.shape[0], x.size))
+    _rows_out(out, lambda o: _call(_k_logsumexp, x.size, _ro(x), o, _nblocks(x.shape[0], x.size)))
 
 
 def softmax(x, out):
     if x.size == 0:
         return
-    _call(_k_softmax, x.size, x, out, _nblocks(x.shape[0], x.size))
+    _call(_k_softmax, x.size, _ro(x), out, _nblocks(x.shape[0], x.size))
 
 
 def log_softmax(x, out):
     if x.size == 0:
         return
-    _call(_k_log_softmax, x.size, x, out, _nblocks(x.shape[0], x.size))
+    _call(_k_log_softmax, x.size, _ro(x), out, _nblocks(x.shape[0], x.size))
 
 
 def softmax_backward(g, y, out):
     if y.size == 0:
         return
-    _call(_k_softmax_backward, y.size, g, y, out, _nblocks(y.shape[0], y.size))
+    _call(_k_softmax_backward, y.size, _ro(g), _ro(y), out, _nblocks(y.shape[0], y.size))
 
 
 def log_softmax_backward(g, y, out):
     if y.size == 0:
         return
-    _call(_k_log_softmax_backward, y.size, g, y, out, _nblocks(y.shape[0], y.size))
+    _call(_k_log_softmax_backward, y.size, _ro(g), _ro(y), out, _nblocks(y.shape[0], y.size))
 
 
 def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, loss, grad, gscale):
@@ -1362,8 +1380,9 @@ def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, loss
     gsc, gsa = _gscale_rows(gscale if grad is not None else 1.0, n)
     # few classes: the column-block kernel, in any layout (it transposes blocks of rows itself)
     kern = _k_cross_entropy_small if c <= _SMALL_C else _k_cross_entropy
-    _call(kern, x.size, x, target, weight, sumw, int(ignore_index), float(label_smoothing),
-          float(z_loss), loss, grad, gsc, gsa, _nblocks(n, x.size))
+    args = (_ro(x), _vec(target, np.int64), _vec(weight), sumw, int(ignore_index), float(label_smoothing),
+            float(z_loss))
+    _rows_out(loss, lambda lo: _call(kern, x.size, *args, lo, grad, gsc, _vec(gsa), _nblocks(n, x.size)))
 
 
 def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, loss, grad, gscale):
@@ -1371,53 +1390,55 @@ def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, loss, grad, g
     if n == 0:
         return
     gsc, gsa = _gscale_rows(gscale if grad is not None else 1.0, n)
-    _call(_k_cross_entropy_soft, x.size, x, target, weight, float(label_smoothing),
-          float(z_loss), loss, grad, gsc, gsa, _nblocks(n, x.size))
+    args = (_ro(x), _ro(target), _vec(weight), float(label_smoothing), float(z_loss))
+    _rows_out(loss, lambda lo: _call(_k_cross_entropy_soft, x.size, *args, lo, grad, gsc, _vec(gsa),
+                                     _nblocks(n, x.size)))
 
 
 def bce_with_logits(z, y, weight, pos_weight, loss, grad, gscale, gout):
     if z.size == 0:
         return 0.0
-    gs, gout = _gscale_elem(gscale, gout, z.shape)
+    gs = float(gscale)  # a scalar (the protocol): a per-element scale arrives as gout
     z, y, weight, pos_weight, loss, grad, gout = _elementwise_layout(
         z, y, weight, pos_weight, loss, grad, gout)
-    return float(_call(_k_bce_with_logits, z.size, z, y, weight, pos_weight, loss, grad, gs,
-                       gout, *_tasks(*z.shape)))
+    return float(_call(_k_bce_with_logits, z.size, _ro(z), _ro(y), _ro(weight), _ro(pos_weight), loss, grad,
+                       gs, _ro(gout), *_tasks(*z.shape)))
 
 
 def bce(p, y, weight, loss, grad, gscale, gout):
     if p.size == 0:
         return 0.0
-    gs, gout = _gscale_elem(gscale, gout, p.shape)
+    gs = float(gscale)  # a scalar (the protocol): a per-element scale arrives as gout
     p, y, weight, loss, grad, gout = _elementwise_layout(p, y, weight, loss, grad, gout)
-    return float(_call(_k_bce, p.size, p, y, weight, loss, grad, gs, gout, *_tasks(*p.shape)))
+    return float(_call(_k_bce, p.size, _ro(p), _ro(y), _ro(weight), loss, grad, gs, _ro(gout),
+                       *_tasks(*p.shape)))
 
 
 def kl_div(x, t, log_target, loss, grad, gscale, gout):
     if x.size == 0:
         return 0.0
-    gs, gout = _gscale_elem(gscale, gout, x.shape)
+    gs = float(gscale)  # a scalar (the protocol): a per-element scale arrives as gout
     x, t, loss, grad, gout = _elementwise_layout(x, t, loss, grad, gout)
-    return float(_call(_k_kl_div, x.size, x, t, bool(log_target), loss, grad, gs, gout,
+    return float(_call(_k_kl_div, x.size, _ro(x), _ro(t), bool(log_target), loss, grad, gs, _ro(gout),
                        *_tasks(*x.shape)))
 
 
 def mse(x, t, loss, grad, gscale, gout):
     if x.size == 0:
         return 0.0
-    gs, gout = _gscale_elem(gscale, gout, x.shape)
+    gs = float(gscale)  # a scalar (the protocol): a per-element scale arrives as gout
     x, t, loss, grad, gout = _elementwise_layout(x, t, loss, grad, gout)
-    return float(_call(_k_mse, x.size, x, t, loss, grad, gs, gout, *_tasks(*x.shape)))
+    return float(_call(_k_mse, x.size, _ro(x), _ro(t), loss, grad, gs, _ro(gout), *_tasks(*x.shape)))
 
 
 def gaussian_nll(x, t, var, full, eps, loss, grad, grad_var, gscale, gout):
     if x.size == 0:
         return 0.0
-    gs, gout = _gscale_elem(gscale, gout, x.shape)
+    gs = float(gscale)  # a scalar (the protocol): a per-element scale arrives as gout
     x, t, var, loss, grad, grad_var, gout = _elementwise_layout(
         x, t, var, loss, grad, grad_var, gout)
-    return float(_call(_k_gaussian_nll, x.size, x, t, var, bool(full), float(eps), loss, grad,
-                       grad_var, gs, gout, *_tasks(*x.shape)))
+    return float(_call(_k_gaussian_nll, x.size, _ro(x), _ro(t), _ro(var), bool(full), float(eps), loss,
+                       grad, grad_var, gs, _ro(gout), *_tasks(*x.shape)))
 
 
 # ============================================================================= warmup
