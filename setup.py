@@ -3,7 +3,7 @@
 Everything else about the package is declared in ``pyproject.toml``; this file only adds the
 extension built from ``kernels/_kernels_cy.pyx`` + ``kernels/fl_math.h``.  The extension is
 OPTIONAL: without Cython, without a C compiler, or when compilation fails, fastloss still
-installs (pure Python) and ``fastloss.backends.cython_backend.unavailable_reason()`` says why.
+installs (pure Python) and ``fastloss._backends.cython_backend.unavailable_reason()`` says why.
 
 Development build (in place)::
 

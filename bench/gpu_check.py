@@ -30,8 +30,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from numba import cuda  # noqa: E402
 
-from fastloss.backends import cuda_backend as C  # noqa: E402
-from fastloss.backends import numpy_backend as R  # noqa: E402
+from fastloss._backends import cuda_backend as C  # noqa: E402
+from fastloss._backends import numpy_backend as R  # noqa: E402
 
 BF16 = C.V._BF16  # ml_dtypes.bfloat16 (None without ml_dtypes)
 # bfloat16 results: both paths compute in float32 and round once, so one bfloat16 ulp

@@ -21,7 +21,7 @@ from ._api import (
     softmax_backward,
 )
 from ._dispatch import get_backend, get_num_threads, set_backend, set_num_threads, use_backend
-from .backends import BackendStatus, BackendUnavailable, backends
+from ._backends import BackendStatus, BackendUnavailable, NumbaCacheWarning, backends, forked_serial
 
 __version__ = "0.1.0"
 
@@ -45,6 +45,8 @@ __all__ = [
     "get_num_threads",
     "BackendUnavailable",
     "BackendStatus",
+    "NumbaCacheWarning",
+    "forked_serial",
     "warmup",
 ]
 

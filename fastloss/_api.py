@@ -3,7 +3,7 @@
 Each function validates everything once (nothing is written before validation passed),
 normalizes its arrays to the 2-D views the kernels take (:mod:`fastloss._layout`), computes
 the reduction factors, and calls one kernel entry point of one backend (see
-:mod:`fastloss.backends._protocol` for the kernel protocol).
+:mod:`fastloss._backends._protocol` for the kernel protocol).
 """
 from __future__ import annotations
 

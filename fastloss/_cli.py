@@ -60,14 +60,14 @@ def cmd_info(args) -> int:
 
 def _cython_build() -> str:
     """How the ahead-of-time extension was built (Cython itself is needed only to build it)."""
-    from .backends import cython_backend
+    from ._backends import cython_backend
 
     return cython_backend.build_info()
 
 
 def _numba_cache() -> str:
     """Where the numba backend's kernels are cached on disk, and whether that works."""
-    from .backends import BackendUnavailable, get
+    from ._backends import BackendUnavailable, get
 
     try:
         info = get("numba").cache_info()

@@ -11,8 +11,8 @@ import contextvars
 import os
 import threading
 
-from . import backends as _reg
-from .backends import BackendUnavailable
+from . import _backends as _reg
+from ._backends import BackendUnavailable
 
 __all__ = ["set_backend", "get_backend", "use_backend", "set_num_threads", "get_num_threads", "resolve", "is_device_array"]
 

@@ -17,8 +17,8 @@ loop runs over the rows of a block (``fl_ce_cols`` / ``fl_norm_cols``); Fortran-
 are already in that layout and are read in place, for up to ~2000 classes.
 
 Every ``def`` entry point here takes already-validated, normalized arguments (see
-:mod:`fastloss.backends.numpy_backend` for the protocol); absent optional arrays are passed as
-empty dummies with a ``has_*`` flag by :mod:`fastloss.backends.cython_backend`.
+:mod:`fastloss._backends.numpy_backend` for the protocol); absent optional arrays are passed as
+empty dummies with a ``has_*`` flag by :mod:`fastloss._backends.cython_backend`.
 Row losses and elementwise loss totals are accumulated in float64; the row sums of exp in float32
 lanes at most ``FL_BLOCK`` long, then in float64.
 """
@@ -154,7 +154,7 @@ def openmp_enabled():
 
 # Set once a kernel has run an OpenMP team of more than one thread: from then on libgomp keeps
 # a pool of worker threads, which a child forked from this process does not inherit (see
-# fastloss.backends.forked_serial: such a child must stay at one thread).
+# fastloss.forked_serial: such a child must stay at one thread).
 cdef int _team_started = 0
 
 

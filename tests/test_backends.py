@@ -15,7 +15,7 @@ from scipy.special import logsumexp as sp_lse
 import fastloss as fl
 from conftest import sizes
 
-npb = importlib.import_module("fastloss.backends.numpy_backend")  # fl.backends is the function
+npb = importlib.import_module("fastloss._backends.numpy_backend")
 
 PUBLIC = ["logsumexp", "softmax", "log_softmax", "softmax_backward", "log_softmax_backward", "cross_entropy",
           "binary_cross_entropy_with_logits", "binary_cross_entropy", "kl_div", "mse_loss", "gaussian_nll_loss",
@@ -45,6 +45,18 @@ def test_docstrings(name):
     doc = getattr(fl, name).__doc__ or ""
     assert "Parameters" in doc and "Returns" in doc and "Examples" in doc, f"{name}: numpydoc sections missing"
     assert ">>>" in doc, f"{name}: no example"
+
+
+def test_fl_backends_is_the_function_and_shadows_no_subpackage():
+    """The kernel sets live in the private ``fastloss._backends``: ``fastloss.backends`` is only
+    the report function, whether or not a backend module was imported."""
+    import importlib.util
+
+    importlib.import_module("fastloss._backends.numpy_backend")
+    assert callable(fl.backends) and importlib.util.find_spec("fastloss.backends") is None
+    from fastloss import backends
+
+    assert backends is fl.backends and isinstance(backends(), dict)
 
 
 def test_backends_report():
@@ -117,7 +129,7 @@ def test_set_backend_unknown_keeps_default():
 
 def test_env_backend_numpy():
     r = _run("""
-        import importlib, numpy as np, fastloss as fl; nb = importlib.import_module("fastloss.backends.numpy_backend")
+        import importlib, numpy as np, fastloss as fl; nb = importlib.import_module("fastloss._backends.numpy_backend")
         calls = []
         orig = nb.cross_entropy
         nb.cross_entropy = lambda *a, **k: (calls.append(1), orig(*a, **k))[1]
@@ -202,7 +214,7 @@ def test_env_num_threads():
 def test_every_backend_module_conforms_to_the_protocol():
     """Every backend module that imports here (cuda's does without a GPU) has every entry
     point of the protocol, with its parameter names in order."""
-    from fastloss.backends import KNOWN, _protocol
+    from fastloss._backends import KNOWN, _protocol
 
     assert {"logsumexp", "cross_entropy", "cross_entropy_soft", "gaussian_nll"} <= set(_protocol.ENTRY_POINTS)
     checked = []
@@ -219,7 +231,7 @@ def test_every_backend_module_conforms_to_the_protocol():
 def test_the_protocol_check_names_what_is_wrong():
     import types
 
-    from fastloss.backends import _protocol, numpy_backend
+    from fastloss._backends import _protocol, numpy_backend
 
     bad = types.ModuleType("bad")
     for name in _protocol.ENTRY_POINTS:
@@ -237,8 +249,8 @@ def test_a_backend_breaking_the_protocol_is_unavailable_with_the_reason(monkeypa
     import sys
     import types
 
-    reg = importlib.import_module("fastloss.backends")  # the package (fl.backends is a function)
-    numpy_backend = importlib.import_module("fastloss.backends.numpy_backend")
+    reg = importlib.import_module("fastloss._backends")
+    numpy_backend = importlib.import_module("fastloss._backends.numpy_backend")
     broken = types.ModuleType("fastloss_test_broken_backend")
     for name in dir(numpy_backend):
         setattr(broken, name, getattr(numpy_backend, name))

@@ -60,7 +60,7 @@ def test_every_command_has_a_description(cmd, capsys):
 def test_info_shows_the_extension_build_not_cython(capsys):
     # Cython is a build-time tool: info shows how the extension was built, not whether the
     # Cython package happens to be installed beside it
-    from fastloss.backends import cython_backend
+    from fastloss._backends import cython_backend
 
     assert _cli.main(["info"]) == 0
     out = capsys.readouterr().out
@@ -130,7 +130,7 @@ def test_numba_warmup_subset_compiles_only_that_subset():
     """A float32 / C-order warm-up calls a quarter of the full set of kernel entry points."""
     import importlib
 
-    nb = importlib.import_module("fastloss.backends.numba_backend")
+    nb = importlib.import_module("fastloss._backends.numba_backend")
     if fl.backends()["numba"].available is False:
         pytest.skip("numba unavailable")
     calls = []

@@ -20,8 +20,8 @@ import pytest
 numba_cuda = pytest.importorskip("numba.cuda")
 cuda = numba_cuda
 
-from fastloss.backends import cuda_backend as C  # noqa: E402
-from fastloss.backends import numpy_backend as R  # noqa: E402
+from fastloss._backends import cuda_backend as C  # noqa: E402
+from fastloss._backends import numpy_backend as R  # noqa: E402
 
 SIM = bool(getattr(cuda.config, "ENABLE_CUDASIM", 0))
 if not SIM and C.unavailable_reason():
@@ -47,7 +47,7 @@ def host(d):
 def test_available_and_lazy():
     assert C.unavailable_reason() == ""
     assert C.NAME == "cuda"
-    from fastloss.backends import _cuda_kernels as K
+    from fastloss._backends import _cuda_kernels as K
 
     # nothing is compiled at import: kernels are built per (name, dtype) on first use
     assert set(K._FACTORIES) >= {"row_lse", "ce_hard", "ce_soft", "bce_with_logits", "gaussian_nll"}

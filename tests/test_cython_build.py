@@ -19,7 +19,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from fastloss.backends import cython_backend as C
+from fastloss._backends import cython_backend as C
 
 needs_ext = pytest.mark.skipif(bool(C.unavailable_reason()), reason=C.unavailable_reason() or "built")
 DTYPES = (np.float32, np.float64)
@@ -33,11 +33,11 @@ def test_reports_why_when_extension_missing():
         """
         import sys
         sys.modules["fastloss._kernels_cy"] = None  # makes `import fastloss._kernels_cy` fail
-        from fastloss.backends import cython_backend as C
+        from fastloss._backends import cython_backend as C
         why = C.unavailable_reason()
         assert "fastloss._kernels_cy is not built" in why, why
         import importlib
-        reg = importlib.import_module("fastloss.backends")  # the registry (fastloss.backends is also a function)
+        reg = importlib.import_module("fastloss._backends")  # the registry
         try:
             reg.get("cython")
         except reg.BackendUnavailable as exc:

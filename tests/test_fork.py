@@ -24,7 +24,7 @@ import pytest
 
 import fastloss as fl
 
-registry = importlib.import_module("fastloss.backends")  # fl.backends is the report function
+registry = importlib.import_module("fastloss._backends")
 
 pytestmark = pytest.mark.skipif(
     not hasattr(os, "fork") or "fork" not in mp.get_all_start_methods(),
@@ -156,7 +156,7 @@ def test_child_forked_before_any_parallel_call_stays_parallel():
         import importlib, multiprocessing as mp, sys
         import numpy as np
         import fastloss as fl
-        reg = importlib.import_module("fastloss.backends")
+        reg = importlib.import_module("fastloss._backends")
         names = sys.argv[1:]
         for name in names:
             reg.get(name)  # imported, nothing computed: no pool yet

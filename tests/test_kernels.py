@@ -1,4 +1,4 @@
-"""Every kernel entry point of the backend protocol (:mod:`fastloss.backends._protocol`),
+"""Every kernel entry point of the backend protocol (:mod:`fastloss._backends._protocol`),
 called directly as the public layer calls it, against the NumPy reference backend -- on every
 backend under test (the ``backend`` fixture; the CUDA backend under the simulator, where its
 host entry points offload).
@@ -24,8 +24,8 @@ import pytest
 
 import fastloss as fl
 from conftest import SIM, _backend_list, pick
-from fastloss.backends import get as get_backend
-from fastloss.backends import numpy_backend as R
+from fastloss._backends import get as get_backend
+from fastloss._backends import numpy_backend as R
 
 DTYPES = (np.float32, np.float64)
 # the heaviest loops under the simulator in float32 only (it runs the kernels' Python, where

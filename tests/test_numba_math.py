@@ -14,9 +14,9 @@ import pytest
 
 numba = pytest.importorskip("numba")
 
-from fastloss.backends import numba_backend as nb  # noqa: E402
-from fastloss.backends import numpy_backend as ref  # noqa: E402
-from fastloss.backends import _numba_math as nm  # noqa: E402
+from fastloss._backends import numba_backend as nb  # noqa: E402
+from fastloss._backends import numpy_backend as ref  # noqa: E402
+from fastloss._backends import _numba_math as nm  # noqa: E402
 
 _FM = {"contract", "arcp", "nsz", "reassoc", "afn"}
 

@@ -44,7 +44,7 @@ CHILD = textwrap.dedent(
     x = np.arange(12.0).reshape(4, 3)
     got = [fl.logsumexp(x, backend="numba").tolist() for _ in range(2)] if st.available else None
     fl.backends()
-    nb = importlib.import_module("fastloss.backends.numba_backend")
+    nb = importlib.import_module("fastloss._backends.numba_backend")
     print(json.dumps(dict(file=fl.__file__, available=st.available, reason=st.reason, got=got,
                           warnings=caught, info=nb.cache_info())))
     """
@@ -70,7 +70,7 @@ def install(tmp_path):
 
 def _read_only(root):
     """Make the backends' ``__pycache__`` impossible to create, for root too."""
-    (root / "fastloss" / "backends" / "__pycache__").write_text("")
+    (root / "fastloss" / "_backends" / "__pycache__").write_text("")
 
 
 def _env(root, blocker, cache_dir=None):
@@ -122,7 +122,7 @@ def test_read_only_install_works_uncached(install):
     env = _env(root, blocker)
     res = _child(root, env)
     msg = _check_uncached(res)
-    pycache = os.path.join(str(root), "fastloss", "backends", "__pycache__")
+    pycache = os.path.join(str(root), "fastloss", "_backends", "__pycache__")
     assert pycache in msg, msg  # names what was tried
     assert res["info"]["dir"] == pycache, res["info"]
     out = _info(root, env)
@@ -159,7 +159,7 @@ def test_read_only_numba_cache_dir_is_not_skipped_silently(install):
     assert len(res["warnings"]) == 1, res["warnings"]
     (msg,) = _cache_warnings(res)
     assert str(cache_dir) in msg and "not writable" in msg, msg
-    pycache = os.path.join(str(root), "fastloss", "backends", "__pycache__")
+    pycache = os.path.join(str(root), "fastloss", "_backends", "__pycache__")
     assert res["info"]["enabled"] and res["info"]["dir"] == pycache, res["info"]
     assert any(f.endswith(".nbi") for f in os.listdir(pycache))
     line = next(ln for ln in _info(root, env).splitlines() if ln.startswith("numba cache"))
@@ -205,7 +205,7 @@ def test_cache_is_keyed_on_every_kernel_source(install, tmp_path):
     _child(root, env)
     assert index_files() == cached
 
-    math_py = root / "fastloss" / "backends" / "_numba_math.py"
+    math_py = root / "fastloss" / "_backends" / "_numba_math.py"
     src = math_py.read_text()
     for fn in ("exp64", "expn64"):
         assert src.count(f"def {fn}(x):\n") == 1
@@ -223,11 +223,11 @@ def test_every_helper_module_of_the_kernels_is_in_the_cache_key():
     """The modules whose Numba functions numba_backend uses are those its cache key reads."""
     import importlib
 
-    nb = importlib.import_module("fastloss.backends.numba_backend")
+    nb = importlib.import_module("fastloss._backends.numba_backend")
     used = set()
     for obj in vars(nb).values():
         mod = getattr(getattr(obj, "py_func", obj), "__module__", "") or ""
-        if mod.startswith("fastloss.backends.") and callable(obj):
+        if mod.startswith("fastloss._backends.") and callable(obj):
             used.add(mod.rsplit(".", 1)[1] + ".py")
     assert used <= set(nb._KERNEL_SOURCES), (used, nb._KERNEL_SOURCES)
     assert "_numba_math.py" in used

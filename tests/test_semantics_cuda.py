@@ -25,7 +25,7 @@ cuda = numba_cuda
 
 import fastloss as fl  # noqa: E402
 from fastloss import _dispatch  # noqa: E402
-from fastloss.backends import cuda_backend as C  # noqa: E402
+from fastloss._backends import cuda_backend as C  # noqa: E402
 
 SIM = bool(getattr(cuda.config, "ENABLE_CUDASIM", 0))
 if not SIM and C.unavailable_reason():

@@ -1,7 +1,7 @@
 """Backend registry: name -> lazily imported kernel module.
 
 Each backend is a module implementing the kernel entry points of the backend protocol,
-:class:`fastloss.backends._protocol.KernelSet` (checked when the backend is loaded).  Nothing is imported (and nothing compiled) until a
+:class:`fastloss._backends._protocol.KernelSet` (checked when the backend is loaded).  Nothing is imported (and nothing compiled) until a
 backend is first asked for; a backend that cannot load raises :class:`BackendUnavailable`
 saying why and how to install it.
 
@@ -49,14 +49,14 @@ class BackendStatus:
 
 # name -> (module, install hint)
 KNOWN = {
-    "numpy": ("fastloss.backends.numpy_backend", ""),
-    "numba": ("fastloss.backends.numba_backend", 'pip install "numba>=0.60"'),
+    "numpy": ("fastloss._backends.numpy_backend", ""),
+    "numba": ("fastloss._backends.numba_backend", 'pip install "numba>=0.60"'),
     "cython": (
-        "fastloss.backends.cython_backend",
+        "fastloss._backends.cython_backend",
         "reinstall fastloss from source with a C compiler and Cython available: "
         'pip install --no-build-isolation -e ".[test]" (or: pip install cython && python setup.py build_ext --inplace)',
     ),
-    "cuda": ("fastloss.backends.cuda_backend", 'pip install "fastloss[cuda]"  (numba-cuda with its CUDA 12 extra) and an NVIDIA GPU with a driver'),
+    "cuda": ("fastloss._backends.cuda_backend", 'pip install "fastloss[cuda]"  (numba-cuda with its CUDA 12 extra) and an NVIDIA GPU with a driver'),
 }
 
 _lock = threading.Lock()

@@ -1,7 +1,7 @@
 """The ``numba`` backend: fused, parallel, SIMD CPU kernels compiled by Numba.
 
 Implements every entry point of the backend protocol documented in
-:mod:`fastloss.backends.numpy_backend`, with the same signatures and the same results (within
+:mod:`fastloss._backends.numpy_backend`, with the same signatures and the same results (within
 the accuracy contract of SPEC.md), but without temporaries and in one or two sweeps over memory.
 
 Design
@@ -61,7 +61,7 @@ Design
   available") and the whole backend would be lost; so the search is run once at import on a
   probe function (``_cache_setup``) and, when it fails, every kernel is compiled with
   ``cache=False`` -- in memory, again in every process -- and one
-  :class:`~fastloss.backends.NumbaCacheWarning` says how to fix it (``NUMBA_CACHE_DIR`` set
+  :class:`~fastloss.NumbaCacheWarning` says how to fix it (``NUMBA_CACHE_DIR`` set
   to a writable directory).  An unwritable ``NUMBA_CACHE_DIR`` that Numba skips for another
   directory gets the warning too.  :func:`cache_info` (shown by ``fastloss info``) reports it.
 * **Strict subexpressions under ``reassoc``.**  ``(x - m) - log s`` (log-softmax) and
@@ -76,7 +76,7 @@ Design
   parallel call (``multiprocessing``'s ``'fork'`` start method, DataLoader-style workers)
   Numba's ``omp`` layer kills the process ("fork() called from a process already using GNU
   OpenMP, this is unsafe"), and a libgomp pool started by the ``cython`` backend would hang
-  it.  In such a child (:func:`fastloss.backends.forked_serial`, decided by an
+  it.  In such a child (:func:`fastloss.forked_serial`, decided by an
   ``os.register_at_fork`` handler from the state of the parent) every call runs the serial
   twin of its kernel on the calling thread, :func:`get_num_threads` is 1 and
   :func:`set_num_threads` checks its argument without applying it.  Children of a process
@@ -399,7 +399,7 @@ def set_num_threads(n: int) -> None:
 
     Numba's own setting is per calling thread; the value is stored here and applied on every
     call, so it holds for calls from any Python thread.  In a child process forked after a
-    parallel call (:func:`fastloss.backends.forked_serial`) ``n`` is checked and stored but
+    parallel call (:func:`fastloss.forked_serial`) ``n`` is checked and stored but
     the kernels keep running serially on the calling thread: the parent's OpenMP pool is
     unusable there, and Numba is not asked to touch it.
     """

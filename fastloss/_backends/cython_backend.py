@@ -7,7 +7,7 @@ and when it is missing :func:`unavailable_reason` says why.
 
 Kernels
 -------
-Every entry point has the signature and semantics of :mod:`fastloss.backends.numpy_backend`
+Every entry point has the signature and semantics of :mod:`fastloss._backends.numpy_backend`
 (the protocol).  This module only adapts arguments: ``None`` optional arrays become empty
 dummies plus a flag, scalars/array ``gscale`` are normalized, class indices become int64.
 The compiled side accepts any strides (Fortran order, strided and stride-0 broadcast views)
@@ -41,7 +41,7 @@ thread (``_PAR_MIN`` in the extension).
 Fork safety: GNU OpenMP's thread pool does not survive ``fork()`` -- a child forked after a
 parallel call (``multiprocessing``'s ``'fork'`` start method, DataLoader-style workers) would
 hang in its first parallel region.  In such a child (see
-:func:`fastloss.backends.forked_serial`; a pool started by the ``numba`` backend's OpenMP layer
+:func:`fastloss.forked_serial`; a pool started by the ``numba`` backend's OpenMP layer
 counts too, as both use the same libgomp) every kernel runs with a team of one thread, which
 libgomp runs on the calling thread without touching the stale pool.  :func:`set_num_threads`
 there checks its argument but keeps one thread.  Use the ``'spawn'`` or ``'forkserver'``
@@ -99,7 +99,7 @@ if hasattr(os, "register_at_fork"):
 def set_num_threads(n: int) -> None:
     """Run every following kernel on ``n`` (>= 1) OpenMP threads.
 
-    In a child process forked after a parallel call (:func:`fastloss.backends.forked_serial`)
+    In a child process forked after a parallel call (:func:`fastloss.forked_serial`)
     the request is checked but not applied: the kernels keep running on the calling thread,
     since the parent's OpenMP pool is unusable there.
     """

@@ -1,4 +1,4 @@
-"""Numba CUDA kernels of the ``cuda`` backend (see :mod:`fastloss.backends.cuda_backend`).
+"""Numba CUDA kernels of the ``cuda`` backend (see :mod:`fastloss._backends.cuda_backend`).
 
 Nothing here is compiled at import: ``@cuda.jit`` without a signature compiles on the first
 launch, once per argument-type combination.  Kernels are built by ``_make_*`` factories per

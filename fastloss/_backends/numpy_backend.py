@@ -1,7 +1,7 @@
 """The ``numpy`` backend: the readable reference every compiled backend is tested against.
 
 It implements every kernel entry point of the backend protocol
-(:class:`fastloss.backends._protocol.KernelSet`, where the contract of each one is written)
+(:class:`fastloss._backends._protocol.KernelSet`, where the contract of each one is written)
 in a few lines of array code, with the same stability tricks as the compiled kernels.
 
 Optional hooks: ``set_num_threads(n)``.

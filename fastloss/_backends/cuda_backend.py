@@ -2,7 +2,7 @@
 
 Two ways in
 -----------
-* The backend protocol (:mod:`fastloss.backends._protocol`) with NumPy host arrays
+* The backend protocol (:mod:`fastloss._backends._protocol`) with NumPy host arrays
   (``backend="cuda"`` with NumPy input, *offload*): inputs are copied to the GPU, the kernels
   run there, and the results are copied back into the given host outputs (a gradient output
   may be the first input itself).
@@ -16,7 +16,7 @@ Two ways in
   has no bfloat16 type, so they enter as their int16 bits (:class:`_BF16`) and cross to and
   from float32 in bit-exact conversion kernels (round to nearest even on the way back).
 
-Kernels (:mod:`fastloss.backends._cuda_kernels`) compile on first use, never at import.
+Kernels (:mod:`fastloss._backends._cuda_kernels`) compile on first use, never at import.
 Row-wise kernels give each row ``blockDim.x`` threads (several rows per block for small class
 counts) with shared-memory reductions; the softmax cross-entropy computes loss and gradient
 in one launch that reads the logits from DRAM once and writes the gradient once (the second
