@@ -16,7 +16,10 @@ numba = pytest.importorskip("numba")
 
 from fastloss._backends import numba_backend as nb  # noqa: E402
 from fastloss._backends import numpy_backend as ref  # noqa: E402
-from fastloss._backends import _numba_math as nm  # noqa: E402
+from fastloss._backends.numba_backend import _elementwise as nbe  # noqa: E402
+from fastloss._backends.numba_backend import _jit as nbj  # noqa: E402
+from fastloss._backends.numba_backend import _math as nm  # noqa: E402
+from fastloss._backends.numba_backend import _rows as nbr  # noqa: E402
 
 _FM = {"contract", "arcp", "nsz", "reassoc", "afn"}
 
@@ -159,16 +162,16 @@ def _packed_ops(disp):
     return len(re.findall(r"\bv(?:fmadd|fmsub|fnmadd|mul|add|sub|max|blendv)\w*p[sd]\s[^\n]*[yz]mm", asm))
 
 
-@numba.njit(**nb._JIT)
+@numba.njit(**nbj._JIT)
 def _compile_helpers(x, g):
     m = x[0].max()
-    o = nb._sumexp(x, 0, x.shape[1], m, True)
-    o += nb._sumexp_store(x, 0, x.shape[1], m, True, g)
+    o = nbr._sumexp(x, 0, x.shape[1], m, True)
+    o += nbr._sumexp_store(x, 0, x.shape[1], m, True, g)
     r, k = x.shape
-    o += nb._bcel_block(x, x, None, None, 0, 0.0, None, g, None, 1.0, None, 0, r, 0, k)
-    o += nb._mse_block(x, x, None, None, 0, 0.0, None, g, None, 1.0, None, 0, r, 0, k)
-    o += nb._kl_block(x, np.abs(x), None, None, 0, 0.0, None, g, None, 1.0, None, 0, r, 0, k)
-    o += nb._kl_log_block(x, x, None, None, 0, 0.0, None, g, None, 1.0, None, 0, r, 0, k)
+    o += nbe._bcel_block(x, x, None, None, 0, 0.0, None, g, None, 1.0, None, 0, r, 0, k)
+    o += nbe._mse_block(x, x, None, None, 0, 0.0, None, g, None, 1.0, None, 0, r, 0, k)
+    o += nbe._kl_block(x, np.abs(x), None, None, 0, 0.0, None, g, None, 1.0, None, 0, r, 0, k)
+    o += nbe._kl_log_block(x, x, None, None, 0, 0.0, None, g, None, 1.0, None, 0, r, 0, k)
     return o
 
 
@@ -187,12 +190,12 @@ def test_hot_kernels_are_vectorized(dt):
     # (KL: both formulas, the exp of log-targets and the log of targets, vectorized -- a branch
     # on log_target or a log inside a select kept it scalar, 5x slower)
     # (the elementwise blocks are one loop, _make_ew_block, around each loss's element function)
-    for disp, least in ((nb._sumexp, 8), (nb._sumexp_store, 8), (nb._bcel_block, 8),
-                        (nb._mse_block, 3), (nb._kl_block, 8), (nb._kl_log_block, 8)):
+    for disp, least in ((nbr._sumexp, 8), (nbr._sumexp_store, 8), (nbe._bcel_block, 8),
+                        (nbe._mse_block, 3), (nbe._kl_block, 8), (nbe._kl_log_block, 8)):
         assert disp.signatures, disp
         assert _packed_ops(disp) >= least, disp.py_func.__name__
     # the exp inside the cross-entropy row is inlined (no call to a libm exp)
-    asm = "\n".join(nb._sumexp.inspect_asm(s) for s in nb._sumexp.signatures)
+    asm = "\n".join(nbr._sumexp.inspect_asm(s) for s in nbr._sumexp.signatures)
     assert "exp" not in " ".join(re.findall(r"call\w*\s+\S+", asm))
 
 
@@ -237,7 +240,7 @@ def test_set_num_threads_and_concurrent_calls():
     finally:
         nb.set_num_threads(nmax)
     assert not errors, errors
-    assert numba.threading_layer() in ("omp", "tbb") or nb._serialize
+    assert numba.threading_layer() in ("omp", "tbb") or nbj._serialize
 
 
 # ----------------------------------------------------------------------------- serial twins
@@ -257,7 +260,7 @@ def test_serial_and_parallel_twins_agree_and_huge_logits(dt):
             ref.cross_entropy(x, t, None, -100, 0.0, 0.0, want_l, want_g, np.ones(n))
             ref.log_softmax(x, want_ls)
             for mode in ("serial", "parallel"):
-                nb._force_mode = mode
+                nbj._force_mode = mode
                 l, g, ls = np.zeros(n), np.zeros_like(x), np.zeros_like(x)
                 nb.cross_entropy(x, t, None, -100, 0.0, 0.0, l, g, np.ones(n))
                 nb.log_softmax(x, ls)
@@ -265,7 +268,7 @@ def test_serial_and_parallel_twins_agree_and_huge_logits(dt):
                 np.testing.assert_allclose(g, want_g, atol=1e-6, err_msg=mode)
                 np.testing.assert_allclose(ls, want_ls, rtol=1e-6, atol=1e-6, err_msg=mode)
     finally:
-        nb._force_mode = None
+        nbj._force_mode = None
 
 
 # ----------------------------------------------------------------------------- exp of x <= 0

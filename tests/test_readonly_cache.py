@@ -70,7 +70,7 @@ def install(tmp_path):
 
 def _read_only(root):
     """Make the backends' ``__pycache__`` impossible to create, for root too."""
-    (root / "fastloss" / "_backends" / "__pycache__").write_text("")
+    (root / "fastloss" / "_backends" / "numba_backend" / "__pycache__").write_text("")
 
 
 def _env(root, blocker, cache_dir=None):
@@ -122,7 +122,7 @@ def test_read_only_install_works_uncached(install):
     env = _env(root, blocker)
     res = _child(root, env)
     msg = _check_uncached(res)
-    pycache = os.path.join(str(root), "fastloss", "_backends", "__pycache__")
+    pycache = os.path.join(str(root), "fastloss", "_backends", "numba_backend", "__pycache__")
     assert pycache in msg, msg  # names what was tried
     assert res["info"]["dir"] == pycache, res["info"]
     out = _info(root, env)
@@ -159,7 +159,7 @@ def test_read_only_numba_cache_dir_is_not_skipped_silently(install):
     assert len(res["warnings"]) == 1, res["warnings"]
     (msg,) = _cache_warnings(res)
     assert str(cache_dir) in msg and "not writable" in msg, msg
-    pycache = os.path.join(str(root), "fastloss", "_backends", "__pycache__")
+    pycache = os.path.join(str(root), "fastloss", "_backends", "numba_backend", "__pycache__")
     assert res["info"]["enabled"] and res["info"]["dir"] == pycache, res["info"]
     assert any(f.endswith(".nbi") for f in os.listdir(pycache))
     line = next(ln for ln in _info(root, env).splitlines() if ln.startswith("numba cache"))
@@ -185,7 +185,7 @@ def test_writable_numba_cache_dir_fixes_a_read_only_install(install, tmp_path):
 
 def test_cache_is_keyed_on_every_kernel_source(install, tmp_path):
     """Numba invalidates a cached kernel only when the file defining it changes; an edit of a
-    helper module the kernel inlines (``_numba_math``) must not be served the old machine
+    helper module the kernel inlines (``_math``) must not be served the old machine
     code.  Here ``exp64`` and ``expn64`` are made to return 2: the next process must compute
     with them."""
     root, blocker = install
@@ -205,7 +205,7 @@ def test_cache_is_keyed_on_every_kernel_source(install, tmp_path):
     _child(root, env)
     assert index_files() == cached
 
-    math_py = root / "fastloss" / "_backends" / "_numba_math.py"
+    math_py = root / "fastloss" / "_backends" / "numba_backend" / "_math.py"
     src = math_py.read_text()
     for fn in ("exp64", "expn64"):
         assert src.count(f"def {fn}(x):\n") == 1
@@ -220,14 +220,18 @@ def test_cache_is_keyed_on_every_kernel_source(install, tmp_path):
 
 
 def test_every_helper_module_of_the_kernels_is_in_the_cache_key():
-    """The modules whose Numba functions numba_backend uses are those its cache key reads."""
+    """The modules whose Numba functions the numba backend's modules use are those its cache
+    key reads."""
     import importlib
+    import pkgutil
 
-    nb = importlib.import_module("fastloss._backends.numba_backend")
+    pkg = importlib.import_module("fastloss._backends.numba_backend")
+    cache = importlib.import_module("fastloss._backends.numba_backend._cache")
     used = set()
-    for obj in vars(nb).values():
-        mod = getattr(getattr(obj, "py_func", obj), "__module__", "") or ""
-        if mod.startswith("fastloss._backends.") and callable(obj):
-            used.add(mod.rsplit(".", 1)[1] + ".py")
-    assert used <= set(nb._KERNEL_SOURCES), (used, nb._KERNEL_SOURCES)
-    assert "_numba_math.py" in used
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        for obj in vars(mod).values():
+            if hasattr(obj, "py_func"):  # a Numba dispatcher, compiled into the kernels
+                used.add(obj.py_func.__module__.rsplit(".", 1)[1])
+    assert used <= set(cache._KERNEL_MODULES), (used, cache._KERNEL_MODULES)
+    assert {"_math", "_rows", "_cols", "_elementwise"} <= used

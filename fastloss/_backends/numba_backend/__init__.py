@@ -1,0 +1,274 @@
+"""The ``numba`` backend: fused, parallel, SIMD CPU kernels compiled by Numba.
+
+A package by concern: this module holds the protocol's entry points (argument types made few,
+task decomposition); :mod:`._jit` the jit options, the parallel/serial twins, threads and
+tasks; :mod:`._cache` the disk cache; :mod:`._rows` the row-wise kernels; :mod:`._cols` the
+few-classes cross-entropy; :mod:`._elementwise` the elementwise losses; :mod:`._math` the
+vectorizable exp/log; :mod:`._warmup` ahead-of-time compilation.
+
+Implements every entry point of the backend protocol documented in
+:mod:`fastloss._backends.numpy_backend`, with the same signatures and the same results (within
+the accuracy contract of SPEC.md), but without temporaries and in one or two sweeps over memory.
+
+Design
+------
+* **Parallelism.**  Row-wise kernels split the rows into one contiguous block per task and
+  run the blocks with ``prange`` (static scheduling: equal blocks, one per thread).  Elementwise
+  kernels see ``(R, K)`` arrays; their tasks are row segments of ``_CHUNK`` elements when
+  ``K`` is large (so a ``(1, 16M)`` view keeps every thread busy) and groups of whole rows
+  when ``K`` is small (so a tall, thin array does not pay a task per tiny row).
+* **SIMD.**  ``exp``/``log``/``log1p`` come from :mod:`._math` (polynomials plus bit
+  manipulation), which LLVM vectorizes; ``math.exp`` would be a scalar libm call.  Loops are
+  compiled with ``fastmath={'contract', 'arcp', 'nsz', 'reassoc', 'afn'}``: ``reassoc`` lets
+  LLVM vectorize sums, and ``nnan``/``ninf`` are deliberately *not* set so that inf and NaN
+  keep IEEE semantics.  A running maximum does not vectorize as a reduction without ``nnan``,
+  so the row maximum keeps 16 independent partial maxima.
+* **Fused cross-entropy.**  Per row: (1) the maximum ``m`` (one read of the logits from
+  memory); (2) ``e = exp(x - m)`` written into the gradient buffer while summing it in
+  float64; (3) ``grad = e * (gscale * a / s) - corrections``, re-reading ``e`` from L2 (a row of
+  32k float32 is 128 KiB).  The logits are read from memory once and the gradient written once,
+  and ``exp`` is evaluated once per element.  Everything the loss needs from ``x`` (the target
+  logit, the label-smoothing sum) is read before step (2), so ``grad`` may be ``x`` itself.
+* **Few classes (C <= 32).**  Rows that short never vectorize and their max and sum are
+  latency-bound chains, so the hard-target cross-entropy takes a column-block path instead:
+  blocks of 256 rows are transposed into a ``(C, 256)`` buffer and every step runs across
+  rows (see ``_ce_cols_block``).  On 262144 x 10 float32 (one thread, forward + gradient)
+  it takes about a quarter of the row-wise kernel's time.
+* **Stability.**  ``lse = m + log(sum(exp(x - m)))`` with ``m`` replaced by 0 when it is not
+  finite: a row with ``+inf`` gives ``+inf``, a row of only ``-inf`` gives ``-inf``, never
+  ``inf - inf``.  Row sums and losses are accumulated in float64.
+* **Layouts.**  Every kernel indexes ``x[i, j]``, so Numba compiles a specialization for
+  C-contiguous arrays (vectorized) and one for any-stride ('A') arrays (Fortran order,
+  strided and broadcast views) -- never a copy.  Elementwise kernels on Fortran-ordered
+  operands run on the transposes, which are C-contiguous.
+* **Small calls run serially.**  Every entry kernel has a serial twin (the same Python
+  function compiled without ``parallel``, see ``_kernel``); calls with fewer than
+  ``_SERIAL_MAX`` elements, or with one thread, run it on the calling thread and never touch
+  the thread pool: waking the workers costs microseconds on an idle machine and milliseconds
+  on a loaded one, more than a small call computes.
+* **Compilation.**  ``cache=True`` on every entry kernel and nothing is compiled at import;
+  the first call of each specialization compiles it (seconds) and caches it on disk.
+  :func:`warmup` compiles every specialization the public layer can reach, both twins.
+  Helpers (row and block functions, the math in :mod:`._math`) are deliberately
+  *not* cached: a function loaded from Numba's disk cache is linked into its callers as
+  object code, which LLVM cannot inline, and the vectorizable ``exp`` would then be an
+  out-of-line call that keeps every loop scalar.  They compile in memory with, and are cached
+  inside, the entry kernels.  Numba itself invalidates a cached kernel only
+  when the file defining it changes, so :mod:`._cache` keys the cache on the sources of every
+  module the kernels compile (``_KERNEL_SOURCES``): a digest of them is kept beside the cached
+  kernels, and when it differs (an edited helper, a partial upgrade) the backend's cached
+  kernels are dropped at import and compiled afresh (:func:`_drop_stale_kernels`).
+* **Where the cache lives.**  Numba (0.68) caches a function in the first of these
+  directories that it can create and write a file in: ``NUMBA_CACHE_DIR`` (when set),
+  ``__pycache__`` in this package, the user-wide ``$XDG_CACHE_HOME/numba`` (or
+  ``~/.cache/numba``); it neither reads nor writes a directory it cannot write, and skips an
+  unwritable ``NUMBA_CACHE_DIR`` silently.  With none of them writable (a read-only install
+  for a user without a home cache) ``cache=True`` would raise at import ("no locator
+  available") and the whole backend would be lost; so the search is run once at import on a
+  probe function (``_cache_setup``) and, when it fails, every kernel is compiled with
+  ``cache=False`` -- in memory, again in every process -- and one
+  :class:`~fastloss.NumbaCacheWarning` says how to fix it (``NUMBA_CACHE_DIR`` set
+  to a writable directory).  An unwritable ``NUMBA_CACHE_DIR`` that Numba skips for another
+  directory gets the warning too.  :func:`cache_info` (shown by ``fastloss info``) reports it.
+* **Strict subexpressions under ``reassoc``.**  ``(x - m) - log s`` (log-softmax) and
+  ``log s - (x[t] - m)`` (cross-entropy) are evaluated in helpers compiled without
+  ``reassoc`` (``sub_sub``, ``neg_log_p``): LLVM would otherwise rewrite them through
+  ``lse = m + log s`` and lose the O(1) part next to huge logits.
+* **Threads.**  :func:`set_num_threads` bounds the worker threads.  Numba's default
+  ``workqueue`` threading layer is not safe for concurrent calls from several Python threads;
+  this module asks for a thread-safe layer (OpenMP or TBB) unless the user chose one, and
+  serializes calls if Numba still ends up on ``workqueue``.
+* **Fork.**  GNU OpenMP's pool does not survive ``fork()``: in a child forked after a
+  parallel call (``multiprocessing``'s ``'fork'`` start method, DataLoader-style workers)
+  Numba's ``omp`` layer kills the process ("fork() called from a process already using GNU
+  OpenMP, this is unsafe"), and a libgomp pool started by the ``cython`` backend would hang
+  it.  In such a child (:func:`fastloss.forked_serial`, decided by an
+  ``os.register_at_fork`` handler from the state of the parent) every call runs the serial
+  twin of its kernel on the calling thread, :func:`get_num_threads` is 1 and
+  :func:`set_num_threads` checks its argument without applying it.  Children of a process
+  that never started a pool (or that uses the fork-safe TBB or workqueue layers) stay
+  parallel; workers started with ``'spawn'`` or ``'forkserver'`` are always parallel.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _jit
+from ._cache import cache_info
+from ._jit import NAME, _call, _nblocks, _tasks, get_num_threads, numba, set_num_threads
+
+__all__ = [
+    "NAME", "unavailable_reason", "set_num_threads", "get_num_threads", "warmup", "cache_info",
+    "logsumexp", "softmax", "log_softmax", "softmax_backward", "log_softmax_backward",
+    "cross_entropy", "cross_entropy_soft", "bce_with_logits", "bce", "kl_div", "mse",
+    "gaussian_nll",
+]
+
+if numba is not None:  # without numba only the reason below is asked for
+    from ._cols import _SMALL_C, _k_cross_entropy_small
+    from ._elementwise import _k_bce, _k_bce_with_logits, _k_gaussian_nll, _k_kl_div, _k_mse
+    from ._rows import (_k_cross_entropy, _k_cross_entropy_soft, _k_log_softmax, _k_log_softmax_backward,
+                        _k_logsumexp, _k_softmax, _k_softmax_backward)
+from ._warmup import warmup  # noqa: E402
+
+
+def unavailable_reason() -> str:
+    """``""`` when Numba imports, else why this backend cannot be used."""
+    return _jit._IMPORT_ERROR
+
+
+# ============================================================================= entry points
+# Every distinct tuple of argument types is one more compiled specialization (seconds of
+# LLVM each, twice with the serial twin), and Numba's array type holds the layout and the
+# read-only flag: a C-contiguous array, the same values in a stride-0 broadcast view and a
+# writable copy are three specializations of every kernel they reach.  The entry points
+# therefore hand the kernels few types: every input as a read-only view (a kernel never
+# writes its inputs; the flag changes no machine code) and every 1-D operand (class
+# weights, targets, per-row losses) C-contiguous -- copying C or N values costs nothing
+# next to the N x C pass.
+def _ro(a):
+    """``a`` as a read-only view (``None`` stays ``None``): one type for every input."""
+    if a is None or not a.flags.writeable:
+        return a
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
+def _vec(a, dtype=None):
+    """A 1-D operand C-contiguous and read-only (a copy only when it is strided)."""
+    if a is None:
+        return None
+    return _ro(np.ascontiguousarray(a, dtype=dtype))
+
+
+def _rows_out(loss, run):
+    """Run ``run(buf)`` on a C-contiguous per-row output buffer and copy it into ``loss``
+    when ``loss`` itself is strided."""
+    if loss.flags.c_contiguous:
+        run(loss)
+        return
+    buf = np.empty(loss.shape, loss.dtype)
+    run(buf)
+    loss[...] = buf
+
+
+def _gscale_rows(gscale, n):
+    """Split a row scale into (scalar, per-row float64 array or None)."""
+    g = np.asarray(gscale, dtype=np.float64)
+    if g.ndim == 0:
+        return float(g), None
+    return 1.0, np.ascontiguousarray(np.broadcast_to(g, (n,)))
+
+
+
+
+def _elementwise_layout(first, *arrays):
+    """Transpose every operand when the first is Fortran-ordered (the kernels prefer C rows).
+
+    The kernels are elementwise, so any consistent permutation of the axes is valid.
+    """
+    if first.ndim == 2 and not first.flags.c_contiguous and first.flags.f_contiguous:
+        return tuple(None if a is None else a.T for a in (first,) + arrays)
+    return (first,) + arrays
+
+
+def logsumexp(x, out):
+    if x.shape[0] == 0:
+        return
+    _rows_out(out, lambda o: _call(_k_logsumexp, x.size, _ro(x), o, _nblocks(x.shape[0], x.size)))
+
+
+def softmax(x, out):
+    if x.size == 0:
+        return
+    _call(_k_softmax, x.size, _ro(x), out, _nblocks(x.shape[0], x.size))
+
+
+def log_softmax(x, out):
+    if x.size == 0:
+        return
+    _call(_k_log_softmax, x.size, _ro(x), out, _nblocks(x.shape[0], x.size))
+
+
+def softmax_backward(g, y, out):
+    if y.size == 0:
+        return
+    _call(_k_softmax_backward, y.size, _ro(g), _ro(y), out, _nblocks(y.shape[0], y.size))
+
+
+def log_softmax_backward(g, y, out):
+    if y.size == 0:
+        return
+    _call(_k_log_softmax_backward, y.size, _ro(g), _ro(y), out, _nblocks(y.shape[0], y.size))
+
+
+def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, loss, grad, gscale):
+    n, c = x.shape
+    if n == 0:
+        return
+    sumw = float(c) if weight is None else float(np.sum(weight, dtype=np.float64))
+    gsc, gsa = _gscale_rows(gscale if grad is not None else 1.0, n)
+    # few classes: the column-block kernel, in any layout (it transposes blocks of rows itself)
+    kern = _k_cross_entropy_small if c <= _SMALL_C else _k_cross_entropy
+    args = (_ro(x), _vec(target, np.int64), _vec(weight), sumw, int(ignore_index), float(label_smoothing),
+            float(z_loss))
+    _rows_out(loss, lambda lo: _call(kern, x.size, *args, lo, grad, gsc, _vec(gsa), _nblocks(n, x.size)))
+
+
+def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, loss, grad, gscale):
+    n, c = x.shape
+    if n == 0:
+        return
+    gsc, gsa = _gscale_rows(gscale if grad is not None else 1.0, n)
+    args = (_ro(x), _ro(target), _vec(weight), float(label_smoothing), float(z_loss))
+    _rows_out(loss, lambda lo: _call(_k_cross_entropy_soft, x.size, *args, lo, grad, gsc, _vec(gsa),
+                                     _nblocks(n, x.size)))
+
+
+def bce_with_logits(z, y, weight, pos_weight, loss, grad, gscale, gout):
+    if z.size == 0:
+        return 0.0
+    gs = float(gscale)  # a scalar (the protocol): a per-element scale arrives as gout
+    z, y, weight, pos_weight, loss, grad, gout = _elementwise_layout(
+        z, y, weight, pos_weight, loss, grad, gout)
+    return float(_call(_k_bce_with_logits, z.size, _ro(z), _ro(y), _ro(weight), _ro(pos_weight), loss, grad,
+                       gs, _ro(gout), *_tasks(*z.shape)))
+
+
+def bce(p, y, weight, loss, grad, gscale, gout):
+    if p.size == 0:
+        return 0.0
+    gs = float(gscale)  # a scalar (the protocol): a per-element scale arrives as gout
+    p, y, weight, loss, grad, gout = _elementwise_layout(p, y, weight, loss, grad, gout)
+    return float(_call(_k_bce, p.size, _ro(p), _ro(y), _ro(weight), loss, grad, gs, _ro(gout),
+                       *_tasks(*p.shape)))
+
+
+def kl_div(x, t, log_target, loss, grad, gscale, gout):
+    if x.size == 0:
+        return 0.0
+    gs = float(gscale)  # a scalar (the protocol): a per-element scale arrives as gout
+    x, t, loss, grad, gout = _elementwise_layout(x, t, loss, grad, gout)
+    return float(_call(_k_kl_div, x.size, _ro(x), _ro(t), bool(log_target), loss, grad, gs, _ro(gout),
+                       *_tasks(*x.shape)))
+
+
+def mse(x, t, loss, grad, gscale, gout):
+    if x.size == 0:
+        return 0.0
+    gs = float(gscale)  # a scalar (the protocol): a per-element scale arrives as gout
+    x, t, loss, grad, gout = _elementwise_layout(x, t, loss, grad, gout)
+    return float(_call(_k_mse, x.size, _ro(x), _ro(t), loss, grad, gs, _ro(gout), *_tasks(*x.shape)))
+
+
+def gaussian_nll(x, t, var, full, eps, loss, grad, grad_var, gscale, gout):
+    if x.size == 0:
+        return 0.0
+    gs = float(gscale)  # a scalar (the protocol): a per-element scale arrives as gout
+    x, t, var, loss, grad, grad_var, gout = _elementwise_layout(
+        x, t, var, loss, grad, grad_var, gout)
+    return float(_call(_k_gaussian_nll, x.size, _ro(x), _ro(t), _ro(var), bool(full), float(eps), loss,
+                       grad, grad_var, gs, _ro(gout), *_tasks(*x.shape)))
+
+

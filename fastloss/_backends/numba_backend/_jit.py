@@ -1,0 +1,264 @@
+"""Compilation and execution of the numba backend's kernels: the jit options, the
+parallel/serial twin of every entry kernel and the choice between them, the thread bound and
+its guard, the task decompositions, and the optional-operand segment helpers.
+
+Tunables (block sizes, thresholds) live here and in the modules that use them; tests patch
+them on this module.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+
+from .. import forked_serial
+from . import _cache
+
+NAME = "numba"
+
+try:  # the registry reports the backend unavailable (with this reason) if numba is missing
+    import numba
+    from numba import njit, prange
+
+    _IMPORT_ERROR = ""
+except Exception as exc:  # pragma: no cover - exercised only without numba
+    numba = None
+    _IMPORT_ERROR = f"numba cannot be imported ({type(exc).__name__}: {exc})"
+
+if numba is not None:
+    # Ask for a thread-safe layer before Numba launches its thread pool (it is launched
+    # lazily, at the first parallel call).  "threadsafe" = TBB if present, else OpenMP.
+    if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
+        numba.config.THREADING_LAYER = "threadsafe"
+
+    _FM = {"contract", "arcp", "nsz", "reassoc", "afn"}  # never fastmath=True: keep inf/nan
+    # Helpers (row and block functions) are not cached on their own: a cached function is
+    # linked into its callers as object code that LLVM cannot inline, which would keep the
+    # vectorizable exp out of the loops.  They compile with, and are cached inside, the
+    # parallel entry kernels (cache=True), whose machine code contains them inlined.
+    _JIT = dict(nogil=True, fastmath=_FM, error_model="numpy")
+    # cache=False when Numba has no writable cache directory (it would raise at definition)
+    _CACHE_INFO = _cache.setup()
+    _PJIT = dict(_JIT, parallel=True, cache=_CACHE_INFO["enabled"])
+    _SJIT = dict(_JIT, cache=_CACHE_INFO["enabled"])
+    _NOJIT = bool(numba.config.DISABLE_JIT)  # NUMBA_DISABLE_JIT=1: kernels run as Python
+else:  # pragma: no cover
+    _JIT = _PJIT = _SJIT = {}
+    _NOJIT = False
+    _CACHE_INFO = _cache.setup(_IMPORT_ERROR)
+
+    def njit(*a, **k):
+        return lambda f: f
+
+    prange = range
+
+_CHUNK = 16384  # elements per elementwise task: big enough to amortize, small enough for L1/L2
+# Row sums of exp: blocks of _SUMBLK terms are summed in the compute dtype (8 float32 lanes
+# per ymm instead of 4 float64 ones; each lane adds <= 64 terms in [0, 1], relative error
+# ~1e-7 at worst), and the block sums are added in float64.
+_SUMBLK = 512
+# Elementwise loss sums likewise: blocks of _EBLK terms in the compute dtype (a float64
+# accumulator in a float32 loop makes LLVM give up on vectorizing the whole loop -- measured
+# 0.15 G el/s instead of ~1 G el/s for BCE), block sums added in float64.
+_EBLK = 256
+
+# Work (elements) below which a call runs the serial twin of its kernel on the calling thread:
+# waking the worker threads costs microseconds on an idle machine but milliseconds on a loaded
+# one (the OpenMP workers spin, or wait for a core), far more than such a call computes.
+_SERIAL_MAX = 1 << 16
+
+
+def _serial_copy(f):
+    """A copy of ``f`` under its own name, so that its compiled versions are cached apart."""
+    import types as _pytypes
+
+    g = _pytypes.FunctionType(f.__code__, f.__globals__, f.__name__ + "_serial",
+                              f.__defaults__, f.__closure__)
+    g.__qualname__ = f.__qualname__ + "_serial"
+    g.__module__ = f.__module__
+    g.__doc__ = f.__doc__
+    return g
+
+
+_SERIAL = {}
+_force_mode = None  # "serial" / "parallel": used by warmup() and the tests to reach both twins
+
+
+def _kernel(f):
+    """Compile ``f`` twice, lazily: parallel (``prange`` over tasks) and serial (its twin).
+
+    Returns the parallel dispatcher; ``_SERIAL[f.__name__]`` is the serial one, in which
+    ``prange`` is a plain ``range``.  Both are cached on disk.
+    """
+    _SERIAL[f.__name__] = njit(**_SJIT)(_serial_copy(f))
+    return njit(**_PJIT)(f)
+
+
+def _call(kern, work, *args):
+    """Run kernel ``kern`` on ``args``: serially for small ``work`` or one thread, else in parallel.
+
+    The caller's task decomposition (``_nblocks`` / ``_tasks``) already gives a single task
+    when the call runs serially.  Serial kernels need no thread-pool set-up (``_Guard``).
+    """
+    if _NOJIT:
+        # NUMBA_DISABLE_JIT=1 (coverage runs, debugging): the kernels are plain Python
+        # functions (``prange`` is ``range``) on NumPy scalars.  Compiled with
+        # error_model="numpy" they never warn; in Python, inf/nan arithmetic and integer
+        # wrap-around in the bit tricks would emit RuntimeWarnings, so they are silenced.
+        with np.errstate(all="ignore"):
+            return _call_jit(kern, work, *args)
+    return _call_jit(kern, work, *args)
+
+
+def _call_jit(kern, work, *args):
+    # _fork_serial first: in a child forked after a parallel call even warmup's forced
+    # "parallel" mode must not enter the threading layer (see the module docstring, Fork)
+    if _fork_serial or _force_mode == "serial" or (
+            _force_mode is None and (work < _SERIAL_MAX or get_num_threads() == 1)):
+        return _SERIAL[getattr(kern, "py_func", kern).__name__](*args)
+    with _Guard():
+        return kern(*args)
+
+
+# ----------------------------------------------------------------------------- threads
+_state_lock = threading.Lock()
+_call_lock = threading.Lock()
+_layer_checked = False
+_serialize = False
+_nthreads = 0  # 0: not set, use Numba's default
+
+
+def _after_fork_in_child() -> None:
+    global _fork_serial
+    _fork_serial = forked_serial(NAME)
+
+
+# True in a child forked after a parallel call: serial twins only, on the calling thread.
+# Set here for a child that imports this module after the fork, and by the handler (run
+# after the registry's, which decides: handlers run in registration order) for the others.
+_fork_serial = forked_serial(NAME)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def set_num_threads(n: int) -> None:
+    """Bound the number of worker threads of this backend's kernels (``1 <= n <= cores``).
+
+    Numba's own setting is per calling thread; the value is stored here and applied on every
+    call, so it holds for calls from any Python thread.  In a child process forked after a
+    parallel call (:func:`fastloss.forked_serial`) ``n`` is checked and stored but
+    the kernels keep running serially on the calling thread: the parent's OpenMP pool is
+    unusable there, and Numba is not asked to touch it.
+    """
+    global _nthreads
+    if numba is None:  # pragma: no cover
+        return
+    n = int(n)
+    if not 1 <= n <= numba.config.NUMBA_NUM_THREADS:
+        raise ValueError(
+            f"n: expected an integer in [1, {numba.config.NUMBA_NUM_THREADS}], found {n}"
+        )
+    _nthreads = n
+    if not _fork_serial:
+        numba.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """Number of worker threads the kernels use (1 in a child forked after a parallel call)."""
+    if numba is None or _fork_serial:
+        return 1
+    return _nthreads or numba.config.NUMBA_NUM_THREADS
+
+
+@njit(**_PJIT)
+def _launch_pool(a):  # tiny parallel kernel: makes Numba start its threading layer
+    for i in prange(a.shape[0]):
+        a[i] = i
+
+
+def _check_layer():
+    global _layer_checked, _serialize
+    with _state_lock:
+        if _layer_checked:
+            return
+        _launch_pool(np.zeros(2))
+        # without JIT no threading layer is ever started (prange is range): nothing to guard
+        _serialize = not _NOJIT and numba.threading_layer() == "workqueue"
+        _layer_checked = True
+
+
+class _Guard:
+    """Context of every kernel call: applies the thread bound, serializes on ``workqueue``."""
+
+    __slots__ = ("locked",)
+
+    def __enter__(self):
+        if not _layer_checked:
+            _check_layer()
+        self.locked = _serialize
+        if self.locked:
+            _call_lock.acquire()
+        n = _nthreads or numba.config.NUMBA_NUM_THREADS
+        if numba.get_num_threads() != n:
+            numba.set_num_threads(n)
+        return self
+
+    def __exit__(self, *exc):
+        if self.locked:
+            _call_lock.release()
+        return False
+
+
+def _nblocks(n, work):
+    """Row blocks for a row-wise kernel: one per thread (more would only add overhead),
+    a single one for work that runs serially (see ``_call``)."""
+    if work < _SERIAL_MAX:
+        return 1
+    return max(1, min(n, get_num_threads()))
+
+
+def _tasks(r, k):
+    """(number of tasks, column chunk, rows per task) for an elementwise (R, K) kernel."""
+    if r * k < _SERIAL_MAX or get_num_threads() == 1:
+        return 1, k, max(r, 1)  # one task: all rows (the serial twin runs it)
+    if k >= _CHUNK:
+        nck = -(-k // _CHUNK)
+        return r * nck, _CHUNK, 1
+    rpt = max(1, _CHUNK // max(k, 1))
+    return -(-r // rpt), k, rpt
+
+
+# ============================================================================= segments
+def _seg(a, i, j0, j1):
+    """``a[i, j0:j1]``, or ``None`` for an absent operand (plain-Python twin of the overload)."""
+    return None if a is None else a[i, j0:j1]
+
+
+def _seg1(a, r0, r1):
+    """``a[r0:r1]`` of a 1-D array, or ``None`` for an absent one."""
+    return None if a is None else a[r0:r1]
+
+
+if numba is not None and not _NOJIT:
+    from numba.extending import overload as _overload
+    from numba.core import types as _types
+
+    @_overload(_seg, inline="always")
+    def _ov_seg(a, i, j0, j1):
+        # Why the block functions index row segments from 0 rather than a[i, j] with j from
+        # range(j0, j1): Numba wraps negative indices (idx < 0 -> idx + dim) unless it can
+        # prove idx >= 0, which it cannot for a loop starting at an argument; the per-element
+        # sign tests then keep the loop scalar (3.6x slower measured on MSE).  j from
+        # range(0, ...) is provably non-negative, and the loop vectorizes.
+        if isinstance(a, _types.NoneType):
+            return lambda a, i, j0, j1: None
+        return lambda a, i, j0, j1: a[i, j0:j1]
+
+    @_overload(_seg1, inline="always")
+    def _ov_seg1(a, r0, r1):
+        if isinstance(a, _types.NoneType):
+            return lambda a, r0, r1: None
+        return lambda a, r0, r1: a[r0:r1]
+
+

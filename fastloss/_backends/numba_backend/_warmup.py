@@ -1,0 +1,111 @@
+"""``warmup()``: compile (and cache) the numba backend's kernels ahead of use."""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _jit
+
+def warmup(dtypes=("float32", "float64"), layouts=("C", "A"), progress=None) -> int:
+    """Compile (and cache on disk) the kernel specializations the public layer can reach.
+
+    For each compute dtype and each layout -- ``"C"`` (C-contiguous operands) and ``"A"``
+    (strided views, which also stand for Fortran order) -- every entry point is called on a
+    tiny input with the argument types the public layer produces: for the row-wise kernels
+    with and without class weights and gradient (the cross-entropy on its general and its
+    few-classes path, and in place); for the elementwise kernels each reduction's
+    (loss, grad, grad_output) pattern, with the optional operands (weight, pos_weight, var)
+    absent or broadcast (stride-0).  Rarer mixtures (say a C-contiguous input with a
+    Fortran-ordered ``grad_out``) compile on first use.
+    Each kernel has a parallel and a serial twin (small calls run serially, see ``_call``);
+    both are compiled.  Later processes load the machine code from Numba's cache instead of
+    compiling.
+
+    Parameters
+    ----------
+    dtypes, layouts : sequences of str
+        Subsets to compile.
+    progress : callable, optional
+        Called as ``progress(done, total, label)`` after each compilation.
+
+    Returns
+    -------
+    int
+        Number of kernel calls made.
+    """
+    import itertools
+
+    from . import (bce, bce_with_logits, cross_entropy, cross_entropy_soft, gaussian_nll, kl_div, log_softmax,
+                   log_softmax_backward, logsumexp, mse, softmax, softmax_backward)
+
+    entries = dict(logsumexp=logsumexp, softmax=softmax, log_softmax=log_softmax,
+                   softmax_backward=softmax_backward, log_softmax_backward=log_softmax_backward)
+
+    jobs = []
+
+    def arr(shape, dt, layout, fill=0.5):
+        a = np.full(shape, fill, dt)
+        if layout == "C":
+            return a
+        big = np.full((shape[0], 2 * shape[1]) if len(shape) == 2 else (2 * shape[0],), fill, dt)
+        return big[:, ::2] if len(shape) == 2 else big[::2]
+
+    for dname, lay in itertools.product(dtypes, layouts):
+        dt = np.dtype(dname)
+        for c in (40, 8):  # 8 classes: the small-class path
+            n = 3
+            x = arr((n, c), dt, lay)
+            y = arr((n, c), dt, lay, 1.0 / c)
+            t = np.zeros(n, np.int64)
+            w1 = np.ones(c, dt)
+            for name in ("logsumexp", "softmax", "log_softmax"):
+                out = np.zeros(n if name == "logsumexp" else (n, c), dt)
+                jobs.append((f"{name} {dname} {lay}", entries[name], (x, out)))
+            for name in ("softmax_backward", "log_softmax_backward"):
+                jobs.append((f"{name} {dname} {lay}", entries[name], (x, y, np.zeros((n, c), dt))))
+            for w, g in itertools.product((None, w1), (None, np.zeros((n, c), dt))):
+                # the public layer passes a per-row float64 gscale exactly when it wants a grad
+                gs = 1.0 if g is None else np.ones(n)
+                jobs.append((f"cross_entropy {dname} {lay} C={c}", cross_entropy,
+                             (x, t, w, -100, 0.1, 0.0, np.zeros(n), g, gs)))
+                if lay == "A" and g is not None:  # in place on a strided view: grad is 'A' too
+                    xi = arr((n, c), dt, lay)
+                    jobs.append((f"cross_entropy {dname} {lay} in place", cross_entropy,
+                                 (xi, t, w, -100, 0.1, 0.0, np.zeros(n), xi, gs)))
+                jobs.append((f"cross_entropy_soft {dname} {lay}", cross_entropy_soft,
+                             (x, y, w, 0.1, 0.0, np.zeros(n), g, gs)))
+        shape = (2, 16)
+        a = arr(shape, dt, lay)
+        bcast = np.broadcast_to(np.full(shape[1], 0.5, dt), shape)  # stride-0 rows
+        out = np.zeros(shape, dt)
+        # (loss, grad, gout) as the public layer passes them: reductions "mean"/"sum" give no
+        # loss array and a scalar grad scale; "none" gives a loss array and, with a grad, an
+        # optional (broadcast) grad_output
+        outs = [(None, None, None), (None, out, None), (out, None, None), (out, out, None),
+                (out, out, bcast)]
+        # optional operands (weight, pos_weight, var) arrive broadcast to the input's shape
+        opts = (None, bcast) if lay == "C" else (None,)
+        lbl = f"{dname} {lay}"
+        for loss, g, go in outs:
+            jobs.append(("kl_div " + lbl, kl_div, (a, a, False, loss, g, 1.0, go)))
+            jobs.append(("mse " + lbl, mse, (a, a, loss, g, 1.0, go)))
+            for w in opts:
+                jobs.append(("bce " + lbl, bce, (a, a, w, loss, g, 1.0, go)))
+                for pw in opts:
+                    jobs.append(("bce_with_logits " + lbl, bce_with_logits, (a, a, w, pw, loss, g, 1.0, go)))
+            for var in ((a, bcast) if lay == "C" else (a,)):
+                jobs.append(("gaussian_nll " + lbl, gaussian_nll,
+                             (a, a, var, False, 1e-6, loss, g, g, 1.0, go)))
+    total = 2 * len(jobs)
+    done = 0
+    try:
+        for mode in ("serial", "parallel"):  # both twins of every kernel
+            _jit._force_mode = mode
+            for label, fn, args in jobs:
+                fn(*args)
+                done += 1
+                if progress is not None:
+                    progress(done, total, f"{label} ({mode})")
+    finally:
+        _jit._force_mode = None
+    return total
+
