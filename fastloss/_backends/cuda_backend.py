@@ -26,7 +26,6 @@ partial per block, and the few partials are added on the host.
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 
@@ -1057,13 +1056,11 @@ def _dc_cross_entropy(ctx, logits, target, axis=-1, weight=None, ignore_index=-1
 
 # ----------------------------------------------------------------------------- elementwise
 def _ew_run(ctx, name, xd, cdt, operands, flag, eps, reduction, denom, return_grad, grad_output, grad_out,
-            god, var_grad=None, checks=()):
+            god, var_grad=None):
     """The device counterpart of ``fastloss._api._elementwise``.
 
     ``operands``: device views broadcast to ``xd.shape`` (or None) in the kernel's order
-    (b, p, q).  ``checks``: ``[(k, lo, hi, raise_fn)]`` value checks of operand ``k``
-    (0 = ``xd``) run before anything is written; ``raise_fn()`` builds the host's error.
-    ``var_grad``: for the Gaussian NLL, a function of the full-size float64-summable
+    (b, p, q).  ``var_grad``: for the Gaussian NLL, a function of the full-size float64-summable
     gradient buffer that returns ``d_var``."""
     go = _grad_output_scalar(ctx, grad_output, reduction)
     shape = tuple(xd.shape)
@@ -1074,7 +1071,6 @@ def _ew_run(ctx, name, xd, cdt, operands, flag, eps, reduction, denom, return_gr
         else:  # validated (shape, dtype), otherwise unused: there is no gradient to scale
             _grad_output_array(ctx, grad_output, shape, cdt, upload=False)
         go = 1.0
-    total = int(np.prod(shape, dtype=np.int64))
     scale = 1.0 if reduction in ("none", "sum") else (1.0 / denom if denom else math.nan)
 
     # One (R, K) layout for every operand: the dims merged where they are contiguous in all
@@ -1111,10 +1107,6 @@ def _ew_run(ctx, name, xd, cdt, operands, flag, eps, reduction, denom, return_gr
 
     col = {id(o): k for k, o in enumerate(live)}
     two = [None if o is None else as2(o, col[id(o)]) for o in flat]
-    for k, lo, hi, raise_fn in checks:
-        if two[k] is not None and _first_bad("check_range", cdt, (two[k], float(lo), float(hi)), ctx.stream, total):
-            raise_fn()
-
     order = "F" if fortran else "C"
     new_out = lambda: _empty(shape, cdt, ctx.stream, order)  # noqa: E731
     loss = new_out() if reduction == "none" else None
@@ -1281,7 +1273,6 @@ def _dc_gaussian_nll(ctx, input, target, var, full=False, eps=1e-6, reduction="m
     var_is_float = (
         isinstance(var, (int, float, np.integer, np.floating)) and not isinstance(var, (bool, np.bool_))
     )
-    checks = []
     if var_is_float:
         if var < 0:  # SPEC: negative var is a ValueError, a float one too
             raise ValueError(f"var: expected non-negative variances, found {var!r}")
@@ -1345,7 +1336,7 @@ def _dc_gaussian_nll(ctx, input, target, var, full=False, eps=1e-6, reduction="m
         return ctx.wrap(o)
 
     return _ew_run(ctx, "gaussian_nll", xd, cdt, [td, vd, None], bool(full), e, reduction, total_of(shape),
-                   bool(return_grad), grad_output, None, None, var_grad=d_var, checks=checks)
+                   bool(return_grad), grad_output, None, None, var_grad=d_var)
 
 
 _PUBLIC = {

@@ -130,9 +130,7 @@ def _ok(a):
     byte stride that is not a multiple of the item size -- rare enough for a copy.
     """
     a = np.asarray(a)
-    if not a.dtype.isnative:
-        a = a.astype(a.dtype.newbyteorder("="))
-    elif any(s % a.itemsize for s in a.strides):
+    if any(s % a.itemsize for s in a.strides):
         a = np.ascontiguousarray(a)
     return a
 
