@@ -209,7 +209,10 @@ class Unavailable(Exception):
     """An implementation that cannot run here; the message says why."""
 
 
-def _jax_functions(jax):
+def jax_losses(jax):
+    """The JAX peer of every fastloss function, written the idiomatic way (``jax.nn`` and the
+    optax forms), keyed by the fastloss function name: the one peer table of the benchmarks
+    (this script and the pytest-benchmark suite, ``bench/benchlib.py``)."""
     jnp = jax.numpy
 
     def cross_entropy(x, t):  # the idiomatic mean softmax cross-entropy with integer targets
@@ -221,11 +224,35 @@ def _jax_functions(jax):
         # as 0 and 0.5/sign 0, which gives -y instead of 1/2 - y where a logit is exactly 0)
         return jnp.mean(-(y * jax.nn.log_sigmoid(z) + (1 - y) * jax.nn.log_sigmoid(-z)))
 
+    def bce(p, y):
+        return jnp.mean(-(y * jnp.maximum(jnp.log(p), -100) + (1 - y) * jnp.maximum(jnp.log1p(-p), -100)))
+
+    def kl(x, t):
+        return jnp.sum(jnp.where(t > 0, t * (jnp.log(jnp.where(t > 0, t, 1)) - x), 0)) / x.shape[0]
+
+    def mse(x, t):
+        return jnp.mean((x - t) ** 2)
+
+    def gnll(x, t, v):
+        v = jnp.maximum(v, 1e-6)
+        return jnp.mean(0.5 * (jnp.log(v) + (x - t) ** 2 / v))
+
     return {
-        "cross_entropy": jax.value_and_grad(cross_entropy),
         "logsumexp": lambda x: jax.nn.logsumexp(x, axis=-1),
-        "bce_with_logits": jax.value_and_grad(bce_with_logits),
+        "softmax": lambda x: jax.nn.softmax(x, axis=-1),
+        "log_softmax": lambda x: jax.nn.log_softmax(x, axis=-1),
+        "cross_entropy": cross_entropy,
+        "binary_cross_entropy_with_logits": bce_with_logits,
+        "binary_cross_entropy": bce,
+        "kl_div": kl,
+        "mse_loss": mse,
+        "gaussian_nll_loss": gnll,
     }
+
+
+# the goal workloads' functions: (fastloss name, forward and gradient?)
+_JAX_WORKLOADS = {"cross_entropy": ("cross_entropy", True), "logsumexp": ("logsumexp", False),
+                  "bce_with_logits": ("binary_cross_entropy_with_logits", True)}
 
 
 def jax_callable(case: Case) -> Callable[[], Any]:
@@ -240,7 +267,9 @@ def jax_callable(case: Case) -> Callable[[], Any]:
         raise Unavailable("JAX is not installed") from None
     if case.dtype != np.float32:
         raise Unavailable("the JAX peer runs float32 only")
-    f = jax.jit(_jax_functions(jax)[case.workload.function])
+    name, with_grad = _JAX_WORKLOADS[case.workload.function]
+    f = jax_losses(jax)[name]
+    f = jax.jit(jax.value_and_grad(f) if with_grad else f)
     # int64 targets would be silently narrowed (with a warning) without x64: narrow them here
     args = [jax.device_put(a.astype(np.int32) if a.dtype == np.int64 else a) for a in case.arrays.values()]
     return lambda: jax.block_until_ready(f(*args))
