@@ -1,9 +1,9 @@
 """Backend registry: name -> lazily imported kernel module.
 
 Each backend is a module implementing the kernel entry points of the backend protocol,
-:class:`fastloss._backends._protocol.KernelSet` (checked when the backend is loaded).  Nothing is imported (and nothing compiled) until a
-backend is first asked for; a backend that cannot load raises :class:`BackendUnavailable`
-saying why and how to install it.
+:class:`fastloss._backends._protocol.KernelSet` (checked when the backend is loaded).
+Nothing is imported (and nothing compiled) until a backend is first asked for; a backend
+that cannot load raises :class:`BackendUnavailable` saying why and how to install it.
 
 It also keeps the one piece of process state the compiled backends share: whether this
 process is a child forked after a parallel call (see :func:`forked_serial`).

@@ -22,7 +22,7 @@ Design
   compiled with ``fastmath={'contract', 'arcp', 'nsz', 'reassoc', 'afn'}``: ``reassoc`` lets
   LLVM vectorize sums, and ``nnan``/``ninf`` are deliberately *not* set so that inf and NaN
   keep IEEE semantics.  A running maximum does not vectorize as a reduction without ``nnan``,
-  so the row maximum keeps 16 independent partial maxima.
+  so the row maximum keeps eight independent running maxima (``_rows._rowmax``).
 * **Fused cross-entropy.**  Per row: (1) the maximum ``m`` (one read of the logits from
   memory); (2) ``e = exp(x - m)`` written into the gradient buffer while summing it in
   float64; (3) ``grad = e * (gscale * a / s) - corrections``, re-reading ``e`` from L2 (a row of
@@ -154,13 +154,11 @@ def _rows_out(loss, run):
 
 
 def _gscale_rows(gscale, n):
-    """Split a row scale into (scalar, per-row float64 array or None)."""
+    """Split a row scale into (scalar, per-row float64 operand or None)."""
     g = np.asarray(gscale, dtype=np.float64)
     if g.ndim == 0:
         return float(g), None
-    return 1.0, np.ascontiguousarray(np.broadcast_to(g, (n,)))
-
-
+    return 1.0, _vec(np.broadcast_to(g, (n,)))
 
 
 def _elementwise_layout(first, *arrays):
@@ -213,7 +211,7 @@ def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, loss
     kern = _k_cross_entropy_small if c <= _SMALL_C else _k_cross_entropy
     args = (_ro(x), _vec(target, np.int64), _vec(weight), sumw, int(ignore_index), float(label_smoothing),
             float(z_loss))
-    _rows_out(loss, lambda lo: _call(kern, x.size, *args, lo, grad, gsc, _vec(gsa), _nblocks(n, x.size)))
+    _rows_out(loss, lambda lo: _call(kern, x.size, *args, lo, grad, gsc, gsa, _nblocks(n, x.size)))
 
 
 def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, loss, grad, gscale):
@@ -222,7 +220,7 @@ def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, loss, grad, g
         return
     gsc, gsa = _gscale_rows(gscale if grad is not None else 1.0, n)
     args = (_ro(x), _ro(target), _vec(weight), float(label_smoothing), float(z_loss))
-    _rows_out(loss, lambda lo: _call(_k_cross_entropy_soft, x.size, *args, lo, grad, gsc, _vec(gsa),
+    _rows_out(loss, lambda lo: _call(_k_cross_entropy_soft, x.size, *args, lo, grad, gsc, gsa,
                                      _nblocks(n, x.size)))
 
 

@@ -5,6 +5,7 @@ import numpy as np
 
 from . import _jit
 
+
 def warmup(dtypes=("float32", "float64"), layouts=("C", "A"), progress=None) -> int:
     """Compile (and cache on disk) the kernel specializations the public layer can reach.
 
@@ -37,9 +38,6 @@ def warmup(dtypes=("float32", "float64"), layouts=("C", "A"), progress=None) -> 
     from . import (bce, bce_with_logits, cross_entropy, cross_entropy_soft, gaussian_nll, kl_div, log_softmax,
                    log_softmax_backward, logsumexp, mse, softmax, softmax_backward)
 
-    entries = dict(logsumexp=logsumexp, softmax=softmax, log_softmax=log_softmax,
-                   softmax_backward=softmax_backward, log_softmax_backward=log_softmax_backward)
-
     jobs = []
 
     def arr(shape, dt, layout, fill=0.5):
@@ -57,11 +55,11 @@ def warmup(dtypes=("float32", "float64"), layouts=("C", "A"), progress=None) -> 
             y = arr((n, c), dt, lay, 1.0 / c)
             t = np.zeros(n, np.int64)
             w1 = np.ones(c, dt)
-            for name in ("logsumexp", "softmax", "log_softmax"):
-                out = np.zeros(n if name == "logsumexp" else (n, c), dt)
-                jobs.append((f"{name} {dname} {lay}", entries[name], (x, out)))
-            for name in ("softmax_backward", "log_softmax_backward"):
-                jobs.append((f"{name} {dname} {lay}", entries[name], (x, y, np.zeros((n, c), dt))))
+            for fn in (logsumexp, softmax, log_softmax):
+                out = np.zeros(n if fn is logsumexp else (n, c), dt)
+                jobs.append((f"{fn.__name__} {dname} {lay}", fn, (x, out)))
+            for fn in (softmax_backward, log_softmax_backward):
+                jobs.append((f"{fn.__name__} {dname} {lay}", fn, (x, y, np.zeros((n, c), dt))))
             for w, g in itertools.product((None, w1), (None, np.zeros((n, c), dt))):
                 # the public layer passes a per-row float64 gscale exactly when it wants a grad
                 gs = 1.0 if g is None else np.ones(n)
