@@ -1,8 +1,8 @@
 """Check and time the ``cuda`` backend on a real GPU (finishes in well under 5 minutes).
 
-1. Verifies every kernel entry point (offload path) and a few ``device_call`` paths against
+1. Verifies every kernel entry point (offload path) and a few device-array paths of the public API against
    the ``numpy`` reference on small random inputs (float32 and float64), and bfloat16
-   device arrays (torch.bfloat16 tensors) through ``device_call``.
+   device arrays (torch.bfloat16 tensors) through the public API.
 2. Times, with CUDA events on device-resident data (no host transfers):
    cross-entropy forward+gradient 16384x32768 and 4096x131072 float32, and logsumexp and
    bce_with_logits forward+gradient on 256M float32 elements; each as GB/s of its
@@ -30,10 +30,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from numba import cuda  # noqa: E402
 
+import fastloss as fl  # noqa: E402
+from fastloss import _validate  # noqa: E402
+from fastloss._backends import _cuda_arrays as D  # noqa: E402
 from fastloss._backends import cuda_backend as C  # noqa: E402
 from fastloss._backends import numpy_backend as R  # noqa: E402
 
-BF16 = C.V._BF16  # ml_dtypes.bfloat16 (None without ml_dtypes)
+BF16 = _validate._BF16  # ml_dtypes.bfloat16 (None without ml_dtypes)
 # bfloat16 results: both paths compute in float32 and round once, so one bfloat16 ulp
 TOL = {np.float32: dict(rtol=2e-6, atol=1e-6), np.float64: dict(rtol=1e-12, atol=1e-12), BF16: dict(rtol=8e-3, atol=1e-6)}
 
@@ -53,7 +56,7 @@ def _bf16_device():
     own device arrays cannot hold bfloat16)."""
     if BF16 is None:
         return None
-    if C._simulated():
+    if D._simulated():
         return cuda.to_device, lambda d: d.copy_to_host()
     torch = _torch_cuda()
     if torch is None:
@@ -132,31 +135,28 @@ def verify(shapes=((64, 1000), (8, 262_144)), ew=(256, 1000), dc=(50, 40)) -> li
         sb = C.gaussian_nll(z, yv, var, True, 1e-6, o[3], o[4], o[5], 0.5, None)
         rec("gaussian_nll", dt, np.r_[sa, o[0].ravel(), o[1].ravel(), o[2].ravel()],
             np.r_[sb, o[3].ravel(), o[4].ravel(), o[5].ravel()])
-        # device_call with Numba device arrays, class axis 0
+        # Numba device arrays through the public API, class axis 0
         x = rng.standard_normal(dc).astype(dt)
         t = rng.integers(0, dc[0], dc[1])
-        lv, g = C.device_call("cross_entropy", dict(logits=cuda.to_device(x), target=cuda.to_device(t), axis=0,
-                                                     return_grad=True))
+        lv, g = fl.cross_entropy(cuda.to_device(x), cuda.to_device(t), axis=0, return_grad=True)
         la, ga = np.empty(dc[1]), np.empty(dc[::-1], dt)
         R.cross_entropy(np.ascontiguousarray(x.T), t, None, -100, 0.0, 0.0, la, ga, np.full(dc[1], 1 / dc[1]))
-        rec("device_call cross_entropy axis=0", dt, np.r_[la.mean(), ga.T.ravel()],
+        rec("device cross_entropy axis=0", dt, np.r_[la.mean(), ga.T.ravel()],
             np.r_[lv, g.copy_to_host().ravel()])
-    # bfloat16 device arrays through device_call (computed in float32, answered in bfloat16)
+    # bfloat16 device arrays through the public API (computed in float32, answered in bfloat16)
     # against the numpy backend on the same bfloat16 values
     bf = _bf16_device()
     if bf is not None:
-        import fastloss as fl
-
         to_dev, to_host = bf
         x = (rng.standard_normal(dc) * 3).astype(BF16)
         t = rng.integers(0, dc[1], dc[0])
-        lv, g = C.device_call("cross_entropy", dict(logits=to_dev(x), target=t, return_grad=True))
+        lv, g = fl.cross_entropy(to_dev(x), t, return_grad=True)
         hl, hg = fl.cross_entropy(x, t, return_grad=True, backend="numpy")
-        rec("device_call cross_entropy", BF16, np.r_[hl, hg.astype(np.float64).ravel()],
+        rec("device cross_entropy", BF16, np.r_[hl, hg.astype(np.float64).ravel()],
             np.r_[lv, to_host(g).astype(np.float64).ravel()])
         for f in ("softmax", "log_softmax", "logsumexp"):
-            rec(f"device_call {f}", BF16, getattr(fl, f)(x, backend="numpy").astype(np.float64),
-                to_host(C.device_call(f, dict(x=to_dev(x)))).astype(np.float64))
+            rec(f"device {f}", BF16, getattr(fl, f)(x, backend="numpy").astype(np.float64),
+                to_host(getattr(fl, f)(to_dev(x))).astype(np.float64))
     else:
         print("bfloat16 device checks skipped: they need ml_dtypes and PyTorch with CUDA")
     return rows
@@ -170,7 +170,7 @@ def _time(fn, reps=5):
     """
     fn()
     cuda.synchronize()
-    if C._simulated():
+    if D._simulated():
         reps = 1  # the simulator is slow and its times mean nothing
         ts = []
         for _ in range(reps):
@@ -230,8 +230,7 @@ def bench(quick: bool, sim: bool = False):
             bx = torch.as_tensor(x, device="cuda").to(torch.bfloat16).requires_grad_(True)
             bt = torch.as_tensor(t, device="cuda")
             gb = torch.empty_like(bx)
-            ms = _time(lambda: C.device_call("cross_entropy", dict(logits=bx, target=bt, return_grad=True,
-                                                                    grad_out=gb)))
+            ms = _time(lambda: fl.cross_entropy(bx, bt, return_grad=True, grad_out=gb))
 
             def bstep():
                 bx.grad = None
@@ -276,10 +275,10 @@ def main(argv=None):
                     help="under NUMBA_ENABLE_CUDASIM=1: tiny shapes, real checks, meaningless timings")
     args = ap.parse_args(argv)
     why = C.unavailable_reason()
-    if args.sim and not C._simulated():
+    if args.sim and not D._simulated():
         print("--sim needs the CUDA simulator: set NUMBA_ENABLE_CUDASIM=1 before starting Python")
         return 2
-    if why or (C._simulated() and not args.sim):
+    if why or (D._simulated() and not args.sim):
         print(f"needs a real GPU: {why or 'the CUDA simulator is on (use --sim for a dry run)'}")
         return 2
     if args.sim:

@@ -1,24 +1,22 @@
 """The public functions of fastloss.
 
-Each function validates everything once (nothing is written before validation passed),
-normalizes its arrays to the 2-D views the kernels take (:mod:`fastloss._layout`), computes
-the reduction factors, and calls one kernel entry point of one backend (see
-:mod:`fastloss._backends._protocol` for the kernel protocol).
+Each function is written once, for host and device data alike, against the array adaptor
+of its call (:mod:`fastloss._arrays`: NumPy arrays, or the CUDA backend's device arrays).  It
+validates everything once (nothing is written before validation passed), normalizes its
+arrays to the 2-D views the kernels take (``xp.layout``), computes the reduction factors, and
+calls one kernel entry point of one backend (see :mod:`fastloss._backends._protocol` for the
+kernel protocol).  Every user-facing message is built here or in :mod:`fastloss._validate`.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from . import _dispatch
-from ._layout import Layout, rounded
+from . import _arrays, _dispatch
 from ._validate import (
-    as_cast,
-    as_float_array,
-    broadcast_to_or_raise,
     check_class_target,
-    check_grad_out,
     check_int,
-    check_no_partial_overlap,
     check_real,
     check_reduction,
     first_position,
@@ -40,18 +38,10 @@ __all__ = [
     "gaussian_nll_loss",
 ]
 
+_I64_MAX = np.iinfo(np.int64).max
+
 
 # ----------------------------------------------------------------------------- plumbing
-def _on_device(*arrays) -> bool:
-    return any(a is not None and _dispatch.is_device_array(a) for a in arrays)
-
-
-def _device_call(fname, kwargs):
-    """Hand a call whose data lives on a GPU to the CUDA backend, whole."""
-    be = _dispatch.resolve(kwargs.get("backend"), device=True)
-    return be.device_call(fname, kwargs)
-
-
 def _scalar(value, cdt):
     """A reduced loss as a NumPy scalar of the compute dtype.
 
@@ -73,36 +63,99 @@ def _class_axes(axis, ndim):
     return (normalize_axis(axis, ndim),)
 
 
-def _grad_scale_value(grad_output, reduction, name="grad_output"):
-    """The scalar upstream gradient of a reduced loss (default 1)."""
+def _host_or(xp, obj, name):
+    """A host argument as a NumPy array (never uploaded: its checks and value are read on
+    the host), a device one through the adaptor."""
+    return xp.asarray(obj, name) if _dispatch.is_device_array(obj) else np.asarray(obj)
+
+
+def _grad_scale_value(xp, grad_output, reduction, name="grad_output"):
+    """The scalar upstream gradient of a reduced loss (default 1); None for an array with
+    ``reduction="none"``."""
     if grad_output is None:
         return 1.0
-    g = np.asarray(grad_output)
-    if g.dtype.kind not in "iuf" and g.dtype.name != "bfloat16":
-        raise TypeError(f"{name}: expected real numbers, found dtype {g.dtype}")
-    if g.ndim != 0:
+    g = _host_or(xp, grad_output, name)
+    dt = np.dtype(g.dtype)
+    if dt.kind not in "iuf" and dt.name != "bfloat16":
+        raise TypeError(f"{name}: expected real numbers, found dtype {dt}")
+    if len(g.shape) != 0:
         if reduction == "none":
             return None
         raise ValueError(
-            f"{name}: expected a scalar for reduction={reduction!r} (the loss is a scalar), found an array of shape {g.shape}"
+            f"{name}: expected a scalar for reduction={reduction!r} (the loss is a scalar), found an array of shape {tuple(g.shape)}"
         )
-    return float(g)
+    return float(g) if isinstance(g, np.ndarray) else xp.item(g)
 
 
-def _grad_output_array(grad_output, shape, cdt, name="grad_output"):
+def _grad_output_array(xp, grad_output, shape, cdt, name="grad_output"):
     """``grad_output`` for ``reduction="none"``: broadcast to the unreduced loss ``shape``."""
-    g = np.asarray(grad_output)
-    if g.dtype.kind in "iu":
-        g = g.astype(cdt)
+    g = xp.asarray(grad_output, name)
+    if np.dtype(g.dtype).kind in "iu":
+        g = xp.cast(g, cdt)
     float_dtype_or_raise(g.dtype, name)
-    return broadcast_to_or_raise(g.astype(cdt, copy=False), shape, name, "the unreduced loss shape")
+    return xp.broadcast(xp.cast(g, cdt), shape, name, "the unreduced loss shape")
 
 
-def _prep_grad_out(grad_out, x, return_grad, inputs):
-    check_grad_out(grad_out, x.shape, x.dtype, return_grad)
-    if grad_out is not None:
-        check_no_partial_overlap(grad_out, inputs)
-    return grad_out
+def _check_output(xp, name, obj, shape, dtype, inputs):
+    """An ``out=`` argument: an array of the call's kind, of ``shape`` and ``dtype``, writeable,
+    not partly overlapping an input."""
+    o = xp.as_output(obj)
+    if o is None or tuple(o.shape) != tuple(shape) or np.dtype(o.dtype) != np.dtype(dtype):
+        raise ValueError(
+            f"{name}: expected {xp.KIND} of shape {tuple(shape)} and dtype {np.dtype(dtype)}, found "
+            f"{type(obj).__name__} of shape {getattr(obj, 'shape', None)} and dtype {getattr(obj, 'dtype', None)}"
+        )
+    _check_writeable_no_overlap(xp, name, o, inputs)
+
+
+def _check_writeable_no_overlap(xp, name, o, inputs):
+    if not xp.writeable(o):
+        raise ValueError(f"{name}: expected a writeable array, found a read-only one")
+    xp.check_overlap(o, inputs, name)
+
+
+def _check_grad_out(xp, grad_out, x, return_grad, inputs, name="grad_out"):
+    """``grad_out`` (given only with ``return_grad``): an array of the call's kind with exactly
+    the shape and dtype of ``x``, writeable, ``x`` itself or not overlapping an input."""
+    if grad_out is None:
+        return
+    if not return_grad:
+        raise ValueError(f"{name}: expected None unless return_grad=True, found an array (pass return_grad=True to get the gradient)")
+    g = xp.as_output(grad_out)
+    if g is None:
+        raise ValueError(f"{name}: expected {xp.KIND}, found {type(grad_out).__name__}")
+    if tuple(g.shape) != tuple(x.shape) or np.dtype(g.dtype) != np.dtype(x.dtype):
+        raise ValueError(
+            f"{name}: expected an array of shape {tuple(x.shape)} and dtype {np.dtype(x.dtype)}, "
+            f"found shape {tuple(g.shape)} and dtype {np.dtype(g.dtype)}"
+        )
+    _check_writeable_no_overlap(xp, name, g, inputs)
+
+
+def _check_range(xp, a, name, expected, lo, hi):
+    """Values of ``a`` must lie in ``[lo, hi]`` (NaN passes: it propagates); the first one
+    outside is found on a host copy for the message (error path only)."""
+    if xp.any_outside(a, lo, hi):
+        h = xp.to_host(a)
+        with np.errstate(invalid="ignore"):
+            bad = (h < lo) | (h > hi)
+        pos = first_position(bad, h.shape)
+        raise ValueError(f"{name}: expected {expected}, found {h[pos]} at position {pos}")
+
+
+def _index_error(xp, t, C, ii):
+    """The first class index out of range, found on a host copy (error path).  Unsigned
+    64-bit values beyond the int64 range are judged first, before the int64 cast that would
+    wrap them onto a valid or ignored index."""
+    h = xp.to_host(t)
+    big = h > np.uint64(_I64_MAX) if (h.dtype.kind == "u" and h.dtype.itemsize == 8) else None
+    if big is not None and big.any():
+        bad = big
+    else:
+        t64 = h.astype(np.int64, copy=False)
+        bad = ((t64 < 0) | (t64 >= C)) & (t64 != ii)
+    pos = first_position(bad, h.shape)
+    return IndexError(f"target: expected class indices in [0, {C}) or ignore_index={ii}, found {h[pos]} at position {pos}")
 
 
 # ----------------------------------------------------------------------------- normalizers
@@ -141,54 +194,45 @@ def logsumexp(x, axis=-1, keepdims=False, *, backend=None):
     >>> float(fl.logsumexp(np.array([1000.0, 1000.0])))  # no overflow
     1000.6931471805599
     """
-    if _on_device(x):
-        return _device_call("logsumexp", dict(x=x, axis=axis, keepdims=keepdims, backend=backend))
-    a, cdt = as_float_array(x, "x")
+    xp = _arrays.for_call(backend, x)
+    a, cdt = xp.float_array(x, "x")
     keepdims = bool(keepdims)
-    if a.ndim == 0:
+    shape = tuple(a.shape)
+    if not shape:
         # the log-sum-exp of one value is that value (scipy.special.logsumexp agrees); the
         # axes a 0-d array can name are -1 and 0, as a 1-element row
         for ax in axis if isinstance(axis, tuple) else (() if axis is None else (axis,)):
             normalize_axis(ax, 1)
-        return a.copy() if keepdims else _scalar(a[()], cdt)
-    axes = _class_axes(axis, a.ndim)
-    be = _dispatch.resolve(backend)
-    lay = Layout(a, axes)
-    out = np.empty(lay.N, cdt)
+        return xp.copy(a) if keepdims else _scalar(xp.item(a), cdt)
+    axes = _class_axes(axis, len(shape))
+    be = xp.kernels(backend)
+    lay = xp.layout(a, axes)
+    out = xp.empty(lay.N, cdt)
     if lay.C == 0:
-        out.fill(-np.inf)
-    else:
-        be.logsumexp(lay.view_in(a.astype(cdt, copy=False)), out)
-    red_shape = tuple(1 if i in axes else s for i, s in enumerate(a.shape)) if keepdims else tuple(
-        s for i, s in enumerate(a.shape) if i not in axes
+        xp.fill(out, -np.inf)  # the log of an empty sum
+    elif lay.N:
+        be.logsumexp(lay.view_in(a, cdt), out)
+    red_shape = tuple(1 if i in axes else s for i, s in enumerate(shape)) if keepdims else tuple(
+        s for i, s in enumerate(shape) if i not in axes
     )
-    res = out.reshape(red_shape)
-    if res.ndim == 0:
-        return _scalar(res[()], cdt)
-    return rounded(res, a.dtype)
+    if not red_shape:  # a full reduction: a NumPy scalar of the compute dtype
+        return _scalar(xp.item(out), cdt)
+    return xp.result(out, red_shape, a.dtype)
 
 
 def _rowwise_out(fname, x, axis, out, backend):
-    if _on_device(x, out):
-        return _device_call(fname, dict(x=x, axis=axis, out=out, backend=backend))
-    a, cdt = as_float_array(x, "x")
-    if a.ndim == 0:
+    xp = _arrays.for_call(backend, x, out)
+    a, cdt = xp.float_array(x, "x")
+    if not a.shape:
         raise ValueError("x: expected an array with at least 1 dimension (the class axis), found a 0-d array")
-    ax = normalize_axis(axis, a.ndim)
+    ax = normalize_axis(axis, len(a.shape))
     if out is not None:
-        if not isinstance(out, np.ndarray) or out.shape != a.shape or out.dtype != a.dtype:
-            raise ValueError(
-                f"out: expected a numpy.ndarray of shape {a.shape} and dtype {a.dtype}, found "
-                f"{type(out).__name__} of shape {getattr(out, 'shape', None)} and dtype {getattr(out, 'dtype', None)}"
-            )
-        if not out.flags.writeable:
-            raise ValueError("out: expected a writeable array, found a read-only one")
-        check_no_partial_overlap(out, [("x", a)], "out")
-    be = _dispatch.resolve(backend)
-    lay = Layout(a, (ax,))
-    x2 = lay.view_in(a.astype(cdt, copy=False))
+        _check_output(xp, "out", out, a.shape, a.dtype, [("x", a)])
+    be = xp.kernels(backend)
+    lay = xp.layout(a, (ax,))
+    x2 = lay.view_in(a, cdt)
     o2, finish = lay.output(out, a.dtype, cdt)
-    if a.size:
+    if lay.N * lay.C:
         getattr(be, fname)(x2, o2)
     return finish()
 
@@ -259,22 +303,21 @@ def log_softmax(x, axis=-1, *, out=None, backend=None):
 
 
 def _backward(fname, grad, y, axis, backend):
-    if _on_device(grad, y):
-        return _device_call(fname, dict(grad=grad, y=y, axis=axis, backend=backend))
-    ya, cdt = as_float_array(y, "y")
-    if ya.ndim == 0:
+    xp = _arrays.for_call(backend, grad, y)
+    ya, cdt = xp.float_array(y, "y")
+    if not ya.shape:
         raise ValueError("y: expected an array with at least 1 dimension (the class axis), found a 0-d array")
-    g = np.asarray(grad)
+    g = xp.asarray(grad, "grad")
     float_dtype_or_raise(g.dtype, "grad")
-    if g.shape != ya.shape:
-        raise ValueError(f"grad: expected the shape of y {ya.shape}, found {g.shape}")
-    ax = normalize_axis(axis, ya.ndim)
-    be = _dispatch.resolve(backend)
-    lay = Layout(ya, (ax,))
-    y2 = lay.view_in(ya.astype(cdt, copy=False))
-    g2 = lay.view_in(g.astype(cdt, copy=False))
+    if tuple(g.shape) != tuple(ya.shape):
+        raise ValueError(f"grad: expected the shape of y {tuple(ya.shape)}, found {tuple(g.shape)}")
+    ax = normalize_axis(axis, len(ya.shape))
+    be = xp.kernels(backend)
+    lay = xp.layout(ya, (ax,))
+    y2 = lay.view_in(ya, cdt)
+    g2 = lay.view_in(g, cdt)
     o2, finish = lay.output(None, ya.dtype, cdt)
-    if ya.size:
+    if lay.N * lay.C:
         getattr(be, fname)(g2, y2, o2)
     return finish()
 
@@ -452,87 +495,59 @@ def cross_entropy(
     >>> bool(np.allclose(grad.sum(axis=1), 0))  # softmax minus one-hot: rows sum to 0
     True
     """
-    args = dict(
-        logits=logits, target=target, axis=axis, weight=weight, ignore_index=ignore_index,
-        label_smoothing=label_smoothing, z_loss=z_loss, reduction=reduction, return_grad=return_grad,
-        grad_output=grad_output, grad_out=grad_out, backend=backend,
-    )
-    if _on_device(logits, target, weight, grad_output, grad_out):
-        return _device_call("cross_entropy", args)
-    x, cdt = as_float_array(logits, "logits")
-    if x.ndim == 0:
+    xp = _arrays.for_call(backend, logits, target, weight, grad_output, grad_out)
+    x, cdt = xp.float_array(logits, "logits")
+    xshape = tuple(x.shape)
+    if not xshape:
         raise ValueError("logits: expected an array with at least 1 dimension (the class axis), found a 0-d array")
-    ax = normalize_axis(axis, x.ndim)
-    C = x.shape[ax]
+    ax = normalize_axis(axis, len(xshape))
+    C = xshape[ax]
     if C == 0:
-        raise ValueError(f"logits: expected at least one class along axis {axis}, found shape {x.shape}")
+        raise ValueError(f"logits: expected at least one class along axis {axis}, found shape {xshape}")
     reduction = check_reduction(reduction)
     eps = check_real(label_smoothing, "label_smoothing", 0.0, 1.0)
     zl = check_real(z_loss, "z_loss", 0.0)
     ii = check_int(ignore_index, "ignore_index", int64=True)
     return_grad = bool(return_grad)
-    lay = Layout(x, (ax,))
-    row_shape = tuple(s for i, s in enumerate(x.shape) if i != ax)
+    lay = xp.layout(x, (ax,))
+    row_shape = tuple(s for i, s in enumerate(xshape) if i != ax)
 
-    t = np.asarray(target)
-    if t.dtype.kind in "fV":
+    t = xp.asarray(target, "target")
+    if np.dtype(t.dtype).kind in "fV":
         float_dtype_or_raise(t.dtype, "target")
-    soft = check_class_target(t.dtype, t.shape, x.shape, ax, axis)
-    if not soft:
-        if t.dtype.kind == "u" and t.dtype.itemsize == 8 and t.size and int(t.max()) > np.iinfo(np.int64).max:
-            # checked before the int64 cast, which would wrap 2**64 - 100 to -100 (a valid
-            # ignore_index): the row would be silently ignored
-            bad = t > np.uint64(np.iinfo(np.int64).max)
-            pos = first_position(bad, t.shape)
-            raise IndexError(
-                f"target: expected class indices in [0, {C}) or ignore_index={ii}, found {t[pos]} at position {pos}"
-            )
-        t64 = t.astype(np.int64, copy=False)
-        # two reductions and no temporaries in the common case (every target a class); the
-        # elementwise test only when some index is out of range or ignored
-        tmin, tmax = (int(t64.min()), int(t64.max())) if t64.size else (0, 0)
-        all_classes = 0 <= tmin and tmax < C
-        if not all_classes:
-            bad = ((t64 < 0) | (t64 >= C)) & (t64 != ii)
-            if bad.any():
-                pos = first_position(bad, t.shape)
-                raise IndexError(
-                    f"target: expected class indices in [0, {C}) or ignore_index={ii}, found {t[pos]} at position {pos}"
-                )
+    soft = check_class_target(t.dtype, t.shape, xshape, ax, axis)
+    if not soft:  # the class indices are checked before anything else is judged or written
+        t2, bad, info = xp.class_indices(t, C, ii)
+        if bad:
+            raise _index_error(xp, t, C, ii)
     w = None
     if weight is not None:
-        w = as_cast(weight, "weight", cdt)
-        if w.shape != (C,):
-            raise ValueError(f"weight: expected a 1-D array of {C} class weights, found shape {w.shape}")
-        w = np.ascontiguousarray(w)
-    go = _grad_scale_value(grad_output, reduction)
+        w = xp.operand(weight, "weight", cdt)
+        if tuple(w.shape) != (C,):
+            raise ValueError(f"weight: expected a 1-D array of {C} class weights, found shape {tuple(w.shape)}")
+        w = xp.vec(w, C, cdt)
+    go = _grad_scale_value(xp, grad_output, reduction)
     gout_rows = None
     if go is None:  # an array (reduction="none"): checked even when no gradient is asked for
-        gout_rows = _grad_output_array(grad_output, row_shape, np.dtype(np.float64))
-    _prep_grad_out(grad_out, x, return_grad, [("logits", x), ("target", t)])
+        gout_rows = _grad_output_array(xp, grad_output, row_shape, np.dtype(np.float64))
+    _check_grad_out(xp, grad_out, x, return_grad, [("logits", x), ("target", t)])
 
-    be = _dispatch.resolve(backend)
+    be = xp.kernels(backend)
     N = lay.N
-    x2 = lay.view_in(x.astype(cdt, copy=False))
+    x2 = lay.view_in(x, cdt)
     if soft:
-        t2 = lay.view_in(t.astype(cdt, copy=False))
+        t2 = lay.view_in(t, cdt)
         denom = float(N)
-    else:
-        t2 = np.ascontiguousarray(t64.reshape(-1))
-        if reduction == "mean":
-            if all_classes and not tmin <= ii <= tmax:  # nothing ignored
-                denom = float(np.sum(w[t2], dtype=np.float64)) if w is not None else float(N)
-            else:
-                keep = t2 != ii
-                denom = float(np.sum(w[t2[keep]], dtype=np.float64)) if w is not None else float(np.count_nonzero(keep))
+    elif reduction == "mean":
+        denom = xp.kept_weight(t2, ii, w, info)
     scale = 1.0 / denom if reduction == "mean" and denom != 0 else (0.0 if reduction == "mean" else 1.0)
 
-    loss_rows = np.empty(N, np.float64)
+    loss_rows = xp.empty(N, np.float64)
     g2 = gscale = finish = None
     if return_grad:
         g2, finish = lay.output(grad_out, x.dtype, cdt)
         if gout_rows is not None:
-            gscale = np.ascontiguousarray(gout_rows.reshape(-1), dtype=np.float64)
+            gscale = xp.vec(gout_rows, N, np.float64)
         else:
             gscale = float(go * scale)  # a scalar: no (N,) array to fill on every call
     if soft:
@@ -541,28 +556,28 @@ def cross_entropy(
         be.cross_entropy(x2, t2, w, ii, eps, zl, loss_rows, g2, gscale)
 
     if reduction == "none":
-        loss = rounded(loss_rows.reshape(row_shape), x.dtype)
+        loss = xp.result(loss_rows, row_shape, x.dtype)
     else:
-        loss = _scalar(float(np.sum(loss_rows)) * scale, cdt)
+        loss = _scalar(xp.sum(loss_rows) * scale, cdt)
     return (loss, finish()) if return_grad else loss
 
 
 # ----------------------------------------------------------------------------- elementwise
-def _elementwise(kernel, x, cdt, operands, params, reduction, denom, return_grad, grad_output, grad_out, backend,
-                 grad_var=None):
+def _elementwise(xp, kernel, x, cdt, operands, params, reduction, denom, return_grad, grad_output, grad_out,
+                 backend, grad_var=None):
     """Run an elementwise kernel: ``operands`` are arrays broadcast to ``x.shape`` (or None),
     ``params`` are scalar kernel arguments; ``denom`` divides the total for ``"mean"``."""
-    go = _grad_scale_value(grad_output, reduction)
+    go = _grad_scale_value(xp, grad_output, reduction)
     gout = None
     if go is None:  # an array (reduction="none"): checked even when no gradient is asked for
-        gout = _grad_output_array(grad_output, x.shape, cdt)
+        gout = _grad_output_array(xp, grad_output, x.shape, cdt)
         if not return_grad:
             gout = None
         go = 1.0
-    be = _dispatch.resolve(backend)
-    lay = Layout(x)
-    x2 = lay.view_in(x.astype(cdt, copy=False))
-    ops2 = [None if a is None else lay.view_in(a) for a in operands]
+    be = xp.kernels(backend)
+    lay = xp.layout(x)
+    x2 = lay.view_in(x, cdt)
+    ops2 = [None if a is None else lay.view_in(a, cdt) for a in operands]
     loss2 = finish_loss = None
     if reduction == "none":
         loss2, finish_loss = lay.output(None, x.dtype, cdt)
@@ -570,17 +585,17 @@ def _elementwise(kernel, x, cdt, operands, params, reduction, denom, return_grad
     g2 = finish = gv2 = None
     if return_grad:
         g2, finish = lay.output(grad_out, x.dtype, cdt)
-    gout2 = None if gout is None else lay.view_in(gout)
+    gout2 = None if gout is None else lay.view_in(gout, cdt)
     fn = getattr(be, kernel)
     if grad_var is not None:
         # an output buffer laid out like x, through the same path as the other outputs (a
         # view_in of an input-like array may be a reshape *copy* that the kernel would fill
         # instead of the returned buffer)
-        gv2, finish_gv = lay.output(None, cdt, cdt) if return_grad else (None, None)
+        gv2, finish_gv = lay.output(None, cdt, cdt, wrap=False) if return_grad else (None, None)
         total = fn(x2, *ops2, *params, loss2, g2, gv2, go * scale, gout2)
     else:
         total = fn(x2, *ops2, *params, loss2, g2, go * scale, gout2)
-    loss = finish_loss() if reduction == "none" else _scalar(total * scale, cdt)
+    loss = finish_loss() if reduction == "none" else _scalar(float(total) * scale, cdt)
     if not return_grad:
         return loss
     grad = finish()
@@ -632,30 +647,30 @@ def binary_cross_entropy_with_logits(
     >>> float(fl.binary_cross_entropy_with_logits(np.array([-1e300]), np.array([1.0])))  # no overflow
     1e+300
     """
-    args = dict(logits=logits, target=target, weight=weight, pos_weight=pos_weight, reduction=reduction,
-                return_grad=return_grad, grad_output=grad_output, grad_out=grad_out, backend=backend)
-    if _on_device(logits, target, weight, pos_weight, grad_output, grad_out):
-        return _device_call("binary_cross_entropy_with_logits", args)
-    x, cdt = as_float_array(logits, "logits")
+    xp = _arrays.for_call(backend, logits, target, weight, pos_weight, grad_output, grad_out)
+    x, cdt = xp.float_array(logits, "logits")
+    shape = tuple(x.shape)
     reduction = check_reduction(reduction)
-    y = _same_shape_target(target, x, cdt, "target")
-    w = None if weight is None else as_cast(weight, "weight", cdt, x.shape)
+    y = _same_shape_target(xp, target, x, cdt, "target")
+    w = None if weight is None else xp.operand(weight, "weight", cdt, shape)
     pw = None
     if pos_weight is not None:
-        pw = as_cast(pos_weight, "pos_weight", cdt)
-        if x.ndim and pw.ndim and pw.shape[-1] not in (1, x.shape[-1]):
-            raise ValueError(f"pos_weight: expected one weight per class along the last axis ({x.shape[-1]}), found shape {pw.shape}")
-        pw = broadcast_to_or_raise(pw, x.shape, "pos_weight")
-    _prep_grad_out(grad_out, x, bool(return_grad), [("logits", x), ("target", y)])
-    return _elementwise("bce_with_logits", x, cdt, [y, w, pw], [], reduction, x.size, bool(return_grad),
-                        grad_output, grad_out, backend)
+        pw = xp.operand(pos_weight, "pos_weight", cdt)
+        if shape and pw.shape and tuple(pw.shape)[-1] not in (1, shape[-1]):
+            raise ValueError(
+                f"pos_weight: expected one weight per class along the last axis ({shape[-1]}), found shape {tuple(pw.shape)}"
+            )
+        pw = xp.broadcast(pw, shape, "pos_weight")
+    _check_grad_out(xp, grad_out, x, bool(return_grad), [("logits", x), ("target", y)])
+    return _elementwise(xp, "bce_with_logits", x, cdt, [y, w, pw], [], reduction, math.prod(shape),
+                        bool(return_grad), grad_output, grad_out, backend)
 
 
-def _same_shape_target(target, x, cdt, name):
-    t, _ = as_float_array(target, name)
-    if t.shape != x.shape:
-        raise ValueError(f"{name}: expected the shape of the input {x.shape}, found {t.shape}")
-    return t.astype(cdt, copy=False)
+def _same_shape_target(xp, target, x, cdt, name):
+    t, _ = xp.float_array(target, name)
+    if tuple(t.shape) != tuple(x.shape):
+        raise ValueError(f"{name}: expected the shape of the input {tuple(x.shape)}, found {tuple(t.shape)}")
+    return xp.cast(t, cdt)
 
 
 def binary_cross_entropy(probs, target, *, weight=None, reduction="mean", return_grad=False, grad_output=None,
@@ -694,27 +709,16 @@ def binary_cross_entropy(probs, target, *, weight=None, reduction="mean", return
     >>> float(fl.binary_cross_entropy(np.array([0.0]), np.array([1.0])))  # clamped log 0
     100.0
     """
-    args = dict(probs=probs, target=target, weight=weight, reduction=reduction, return_grad=return_grad,
-                grad_output=grad_output, grad_out=grad_out, backend=backend)
-    if _on_device(probs, target, weight, grad_output, grad_out):
-        return _device_call("binary_cross_entropy", args)
-    p, cdt = as_float_array(probs, "probs")
+    xp = _arrays.for_call(backend, probs, target, weight, grad_output, grad_out)
+    p, cdt = xp.float_array(probs, "probs")
     reduction = check_reduction(reduction)
-    y = _same_shape_target(target, p, cdt, "target")
-    with np.errstate(invalid="ignore"):
-        bad = (p < 0) | (p > 1)
-    if bad.any():
-        pos = first_position(bad, p.shape)
-        raise ValueError(f"probs: expected probabilities in [0, 1], found {p[pos]} at position {pos}")
-    with np.errstate(invalid="ignore"):
-        bad = (y < 0) | (y > 1)
-    if bad.any():  # PyTorch refuses them too; NaN passes (it propagates)
-        pos = first_position(bad, y.shape)
-        raise ValueError(f"target: expected targets in [0, 1], found {y[pos]} at position {pos}")
-    w = None if weight is None else as_cast(weight, "weight", cdt, p.shape)
-    _prep_grad_out(grad_out, p, bool(return_grad), [("probs", p), ("target", y)])
-    return _elementwise("bce", p, cdt, [y, w], [], reduction, p.size, bool(return_grad), grad_output, grad_out,
-                        backend)
+    y = _same_shape_target(xp, target, p, cdt, "target")
+    _check_range(xp, p, "probs", "probabilities in [0, 1]", 0.0, 1.0)
+    _check_range(xp, y, "target", "targets in [0, 1]", 0.0, 1.0)  # PyTorch refuses them too
+    w = None if weight is None else xp.operand(weight, "weight", cdt, p.shape)
+    _check_grad_out(xp, grad_out, p, bool(return_grad), [("probs", p), ("target", y)])
+    return _elementwise(xp, "bce", p, cdt, [y, w], [], reduction, math.prod(p.shape), bool(return_grad),
+                        grad_output, grad_out, backend)
 
 
 def kl_div(input, target, *, log_target=False, reduction="batchmean", return_grad=False, grad_output=None,
@@ -756,20 +760,17 @@ def kl_div(input, target, *, log_target=False, reduction="batchmean", return_gra
     >>> float(fl.kl_div(np.log(p), p))
     0.0
     """
-    args = dict(input=input, target=target, log_target=log_target, reduction=reduction, return_grad=return_grad,
-                grad_output=grad_output, grad_out=grad_out, backend=backend)
-    if _on_device(input, target, grad_output, grad_out):
-        return _device_call("kl_div", args)
-    x, cdt = as_float_array(input, "input")
+    xp = _arrays.for_call(backend, input, target, grad_output, grad_out)
+    x, cdt = xp.float_array(input, "input")
     reduction = check_reduction(reduction, ("batchmean", "mean", "sum", "none"))
-    t = as_cast(target, "target", cdt, x.shape)
-    _prep_grad_out(grad_out, x, bool(return_grad), [("input", x), ("target", t)])
+    t = xp.operand(target, "target", cdt, x.shape)
+    _check_grad_out(xp, grad_out, x, bool(return_grad), [("input", x), ("target", t)])
     if reduction == "batchmean":
-        reduction, denom = "mean", (x.shape[0] if x.ndim else 1)
+        reduction, denom = "mean", (x.shape[0] if x.shape else 1)
     else:
-        denom = x.size
-    return _elementwise("kl_div", x, cdt, [t], [bool(log_target)], reduction, denom, bool(return_grad), grad_output,
-                        grad_out, backend)
+        denom = math.prod(x.shape)
+    return _elementwise(xp, "kl_div", x, cdt, [t], [bool(log_target)], reduction, denom, bool(return_grad),
+                        grad_output, grad_out, backend)
 
 
 def mse_loss(input, target, *, reduction="mean", return_grad=False, grad_output=None, grad_out=None, backend=None):
@@ -802,50 +803,45 @@ def mse_loss(input, target, *, reduction="mean", return_grad=False, grad_output=
     >>> float(loss), grad.tolist()
     (5.0, [1.0, 3.0])
     """
-    args = dict(input=input, target=target, reduction=reduction, return_grad=return_grad, grad_output=grad_output,
-                grad_out=grad_out, backend=backend)
-    if _on_device(input, target, grad_output, grad_out):
-        return _device_call("mse_loss", args)
-    x, cdt = as_float_array(input, "input")
+    xp = _arrays.for_call(backend, input, target, grad_output, grad_out)
+    x, cdt = xp.float_array(input, "input")
     reduction = check_reduction(reduction)
-    t = as_cast(target, "target", cdt, x.shape)
-    _prep_grad_out(grad_out, x, bool(return_grad), [("input", x), ("target", t)])
-    return _elementwise("mse", x, cdt, [t], [], reduction, x.size, bool(return_grad), grad_output, grad_out, backend)
+    t = xp.operand(target, "target", cdt, x.shape)
+    _check_grad_out(xp, grad_out, x, bool(return_grad), [("input", x), ("target", t)])
+    return _elementwise(xp, "mse", x, cdt, [t], [], reduction, math.prod(x.shape), bool(return_grad), grad_output,
+                        grad_out, backend)
 
 
-def _var_shape(var, x, cdt):
+def _var_shape(xp, var, x, cdt):
     """``var`` as an array broadcast to ``x.shape`` plus a function reducing a full-size
     gradient back to the shape (or Python-float-ness) of ``var``."""
+    shape = tuple(x.shape)
     if isinstance(var, (int, float, np.integer, np.floating)) and not isinstance(var, (bool, np.bool_)):
         if var < 0:
             raise ValueError(f"var: expected a non-negative variance, found {var!r}")
-        v = np.asarray(var, dtype=cdt)
-        return np.broadcast_to(v, x.shape), (lambda g: cdt.type(np.sum(g, dtype=np.float64)))
-    v, _ = as_float_array(var, "var")
-    orig = v.shape
-    if v.shape == x.shape:
+        return xp.broadcast(xp.const(var, cdt), shape, "var"), (lambda g: _scalar(xp.sum(g), cdt))
+    v, _ = xp.float_array(var, "var")
+    orig = tuple(v.shape)
+    if orig == shape:
         pass
-    elif x.ndim and v.shape == x.shape[:-1]:
-        v = v[..., None]  # one dimension fewer: one variance per row (homoscedastic)
-    elif v.ndim == x.ndim and all(a == b or a == 1 for a, b in zip(v.shape, x.shape)):
+    elif shape and orig == shape[:-1]:
+        v = xp.expand_last(v)  # one dimension fewer: one variance per row (homoscedastic)
+    elif len(orig) == len(shape) and all(a == b or a == 1 for a, b in zip(orig, shape)):
         pass
     else:
         raise ValueError(
-            f"var: expected a float, the input's shape {x.shape}, that shape without its last dimension, "
+            f"var: expected a float, the input's shape {shape}, that shape without its last dimension, "
             f"or the same rank with size-1 dimensions, found shape {orig}"
         )
-    with np.errstate(invalid="ignore"):
-        neg = v < 0
-    if neg.any():
-        pos = first_position(neg, v.shape)
-        raise ValueError(f"var: expected non-negative variances, found {v[pos]} at position {pos}")
-    red = tuple(i for i, (a, b) in enumerate(zip(v.shape, x.shape)) if a == 1 and b != 1)
+    _check_range(xp, v, "var", "non-negative variances", 0.0, np.inf)
+    vshape, vdt = tuple(v.shape), v.dtype
+    reduced = vshape != shape
 
     def reduce_grad(g):
-        r = np.sum(g, axis=red, keepdims=True, dtype=np.float64) if red else g
-        return rounded(r.reshape(orig), v.dtype)  # the dtype of var, like every gradient
+        # summed in float64 over the broadcast axes, in the dtype of var like every gradient
+        return xp.result(xp.sum_to(g, vshape) if reduced else g, orig, vdt)
 
-    return np.broadcast_to(v.astype(cdt, copy=False), x.shape), reduce_grad
+    return xp.broadcast(xp.cast(v, cdt), shape, "var"), reduce_grad
 
 
 def gaussian_nll_loss(input, target, var, *, full=False, eps=1e-6, reduction="mean", return_grad=False,
@@ -892,14 +888,11 @@ def gaussian_nll_loss(input, target, var, *, full=False, eps=1e-6, reduction="me
     >>> float(fl.gaussian_nll_loss(np.array([1.0]), np.array([0.0]), 1.0))
     0.5
     """
-    args = dict(input=input, target=target, var=var, full=full, eps=eps, reduction=reduction,
-                return_grad=return_grad, grad_output=grad_output, backend=backend)
-    if _on_device(input, target, var, grad_output):
-        return _device_call("gaussian_nll_loss", args)
-    x, cdt = as_float_array(input, "input")
+    xp = _arrays.for_call(backend, input, target, var, grad_output)
+    x, cdt = xp.float_array(input, "input")
     reduction = check_reduction(reduction)
     e = check_real(eps, "eps", 0.0)
-    t = as_cast(target, "target", cdt, x.shape)
-    v, reduce_grad = _var_shape(var, x, cdt)
-    return _elementwise("gaussian_nll", x, cdt, [t, v], [bool(full), e], reduction, x.size, bool(return_grad),
-                        grad_output, None, backend, grad_var=reduce_grad)
+    t = xp.operand(target, "target", cdt, x.shape)
+    v, reduce_grad = _var_shape(xp, var, x, cdt)
+    return _elementwise(xp, "gaussian_nll", x, cdt, [t, v], [bool(full), e], reduction, math.prod(x.shape),
+                        bool(return_grad), grad_output, None, backend, grad_var=reduce_grad)

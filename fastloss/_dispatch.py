@@ -12,7 +12,7 @@ import os
 import threading
 
 from . import _backends as _reg
-from ._backends import BackendUnavailable
+from ._backends import BackendUnavailable, is_device_array
 
 __all__ = ["set_backend", "get_backend", "use_backend", "set_num_threads", "get_num_threads", "resolve", "is_device_array"]
 
@@ -79,19 +79,6 @@ def use_backend(name: str):
         yield
     finally:
         _override.reset(token)
-
-
-def is_device_array(a) -> bool:
-    """True for arrays resident on a CUDA device (CuPy, PyTorch CUDA tensors, Numba device arrays)."""
-    if hasattr(a, "__cuda_array_interface__") or getattr(a, "__cuda_ndarray__", False):
-        return True  # (__cuda_ndarray__: Numba's device arrays under the CUDA simulator)
-    dev = getattr(a, "__dlpack_device__", None)
-    if dev is not None and not hasattr(a, "__array_interface__"):
-        try:
-            return int(dev()[0]) in (2, 3, 13)  # kDLCUDA, kDLCUDAHost, kDLCUDAManaged
-        except Exception:
-            return False
-    return False
 
 
 def _auto_cpu_backend():

@@ -53,8 +53,11 @@ class Layout:
             return a.T
         return np.moveaxis(a, self.src, self.dst) if self.src != self.dst else a
 
-    def view_in(self, a: np.ndarray) -> np.ndarray:
-        """2-D view (or, where NumPy cannot view it, a copy) of an input shaped like ``x``."""
+    def view_in(self, a: np.ndarray, dtype=None) -> np.ndarray:
+        """2-D view (or, where NumPy cannot view it, a copy) of an input shaped like ``x``,
+        in ``dtype`` when given (a cast copy when ``a`` has another)."""
+        if dtype is not None:
+            a = a.astype(dtype, copy=False)
         return self._moved(a).reshape(self.shape2d)
 
     def view_out(self, a: np.ndarray):
@@ -76,9 +79,11 @@ class Layout:
         moved = [s for i, s in enumerate(self.shape) if i not in self.src] + [self.shape[i] for i in self.src]
         return np.moveaxis(buf2d.reshape(moved), self.dst, self.src)
 
-    def output(self, user, out_dtype, cdt):
+    def output(self, user, out_dtype, cdt, wrap=True):
         """A 2-D compute buffer of dtype ``cdt`` for an output shaped like ``x``, and a
         ``finish()`` that returns the user-facing array (``user`` itself when given).
+        (``wrap``: whether a device layout returns its result in the caller's library;
+        host arrays are the caller's already.)
 
         ``user`` (validated already) receives the result.  With ``user=None`` a new array
         is made with the input's layout when that layout gives a 2-D view, else with the

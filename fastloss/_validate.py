@@ -1,8 +1,9 @@
 """Validation and normalization shared by every public function.
 
 Everything here runs before any output is written.  Messages name the argument, what was
-expected and what was found.  Helpers that only need ``.shape``/``.dtype`` work on device
-arrays too (the CUDA backend reuses them).
+expected and what was found.  The helpers that judge metadata only (dtype, shape) serve host
+and device arrays alike; the checks that need the values are the array adaptors'
+(:mod:`fastloss._arrays`).
 """
 from __future__ import annotations
 
@@ -180,24 +181,6 @@ def first_position(mask, shape):
     return tuple(int(i) for i in np.unravel_index(flat, shape)) if shape else ()
 
 
-def check_grad_out(grad_out, shape, dtype, return_grad: bool, name="grad_out"):
-    """``grad_out`` must be a writeable ndarray of exactly ``shape`` and ``dtype``."""
-    if grad_out is None:
-        return None
-    if not return_grad:
-        raise ValueError(f"{name}: expected None unless return_grad=True, found an array (pass return_grad=True to get the gradient)")
-    if not isinstance(grad_out, np.ndarray):
-        raise ValueError(f"{name}: expected a numpy.ndarray, found {type(grad_out).__name__}")
-    if grad_out.shape != tuple(shape) or grad_out.dtype != dtype:
-        raise ValueError(
-            f"{name}: expected an array of shape {tuple(shape)} and dtype {np.dtype(dtype)}, "
-            f"found shape {grad_out.shape} and dtype {grad_out.dtype}"
-        )
-    if not grad_out.flags.writeable:
-        raise ValueError(f"{name}: expected a writeable array, found a read-only one")
-    return grad_out
-
-
 def same_buffer(a, b) -> bool:
     """True if ``a`` and ``b`` are the very same view of memory (in-place use)."""
     return (
@@ -216,7 +199,12 @@ def check_no_partial_overlap(out, inputs, name="grad_out"):
             except np.exceptions.TooHardError:  # undecidable cheaply: refuse rather than risk it
                 overlap = True
             if overlap:
-                raise ValueError(
-                    f"{name}: expected either {in_name} itself (in place) or an array that does not "
-                    f"overlap it, found an array partly overlapping {in_name}"
-                )
+                raise overlap_error(name, in_name)
+
+
+def overlap_error(name, in_name):
+    """The error for an output ``name`` that partly overlaps the input ``in_name``."""
+    return ValueError(
+        f"{name}: expected either {in_name} itself (in place) or an array that does not "
+        f"overlap it, found an array partly overlapping {in_name}"
+    )

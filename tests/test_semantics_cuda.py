@@ -2,7 +2,8 @@
 
 Every K item is checked on both ways into the backend: NumPy input offloaded with
 ``backend="cuda"`` (the public layer, then the backend's kernel entry points) and device
-arrays (``device_call``: validation and axis handling on the device).  References are PyTorch
+arrays (the public layer with the backend's device adaptor: validation and axis handling on
+the device).  References are PyTorch
 float64 autograd or closed forms written out here -- never fastloss itself.
 
 Runs under the Numba CUDA simulator, in its own process (shapes stay tiny)::
@@ -405,7 +406,7 @@ def test_k6_bce_target_outside_unit_interval_device():
     same(r, [[np.nan, math.log(2)], [math.log(2), math.log(2)]])
 
 
-def test_k6_host_operands_of_a_device_call_0d_and_byte_swapped():
+def test_k6_host_operands_of_a_device_array_call_0d_and_byte_swapped():
     """Host operands mixed into a device call are sent as they are: a 0-d one stays 0-d, and
     non-native byte order (as read from some files) is converted to native order first."""
     same(fl.binary_cross_entropy(dev(np.array(0.5)), np.array(1.0)), math.log(2))

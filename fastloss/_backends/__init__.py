@@ -17,7 +17,28 @@ import threading
 from dataclasses import dataclass
 
 __all__ = ["BackendUnavailable", "BackendStatus", "NumbaCacheWarning", "KNOWN", "get", "status",
-           "backends", "forked_serial"]
+           "backends", "forked_serial", "is_device_array"]
+
+_DLPACK_CUDA = (2, 13)  # kDLCUDA, kDLCUDAManaged (kDLCUDAHost, pinned host memory, is not device memory)
+
+
+def is_device_array(obj) -> bool:
+    """True for arrays resident on a CUDA device: CuPy arrays, PyTorch CUDA tensors, Numba
+    device arrays (the simulator's too), anything with ``__cuda_array_interface__`` or a
+    ``__dlpack__`` on a CUDA device.  Such data goes to the ``cuda`` backend whole."""
+    if getattr(obj, "__cuda_ndarray__", False):
+        return True
+    if type(obj).__module__.split(".")[0] == "torch":  # (a bfloat16 tensor's interface raises)
+        return bool(getattr(obj, "is_cuda", False))
+    if hasattr(obj, "__cuda_array_interface__"):
+        return True
+    dev = getattr(obj, "__dlpack_device__", None)
+    if dev is not None and not hasattr(obj, "__array_interface__"):
+        try:
+            return int(dev()[0]) in _DLPACK_CUDA
+        except Exception:
+            return False
+    return False
 
 
 class BackendUnavailable(RuntimeError):
