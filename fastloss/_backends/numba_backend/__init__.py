@@ -14,7 +14,7 @@ Design
 ------
 * **Parallelism.**  Row-wise kernels split the rows into one contiguous block per task and
   run the blocks with ``prange`` (static scheduling: equal blocks, one per thread).  Elementwise
-  kernels see ``(R, K)`` arrays; their tasks are row segments of ``_CHUNK`` elements when
+  kernels see ``(R, K)`` arrays; their tasks are row segments of ``NUMBA_CHUNK`` elements when
   ``K`` is large (so a ``(1, 16M)`` view keeps every thread busy) and groups of whole rows
   when ``K`` is small (so a tall, thin array does not pay a task per tiny row).
 * **SIMD.**  ``exp``/``log``/``log1p`` come from :mod:`._math` (polynomials plus bit
@@ -43,7 +43,7 @@ Design
   operands run on the transposes, which are C-contiguous.
 * **Small calls run serially.**  Every entry kernel has a serial twin (the same Python
   function compiled without ``parallel``, see ``_kernel``); calls with fewer than
-  ``_SERIAL_MAX`` elements, or with one thread, run it on the calling thread and never touch
+  ``NUMBA_SERIAL_MAX`` elements (:mod:`fastloss._config`), or with one thread, run it on the calling thread and never touch
   the thread pool: waking the workers costs microseconds on an idle machine and milliseconds
   on a loaded one, more than a small call computes.
 * **Compilation.**  ``cache=True`` on every entry kernel and nothing is compiled at import;
@@ -93,6 +93,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ... import _config as cfg
 from . import _jit
 from ._cache import cache_info
 from ._jit import NAME, _call, _nblocks, _tasks, get_num_threads, numba, set_num_threads
@@ -105,8 +106,8 @@ __all__ = [
 ]
 
 if numba is not None:  # without numba only the reason below is asked for
-    from ._cols import _SMALL_C, _k_cross_entropy_small
-    from ._elementwise import _k_bce, _k_bce_with_logits, _k_gaussian_nll, _k_kl_div, _k_mse
+    from ._cols import _k_cross_entropy_small
+    from ._elementwise import _k_bce, _k_bce_with_logits, _k_gaussian_nll, _k_kl_div, _k_kl_div_log, _k_mse
     from ._rows import (_k_cross_entropy, _k_cross_entropy_soft, _k_log_softmax, _k_log_softmax_backward,
                         _k_logsumexp, _k_softmax, _k_softmax_backward)
 from ._warmup import warmup  # noqa: E402
@@ -208,7 +209,7 @@ def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, loss
     sumw = float(c) if weight is None else float(np.sum(weight, dtype=np.float64))
     gsc, gsa = _gscale_rows(gscale if grad is not None else 1.0, n)
     # few classes: the column-block kernel, in any layout (it transposes blocks of rows itself)
-    kern = _k_cross_entropy_small if c <= _SMALL_C else _k_cross_entropy
+    kern = _k_cross_entropy_small if c <= cfg.NUMBA_SMALL_C else _k_cross_entropy
     args = (_ro(x), _vec(target, np.int64), _vec(weight), sumw, int(ignore_index), float(label_smoothing),
             float(z_loss))
     _rows_out(loss, lambda lo: _call(kern, x.size, *args, lo, grad, gsc, gsa, _nblocks(n, x.size)))
@@ -224,49 +225,34 @@ def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, loss, grad, g
                                      _nblocks(n, x.size)))
 
 
-def bce_with_logits(z, y, weight, pos_weight, loss, grad, gscale, gout):
-    if z.size == 0:
+def _run_elementwise(kern, a, b, p, q, c1, c2, loss, grad, grad2, gscale, gout):
+    """Run elementwise kernel ``kern`` (one signature for every loss, see ``_make_driver``)."""
+    if a.size == 0:
         return 0.0
+    a, b, p, q, loss, grad, grad2, gout = _elementwise_layout(a, b, p, q, loss, grad, grad2, gout)
     gs = float(gscale)  # a scalar (the protocol): a per-element scale arrives as gout
-    z, y, weight, pos_weight, loss, grad, gout = _elementwise_layout(
-        z, y, weight, pos_weight, loss, grad, gout)
-    return float(_call(_k_bce_with_logits, z.size, _ro(z), _ro(y), _ro(weight), _ro(pos_weight), loss, grad,
-                       gs, _ro(gout), *_tasks(*z.shape)))
+    return float(_call(kern, a.size, _ro(a), _ro(b), _ro(p), _ro(q), c1, c2, loss, grad, grad2, gs, _ro(gout),
+                       *_tasks(*a.shape)))
+
+
+def bce_with_logits(z, y, weight, pos_weight, loss, grad, gscale, gout):
+    return _run_elementwise(_k_bce_with_logits, z, y, weight, pos_weight, 0, 0.0, loss, grad, None, gscale,
+                            gout)
 
 
 def bce(p, y, weight, loss, grad, gscale, gout):
-    if p.size == 0:
-        return 0.0
-    gs = float(gscale)  # a scalar (the protocol): a per-element scale arrives as gout
-    p, y, weight, loss, grad, gout = _elementwise_layout(p, y, weight, loss, grad, gout)
-    return float(_call(_k_bce, p.size, _ro(p), _ro(y), _ro(weight), loss, grad, gs, _ro(gout),
-                       *_tasks(*p.shape)))
+    return _run_elementwise(_k_bce, p, y, weight, None, 0, 0.0, loss, grad, None, gscale, gout)
 
 
 def kl_div(x, t, log_target, loss, grad, gscale, gout):
-    if x.size == 0:
-        return 0.0
-    gs = float(gscale)  # a scalar (the protocol): a per-element scale arrives as gout
-    x, t, loss, grad, gout = _elementwise_layout(x, t, loss, grad, gout)
-    return float(_call(_k_kl_div, x.size, _ro(x), _ro(t), bool(log_target), loss, grad, gs, _ro(gout),
-                       *_tasks(*x.shape)))
+    return _run_elementwise(_k_kl_div_log if log_target else _k_kl_div, x, t, None, None, 0, 0.0, loss, grad,
+                            None, gscale, gout)
 
 
 def mse(x, t, loss, grad, gscale, gout):
-    if x.size == 0:
-        return 0.0
-    gs = float(gscale)  # a scalar (the protocol): a per-element scale arrives as gout
-    x, t, loss, grad, gout = _elementwise_layout(x, t, loss, grad, gout)
-    return float(_call(_k_mse, x.size, _ro(x), _ro(t), loss, grad, gs, _ro(gout), *_tasks(*x.shape)))
+    return _run_elementwise(_k_mse, x, t, None, None, 0, 0.0, loss, grad, None, gscale, gout)
 
 
 def gaussian_nll(x, t, var, full, eps, loss, grad, grad_var, gscale, gout):
-    if x.size == 0:
-        return 0.0
-    gs = float(gscale)  # a scalar (the protocol): a per-element scale arrives as gout
-    x, t, var, loss, grad, grad_var, gout = _elementwise_layout(
-        x, t, var, loss, grad, grad_var, gout)
-    return float(_call(_k_gaussian_nll, x.size, _ro(x), _ro(t), _ro(var), bool(full), float(eps), loss,
-                       grad, grad_var, gs, _ro(gout), *_tasks(*x.shape)))
-
-
+    return _run_elementwise(_k_gaussian_nll, x, t, var, None, bool(full), float(eps), loss, grad, grad_var, gscale,
+                            gout)

@@ -53,7 +53,8 @@ def _cache_candidates():
 # Every module of this package whose code the cached kernels contain (the kernels' own modules
 # and the helpers they inline): the cache is keyed on their sources (_drop_stale_kernels)
 _KERNEL_MODULES = ("_jit", "_math", "_rows", "_cols", "_elementwise")
-_KERNEL_SOURCES = tuple(m + ".py" for m in _KERNEL_MODULES)
+# ... and the tunables compiled into them (fastloss/_config.py), relative to this directory
+_KERNEL_SOURCES = tuple(m + ".py" for m in _KERNEL_MODULES) + (os.path.join("..", "..", "_config.py"),)
 _STAMP = "numba_backend.sources.sha256"
 
 

@@ -1,16 +1,18 @@
-"""The few-classes (C <= ``_SMALL_C``) hard-target cross-entropy of the numba backend:
-blocks of rows turned on their side so that every step vectorizes across rows.
+"""The few-classes (C <= ``fastloss._config.NUMBA_SMALL_C``) hard-target cross-entropy of the
+numba backend: blocks of rows turned on their side so that every step vectorizes across rows.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from ... import _config as cfg
 from ._jit import _JIT, _kernel, _seg1, njit, prange
 from ._math import cast_like, neg_log_p, sub_sub, vexp, vexpn, vlog
 from ._rows import _finite, _mx
 
-_SMALL_C = 32  # class counts up to this take the column-block path (see _ce_cols_block)
-_SB = 256  # rows per block of that path: its (C, _SB) buffers stay in L1/L2
+# rows per block (fastloss/_config.py: NUMBA_COL_ROWS): its (C, _SB) buffers stay in L1/L2;
+# a global, so compiled into the kernel
+_SB = cfg.NUMBA_COL_ROWS
 
 
 @njit(**_JIT)

@@ -1,6 +1,6 @@
 """Elementwise kernels of the numba backend: each loss written once as an element function,
 one generated block loop around each (``_make_ew_block``), and one generated parallel driver
-per loss.
+per loss (``_make_driver``), all with one signature.
 """
 from __future__ import annotations
 
@@ -257,58 +257,31 @@ def _task_range(task, r, k, ck, rpt):
     return r0, min(r, r0 + rpt), 0, k
 
 
-@_kernel
-def _k_bce_with_logits(z, y, w, pw, loss, grad, gs, gout, ntask, ck, rpt):
-    r, k = z.shape
-    tot = 0.0
-    for task in prange(ntask):
-        r0, r1, j0, j1 = _task_range(task, r, k, ck, rpt)
-        tot += _bcel_block(z, y, w, pw, 0, 0.0, loss, grad, None, gs, gout, r0, r1, j0, j1)
-    return tot
+def _make_driver(name, block):
+    """The parallel kernel ``name`` of one elementwise loss (with its serial twin, see
+    ``_kernel``): the tasks of ``_tasks`` mapped onto ``block``, their float64 totals added.
+
+    Every loss has the same driver signature, ``(a, b, p, q, c1, c2, loss, grad, grad2, gs,
+    gout, ntask, ck, rpt)``; what differs is the block it closes over (a compile-time
+    constant of the kernel, so each driver is cached on disk under its own name)."""
+
+    def drive(a, b, p, q, c1, c2, loss, grad, grad2, gs, gout, ntask, ck, rpt):
+        r, k = a.shape
+        tot = 0.0
+        for task in prange(ntask):
+            r0, r1, j0, j1 = _task_range(task, r, k, ck, rpt)
+            tot += block(a, b, p, q, c1, c2, loss, grad, grad2, gs, gout, r0, r1, j0, j1)
+        return tot
+
+    drive.__name__ = drive.__qualname__ = name
+    return _kernel(drive)
 
 
-@_kernel
-def _k_bce(p, y, w, loss, grad, gs, gout, ntask, ck, rpt):
-    r, k = p.shape
-    tot = 0.0
-    for task in prange(ntask):
-        r0, r1, j0, j1 = _task_range(task, r, k, ck, rpt)
-        tot += _bce_block(p, y, w, None, 0, 0.0, loss, grad, None, gs, gout, r0, r1, j0, j1)
-    return tot
-
-
-@_kernel
-def _k_kl_div(x, t, log_target, loss, grad, gs, gout, ntask, ck, rpt):
-    r, k = x.shape
-    tot = 0.0
-    for task in prange(ntask):
-        r0, r1, j0, j1 = _task_range(task, r, k, ck, rpt)
-        # the formula is chosen once per task, outside the loops: a branch on a run-time
-        # flag inside the loop keeps LLVM from vectorizing it (measured 2x slower)
-        if log_target:
-            tot += _kl_log_block(x, t, None, None, 0, 0.0, loss, grad, None, gs, gout, r0, r1, j0, j1)
-        else:
-            tot += _kl_block(x, t, None, None, 0, 0.0, loss, grad, None, gs, gout, r0, r1, j0, j1)
-    return tot
-
-
-@_kernel
-def _k_mse(x, t, loss, grad, gs, gout, ntask, ck, rpt):
-    r, k = x.shape
-    tot = 0.0
-    for task in prange(ntask):
-        r0, r1, j0, j1 = _task_range(task, r, k, ck, rpt)
-        tot += _mse_block(x, t, None, None, 0, 0.0, loss, grad, None, gs, gout, r0, r1, j0, j1)
-    return tot
-
-
-@_kernel
-def _k_gaussian_nll(x, t, var, full, eps, loss, grad, grad_var, gs, gout, ntask, ck, rpt):
-    r, k = x.shape
-    tot = 0.0
-    for task in prange(ntask):
-        r0, r1, j0, j1 = _task_range(task, r, k, ck, rpt)
-        tot += _gnll_block(x, t, var, None, full, eps, loss, grad, grad_var, gs, gout, r0, r1, j0, j1)
-    return tot
-
-
+_k_bce_with_logits = _make_driver("_k_bce_with_logits", _bcel_block)
+_k_bce = _make_driver("_k_bce", _bce_block)
+# the KL formula is chosen per call, outside the loops: a branch on a run-time flag inside
+# the loop keeps LLVM from vectorizing it (measured 2x slower)
+_k_kl_div = _make_driver("_k_kl_div", _kl_block)
+_k_kl_div_log = _make_driver("_k_kl_div_log", _kl_log_block)
+_k_mse = _make_driver("_k_mse", _mse_block)
+_k_gaussian_nll = _make_driver("_k_gaussian_nll", _gnll_block)

@@ -12,6 +12,7 @@ import threading
 
 import numpy as np
 
+from ... import _config as cfg
 from .. import forked_serial
 from . import _cache
 
@@ -53,20 +54,10 @@ else:  # pragma: no cover
 
     prange = range
 
-_CHUNK = 16384  # elements per elementwise task: big enough to amortize, small enough for L1/L2
-# Row sums of exp: blocks of _SUMBLK terms are summed in the compute dtype (8 float32 lanes
-# per ymm instead of 4 float64 ones; each lane adds <= 64 terms in [0, 1], relative error
-# ~1e-7 at worst), and the block sums are added in float64.
-_SUMBLK = 512
-# Elementwise loss sums likewise: blocks of _EBLK terms in the compute dtype (a float64
-# accumulator in a float32 loop makes LLVM give up on vectorizing the whole loop -- measured
-# 0.15 G el/s instead of ~1 G el/s for BCE), block sums added in float64.
-_EBLK = 256
-
-# Work (elements) below which a call runs the serial twin of its kernel on the calling thread:
-# waking the worker threads costs microseconds on an idle machine but milliseconds on a loaded
-# one (the OpenMP workers spin, or wait for a core), far more than such a call computes.
-_SERIAL_MAX = 1 << 16
+# The tunables (fastloss/_config.py): the block sizes are compiled into the kernels, as globals
+# of this module; the thresholds are read from _config at each call.
+_SUMBLK = cfg.NUMBA_SUM_BLOCK
+_EBLK = cfg.NUMBA_LOSS_BLOCK
 
 
 def _serial_copy(f):
@@ -115,7 +106,7 @@ def _call_jit(kern, work, *args):
     # _fork_serial first: in a child forked after a parallel call even warmup's forced
     # "parallel" mode must not enter the threading layer (see the module docstring, Fork)
     if _fork_serial or _force_mode == "serial" or (
-            _force_mode is None and (work < _SERIAL_MAX or get_num_threads() == 1)):
+            _force_mode is None and (work < cfg.NUMBA_SERIAL_MAX or get_num_threads() == 1)):
         return _SERIAL[getattr(kern, "py_func", kern).__name__](*args)
     with _Guard():
         return kern(*args)
@@ -213,19 +204,20 @@ class _Guard:
 def _nblocks(n, work):
     """Row blocks for a row-wise kernel: one per thread (more would only add overhead),
     a single one for work that runs serially (see ``_call``)."""
-    if work < _SERIAL_MAX:
+    if work < cfg.NUMBA_SERIAL_MAX:
         return 1
     return max(1, min(n, get_num_threads()))
 
 
 def _tasks(r, k):
     """(number of tasks, column chunk, rows per task) for an elementwise (R, K) kernel."""
-    if r * k < _SERIAL_MAX or get_num_threads() == 1:
+    if r * k < cfg.NUMBA_SERIAL_MAX or get_num_threads() == 1:
         return 1, k, max(r, 1)  # one task: all rows (the serial twin runs it)
-    if k >= _CHUNK:
-        nck = -(-k // _CHUNK)
-        return r * nck, _CHUNK, 1
-    rpt = max(1, _CHUNK // max(k, 1))
+    chunk = cfg.NUMBA_CHUNK
+    if k >= chunk:
+        nck = -(-k // chunk)
+        return r * nck, chunk, 1
+    rpt = max(1, chunk // max(k, 1))
     return -(-r // rpt), k, rpt
 
 

@@ -84,7 +84,8 @@ def warmup(dtypes=("float32", "float64"), layouts=("C", "A"), progress=None) -> 
         opts = (None, bcast) if lay == "C" else (None,)
         lbl = f"{dname} {lay}"
         for loss, g, go in outs:
-            jobs.append(("kl_div " + lbl, kl_div, (a, a, False, loss, g, 1.0, go)))
+            for log_target in (False, True):  # one kernel each
+                jobs.append(("kl_div " + lbl, kl_div, (a, a, log_target, loss, g, 1.0, go)))
             jobs.append(("mse " + lbl, mse, (a, a, loss, g, 1.0, go)))
             for w in opts:
                 jobs.append(("bce " + lbl, bce, (a, a, w, loss, g, 1.0, go)))

@@ -1,0 +1,59 @@
+"""The tunables of every backend (block sizes, thresholds, launch shapes), in one place.
+
+Two kinds, and the difference matters:
+
+* **Read at each call** (``NUMBA_SERIAL_MAX``, ``NUMBA_SMALL_C``, ``NUMBA_CHUNK``, ``CUDA_*``):
+  the Python side of a backend reads them when it decides how to run a call, so a test (or a
+  user measuring) may patch them at any time, e.g. ``monkeypatch.setattr(fastloss._config,
+  "NUMBA_SMALL_C", 0)``.  They change how work is split, never a result beyond float
+  rounding of the reductions.
+* **Compiled into the kernels** (``NUMBA_SUM_BLOCK``, ``NUMBA_LOSS_BLOCK``,
+  ``NUMBA_COL_ROWS``): Numba freezes a global's value into the machine code it caches, so
+  patching one at run time does nothing to kernels already compiled and would be cached
+  under the old key; edit this file instead -- its source is part of the Numba disk cache's
+  key (``numba_backend/_cache.py``), so the kernels recompile.  The Cython kernels' block
+  (``FL_BLOCK`` in ``kernels/fl_math.h``) and the CUDA kernels' shared scratch
+  (``MAX_THREADS`` in ``_backends/_cuda_kernels.py``) are compile-time constants of their
+  languages and stay there.
+"""
+from __future__ import annotations
+
+# ----------------------------------------------------------------------------- numba, read at each call
+# Work (elements) below which a call runs the serial twin of its kernel on the calling thread:
+# waking the worker threads costs microseconds on an idle machine but milliseconds on a loaded
+# one (the OpenMP workers spin, or wait for a core), far more than such a call computes.
+NUMBA_SERIAL_MAX = 1 << 16
+# Class counts up to this take the few-classes column-block cross-entropy (numba_backend/_cols.py).
+NUMBA_SMALL_C = 32
+# Elements per elementwise task: big enough to amortize a task, small enough for L1/L2.
+NUMBA_CHUNK = 16384
+
+# ----------------------------------------------------------------------------- numba, compiled in
+# Row sums of exp: blocks of this many terms are summed in the compute dtype (8 float32 lanes
+# per ymm instead of 4 float64 ones; each lane adds <= 64 terms in [0, 1], relative error
+# ~1e-7 at worst), and the block sums are added in float64.
+NUMBA_SUM_BLOCK = 512
+# Elementwise loss sums likewise: blocks of this many terms in the compute dtype (a float64
+# accumulator in a float32 loop makes LLVM give up on vectorizing the whole loop -- measured
+# 0.15 G el/s instead of ~1 G el/s for BCE), block sums added in float64.
+NUMBA_LOSS_BLOCK = 256
+# Rows per block of the few-classes cross-entropy: its (C, rows) buffers stay in L1/L2.
+NUMBA_COL_ROWS = 256
+
+# ----------------------------------------------------------------------------- cuda launch shapes, read at each call
+# Threads per block of the 1-D and 2-D elementwise/copy/check kernels, and the most blocks of
+# each (few blocks: few per-block float64 partial sums to add on the host).
+CUDA_THREADS_PER_BLOCK = 256
+CUDA_FLAT_MAX_BLOCKS = 1024
+CUDA_GRID2_MAX_BLOCKS = 4096
+# Row kernels: threads per row (a power of two from CUDA_ROW_MIN_THREADS up to
+# CUDA_ROW_MAX_THREADS, enough to cover the class count) and threads per block (several
+# short rows share one).
+CUDA_ROW_MIN_THREADS = 32
+CUDA_ROW_MAX_THREADS = 1024
+CUDA_ROW_BLOCK_THREADS = 256
+CUDA_ROW_MAX_BLOCKS = 1 << 20
+# Under the CUDA simulator every GPU thread is a Python thread: tiny launches keep it usable.
+CUDA_SIM_THREADS_PER_BLOCK = 16
+CUDA_SIM_MAX_BLOCKS = 4
+CUDA_SIM_ROW_MAX_THREADS = 16
