@@ -27,6 +27,7 @@ from fastloss._backends import numpy_backend as R  # noqa: E402
 SIM = bool(getattr(cuda.config, "ENABLE_CUDASIM", 0))
 if not SIM and C.unavailable_reason():
     pytest.skip(f"cuda backend unavailable: {C.unavailable_reason()}", allow_module_level=True)
+from fastloss._backends import _cuda_adaptor as A  # noqa: E402
 from fastloss._backends import _cuda_arrays as D  # noqa: E402
 
 gpu = pytest.mark.gpu
@@ -179,6 +180,30 @@ def test_offload_cross_entropy(dt, weighted, eps, z):
     close(ga, gb, dt)
     C.cross_entropy_soft(x, y, w, eps, z, lc, None, None)  # loss only
     close(la, lc, dt)
+
+
+@pytest.mark.parametrize("tpb,blocks,row", [(2, 1, 1), (8, 3, 4)])
+def test_launch_shapes_from_config_change_nothing_but_the_split(monkeypatch, tpb, blocks, row):
+    """The launch shapes are read from fastloss._config at each call: other block sizes and
+    block counts (grid-stride loops, several rows per block, one partial sum) give the same
+    values as the NumPy reference."""
+    from fastloss import _config
+
+    monkeypatch.setattr(_config, "CUDA_SIM_THREADS_PER_BLOCK", tpb)
+    monkeypatch.setattr(_config, "CUDA_SIM_MAX_BLOCKS", blocks)
+    monkeypatch.setattr(_config, "CUDA_SIM_ROW_MAX_THREADS", row)
+    r = np.random.default_rng(30)
+    x, t = r.standard_normal((5, 7)), np.array([0, 6, -100, 3, 2])
+    lc, gc = fl.cross_entropy(x, t, return_grad=True, backend="cuda")
+    ln, gn = fl.cross_entropy(x, t, return_grad=True, backend="numpy")
+    close(lc, ln, np.float64)
+    close(gc, gn, np.float64)
+    y = r.random((5, 7))
+    ec = fl.binary_cross_entropy_with_logits(x, y, reduction="sum", return_grad=True, backend="cuda")
+    en = fl.binary_cross_entropy_with_logits(x, y, reduction="sum", return_grad=True, backend="numpy")
+    close(ec[0], en[0], np.float64)
+    close(ec[1], en[1], np.float64)
+    close(fl.logsumexp(x, backend="cuda"), fl.logsumexp(x, backend="numpy"), np.float64)
 
 
 @pytest.mark.parametrize("dt", DTYPES)
@@ -647,7 +672,7 @@ def routes_device_arrays(monkeypatch):
     device path when fastloss._dispatch does not recognize them itself."""
     probe = cuda.to_device(np.zeros(1))
     if not _dispatch.is_device_array(probe):
-        monkeypatch.setattr(_dispatch, "is_device_array", D.is_device_array)
+        monkeypatch.setattr(_dispatch, "is_device_array", A.is_device_array)
 
 
 def _resolve_same(kw):
@@ -761,9 +786,9 @@ def test_stream_of_numba_array_is_used(monkeypatch):
     s = cuda.stream()
     d = cuda.to_device(np.zeros((2, 3)), stream=s)
     d = d.bind(s) if hasattr(d, "bind") else d
-    ctx = D.DeviceArrays(d, C.OnStream)
+    ctx = A.DeviceArrays(d, C.OnStream)
     assert ctx.stream is s
-    assert D.DeviceArrays(cuda.to_device(np.zeros(2)), C.OnStream).stream is not None
+    assert A.DeviceArrays(cuda.to_device(np.zeros(2)), C.OnStream).stream is not None
 
 
 def test_cupy_like_caller_stream_and_result_type(monkeypatch):
@@ -913,9 +938,9 @@ def test_bf16_strided_copies_and_other_dtypes():
 
 
 def test_bf16_needs_ml_dtypes_message(monkeypatch):
-    monkeypatch.setattr(D.V, "_BF16", None)
+    monkeypatch.setattr(A.V, "_BF16", None)
     with pytest.raises(TypeError, match=r"logits: torch\.bfloat16 tensors need the ml_dtypes package"):
-        D._bf16_supported("logits", "torch.bfloat16 tensors")
+        A._bf16_supported("logits", "torch.bfloat16 tensors")
 
 
 @pytest.mark.parametrize("func", ["cross_entropy", "softmax"])
@@ -956,15 +981,15 @@ def test_dlpack_only_bf16_refused_with_the_fix(monkeypatch):
     """A bfloat16 array from a library other than PyTorch, through DLPack, would have to come
     back as a Numba device array, which cannot hold bfloat16: refused, naming the fix."""
     bf16_tensor = types.SimpleNamespace(dtype="torch.bfloat16")
-    monkeypatch.setattr(D, "_torch_from_dlpack", lambda obj: bf16_tensor)
+    monkeypatch.setattr(A, "_torch_from_dlpack", lambda obj: bf16_tensor)
     obj = _DLPackOnly()
-    assert D.is_device_array(obj)
+    assert A.is_device_array(obj)
     with pytest.raises(TypeError, match=r"x: expected a bfloat16 array from PyTorch.*torch\.from_dlpack\(x\)"):
         dcall("softmax", dict(x=obj))
 
 
 def test_dlpack_only_without_torch_or_cupy(monkeypatch):
-    monkeypatch.setattr(D, "_torch_from_dlpack", lambda obj: None)
+    monkeypatch.setattr(A, "_torch_from_dlpack", lambda obj: None)
     monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy -> ImportError
     with pytest.raises(TypeError, match="x: a CUDA array without __cuda_array_interface__ .* needs PyTorch"):
         dcall("softmax", dict(x=_DLPackOnly()))

@@ -27,8 +27,8 @@ import numpy as np
 try:  # numba-cuda is optional: without it the backend reports itself unavailable
     from numba import cuda
 
+    from ._cuda_adaptor import DeviceArrays
     from ._cuda_arrays import (
-        DeviceArrays,
         _bcast_scalar,
         _device_sum,
         _empty,
