@@ -7,6 +7,7 @@
 Every function runs on interchangeable backends (``numpy``, ``numba``, ``cython``, ``cuda``);
 see :func:`backends`. Importing fastloss imports no backend and compiles nothing.
 """
+from . import _api
 from ._api import (
     binary_cross_entropy,
     binary_cross_entropy_with_logits,
@@ -26,17 +27,7 @@ from ._backends import BackendStatus, BackendUnavailable, NumbaCacheWarning, bac
 __version__ = "0.1.0"
 
 __all__ = [
-    "logsumexp",
-    "softmax",
-    "log_softmax",
-    "softmax_backward",
-    "log_softmax_backward",
-    "cross_entropy",
-    "binary_cross_entropy_with_logits",
-    "binary_cross_entropy",
-    "kl_div",
-    "mse_loss",
-    "gaussian_nll_loss",
+    *_api.__all__,
     "backends",
     "set_backend",
     "get_backend",
