@@ -219,6 +219,39 @@ def test_cache_is_keyed_on_every_kernel_source(install, tmp_path):
     assert res["warnings"] == [], res["warnings"]
 
 
+CHILD_STATS = textwrap.dedent(
+    """
+    import json
+    import numpy as np
+    import fastloss as fl
+    from fastloss._backends.numba_backend import _jit
+    x = np.linspace(-2.0, 2.0, 12).reshape(4, 3)
+    y = np.abs(np.sin(x))
+    fl.logsumexp(x, backend="numba")
+    fl.binary_cross_entropy_with_logits(x, y, return_grad=True, backend="numba")
+    fl.kl_div(x, y, log_target=True, return_grad=True, backend="numba")
+    fl.mse_loss(x, y, reduction="none", backend="numba")
+    used = {n: d for n, d in _jit._SERIAL.items() if d.signatures}
+    print(json.dumps({n: [sum(d.stats.cache_hits.values()), sum(d.stats.cache_misses.values())]
+                      for n, d in used.items()}))
+    """
+)
+
+
+def test_a_second_process_compiles_nothing(install, tmp_path):
+    """Every kernel a process compiled is loaded from the disk cache by the next one --
+    the generated elementwise kernels too (Numba keys a cached closure on a pickle of its
+    cells, which differs in every process: generated kernels must not be closures)."""
+    root, blocker = install
+    env = _env(root, blocker, tmp_path / "numba-cache")
+    first = json.loads(_run(["-c", CHILD_STATS], root, env).stdout.strip().splitlines()[-1])
+    assert {"_k_logsumexp", "_k_bce_with_logits", "_k_kl_div_log", "_k_mse"} <= set(first), first
+    assert all(miss >= 1 for _, miss in first.values()), first  # compiled: nothing was cached yet
+    second = json.loads(_run(["-c", CHILD_STATS], root, env).stdout.strip().splitlines()[-1])
+    assert set(second) == set(first)
+    assert all(miss == 0 and hit >= 1 for hit, miss in second.values()), second
+
+
 def test_every_helper_module_of_the_kernels_is_in_the_cache_key():
     """The modules whose Numba functions the numba backend's modules use are those its cache
     key reads."""

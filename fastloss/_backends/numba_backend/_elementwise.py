@@ -257,31 +257,42 @@ def _task_range(task, r, k, ck, rpt):
     return r0, min(r, r0 + rpt), 0, k
 
 
+# The parallel driver of each loss, generated from one template.  Generated as source (with
+# the block function a global, looked up by name when Numba compiles), not as a closure:
+# Numba keys a cached closure on a pickle of its cell contents, and a dispatcher pickles with
+# a per-process UUID -- every process would miss the disk cache and compile the drivers again.
+_DRIVER = """
+def {name}(a, b, p, q, c1, c2, loss, grad, grad2, gs, gout, ntask, ck, rpt):
+    r, k = a.shape
+    tot = 0.0
+    for task in prange(ntask):
+        r0, r1, j0, j1 = _task_range(task, r, k, ck, rpt)
+        tot += {block}(a, b, p, q, c1, c2, loss, grad, grad2, gs, gout, r0, r1, j0, j1)
+    return tot
+"""
+
+
 def _make_driver(name, block):
     """The parallel kernel ``name`` of one elementwise loss (with its serial twin, see
-    ``_kernel``): the tasks of ``_tasks`` mapped onto ``block``, their float64 totals added.
+    ``_kernel``): the tasks of ``_tasks`` mapped onto the block function named ``block``, their
+    float64 totals added.  Every loss has the same driver signature, ``(a, b, p, q, c1, c2,
+    loss, grad, grad2, gs, gout, ntask, ck, rpt)``.
 
-    Every loss has the same driver signature, ``(a, b, p, q, c1, c2, loss, grad, grad2, gs,
-    gout, ntask, ck, rpt)``; what differs is the block it closes over (a compile-time
-    constant of the kernel, so each driver is cached on disk under its own name)."""
-
-    def drive(a, b, p, q, c1, c2, loss, grad, grad2, gs, gout, ntask, ck, rpt):
-        r, k = a.shape
-        tot = 0.0
-        for task in prange(ntask):
-            r0, r1, j0, j1 = _task_range(task, r, k, ck, rpt)
-            tot += block(a, b, p, q, c1, c2, loss, grad, grad2, gs, gout, r0, r1, j0, j1)
-        return tot
-
-    drive.__name__ = drive.__qualname__ = name
-    return _kernel(drive)
+    The source is compiled under this file's name (Numba's disk cache needs a real source
+    file: it stamps the cache with the file's modification time and size), and each driver is
+    cached under its own name."""
+    ns = {}
+    exec(compile(_DRIVER.format(name=name, block=block), __file__, "exec"), globals(), ns)
+    f = ns[name]
+    f.__module__ = __name__
+    return _kernel(f)
 
 
-_k_bce_with_logits = _make_driver("_k_bce_with_logits", _bcel_block)
-_k_bce = _make_driver("_k_bce", _bce_block)
+_k_bce_with_logits = _make_driver("_k_bce_with_logits", "_bcel_block")
+_k_bce = _make_driver("_k_bce", "_bce_block")
 # the KL formula is chosen per call, outside the loops: a branch on a run-time flag inside
 # the loop keeps LLVM from vectorizing it (measured 2x slower)
-_k_kl_div = _make_driver("_k_kl_div", _kl_block)
-_k_kl_div_log = _make_driver("_k_kl_div_log", _kl_log_block)
-_k_mse = _make_driver("_k_mse", _mse_block)
-_k_gaussian_nll = _make_driver("_k_gaussian_nll", _gnll_block)
+_k_kl_div = _make_driver("_k_kl_div", "_kl_block")
+_k_kl_div_log = _make_driver("_k_kl_div_log", "_kl_log_block")
+_k_mse = _make_driver("_k_mse", "_mse_block")
+_k_gaussian_nll = _make_driver("_k_gaussian_nll", "_gnll_block")
