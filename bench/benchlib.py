@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from fastloss import _bench
+from fastloss._bench import peers
 
 # (N, C) for row-wise kernels (classes last), (R, K) for elementwise ones
 ROWWISE = {
@@ -28,7 +29,7 @@ ELEMENTWISE = {
 SHAPE_SETS = ("small", "medium", "narrow", "large", "llm")
 LARGE = {"large", "llm"}
 BACKENDS = ("numpy", "numba", "cython")
-PEERS = ("scipy", "torch", "jax")
+PEERS = peers.PEERS
 IMPLS = BACKENDS + PEERS
 
 _MODE_ID = {"fwd": "fwd", "fwd+grad": "fwd_grad", "bwd": "bwd"}
@@ -98,73 +99,15 @@ def case_and_reference(spec):
 
 
 # ------------------------------------------------------------------------------ peers
-PEER_KERNELS = {
-    "scipy": {"logsumexp", "softmax", "log_softmax"},
-    "torch": set(_bench.KERNELS),
-    "jax": {"logsumexp", "softmax", "log_softmax", "cross_entropy", "binary_cross_entropy_with_logits",
-            "binary_cross_entropy", "kl_div", "mse_loss", "gaussian_nll_loss"},
-}
+PEER_KERNELS = peers.PEER_FUNCTIONS  # the peers' table is fastloss._bench.peers, shared with goals.py
 
 
-def _scipy(case):
-    sp = pytest.importorskip("scipy.special")
-    x = case.inputs["x"]
-    f = {"logsumexp": sp.logsumexp, "softmax": sp.softmax, "log_softmax": sp.log_softmax}[case.function]
-    return lambda: f(x, axis=-1)
-
-
-def _torch(case):
-    torch = pytest.importorskip("torch")
-    F = torch.nn.functional
-    T = [torch.from_numpy(a) for a in case.inputs.values()]  # zero-copy views of the same data
-    fn = case.function
-    if fn == "logsumexp":
-        return lambda: torch.logsumexp(T[0], dim=-1)
-    if fn in ("softmax", "log_softmax"):
-        f = getattr(torch, fn)
-        return lambda: f(T[0], dim=-1)
-    if fn == "softmax_backward":
-        g, y = T
-        return lambda: torch._softmax_backward_data(g, y, -1, y.dtype)
-    if fn == "log_softmax_backward":
-        g, y = T
-        return lambda: torch._log_softmax_backward_data(g, y, -1, y.dtype)
-    loss = {
-        "cross_entropy": F.cross_entropy,
-        "binary_cross_entropy_with_logits": F.binary_cross_entropy_with_logits,
-        "binary_cross_entropy": F.binary_cross_entropy,
-        "kl_div": lambda x, t: F.kl_div(x, t, reduction="batchmean"),
-        "mse_loss": F.mse_loss,
-        "gaussian_nll_loss": F.gaussian_nll_loss,
-    }[fn]
-    if case.mode == "fwd":
-        return lambda: loss(*T)
-    wrt = (0, 2) if fn == "gaussian_nll_loss" else (0,)
-    T = [t.detach().requires_grad_(i in wrt) for i, t in enumerate(T)]
-    leaves = [T[i] for i in wrt]
-
-    def fwd_grad():
-        value = loss(*T)
-        grads = torch.autograd.grad(value, leaves)  # returned, not accumulated into .grad
-        return value.detach(), grads[0] if len(grads) == 1 else tuple(grads)
-
-    return fwd_grad
-
-
-def _jax(case):
-    jax = pytest.importorskip("jax")
-    if case.dtype == np.float64 and not jax.config.read("jax_enable_x64"):
-        pytest.skip("JAX computes in float32 unless jax_enable_x64 is set")
-    import goals  # the one JAX peer table
-
-    f = goals.jax_losses(jax)[case.function]
-    args = [a.astype(np.int32) if a.dtype == np.int64 and not jax.config.read("jax_enable_x64") else a
-            for a in case.inputs.values()]
-    args = [jax.device_put(a) for a in args]
-    if case.mode == "fwd+grad":
-        f = jax.value_and_grad(f, argnums=(0, 2) if case.function == "gaussian_nll_loss" else 0)
-    f = jax.jit(f)
-    return lambda: jax.block_until_ready(f(*args))
+def _peer(impl, case):
+    """The callable of peer ``impl`` on ``case`` (skips where it cannot run)."""
+    try:
+        return peers.peer_callable(impl, case.function, case.mode, case.inputs, case.dtype)
+    except peers.Unavailable as e:
+        pytest.skip(str(e))
 
 
 def _to_numpy(result):
@@ -184,7 +127,7 @@ def callable_for(spec, case):
         if not st.available:
             pytest.skip(f"backend {spec.impl} unavailable: {st.reason}")
         return lambda: case.call(spec.impl)
-    return {"scipy": _scipy, "torch": _torch, "jax": _jax}[spec.impl](case)
+    return _peer(spec.impl, case)
 
 
 # ------------------------------------------------------------------------------ the body

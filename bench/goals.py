@@ -74,6 +74,8 @@ import numpy as np
 
 import fastloss as fl
 from fastloss import _bench
+from fastloss._bench.peers import Unavailable
+from fastloss._bench.peers import jax_callable as jax_peer
 
 SCHEMA = "fastloss-goals/1"
 
@@ -175,104 +177,44 @@ class Case:
         return copy
 
 
-def build_case(wl: Workload, dtype, shape=None, seed: int = 0) -> Case:
-    """Inputs of ``wl`` (its full shape unless ``shape`` is given), deterministic in ``seed``.
+# the goal workloads as fastloss bench's cases (fastloss._bench.cases: one set of inputs for
+# every benchmark): (function, mode)
+_CASES = {"cross_entropy": ("cross_entropy", "fwd+grad"), "logsumexp": ("logsumexp", "fwd"),
+          "bce_with_logits": ("binary_cross_entropy_with_logits", "fwd+grad")}
 
-    Cross-entropy: logits ~ N(0, 2^2), uniform int64 targets.  logsumexp: N(0, 2^2).  BCE:
-    logits ~ N(0, 3^2), soft targets ~ U[0, 1).  The gradient buffer is allocated once and
+
+def build_case(wl: Workload, dtype, shape=None, seed: int = 0) -> Case:
+    """Inputs of ``wl`` (its full shape unless ``shape`` is given), deterministic in ``seed``:
+    :func:`fastloss._bench.make_case`'s, so that ``fastloss bench``, this script and the
+    pytest-benchmark suite time the same data.  The gradient buffer is allocated once and
     reused by every call (``grad_out=``), as a training loop does.
     """
+    if wl.function not in _CASES:
+        raise ValueError(f"function: expected one of {sorted(_CASES)}, found {wl.function!r}")
     dt = np.dtype(dtype)
     shape = wl.shape if shape is None else tuple(shape)
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal(shape, dtype=dt)
-    if wl.function == "cross_entropy":
-        x *= dt.type(2.0)
-        t = rng.integers(0, shape[1], shape[0], dtype=np.int64)
-        g = np.empty_like(x)
-        return Case(wl, dt, shape, {"logits": x, "target": t},
-                    lambda be: fl.cross_entropy(x, t, return_grad=True, grad_out=g, backend=be))
-    if wl.function == "logsumexp":
-        x *= dt.type(2.0)
-        return Case(wl, dt, shape, {"x": x}, lambda be: fl.logsumexp(x, backend=be))
-    if wl.function == "bce_with_logits":
-        x *= dt.type(3.0)
-        y = rng.random(shape, dtype=dt)
-        g = np.empty_like(x)
-        return Case(wl, dt, shape, {"logits": x, "target": y},
-                    lambda be: fl.binary_cross_entropy_with_logits(x, y, return_grad=True, grad_out=g, backend=be))
-    raise ValueError(f"function: expected cross_entropy, logsumexp or bce_with_logits, found {wl.function!r}")
+    fn, mode = _CASES[wl.function]
+    bc = _bench.make_case(fn, mode, shape, dt, np.random.default_rng(seed), reuse=True)
+    return Case(wl, dt, shape, bc.inputs, bc.call)
 
 
 # ============================================================================ JAX peer
-class Unavailable(Exception):
-    """An implementation that cannot run here; the message says why."""
-
-
-def jax_losses(jax):
-    """The JAX peer of every fastloss function, written the idiomatic way (``jax.nn`` and the
-    optax forms), keyed by the fastloss function name: the one peer table of the benchmarks
-    (this script and the pytest-benchmark suite, ``bench/benchlib.py``)."""
-    jnp = jax.numpy
-
-    def cross_entropy(x, t):  # the idiomatic mean softmax cross-entropy with integer targets
-        logp = jax.nn.log_softmax(x, axis=-1)
-        return -jnp.mean(jnp.take_along_axis(logp, t[:, None], axis=-1))
-
-    def bce_with_logits(z, y):  # optax.sigmoid_binary_cross_entropy's form
-        # (not max(z, 0) - z y + log1p(exp(-|z|)): JAX differentiates max and abs at a tie
-        # as 0 and 0.5/sign 0, which gives -y instead of 1/2 - y where a logit is exactly 0)
-        return jnp.mean(-(y * jax.nn.log_sigmoid(z) + (1 - y) * jax.nn.log_sigmoid(-z)))
-
-    def bce(p, y):
-        return jnp.mean(-(y * jnp.maximum(jnp.log(p), -100) + (1 - y) * jnp.maximum(jnp.log1p(-p), -100)))
-
-    def kl(x, t):
-        return jnp.sum(jnp.where(t > 0, t * (jnp.log(jnp.where(t > 0, t, 1)) - x), 0)) / x.shape[0]
-
-    def mse(x, t):
-        return jnp.mean((x - t) ** 2)
-
-    def gnll(x, t, v):
-        v = jnp.maximum(v, 1e-6)
-        return jnp.mean(0.5 * (jnp.log(v) + (x - t) ** 2 / v))
-
-    return {
-        "logsumexp": lambda x: jax.nn.logsumexp(x, axis=-1),
-        "softmax": lambda x: jax.nn.softmax(x, axis=-1),
-        "log_softmax": lambda x: jax.nn.log_softmax(x, axis=-1),
-        "cross_entropy": cross_entropy,
-        "binary_cross_entropy_with_logits": bce_with_logits,
-        "binary_cross_entropy": bce,
-        "kl_div": kl,
-        "mse_loss": mse,
-        "gaussian_nll_loss": gnll,
-    }
-
-
+# The peer forms are fastloss._bench.peers' (the one peer table of every benchmark).
 # the goal workloads' functions: (fastloss name, forward and gradient?)
 _JAX_WORKLOADS = {"cross_entropy": ("cross_entropy", True), "logsumexp": ("logsumexp", False),
                   "bce_with_logits": ("binary_cross_entropy_with_logits", True)}
 
 
 def jax_callable(case: Case) -> Callable[[], Any]:
-    """``jax.jit`` of the workload's idiomatic JAX form on ``case``'s inputs (not yet compiled).
+    """``jax.jit`` of the workload's idiomatic JAX form on ``case``'s inputs (not yet compiled;
+    :func:`fastloss._bench.peers.jax_callable`).
 
-    Raises :class:`Unavailable` without JAX, and for float64 (JAX computes in float32 unless
-    ``jax_enable_x64`` is set process-wide, which would change every other JAX user here).
+    Raises :class:`Unavailable` without JAX, and for float64 unless ``jax_enable_x64`` is set
+    (JAX computes in float32 otherwise; setting it process-wide would change every other JAX
+    user here).
     """
-    try:
-        import jax
-    except ImportError:
-        raise Unavailable("JAX is not installed") from None
-    if case.dtype != np.float32:
-        raise Unavailable("the JAX peer runs float32 only")
     name, with_grad = _JAX_WORKLOADS[case.workload.function]
-    f = jax_losses(jax)[name]
-    f = jax.jit(jax.value_and_grad(f) if with_grad else f)
-    # int64 targets would be silently narrowed (with a warning) without x64: narrow them here
-    args = [jax.device_put(a.astype(np.int32) if a.dtype == np.int64 else a) for a in case.arrays.values()]
-    return lambda: jax.block_until_ready(f(*args))
+    return jax_peer(name, "fwd+grad" if with_grad else "fwd", case.arrays, case.dtype)
 
 
 def jax_threads() -> dict:
