@@ -17,6 +17,7 @@ from .. import _validate as V
 from . import is_device_array
 from ._cuda_arrays import (
     _BF16,
+    _bcast_scalar,
     _bcast_view,
     _c_strides,
     _cast_to,
@@ -25,6 +26,7 @@ from ._cuda_arrays import (
     _device_sum,
     _empty,
     _extent,
+    _fill,
     _flat,
     _flat_cfg,
     _grid2,
@@ -241,7 +243,7 @@ class DeviceArrays:
         return _view(a, tuple(a.shape) + (1,), tuple(a.strides) + (0,))
 
     def const(self, value, dtype):
-        return _view(cuda.to_device(np.full(1, value, dtype=dtype), stream=self.stream), (), ())
+        return _bcast_scalar(value, dtype, (), self.stream)
 
     def layout(self, x, axes=None):
         return DeviceLayout(self, x, axes)
@@ -251,9 +253,7 @@ class DeviceArrays:
         return _empty((n,), dtype, self.stream)
 
     def fill(self, v, value):
-        if v.shape[0]:
-            grid, tpb = _flat_cfg(v.shape[0])
-            _kern("fill", v.dtype)[grid, tpb, self.stream](v, value)
+        _fill(v, value, self.stream)
 
     def vec(self, a, n, dtype):
         """1-D ``(n,)`` view of an array of ``n`` elements in ``dtype``, or a contiguous copy."""

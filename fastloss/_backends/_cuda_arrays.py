@@ -191,6 +191,13 @@ def _copy(src, dst, stream):
     _kern(kname, dst.dtype)[grid, block, stream](s4, d4)
 
 
+def _fill(v, value, stream):
+    """``v[:] = value`` for a 1-D device array."""
+    if v.shape[0]:
+        grid, tpb = _flat_cfg(v.shape[0])
+        _kern("fill", v.dtype)[grid, tpb, stream](v, value)
+
+
 def _bcast_scalar(value, dtype, shape, stream):
     """A device view of ``shape`` whose every element is ``value`` (one stored element)."""
     one = cuda.to_device(np.full(1, value, dtype=dtype), stream=stream)

@@ -32,7 +32,7 @@ try:  # numba-cuda is optional: without it the backend reports itself unavailabl
         _bcast_scalar,
         _device_sum,
         _empty,
-        _flat_cfg,
+        _fill,
         _grid2,
         _kern,
         _row_cfg,
@@ -130,7 +130,7 @@ def _d_elementwise(name, a, b, p, q, flag, eps, loss, grad, grad2, gscale, gout,
     grid, block = _grid2(r, k)
     part = _empty((grid[0] * grid[1],), np.float64, stream)
     if r * k == 0:
-        _kern("fill", np.float64)[1, 1, stream](part, 0.0)
+        _fill(part, 0.0, stream)
         return part
     ones = None
 
@@ -193,9 +193,7 @@ class OnStream:
         if gscale is None or np.ndim(gscale):
             return gscale
         g = _empty((n,), np.float64, self.stream)
-        if n:
-            grid, tpb = _flat_cfg(n)
-            _kern("fill", np.float64)[grid, tpb, self.stream](g, float(gscale))
+        _fill(g, float(gscale), self.stream)
         return g
 
     def cross_entropy(self, x, target, weight, ignore_index, label_smoothing, z_loss, loss, grad, gscale):
