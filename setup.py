@@ -1,9 +1,10 @@
 """Build script for the optional compiled ``cython`` backend (``fastloss._kernels_cy``).
 
 Everything else about the package is declared in ``pyproject.toml``; this file only adds the
-extension built from ``kernels/_kernels_cy.pyx`` + ``kernels/fl_math.h``.  The extension is
-OPTIONAL: without Cython, without a C compiler, or when compilation fails, fastloss still
-installs (pure Python) and ``fastloss._backends.cython_backend.unavailable_reason()`` says why.
+extension built from ``kernels/_kernels_cy.pyx`` + ``kernels/fl_math.hpp``, compiled as C++ (the
+kernels are templates over float / double).  The extension is OPTIONAL: without Cython, without
+a C++ compiler, or when compilation fails, fastloss still installs (pure Python) and
+``fastloss._backends.cython_backend.unavailable_reason()`` says why.
 
 Development build (in place)::
 
@@ -77,7 +78,7 @@ class OptionalBuildExt(build_ext):
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            src = os.path.join(tmp, "fl_probe.c")
+            src = os.path.join(tmp, "fl_probe.cpp")  # compiled as the extension is: C++
             with open(src, "w") as f:
                 f.write(_PROBE_C)
             try:
@@ -86,7 +87,7 @@ class OptionalBuildExt(build_ext):
                     macros=[("FL_PROBE_OMP", "1")] if omp else None,
                 )
                 self.compiler.link_shared_object(
-                    objs, os.path.join(tmp, "fl_probe.so"), extra_postargs=lflags
+                    objs, os.path.join(tmp, "fl_probe.so"), extra_postargs=lflags, target_lang="c++"
                 )
             except Exception:
                 return False
@@ -165,7 +166,8 @@ def _extensions():
         EXT_NAME,
         sources=["kernels/_kernels_cy.pyx"],
         include_dirs=["kernels"],
-        depends=["kernels/fl_math.h"],
+        depends=["kernels/fl_math.hpp"],
+        language="c++",  # the loops of fl_math.hpp are templates over float / double
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         optional=True,
     )

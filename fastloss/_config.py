@@ -12,7 +12,7 @@ Two kinds, and the difference matters:
   patching one at run time does nothing to kernels already compiled and would be cached
   under the old key; edit this file instead -- its source is part of the Numba disk cache's
   key (``numba_backend/_cache.py``), so the kernels recompile.  The Cython kernels' block
-  (``FL_BLOCK`` in ``kernels/fl_math.h``) and the CUDA kernels' shared scratch
+  (``FL_BLOCK`` in ``kernels/fl_math.hpp``) and the CUDA kernels' shared scratch
   (``MAX_THREADS`` in ``_backends/_cuda_kernels.py``) are compile-time constants of their
   languages and stay there.
 """

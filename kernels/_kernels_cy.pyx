@@ -4,7 +4,7 @@
 
 Row-wise kernels run an OpenMP ``prange`` over rows; elementwise kernels over (row, block of
 ``BLOCK`` elements) tasks.  The vectorized inner loops and the polynomial exp/log are in
-``fl_math.h`` (``#pragma omp simd``, no ``-ffast-math``); this module drives them on typed
+``fl_math.hpp`` (``#pragma omp simd``, no ``-ffast-math``); this module drives them on typed
 memoryviews of float32 or float64 (the fused type ``floating``) with any strides:
 
 * an operand whose class axis (elementwise: last axis) is contiguous is used in place;
@@ -31,92 +31,55 @@ from libc.math cimport log, isfinite, NAN, INFINITY
 
 import numpy as np
 
-cdef extern from "fl_math.h" nogil:
+cdef extern from "fl_math.hpp" nogil:
+    # The loops of fl_math.hpp are templates over T = float, double: the fused-type code below
+    # calls them by name and Cython deduces T from the pointer arguments.
     ctypedef Py_ssize_t fl_idx
     int FL_BLOCK
     int fl_openmp_enabled()
     int fl_max_threads()
     const char *fl_build_info()
 
-    float fl_max_f(const float *x, fl_idx n)
-    double fl_max_d(const double *x, fl_idx n)
-    double fl_sumexp_f(const float *x, float *e, fl_idx n, float sh, int neg)
-    double fl_sumexp_d(const double *x, double *e, fl_idx n, double sh, int neg)
-    double fl_wsum_shift_f(const float *x, const float *w, fl_idx n, float sh)
-    double fl_wsum_shift_d(const double *x, const double *w, fl_idx n, double sh)
-    double fl_dot_f(const float *a, const float *b, fl_idx n)
-    double fl_dot_d(const double *a, const double *b, fl_idx n)
-    void fl_expaxpy_f(const float *x, float *out, fl_idx n, float sh, float a, const float *w, float b)
-    void fl_expaxpy_d(const double *x, double *out, fl_idx n, double sh, double a, const double *w, double b)
-    void fl_scale_axpy_f(float *g, fl_idx n, float a, const float *w, float b)
-    void fl_scale_axpy_d(double *g, fl_idx n, double a, const double *w, double b)
-    void fl_fill_f(float *g, fl_idx n, float v)
-    void fl_fill_d(double *g, fl_idx n, double v)
-    void fl_sub2_f(const float *x, float *out, fl_idx n, float sh, float L)
-    void fl_sub2_d(const double *x, double *out, fl_idx n, double sh, double L)
-    void fl_smb_f(const float *g, const float *y, float *out, fl_idx n, float d)
-    void fl_smb_d(const double *g, const double *y, double *out, fl_idx n, double d)
-    void fl_lsmb_f(const float *g, const float *y, float *out, fl_idx n, float s)
-    void fl_lsmb_d(const double *g, const double *y, double *out, fl_idx n, double s)
-    double fl_soft_terms_f(const float *x, const float *y, const float *w, fl_idx n, float sh,
-                           double L, double a1, double a0, double *ysum)
-    double fl_soft_terms_d(const double *x, const double *y, const double *w, fl_idx n, double sh,
-                           double L, double a1, double a0, double *ysum)
-    void fl_soft_grad_f(const float *x, const float *y, const float *w, float *out, fl_idx n,
-                        float sh, float pa, float a1, float a0, float gs, int neg)
-    void fl_soft_grad_d(const double *x, const double *y, const double *w, double *out, fl_idx n,
-                        double sh, double pa, double a1, double a0, double gs, int neg)
-    double fl_bce_logits_f(fl_idx n, const float *z, const float *y, const float *w,
-                           const float *pw, int has_pw, float *l, float *g, const float *go, float gs)
-    double fl_bce_logits_d(fl_idx n, const double *z, const double *y, const double *w,
-                           const double *pw, int has_pw, double *l, double *g, const double *go, double gs)
-    double fl_bce_f(fl_idx n, const float *p, const float *y, const float *w, float *l, float *g,
-                    const float *go, float gs)
-    double fl_bce_d(fl_idx n, const double *p, const double *y, const double *w, double *l, double *g,
-                    const double *go, double gs)
-    double fl_kl_f(fl_idx n, const float *x, const float *t, int log_target, float *l, float *g,
-                   const float *go, float gs)
-    double fl_kl_d(fl_idx n, const double *x, const double *t, int log_target, double *l, double *g,
-                   const double *go, double gs)
-    double fl_mse_f(fl_idx n, const float *x, const float *t, float *l, float *g, const float *go, float gs)
-    double fl_mse_d(fl_idx n, const double *x, const double *t, double *l, double *g, const double *go, double gs)
-    double fl_gnll_f(fl_idx n, const float *x, const float *t, const float *var, float eps, float cst,
-                     float *l, float *g, float *gv, const float *go, float gs)
-    double fl_gnll_d(fl_idx n, const double *x, const double *t, const double *var, double eps, double cst,
-                     double *l, double *g, double *gv, const double *go, double gs)
-    void fl_gather_panel_f(const float *p, fl_idx rs, fl_idx cs, fl_idx P, fl_idx n, float *buf)
-    void fl_gather_panel_d(const double *p, fl_idx rs, fl_idx cs, fl_idx P, fl_idx n, double *buf)
-    void fl_scatter_panel_f(const float *buf, float *p, fl_idx rs, fl_idx cs, fl_idx P, fl_idx n)
-    void fl_scatter_panel_d(const double *buf, double *p, fl_idx rs, fl_idx cs, fl_idx P, fl_idx n)
-    void fl_gather_f(const float *p, fl_idx s, float *buf, fl_idx n)
-    void fl_gather_d(const double *p, fl_idx s, double *buf, fl_idx n)
-    void fl_scatter_f(const float *buf, float *p, fl_idx s, fl_idx n)
-    void fl_scatter_d(const double *buf, double *p, fl_idx s, fl_idx n)
-    void fl_vexp_f(const float *x, float *out, fl_idx n)
-    void fl_vexp_d(const double *x, double *out, fl_idx n)
-    void fl_vlog_f(const float *x, float *out, fl_idx n)
-    void fl_vlog_d(const double *x, double *out, fl_idx n)
-    void fl_vlog1p_f(const float *x, float *out, fl_idx n)
-    void fl_vlog1p_d(const double *x, double *out, fl_idx n)
+    T fl_max[T](const T *x, fl_idx n)
+    double fl_sumexp[T](const T *x, T *e, fl_idx n, T sh, int neg)
+    double fl_wsum_shift[T](const T *x, const T *w, fl_idx n, T sh)
+    double fl_dot[T](const T *a, const T *b, fl_idx n)
+    void fl_expaxpy[T](const T *x, T *out, fl_idx n, T sh, T a, const T *w, T b)
+    void fl_scale_axpy[T](T *g, fl_idx n, T a, const T *w, T b)
+    void fl_fill[T](T *g, fl_idx n, T v)
+    void fl_sub2[T](const T *x, T *out, fl_idx n, T sh, T L)
+    void fl_smb[T](const T *g, const T *y, T *out, fl_idx n, T d)
+    void fl_lsmb[T](const T *g, const T *y, T *out, fl_idx n, T s)
+    double fl_soft_terms[T](const T *x, const T *y, const T *w, fl_idx n, T sh, double L, double a1,
+                            double a0, double *ysum)
+    void fl_soft_grad[T](const T *x, const T *y, const T *w, T *out, fl_idx n, T sh, T pa, T a1, T a0,
+                         T gs, int neg)
+    double fl_bce_logits[T](fl_idx n, const T *z, const T *y, const T *w, const T *pw, int has_pw,
+                            T *l, T *g, const T *go, T gs)
+    double fl_bce[T](fl_idx n, const T *p, const T *y, const T *w, T *l, T *g, const T *go, T gs)
+    double fl_kl[T](fl_idx n, const T *x, const T *t, int log_target, T *l, T *g, const T *go, T gs)
+    double fl_mse[T](fl_idx n, const T *x, const T *t, T *l, T *g, const T *go, T gs)
+    double fl_gnll[T](fl_idx n, const T *x, const T *t, const T *var, T eps, T cst, T *l, T *g, T *gv,
+                      const T *go, T gs)
+    void fl_gather_panel[T](const T *p, fl_idx rs, fl_idx cs, fl_idx P, fl_idx n, T *buf)
+    void fl_scatter_panel[T](const T *buf, T *p, fl_idx rs, fl_idx cs, fl_idx P, fl_idx n)
+    void fl_gather[T](const T *p, fl_idx s, T *buf, fl_idx n)
+    void fl_scatter[T](const T *buf, T *p, fl_idx s, fl_idx n)
+    void fl_vexp[T](const T *x, T *out, fl_idx n)
+    void fl_vexpn[T](const T *x, T *out, fl_idx n)
+    void fl_vlog[T](const T *x, T *out, fl_idx n)
+    void fl_vlog1p[T](const T *x, T *out, fl_idx n)
 
     int FL_NORM_LSE
     int FL_NORM_SOFTMAX
     int FL_NORM_LOGSOFTMAX
-    void fl_norm_cols_f(fl_idx nr, fl_idx c, const float *x, fl_idx xrs, fl_idx xcs, int mode,
-                        float *out, fl_idx ors, fl_idx ocs, fl_idx sb, void *scratch)
-    void fl_norm_cols_d(fl_idx nr, fl_idx c, const double *x, fl_idx xrs, fl_idx xcs, int mode,
-                        double *out, fl_idx ors, fl_idx ocs, fl_idx sb, void *scratch)
-    void fl_vexpn_f(const float *x, float *out, fl_idx n)
-    void fl_vexpn_d(const double *x, double *out, fl_idx n)
+    void fl_norm_cols[T](fl_idx nr, fl_idx c, const T *x, fl_idx xrs, fl_idx xcs, int mode,
+                         T *out, fl_idx ors, fl_idx ocs, fl_idx sb, void *scratch)
     size_t fl_cols_scratch(fl_idx c, fl_idx sb, size_t isz)
-    void fl_ce_cols_f(fl_idx nr, fl_idx c, const float *x, fl_idx xrs, fl_idx xcs,
-                      const int64_t *tg, fl_idx ts, const float *w, double wsum, int64_t ign,
-                      double eps, double z, double *loss, fl_idx ls, const double *gsa, fl_idx gss,
-                      float *g, fl_idx grs, fl_idx gcs, fl_idx sb, void *scratch)
-    void fl_ce_cols_d(fl_idx nr, fl_idx c, const double *x, fl_idx xrs, fl_idx xcs,
-                      const int64_t *tg, fl_idx ts, const double *w, double wsum, int64_t ign,
-                      double eps, double z, double *loss, fl_idx ls, const double *gsa, fl_idx gss,
-                      double *g, fl_idx grs, fl_idx gcs, fl_idx sb, void *scratch)
+    void fl_ce_cols[T](fl_idx nr, fl_idx c, const T *x, fl_idx xrs, fl_idx xcs,
+                       const int64_t *tg, fl_idx ts, const T *w, double wsum, int64_t ign,
+                       double eps, double z, double *loss, fl_idx ls, const double *gsa, fl_idx gss,
+                       T *g, fl_idx grs, fl_idx gcs, fl_idx sb, void *scratch)
 
 BLOCK = FL_BLOCK
 
@@ -171,64 +134,11 @@ cdef inline int _team(Py_ssize_t work) noexcept nogil:
     return 1
 
 
-# ----------------------------------------------------------------------------- fused shims
-cdef inline floating f_max(const floating *x, Py_ssize_t n) noexcept nogil:
-    if floating is float:
-        return fl_max_f(x, n)
-    else:
-        return fl_max_d(x, n)
-
-cdef inline double f_sumexp(const floating *x, floating *e, Py_ssize_t n, floating sh,
-                            bint neg) noexcept nogil:
-    # neg: sh is the row's finite max (every x - sh <= 0: fl_expn applies)
-    if floating is float:
-        return fl_sumexp_f(x, e, n, sh, neg)
-    else:
-        return fl_sumexp_d(x, e, n, sh, neg)
-
-cdef inline double f_wsum_shift(const floating *x, const floating *w, Py_ssize_t n, floating sh) noexcept nogil:
-    if floating is float:
-        return fl_wsum_shift_f(x, w, n, sh)
-    else:
-        return fl_wsum_shift_d(x, w, n, sh)
-
-cdef inline double f_dot(const floating *a, const floating *b, Py_ssize_t n) noexcept nogil:
-    if floating is float:
-        return fl_dot_f(a, b, n)
-    else:
-        return fl_dot_d(a, b, n)
-
-cdef inline void f_expaxpy(const floating *x, floating *out, Py_ssize_t n, floating sh, floating a,
-                           const floating *w, floating b) noexcept nogil:
-    if floating is float:
-        fl_expaxpy_f(x, out, n, sh, a, w, b)
-    else:
-        fl_expaxpy_d(x, out, n, sh, a, w, b)
-
-cdef inline void f_scale_axpy(floating *g, Py_ssize_t n, floating a, const floating *w, floating b) noexcept nogil:
-    if floating is float:
-        fl_scale_axpy_f(g, n, a, w, b)
-    else:
-        fl_scale_axpy_d(g, n, a, w, b)
-
-cdef inline void f_gather(const floating *p, Py_ssize_t s, floating *buf, Py_ssize_t n) noexcept nogil:
-    if floating is float:
-        fl_gather_f(p, s, buf, n)
-    else:
-        fl_gather_d(p, s, buf, n)
-
-cdef inline void f_scatter(const floating *buf, floating *p, Py_ssize_t s, Py_ssize_t n) noexcept nogil:
-    if floating is float:
-        fl_scatter_f(buf, p, s, n)
-    else:
-        fl_scatter_d(buf, p, s, n)
-
-
 cdef inline const floating *f_row(const floating *p, Py_ssize_t s, Py_ssize_t n, floating *buf) noexcept nogil:
     """The row ``p[0], p[s], ...`` as a contiguous pointer: ``p`` itself, or gathered into ``buf``."""
     if s == 1:
         return p
-    f_gather(p, s, buf, n)
+    fl_gather(p, s, buf, n)
     return buf
 
 
@@ -299,20 +209,14 @@ cdef inline void _pgather(Opnd o, Py_ssize_t i0, Py_ssize_t pn, Py_ssize_t c, fl
     cdef floating *p
     if _strided(o):
         p = <floating *>o.base + i0 * o.rs
-        if floating is float:
-            fl_gather_panel_f(p, o.rs, o.es, pn, c, panel)
-        else:
-            fl_gather_panel_d(p, o.rs, o.es, pn, c, panel)
+        fl_gather_panel(p, o.rs, o.es, pn, c, panel)
 
 
 cdef inline void _pscatter(Opnd o, Py_ssize_t i0, Py_ssize_t pn, Py_ssize_t c, const floating *panel) noexcept nogil:
     cdef floating *p
     if _strided(o):
         p = <floating *>o.base + i0 * o.rs
-        if floating is float:
-            fl_scatter_panel_f(panel, p, o.rs, o.es, pn, c)
-        else:
-            fl_scatter_panel_d(panel, p, o.rs, o.es, pn, c)
+        fl_scatter_panel(panel, p, o.rs, o.es, pn, c)
 
 
 cdef inline char *_base2(const floating[:, :] a) noexcept nogil:
@@ -323,7 +227,7 @@ cdef inline char *_base2(const floating[:, :] a) noexcept nogil:
 # With few classes a row is too short for the row loops to vectorize (C = 10: ten-iteration
 # select-max and add chains, latency bound): blocks of rows are processed in column layout
 # instead, every loop running over the rows of the block (fl_ce_cols, fl_norm_cols in
-# fl_math.h).  Rows that are adjacent in memory (row stride 1: Fortran order, e.g. the
+# fl_math.hpp).  Rows that are adjacent in memory (row stride 1: Fortran order, e.g. the
 # transpose of a C-contiguous (C, N) array) are already in that layout and are read in place,
 # without the transpose (the row kernels would gather them first).  The class counts up to
 # which the column kernels win were measured on AVX2 (one thread, 2.6M logits): in C order (the
@@ -377,12 +281,8 @@ cdef _norm_cols(Opnd ox, Py_ssize_t c, Py_ssize_t n, int mode, floating *op, Py_
             for ib in prange(nblk, schedule="static"):
                 i0 = ib * sb
                 nr = sb if n - i0 > sb else n - i0
-                if floating is float:
-                    fl_norm_cols_f(nr, c, xp + i0 * ox.rs, ox.rs, ox.es, mode, op + i0 * ors, ors,
-                                   ocs, sb, scr)
-                else:
-                    fl_norm_cols_d(nr, c, xp + i0 * ox.rs, ox.rs, ox.es, mode, op + i0 * ors, ors,
-                                   ocs, sb, scr)
+                fl_norm_cols(nr, c, xp + i0 * ox.rs, ox.rs, ox.es, mode, op + i0 * ors, ors,
+                               ocs, sb, scr)
         free(raw)
     if perr[0]:
         raise MemoryError("fastloss cython backend: cannot allocate a row-block buffer")
@@ -422,16 +322,10 @@ cdef _ce_cols(Opnd ox, Opnd og, Py_ssize_t c, Py_ssize_t n, const int64_t[:] tar
             for ib in prange(nblk, schedule="static"):
                 i0 = ib * sb
                 nr = sb if n - i0 > sb else n - i0
-                if floating is float:
-                    fl_ce_cols_f(nr, c, xp + i0 * ox.rs, ox.rs, ox.es, tg + i0 * ts, ts, w, wsum,
-                                 ignore_index, eps, z, lp + i0 * ls, ls,
-                                 gsa + i0 * gss if gsa != NULL else NULL, gss,
-                                 gp + i0 * og.rs if gp != NULL else NULL, og.rs, og.es, sb, scr)
-                else:
-                    fl_ce_cols_d(nr, c, xp + i0 * ox.rs, ox.rs, ox.es, tg + i0 * ts, ts, w, wsum,
-                                 ignore_index, eps, z, lp + i0 * ls, ls,
-                                 gsa + i0 * gss if gsa != NULL else NULL, gss,
-                                 gp + i0 * og.rs if gp != NULL else NULL, og.rs, og.es, sb, scr)
+                fl_ce_cols(nr, c, xp + i0 * ox.rs, ox.rs, ox.es, tg + i0 * ts, ts, w, wsum,
+                             ignore_index, eps, z, lp + i0 * ls, ls,
+                             gsa + i0 * gss if gsa != NULL else NULL, gss,
+                             gp + i0 * og.rs if gp != NULL else NULL, og.rs, og.es, sb, scr)
         free(raw)
     if perr[0]:
         raise MemoryError("fastloss cython backend: cannot allocate a row-block buffer")
@@ -469,9 +363,9 @@ def logsumexp(const floating[:, :] x, floating[:] out):
                 _pgather(ox, i0, pn, c, A)
                 for r in range(pn):
                     xr = _prow(ox, i0 + r, r, c, A)
-                    m = f_max(xr, c)
+                    m = fl_max(xr, c)
                     sh = _shift(m)
-                    s = f_sumexp(xr, <floating *>NULL, c, <floating>sh, isfinite(m))
+                    s = fl_sumexp(xr, <floating *>NULL, c, <floating>sh, isfinite(m))
                     out[i0 + r] = <floating>(log(s) + sh)
         free(A)
     if perr[0]:
@@ -482,7 +376,7 @@ cdef inline void _softmax_row(const floating *x, Py_ssize_t sx, floating *o, Py_
                               Py_ssize_t c, bint logsm, floating *buf) noexcept nogil:
     cdef const floating *xr = f_row(x, sx, c, buf)
     cdef floating *oc = o if so == 1 else buf  # buf may hold xr: exp/sub write index j after reading it
-    cdef double m = f_max(xr, c), sh = _shift(m), s
+    cdef double m = fl_max(xr, c), sh = _shift(m), s
     cdef bint fin = isfinite(m)
     if m == INFINITY:
         # no softmax / log-softmax for a row holding +inf: NaN throughout, as PyTorch gives
@@ -491,17 +385,14 @@ cdef inline void _softmax_row(const floating *x, Py_ssize_t sx, floating *o, Py_
         f_fill_strided(oc, 1, c, <floating>NAN)
     elif logsm:
         # log p = (x - sh) - log s, never x - lse: lse = sh + log s rounds to sh for large
-        # logits and would lose the O(1) part (see fl_sub2 in fl_math.h)
-        s = f_sumexp(xr, <floating *>NULL, c, <floating>sh, fin)
-        if floating is float:
-            fl_sub2_f(xr, oc, c, <float>sh, <float>log(s))
-        else:
-            fl_sub2_d(xr, oc, c, sh, log(s))
+        # logits and would lose the O(1) part (see fl_sub2 in fl_math.hpp)
+        s = fl_sumexp(xr, <floating *>NULL, c, <floating>sh, fin)
+        fl_sub2(xr, oc, c, <floating>sh, <floating>log(s))
     else:
-        s = f_sumexp(xr, oc, c, <floating>sh, fin)  # stores e = exp(x - sh), then scales by 1/s
-        f_scale_axpy(oc, c, <floating>(1.0 / s), <const floating *>NULL, <floating>0)
+        s = fl_sumexp(xr, oc, c, <floating>sh, fin)  # stores e = exp(x - sh), then scales by 1/s
+        fl_scale_axpy(oc, c, <floating>(1.0 / s), <const floating *>NULL, <floating>0)
     if so != 1:
-        f_scatter(oc, o, so, c)
+        fl_scatter(oc, o, so, c)
 
 
 cdef _softmax_impl(const floating[:, :] x, floating[:, :] out, bint logsm):
@@ -561,17 +452,11 @@ cdef inline void _smb_row(const floating *g, Py_ssize_t sg, const floating *y, P
     if so != 1:
         oc = buf
     if logsm:
-        if floating is float:
-            fl_lsmb_f(gr, yr, oc, c, <float>f_dot(gr, <const floating *>NULL, c))
-        else:
-            fl_lsmb_d(gr, yr, oc, c, f_dot(gr, <const floating *>NULL, c))
+        fl_lsmb(gr, yr, oc, c, <floating>fl_dot(gr, <const floating *>NULL, c))
     else:
-        if floating is float:
-            fl_smb_f(gr, yr, oc, c, <float>f_dot(gr, yr, c))
-        else:
-            fl_smb_d(gr, yr, oc, c, f_dot(gr, yr, c))
+        fl_smb(gr, yr, oc, c, <floating>fl_dot(gr, yr, c))
     if so != 1:
-        f_scatter(oc, o, so, c)
+        fl_scatter(oc, o, so, c)
 
 
 cdef _smb_impl(const floating[:, :] g, const floating[:, :] y, floating[:, :] out, bint logsm):
@@ -639,7 +524,7 @@ cdef inline double _ce_row(const floating *x, Py_ssize_t sx, Py_ssize_t c, Py_ss
     cdef const floating *xr = f_row(x, sx, c, buf)
     cdef double xt = xr[t]  # read before anything is written: g may be x (in place)
     cdef double wt = w[t] if w != NULL else 1.0
-    cdef double m = f_max(xr, c)
+    cdef double m = fl_max(xr, c)
     cdef bint fin = isfinite(m)
     cdef double sh = m if fin else 0.0
     cdef double lin = 0.0, s, L, lse, row, a, ec = eps / c
@@ -648,8 +533,8 @@ cdef inline double _ce_row(const floating *x, Py_ssize_t sx, Py_ssize_t c, Py_ss
     if g != NULL:
         gc = g if sg == 1 else buf
     if eps != 0.0:
-        lin = f_wsum_shift(xr, w, c, <floating>sh)
-    s = f_sumexp(xr, gc if (fin and g != NULL) else <floating *>NULL, c, <floating>sh, fin)
+        lin = fl_wsum_shift(xr, w, c, <floating>sh)
+    s = fl_sumexp(xr, gc if (fin and g != NULL) else <floating *>NULL, c, <floating>sh, fin)
     L = log(s)
     lse = L + sh
     row = (1.0 - eps) * wt * (L - (xt - sh))
@@ -664,12 +549,12 @@ cdef inline double _ce_row(const floating *x, Py_ssize_t sx, Py_ssize_t c, Py_ss
         if eps != 0.0:
             a += ec * wsum
         if fin:
-            f_scale_axpy(gc, c, <floating>(gs * a / s), ws, <floating>(gs * ec))
+            fl_scale_axpy(gc, c, <floating>(gs * a / s), ws, <floating>(gs * ec))
         else:
-            f_expaxpy(xr, gc, c, <floating>lse, <floating>(gs * a), ws, <floating>(gs * ec))
+            fl_expaxpy(xr, gc, c, <floating>lse, <floating>(gs * a), ws, <floating>(gs * ec))
         gc[t] -= <floating>(gs * (1.0 - eps) * wt)
         if sg != 1:
-            f_scatter(gc, g, sg, c)
+            fl_scatter(gc, g, sg, c)
     return row
 
 
@@ -743,36 +628,27 @@ cdef inline double _ce_soft_row(const floating *x, Py_ssize_t sx, const floating
     gradient ``gs * (softmax(x) * sum(yw) + 2 z lse softmax(x) - yw)``.  ``buf``: 2 c elements."""
     cdef const floating *xr = f_row(x, sx, c, buf)
     cdef const floating *yr = f_row(y, sy, c, buf + c)
-    cdef double m = f_max(xr, c)
+    cdef double m = fl_max(xr, c)
     cdef bint fin = isfinite(m)
     cdef double sh = m if fin else 0.0
-    cdef double s = f_sumexp(xr, <floating *>NULL, c, <floating>sh, fin)
+    cdef double s = fl_sumexp(xr, <floating *>NULL, c, <floating>sh, fin)
     cdef double L = log(s), lse = L + sh, ysum = 0.0, row, a
     cdef double a1 = 1.0 - eps, a0 = eps / c
     cdef floating *gc
-    if floating is float:
-        row = fl_soft_terms_f(xr, yr, w, c, <float>sh, L, a1, a0, &ysum)
-    else:
-        row = fl_soft_terms_d(xr, yr, w, c, sh, L, a1, a0, &ysum)
+    row = fl_soft_terms(xr, yr, w, c, <floating>sh, L, a1, a0, &ysum)
     if z != 0.0:
         row += z * lse * lse
     if g != NULL:
         gc = g if sg == 1 else buf  # buf[:c] may hold xr: read x_j before writing g_j
         a = ysum + 2.0 * z * lse
-        if floating is float:
-            if fin:
-                fl_soft_grad_f(xr, yr, w, gc, c, <float>sh, <float>(a / s), <float>a1, <float>a0,
-                               <float>gs, 1)
-            else:
-                fl_soft_grad_f(xr, yr, w, gc, c, <float>lse, <float>a, <float>a1, <float>a0,
-                               <float>gs, 0)
+        if fin:
+            fl_soft_grad(xr, yr, w, gc, c, <floating>sh, <floating>(a / s), <floating>a1, <floating>a0,
+                         <floating>gs, 1)
         else:
-            if fin:
-                fl_soft_grad_d(xr, yr, w, gc, c, sh, a / s, a1, a0, gs, 1)
-            else:
-                fl_soft_grad_d(xr, yr, w, gc, c, lse, a, a1, a0, gs, 0)
+            fl_soft_grad(xr, yr, w, gc, c, <floating>lse, <floating>a, <floating>a1, <floating>a0,
+                         <floating>gs, 0)
         if sg != 1:
-            f_scatter(gc, g, sg, c)
+            fl_scatter(gc, g, sg, c)
     return row
 
 
@@ -865,38 +741,26 @@ cdef double _ew_task(int kind, Py_ssize_t i, Py_ssize_t j0, Py_ssize_t nb,
                 direct[k] = False
                 op[k] = bufs + k * bsize
                 if k < NIN:
-                    f_gather(<const floating *>p, s, op[k], nb)
+                    fl_gather(<const floating *>p, s, op[k], nb)
         elif k == 2 or k == 3 or k == 4:
             # absent weight / grad_output: ones (exact factors); absent pos_weight: ones that
             # are never used (has_pw = 0) but keep the vectorized loop free of NULL loads
             op[k] = <floating *>ones
         elif k == 5:
             op[k] = bufs + k * bsize  # the loss is needed for the sum even when not stored
-    if floating is float:
-        if kind == K_BCE_LOGITS:
-            tot = fl_bce_logits_f(nb, op[0], op[1], op[2], op[3], present[3], op[5], op[6], op[4], <float>gs)
-        elif kind == K_BCE:
-            tot = fl_bce_f(nb, op[0], op[1], op[2], op[5], op[6], op[4], <float>gs)
-        elif kind == K_KL:
-            tot = fl_kl_f(nb, op[0], op[1], flag, op[5], op[6], op[4], <float>gs)
-        elif kind == K_MSE:
-            tot = fl_mse_f(nb, op[0], op[1], op[5], op[6], op[4], <float>gs)
-        else:
-            tot = fl_gnll_f(nb, op[0], op[1], op[2], <float>p1, <float>p2, op[5], op[6], op[7], op[4], <float>gs)
+    if kind == K_BCE_LOGITS:
+        tot = fl_bce_logits(nb, op[0], op[1], op[2], op[3], present[3], op[5], op[6], op[4], <floating>gs)
+    elif kind == K_BCE:
+        tot = fl_bce(nb, op[0], op[1], op[2], op[5], op[6], op[4], <floating>gs)
+    elif kind == K_KL:
+        tot = fl_kl(nb, op[0], op[1], flag, op[5], op[6], op[4], <floating>gs)
+    elif kind == K_MSE:
+        tot = fl_mse(nb, op[0], op[1], op[5], op[6], op[4], <floating>gs)
     else:
-        if kind == K_BCE_LOGITS:
-            tot = fl_bce_logits_d(nb, op[0], op[1], op[2], op[3], present[3], op[5], op[6], op[4], gs)
-        elif kind == K_BCE:
-            tot = fl_bce_d(nb, op[0], op[1], op[2], op[5], op[6], op[4], gs)
-        elif kind == K_KL:
-            tot = fl_kl_d(nb, op[0], op[1], flag, op[5], op[6], op[4], gs)
-        elif kind == K_MSE:
-            tot = fl_mse_d(nb, op[0], op[1], op[5], op[6], op[4], gs)
-        else:
-            tot = fl_gnll_d(nb, op[0], op[1], op[2], p1, p2, op[5], op[6], op[7], op[4], gs)
+        tot = fl_gnll(nb, op[0], op[1], op[2], <floating>p1, <floating>p2, op[5], op[6], op[7], op[4], <floating>gs)
     for k in range(NIN, NOP):
         if present[k] and not direct[k]:
-            f_scatter(op[k], <floating *>(base[k] + i * rs[k] + j0 * es[k]),
+            fl_scatter(op[k], <floating *>(base[k] + i * rs[k] + j0 * es[k]),
                       es[k] // <Py_ssize_t>sizeof(floating), nb)
     return tot
 
@@ -972,36 +836,24 @@ def elementwise(int kind, list arrays, double gscale, double p1, double p2, int 
 
 # ----------------------------------------------------------------------------- test helpers
 def _vexp(const floating[::1] x, floating[::1] out):
-    """Elementwise polynomial exp of fl_math.h (for accuracy tests)."""
+    """Elementwise polynomial exp of fl_math.hpp (for accuracy tests)."""
     if x.shape[0]:
-        if floating is float:
-            fl_vexp_f(&x[0], &out[0], x.shape[0])
-        else:
-            fl_vexp_d(&x[0], &out[0], x.shape[0])
+        fl_vexp(&x[0], &out[0], x.shape[0])
 
 
 def _vexpn(const floating[::1] x, floating[::1] out):
-    """Elementwise fl_expn of fl_math.h (exp of shifted logits x <= 0; for accuracy tests)."""
+    """Elementwise fl_expn of fl_math.hpp (exp of shifted logits x <= 0; for accuracy tests)."""
     if x.shape[0]:
-        if floating is float:
-            fl_vexpn_f(&x[0], &out[0], x.shape[0])
-        else:
-            fl_vexpn_d(&x[0], &out[0], x.shape[0])
+        fl_vexpn(&x[0], &out[0], x.shape[0])
 
 
 def _vlog(const floating[::1] x, floating[::1] out):
-    """Elementwise polynomial log of fl_math.h (for accuracy tests)."""
+    """Elementwise polynomial log of fl_math.hpp (for accuracy tests)."""
     if x.shape[0]:
-        if floating is float:
-            fl_vlog_f(&x[0], &out[0], x.shape[0])
-        else:
-            fl_vlog_d(&x[0], &out[0], x.shape[0])
+        fl_vlog(&x[0], &out[0], x.shape[0])
 
 
 def _vlog1p(const floating[::1] x, floating[::1] out):
-    """Elementwise log1p of fl_math.h (for accuracy tests)."""
+    """Elementwise log1p of fl_math.hpp (for accuracy tests)."""
     if x.shape[0]:
-        if floating is float:
-            fl_vlog1p_f(&x[0], &out[0], x.shape[0])
-        else:
-            fl_vlog1p_d(&x[0], &out[0], x.shape[0])
+        fl_vlog1p(&x[0], &out[0], x.shape[0])

@@ -1,7 +1,7 @@
 """Tests specific to the compiled ``cython`` backend (``fastloss._kernels_cy``).
 
 * the backend explains itself when the extension is missing;
-* the vectorized polynomial exp / log / log1p of ``kernels/fl_math.h`` over the whole float
+* the vectorized polynomial exp / log / log1p of ``kernels/fl_math.hpp`` over the whole float
   range, specials included;
 * a direct caller's out-of-range target gives a NaN row, never an out-of-bounds read;
 * thread-count independence.

@@ -2,7 +2,7 @@
 
 This is the fallback compiled backend for machines without Numba (or with
 ``FASTLOSS_DISABLE_NUMBA=1``).  The extension is built from ``kernels/_kernels_cy.pyx`` and
-``kernels/fl_math.h`` by ``setup.py`` when a C compiler and Cython are present; it is optional,
+``kernels/fl_math.hpp`` by ``setup.py`` when a C compiler and Cython are present; it is optional,
 and when it is missing :func:`unavailable_reason` says why.
 
 Kernels

@@ -1,0 +1,1372 @@
+/*
+ * fl_math.hpp -- vectorizable elementary functions and contiguous inner loops of the fastloss
+ * Cython backend (kernels/_kernels_cy.pyx, compiled as C++).
+ *
+ * Why a C++ header: the hot loops are reductions (max, sum of exp) and elementwise maps that
+ * must vectorize WITHOUT -ffast-math (whose -ffinite-math-only breaks the +-inf/NaN semantics
+ * the library promises).  `#pragma omp simd reduction(...)` (enabled by -fopenmp-simd) lets
+ * gcc/clang reassociate exactly the reduction and nothing else, and the polynomial exp/log
+ * below are plain arithmetic plus integer bit manipulation, so they vectorize where libm calls
+ * never would.  Cython cannot emit those pragmas, so the loops live here and the .pyx drives
+ * them row by row under OpenMP `prange`.  Each loop is written once, as a function template
+ * over the compute type (float, double); the traits fl_t<T> supply the elementary functions.
+ *
+ * Every row loop here takes CONTIGUOUS pointers; the .pyx gathers strided / broadcast operands
+ * into thread-local blocks first.  An output may alias an input at the same index (in-place
+ * gradients): each loop reads element j before writing element j and never reads j' != j after
+ * writing it, so aliasing at equal indices is safe.  The few-class kernels at the end
+ * (fl_ce_cols, fl_norm_cols) take a block of rows with any strides and transpose it into
+ * column layout themselves; they read the whole block before writing any output.
+ *
+ * AVX2 note (no AVX-512): packed double <-> int64 conversion and 64-bit arithmetic right shifts
+ * do not exist on AVX2, and gcc scalarizes a loop that needs them.  The exp/log below therefore
+ * get integers from floating values with the "round-to-nearest shifter" trick (t = x + 1.5*2^52
+ * puts round(x) in the low mantissa bits) and turn small integers back into doubles with the
+ * 2^52 magic constant; only 64-bit add, and, or and left/logical-right shifts are needed.
+ * These tricks rely on strict IEEE evaluation: never compile this file with -ffast-math or
+ * -fassociative-math (the shifter would be folded away).
+ */
+#ifndef FL_MATH_HPP
+#define FL_MATH_HPP
+
+#include <stdint.h>
+#include <string.h>
+#include <stddef.h>
+#include <math.h>
+
+#if defined(__GNUC__)
+#define FL_INLINE static inline __attribute__((always_inline))
+#else
+#define FL_INLINE static inline
+#endif
+
+/* `#pragma omp simd` through _Pragma so the loops below stay macro-friendly (gcc/clang; with
+ * -fopenmp-simd or -fopenmp).  Elsewhere (MSVC) the loops are plain loops: correct, and
+ * vectorized where that compiler manages without the reduction hint. */
+#if defined(__GNUC__) || defined(__clang__)
+#define FL_SIMD _Pragma("omp simd")
+#define FL_SIMD_SUM(v) _Pragma(FL_STR(omp simd reduction(+:v)))
+#define FL_SIMD_MAX(v) _Pragma(FL_STR(omp simd reduction(max:v)))
+#else
+#define FL_SIMD
+#define FL_SIMD_SUM(v)
+#define FL_SIMD_MAX(v)
+#endif
+#define FL_STR(x) #x
+
+/* a prefetch is only a hint (never faults); callers keep its addresses inside the operand */
+#if defined(__GNUC__) || defined(__clang__)
+#define FL_PREFETCH(addr, rw) __builtin_prefetch((const void *)(addr), rw, 0)
+#else
+#define FL_PREFETCH(addr, rw) ((void)0)
+#endif
+
+/* Reductions over float32 are accumulated in float32 lanes for at most FL_BLOCK elements and
+ * then added into a float64 total: vector speed, and a float64-quality sum for 262,144 classes. */
+#define FL_BLOCK 1024
+
+typedef ptrdiff_t fl_idx;
+
+FL_INLINE double fl_d_from_bits(uint64_t b) { double d; memcpy(&d, &b, 8); return d; }
+FL_INLINE uint64_t fl_bits_d(double d) { uint64_t b; memcpy(&b, &d, 8); return b; }
+FL_INLINE float fl_f_from_bits(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
+FL_INLINE uint32_t fl_bits_f(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
+
+/* ------------------------------------------------------------------------------ exp
+ * exp(x) = 2^k * exp(r), k = round(x / ln2), r = x - k ln2 (Cody-Waite, two-part ln2; FMA
+ * contraction only makes r more accurate), |r| <= ln2/2, exp(r) by its Taylor polynomial
+ * (degree 13 for double: truncation < 2e-18; degree 7 for float: < 6e-9), Horner form.
+ * 2^k is applied as two factors 2^k1 * 2^k2 (k1 = round(k/2)), each a normal number, so the
+ * result is rounded only once even when it is subnormal, and overflows to +inf / underflows to
+ * 0 correctly.  The input is clamped first (to where the result is surely inf or 0), which
+ * also maps +-inf; NaN passes the clamps (comparisons with NaN are false) and propagates
+ * through r.  Accuracy: < 1.5 ulp over the whole range (tests/test_cython_build.py). */
+#define FL_EXP_SHIFT_D 6755399441055744.0 /* 1.5 * 2^52 */
+FL_INLINE double fl_exp_d(double x)
+{
+    x = x > 1000.0 ? 1000.0 : x;
+    x = x < -1000.0 ? -1000.0 : x;
+    const double t = x * 1.4426950408889634074 + FL_EXP_SHIFT_D; /* low bits: round(x/ln2) */
+    const double k = t - FL_EXP_SHIFT_D;
+    double r = x - k * 6.93147180369123816490e-01;
+    r = r - k * 1.90821492927058770002e-10;
+    double p = 1.0 / 6227020800.0;
+    p = p * r + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    /* k1 = round(k/2) by the same shifter (k/2 is exact), k2 = k - k1; |k1|,|k2| <= 722 */
+    const double t1 = k * 0.5 + FL_EXP_SHIFT_D;
+    const double k1 = t1 - FL_EXP_SHIFT_D;
+    const double t2 = (k - k1) + FL_EXP_SHIFT_D;
+    /* low 12 bits of bits(t) are k mod 4096 (2^51 = 0 mod 4096): (k + 1023) << 52 = 2^k */
+    const double s1 = fl_d_from_bits((fl_bits_d(t1) + 1023u) << 52);
+    const double s2 = fl_d_from_bits((fl_bits_d(t2) + 1023u) << 52);
+    return p * s1 * s2;
+}
+
+#define FL_EXP_SHIFT_F 12582912.0f /* 1.5 * 2^23 */
+FL_INLINE float fl_exp_f(float x)
+{
+    x = x > 100.0f ? 100.0f : x;
+    x = x < -110.0f ? -110.0f : x;
+    const float t = x * 1.44269504f + FL_EXP_SHIFT_F;
+    const float k = t - FL_EXP_SHIFT_F;
+    float r = x - k * 0.693145751953125f;   /* ln2 split: 12 significant bits ... */
+    r = r - k * 1.42860682030941723212e-6f; /* ... and the rest */
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const float t1 = k * 0.5f + FL_EXP_SHIFT_F;
+    const float k1 = t1 - FL_EXP_SHIFT_F;
+    const float t2 = (k - k1) + FL_EXP_SHIFT_F;
+    /* low 9 bits of bits(t) are k mod 512 (2^22 = 0 mod 512): (k + 127) << 23 = 2^k */
+    const float s1 = fl_f_from_bits((fl_bits_f(t1) + 127u) << 23);
+    const float s2 = fl_f_from_bits((fl_bits_f(t2) + 127u) << 23);
+    return p * s1 * s2;
+}
+
+/* ------------------------------------------------------------------------------ expn
+ * exp(x) for x <= 0 -- the shifted logits x_j - max of the softmax-type kernels, -|z| of the
+ * BCE -- with fewer operations than fl_exp (about 15 instead of 24 per vector):
+ * - k = round(x / ln2) lies in [-150, 0] (float; [-1077, 0] for double) after the clamp at lo,
+ *   so ONE scale 2^(k + K), K = 64 (512), is a normal number;
+ * - the polynomial's coefficients are scaled by 2^-K (exact: powers of two, and the values
+ *   stay normal where they matter), so p(r) 2^-K * 2^(k+K) is the only rounding of the result,
+ *   also into the subnormal range (gradual underflow, as fl_exp's two-factor scaling gives);
+ * - no upper clamp, and max(x, lo) is one vmaxps: `lo` is a parameter that callers pass
+ *   through an empty asm (FL_OPAQUE) outside their loop -- with a constant bound gcc evaluates
+ *   exp on both sides of the select and blends the results (eight instructions instead of one).
+ * lo = -104 (-746): below it the result rounds to 0.
+ * Specials: NaN passes max (the comparison is false) and propagates; -inf -> 0; +inf -> +inf
+ * through the final max(y, x) (y = exp(x) > x for every x <= 0, so it changes nothing else).
+ * For 0 < x < +inf the result is NOT exp(x) (the scale overflows; max(y, x) then returns some
+ * number >= x, never NaN): callers use it only where x <= 0 is certain -- x - max with a finite
+ * row max (rows whose max is not finite, where x - 0 can be positive, take fl_exp) and -|z|.
+ * Accuracy: the polynomial of fl_exp, < 1.5 ulp (tests/test_cython_build.py). */
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__aarch64__))
+#define FL_OPAQUE(v) __asm__("" : "+x"(v)) /* v is now unknown to the optimizer; no code */
+#else
+#define FL_OPAQUE(v) ((void)0)
+#endif
+/* a pointer the compiler may assume 32-byte aligned (the column kernels' scratch arrays) */
+#if defined(__GNUC__) || defined(__clang__)
+#define FL_ALIGNED(p) __builtin_assume_aligned(p, 32)
+#else
+#define FL_ALIGNED(p) (p)
+#endif
+#define FL_EXPN_LO_F (-104.0f)
+#define FL_EXPN_LO_D (-746.0)
+
+#define FL_EXPN_SF 5.42101086242752217e-20f          /* 2^-64 */
+#define FL_EXPN_SD 7.45834073120020674329e-155      /* 2^-512 */
+FL_INLINE float fl_expn_f(float x, float lo)
+{
+    const float xc = x < lo ? lo : x;
+    const float t = xc * 1.44269504f + FL_EXP_SHIFT_F;
+    const float k = t - FL_EXP_SHIFT_F;
+    float r = xc - k * 0.693145751953125f;
+    r = r - k * 1.42860682030941723212e-6f;
+    /* the polynomial of fl_exp_f with every coefficient times 2^-64: the same roundings */
+    float p = FL_EXPN_SF * (1.0f / 5040.0f);
+    p = p * r + FL_EXPN_SF * (1.0f / 720.0f);
+    p = p * r + FL_EXPN_SF * (1.0f / 120.0f);
+    p = p * r + FL_EXPN_SF * (1.0f / 24.0f);
+    p = p * r + FL_EXPN_SF * (1.0f / 6.0f);
+    p = p * r + FL_EXPN_SF * 0.5f;
+    p = p * r + FL_EXPN_SF;
+    p = p * r + FL_EXPN_SF;
+    /* low 9 bits of bits(t) are k mod 512: (k + 64 + 127) << 23 = 2^(k+64), k + 191 in [41, 191] */
+    const float y = p * fl_f_from_bits((fl_bits_f(t) + 191u) << 23);
+    return y > x ? y : x;
+}
+
+FL_INLINE double fl_expn_d(double x, double lo)
+{
+    const double xc = x < lo ? lo : x;
+    const double t = xc * 1.4426950408889634074 + FL_EXP_SHIFT_D;
+    const double k = t - FL_EXP_SHIFT_D;
+    double r = xc - k * 6.93147180369123816490e-01;
+    r = r - k * 1.90821492927058770002e-10;
+    double p = FL_EXPN_SD * (1.0 / 6227020800.0);
+    p = p * r + FL_EXPN_SD * (1.0 / 479001600.0);
+    p = p * r + FL_EXPN_SD * (1.0 / 39916800.0);
+    p = p * r + FL_EXPN_SD * (1.0 / 3628800.0);
+    p = p * r + FL_EXPN_SD * (1.0 / 362880.0);
+    p = p * r + FL_EXPN_SD * (1.0 / 40320.0);
+    p = p * r + FL_EXPN_SD * (1.0 / 5040.0);
+    p = p * r + FL_EXPN_SD * (1.0 / 720.0);
+    p = p * r + FL_EXPN_SD * (1.0 / 120.0);
+    p = p * r + FL_EXPN_SD * (1.0 / 24.0);
+    p = p * r + FL_EXPN_SD * (1.0 / 6.0);
+    p = p * r + FL_EXPN_SD * 0.5;
+    p = p * r + FL_EXPN_SD;
+    p = p * r + FL_EXPN_SD;
+    /* low 12 bits of bits(t) are k mod 4096: (k + 512 + 1023) << 52 = 2^(k+512), k + 1535 > 0 */
+    const double y = p * fl_d_from_bits((fl_bits_d(t) + 1535u) << 52);
+    return y > x ? y : x;
+}
+
+/* ------------------------------------------------------------------------------ log
+ * fdlibm / musl algorithm: x = 2^k * m with m in [sqrt(2)/2, sqrt(2)), f = m - 1,
+ * s = f / (2 + f), log(1+f) = f - f^2/2 + s (f^2/2 + R(s^2)) with a minimax R; then
+ * + k ln2 in two parts.  < 1 ulp.  Subnormals are scaled by 2^54 (2^25 for float) first.
+ * k is turned into a double through the 2^52 magic constant (no int64 -> double conversion).
+ * Specials by selects: log(+inf) = +inf, log(0) = -inf, log(x < 0) = NaN, NaN -> NaN. */
+FL_INLINE double fl_log_d(double x)
+{
+    const int sub = x < 2.2250738585072014e-308; /* subnormal, zero or negative */
+    const double xs = sub ? x * 18014398509481984.0 : x; /* 2^54 */
+    uint64_t ix = fl_bits_d(xs);
+    ix += (uint64_t)(0x3ff00000u - 0x3fe6a09eu) << 32; /* m in [sqrt2/2, sqrt2) */
+    const uint64_t e = (ix >> 52) & 0x7ffu;
+    const double m = fl_d_from_bits((ix & 0x000fffffffffffffULL) + ((uint64_t)0x3fe6a09eu << 32));
+    const double dk = (fl_d_from_bits(0x4330000000000000ULL | e) - 4503599627370496.0)
+                      - (sub ? 1023.0 + 54.0 : 1023.0);
+    const double f = m - 1.0;
+    const double hfsq = 0.5 * f * f;
+    const double s = f / (2.0 + f);
+    const double z = s * s;
+    const double w = z * z;
+    const double t1 = w * (3.999999999940941908e-01 + w * (2.222219843214978396e-01 + w * 1.531383769920937332e-01));
+    const double t2 = z * (6.666666666666735130e-01 + w * (2.857142874366239149e-01 + w * (1.818357216161805012e-01 + w * 1.479819860511658591e-01)));
+    const double R = t2 + t1;
+    double r = s * (hfsq + R) + dk * 1.90821492927058770002e-10 - hfsq + f + dk * 6.93147180369123816490e-01;
+    r = x == HUGE_VAL ? x : r;
+    r = x == 0.0 ? -HUGE_VAL : r;
+    r = x < 0.0 ? NAN : r;
+    r = x != x ? x : r;
+    return r;
+}
+
+FL_INLINE float fl_log_f(float x)
+{
+    const int sub = x < 1.17549435e-38f;
+    const float xs = sub ? x * 33554432.0f : x; /* 2^25 */
+    uint32_t ix = fl_bits_f(xs);
+    ix += 0x3f800000u - 0x3f3504f3u;
+    const int32_t k = (int32_t)(ix >> 23) - (sub ? 0x7f + 25 : 0x7f);
+    const float m = fl_f_from_bits((ix & 0x007fffffu) + 0x3f3504f3u);
+    const float dk = (float)k;
+    const float f = m - 1.0f;
+    const float s = f / (2.0f + f);
+    const float z = s * s;
+    const float w = z * z;
+    const float t1 = w * (0.40000972152f + w * 0.24279078841f);
+    const float t2 = z * (0.66666662693f + w * 0.28498786688f);
+    const float R = t2 + t1;
+    const float hfsq = 0.5f * f * f;
+    float r = s * (hfsq + R) + dk * 9.0580006145e-06f - hfsq + f + dk * 6.9313812256e-01f;
+    r = x == HUGE_VALF ? x : r;
+    r = x == 0.0f ? -HUGE_VALF : r;
+    r = x < 0.0f ? NAN : r;
+    r = x != x ? x : r;
+    return r;
+}
+
+/* log1p(u) = log(1+u) * u / ((1+u) - 1): the rounding error of 1+u cancels (Goldberg,
+ * "What every computer scientist should know", Thm 4); exact u where 1+u rounds to 1. */
+FL_INLINE double fl_log1p_d(double u)
+{
+    const double y = 1.0 + u;
+    const double d = y - 1.0;
+    double r = fl_log_d(y) * (u / d);
+    r = d == 0.0 ? u : r;
+    r = u == HUGE_VAL ? u : r;
+    r = u == -1.0 ? -HUGE_VAL : r;
+    return r;
+}
+
+FL_INLINE float fl_log1p_f(float u)
+{
+    const float y = 1.0f + u;
+    const float d = y - 1.0f;
+    float r = fl_log_f(y) * (u / d);
+    r = d == 0.0f ? u : r;
+    r = u == HUGE_VALF ? u : r;
+    r = u == -1.0f ? -HUGE_VALF : r;
+    return r;
+}
+
+/* ------------------------------------------------------------------------------ traits
+ * The loops below are written once, as templates over the compute type T (float or double);
+ * fl_t<T> gives each its elementary functions and constants.
+ *
+ * ew_acc -- where elementwise loss totals are accumulated in float64 (SEMANTICS K5; see
+ * fl_dsum below): float loss loops only store l and the block is then summed in float64 by
+ * fl_dsum; double loops accumulate in the loop itself (a float64 reduction costs nothing extra
+ * there).  Both loops carry `omp simd reduction(+:acc)`; in the float ones acc is untouched.
+ * tile -- the width of an AVX transpose tile (fl_tile): 8 floats or 4 doubles. */
+template <typename T> struct fl_t;
+
+template <> struct fl_t<float> {
+    FL_INLINE float exp(float x) { return fl_exp_f(x); }
+    FL_INLINE float expn(float x, float lo) { return fl_expn_f(x, lo); }
+    FL_INLINE float log(float x) { return fl_log_f(x); }
+    FL_INLINE float log1p(float x) { return fl_log1p_f(x); }
+    static constexpr float expn_lo = FL_EXPN_LO_F;
+    static constexpr float inf = HUGE_VALF;
+    static constexpr bool ew_acc = false;
+    static constexpr fl_idx tile = 8;
+};
+
+template <> struct fl_t<double> {
+    FL_INLINE double exp(double x) { return fl_exp_d(x); }
+    FL_INLINE double expn(double x, double lo) { return fl_expn_d(x, lo); }
+    FL_INLINE double log(double x) { return fl_log_d(x); }
+    FL_INLINE double log1p(double x) { return fl_log1p_d(x); }
+    static constexpr double expn_lo = FL_EXPN_LO_D;
+    static constexpr double inf = HUGE_VAL;
+    static constexpr bool ew_acc = true;
+    static constexpr fl_idx tile = 4;
+};
+
+/* max ignoring NaN (a NaN row is caught later through the sum of exp) */
+template <typename T>
+static inline T fl_max(const T *x, fl_idx n)
+{
+    T m = -fl_t<T>::inf;
+    FL_SIMD_MAX(m)
+    for (fl_idx j = 0; j < n; j++) m = x[j] > m ? x[j] : m;
+    return m;
+}
+
+/* sum exp(x - sh); if e != NULL also stores e[j] = exp(x[j] - sh) (e may be x).  neg: sh is
+ * the finite row max, so every x - sh <= 0 (or NaN) and the cheaper EXPN applies */
+template <typename T>
+static inline double fl_sumexp(const T *x, T *e, fl_idx n, T sh, int neg)
+{
+    double tot = 0.0;
+    T lo = fl_t<T>::expn_lo;
+    FL_OPAQUE(lo);
+    for (fl_idx j0 = 0; j0 < n; j0 += FL_BLOCK) {
+        const fl_idx j1 = j0 + FL_BLOCK < n ? j0 + FL_BLOCK : n;
+        T acc = 0;
+        if (neg && e) {
+            FL_SIMD_SUM(acc)
+            for (fl_idx j = j0; j < j1; j++) {
+                const T v = fl_t<T>::expn(x[j] - sh, lo);
+                e[j] = v;
+                acc += v;
+            }
+        } else if (neg) {
+            FL_SIMD_SUM(acc)
+            for (fl_idx j = j0; j < j1; j++) acc += fl_t<T>::expn(x[j] - sh, lo);
+        } else if (e) {
+            FL_SIMD_SUM(acc)
+            for (fl_idx j = j0; j < j1; j++) { const T v = fl_t<T>::exp(x[j] - sh); e[j] = v; acc += v; }
+        } else {
+            FL_SIMD_SUM(acc)
+            for (fl_idx j = j0; j < j1; j++) acc += fl_t<T>::exp(x[j] - sh);
+        }
+        tot += (double)acc;
+    }
+    return tot;
+}
+
+/* sum w[j] * (x[j] - sh)  (w == NULL: weights 1), each difference rounded to T as in the
+ * reference, and a product taken as 0 where x[j] - sh == 0 (SEMANTICS K2: an infinite weight
+ * at the row max must not give inf * 0 = NaN here; the caller's wsum * log s carries it).
+ * With logits near the dtype's max the T lanes can overflow although the float64 total does
+ * not (float32: a few differences of -3e38, or w * (x - sh) itself): a row whose sum is not
+ * finite is summed again in double (rare; inf/NaN inputs land there too and give the same
+ * inf/NaN). */
+template <typename T>
+static inline double fl_wsum_shift(const T *x, const T *w, fl_idx n, T sh)
+{
+    double tot = 0.0;
+    for (fl_idx j0 = 0; j0 < n; j0 += FL_BLOCK) {
+        const fl_idx j1 = j0 + FL_BLOCK < n ? j0 + FL_BLOCK : n;
+        T acc = 0;
+        if (w) {
+            FL_SIMD_SUM(acc)
+            for (fl_idx j = j0; j < j1; j++) {
+                const T d = x[j] - sh, p = w[j] * d; /* w[j] read in any case: no masked load */
+                acc += d == (T)0 ? (T)0 : p;
+            }
+        } else {
+            FL_SIMD_SUM(acc)
+            for (fl_idx j = j0; j < j1; j++) acc += x[j] - sh;
+        }
+        tot += (double)acc;
+    }
+    if (!isfinite(tot)) { /* outside the hot loop: its code stays as without the fallback */
+        tot = 0.0;
+        for (fl_idx j = 0; j < n; j++) {
+            const T d = x[j] - sh;
+            tot += d == (T)0 ? 0.0 : (w ? (double)w[j] : 1.0) * (double)d;
+        }
+    }
+    return tot;
+}
+
+/* sum a[j] (b == NULL) or sum a[j] * b[j] */
+template <typename T>
+static inline double fl_dot(const T *a, const T *b, fl_idx n)
+{
+    double tot = 0.0;
+    for (fl_idx j0 = 0; j0 < n; j0 += FL_BLOCK) {
+        const fl_idx j1 = j0 + FL_BLOCK < n ? j0 + FL_BLOCK : n;
+        T acc = 0;
+        if (b) {
+            FL_SIMD_SUM(acc)
+            for (fl_idx j = j0; j < j1; j++) acc += a[j] * b[j];
+        } else {
+            FL_SIMD_SUM(acc)
+            for (fl_idx j = j0; j < j1; j++) acc += a[j];
+        }
+        tot += (double)acc;
+    }
+    return tot;
+}
+
+/* out[j] = exp(x[j] - sh) * a - b * (w ? w[j] : 1)   (out may be x) */
+template <typename T>
+static inline void fl_expaxpy(const T *x, T *out, fl_idx n, T sh, T a, const T *w, T b)
+{
+    if (w) {
+        FL_SIMD
+        for (fl_idx j = 0; j < n; j++) out[j] = fl_t<T>::exp(x[j] - sh) * a - b * w[j];
+    } else {
+        FL_SIMD
+        for (fl_idx j = 0; j < n; j++) out[j] = fl_t<T>::exp(x[j] - sh) * a - b;
+    }
+}
+
+/* g[j] = g[j] * a - b * (w ? w[j] : 1)  (scales stored exponentials in place) */
+template <typename T>
+static inline void fl_scale_axpy(T *g, fl_idx n, T a, const T *w, T b)
+{
+    if (w) {
+        FL_SIMD
+        for (fl_idx j = 0; j < n; j++) g[j] = g[j] * a - b * w[j];
+    } else {
+        FL_SIMD
+        for (fl_idx j = 0; j < n; j++) g[j] = g[j] * a - b;
+    }
+}
+
+template <typename T>
+static inline void fl_fill(T *g, fl_idx n, T v)
+{
+    FL_SIMD
+    for (fl_idx j = 0; j < n; j++) g[j] = v;
+}
+
+/* log-softmax: out[j] = (x[j] - sh) - L, L = log sum exp(x - sh).  Never x[j] - (sh + L):
+ * with large logits sh + L rounds to sh (ulp(1e4) = 1e-3 in float32; at 3e38 the whole L is
+ * lost), whereas x[j] - sh is exact near the max (Sterbenz) and L is O(log C).  The order is
+ * kept because this file is never compiled with reassociation (see the header). */
+template <typename T>
+static inline void fl_sub2(const T *x, T *out, fl_idx n, T sh, T L)
+{
+    FL_SIMD
+    for (fl_idx j = 0; j < n; j++) out[j] = (x[j] - sh) - L;
+}
+
+/* softmax backward: out = y * (g - d) */
+template <typename T>
+static inline void fl_smb(const T *g, const T *y, T *out, fl_idx n, T d)
+{
+    FL_SIMD
+    for (fl_idx j = 0; j < n; j++) out[j] = y[j] * (g[j] - d);
+}
+
+/* log-softmax backward: out = g - exp(y) * s */
+template <typename T>
+static inline void fl_lsmb(const T *g, const T *y, T *out, fl_idx n, T s)
+{
+    FL_SIMD
+    for (fl_idx j = 0; j < n; j++) out[j] = g[j] - fl_t<T>::exp(y[j]) * s;
+}
+
+/* soft-target cross-entropy, pass over a row after its shift sh and L = log(sum exp(x-sh)):
+ * yw = ((1-eps) y + eps/C) * w (computed in double), *ysum = sum_j yw, returns the row loss
+ *   sum_j yw (lse - x_j) = ysum * L - sum_{j : yw != 0, x_j != sh} yw (x_j - sh)
+ * (SEMANTICS K3; x_j - sh rounded to T as in the reference; accurate when |lse| >> lse - x_j).
+ * A zero-mass term is left out of the second sum (a masked class, x_j = -inf with yw = 0,
+ * contributes 0), and so is a term at the row max, x_j - sh == 0 (K3b: an infinite yw there
+ * gives inf through ysum * L, not inf * 0 = NaN); a NaN or +inf logit anywhere in the row
+ * makes L NaN/inf and the row NaN through ysum * L even when the whole mass is 0 (0 * inf).
+ * w is never NULL (ones when unweighted: no conditional load in the loop) */
+template <typename T>
+static inline double fl_soft_terms(const T *x, const T *y, const T *w, fl_idx n, T sh,
+                                        double L, double a1, double a0, double *ysum)
+{
+    double tot = 0.0, ys = 0.0;
+    _Pragma("omp simd reduction(+:tot,ys)") /* reassociate only these two sums */
+    for (fl_idx j = 0; j < n; j++) {
+        const double yw = (a1 * (double)y[j] + a0) * (double)w[j];
+        const double d = (double)(x[j] - sh);
+        tot += yw == 0.0 || d == 0.0 ? 0.0 : yw * d;
+        ys += yw;
+    }
+    *ysum = ys;
+    return ys * L - tot;
+}
+
+/* soft-target gradient: out = gs * (exp(x - sh) * pa - yw) with pa = a / sum exp(x - sh);
+ * neg: sh is the finite row max (EXPN applies, as in fl_sumexp) */
+template <typename T>
+static inline void fl_soft_grad(const T *x, const T *y, const T *w, T *out, fl_idx n, T sh,
+                                     T pa, T a1, T a0, T gs, int neg)
+{
+    T lo = fl_t<T>::expn_lo;
+    FL_OPAQUE(lo);
+    if (neg) {
+        FL_SIMD
+        for (fl_idx j = 0; j < n; j++) {
+            const T yw = (a1 * y[j] + a0) * w[j];
+            out[j] = gs * (fl_t<T>::expn(x[j] - sh, lo) * pa - yw);
+        }
+    } else {
+        FL_SIMD
+        for (fl_idx j = 0; j < n; j++) {
+            const T yw = (a1 * y[j] + a0) * w[j];
+            out[j] = gs * (fl_t<T>::exp(x[j] - sh) * pa - yw);
+        }
+    }
+}
+
+/* ---- elementwise: all operands contiguous blocks; w / go are never NULL (ones); l is never
+ * NULL (scratch); g may be NULL (no gradient).  Return the float64 sum of l.
+ *
+ * The sum is accumulated in float64 (SEMANTICS K5): every T term is widened (exactly) before
+ * it is added, so the total carries no rounding of the compute dtype -- float32 terms near
+ * FLT_MAX cannot overflow it, and a float32 / float16 mean is the float64 mean of the terms
+ * (float32 lanes of FL_BLOCK / W ~ 128 terms each had a worst-case relative error of
+ * ~128 u ~ 8e-6, and reached 2e-6 on random float16 data).  Where it happens (FL_EW_*): the
+ * float32 loss loops of bce-with-logits, bce, kl and gnll only store l, and fl_dsum sums the
+ * block (4 KB, still in L1) afterwards -- a float64 reduction inside those long,
+ * register-hungry loops made gcc spill more (~10% slower in cache), the separate pass costs
+ * ~1-3%; float64 loops reduce in the loop, as they always did; mse, a short loop, widens and
+ * adds in the loop itself for both (a separate pass would double its work in cache). */
+
+template <typename T>
+static inline double fl_dsum(const T *l, fl_idx n)
+{
+    double acc = 0.0;
+    FL_SIMD_SUM(acc)
+    for (fl_idx j = 0; j < n; j++) acc += (double)l[j];
+    return acc;
+}
+
+/* softplus(-z) = max(-z, 0) + log1p(exp(-|z|)); -|z| <= 0, so EXPN applies */
+template <typename T>
+static inline double fl_bce_logits(fl_idx n, const T *z, const T *y, const T *w,
+                                        const T *pw, int has_pw, T *l, T *g, const T *go, T gs)
+{
+    double acc = 0.0;
+    T lo = fl_t<T>::expn_lo;
+    FL_OPAQUE(lo);
+    if (g) {
+        FL_SIMD_SUM(acc)
+        for (fl_idx j = 0; j < n; j++) {
+            const T zj = z[j], yj = y[j], mz = -zj;
+            const T e = fl_t<T>::expn(-(zj < 0 ? -zj : zj), lo); /* exp(-|z|), NaN stays NaN */
+            const T sp = (mz < 0 ? (T)0 : mz) + fl_t<T>::log1p(e);
+            const T c = has_pw ? (T)1 + (pw[j] - (T)1) * yj : (T)1;
+            const T lv = ((T)1 - yj) * zj + c * sp;
+            const T inv = (T)1 / ((T)1 + e);
+            const T sig = zj >= 0 ? inv : e * inv;      /* sigmoid(z) */
+            const T sigm = zj >= 0 ? e * inv : inv;     /* sigmoid(-z) */
+            const T gv = has_pw ? ((T)1 - yj) - c * sigm : sig - yj;
+            l[j] = lv * w[j];
+            g[j] = gv * w[j] * gs * go[j];
+            if (fl_t<T>::ew_acc) acc += l[j];
+        }
+    } else {
+        FL_SIMD_SUM(acc)
+        for (fl_idx j = 0; j < n; j++) {
+            const T zj = z[j], yj = y[j], mz = -zj;
+            const T e = fl_t<T>::expn(-(zj < 0 ? -zj : zj), lo);
+            const T sp = (mz < 0 ? (T)0 : mz) + fl_t<T>::log1p(e);
+            const T c = has_pw ? (T)1 + (pw[j] - (T)1) * yj : (T)1;
+            l[j] = (((T)1 - yj) * zj + c * sp) * w[j];
+            if (fl_t<T>::ew_acc) acc += l[j];
+        }
+    }
+    return (fl_t<T>::ew_acc ? acc : acc + fl_dsum<T>(l, n));
+}
+
+/* PyTorch: log terms clamped at -100; gradient (p - y) / max(p (1 - p), 1e-12f) */
+template <typename T>
+static inline double fl_bce(fl_idx n, const T *p, const T *y, const T *w, T *l, T *g,
+                                 const T *go, T gs)
+{
+    double acc = 0.0;
+    FL_SIMD_SUM(acc)
+    for (fl_idx j = 0; j < n; j++) {
+        const T pj = p[j], yj = y[j];
+        T lp = fl_t<T>::log(pj), l1 = fl_t<T>::log1p(-pj);
+        lp = lp < (T)-100 ? (T)-100 : lp;
+        l1 = l1 < (T)-100 ? (T)-100 : l1;
+        l[j] = -(yj * lp + ((T)1 - yj) * l1) * w[j];
+        if (fl_t<T>::ew_acc) acc += l[j];
+    }
+    if (g) {
+        FL_SIMD
+        for (fl_idx j = 0; j < n; j++) {
+            const T pj = p[j];
+            T den = pj * ((T)1 - pj);
+            den = den < (T)1e-12f ? (T)1e-12f : den; /* ATen's float 1e-12, any dtype */
+            g[j] = (pj - y[j]) / den * w[j] * gs * go[j];
+        }
+    }
+    return (fl_t<T>::ew_acc ? acc : acc + fl_dsum<T>(l, n));
+}
+
+/* pointwise t (log t - x), 0 where t == 0; log_target: exp(t) (t - x), 0 where t == -inf */
+template <typename T>
+static inline double fl_kl(fl_idx n, const T *x, const T *t, int log_target, T *l, T *g,
+                                const T *go, T gs)
+{
+    double acc = 0.0;
+    if (log_target) {
+        FL_SIMD_SUM(acc)
+        for (fl_idx j = 0; j < n; j++) {
+            const T tj = t[j], et = fl_t<T>::exp(tj);
+            const int zero = tj == -fl_t<T>::inf;
+            l[j] = zero ? (T)0 : et * (tj - x[j]);
+            if (g) g[j] = (zero ? (T)0 : -et) * gs * go[j];
+            if (fl_t<T>::ew_acc) acc += l[j];
+        }
+    } else {
+        FL_SIMD_SUM(acc)
+        for (fl_idx j = 0; j < n; j++) {
+            const T tj = t[j];
+            l[j] = tj == 0 ? (T)0 : tj * (fl_t<T>::log(tj) - x[j]);
+            if (g) g[j] = -tj * gs * go[j];
+            if (fl_t<T>::ew_acc) acc += l[j];
+        }
+    }
+    return (fl_t<T>::ew_acc ? acc : acc + fl_dsum<T>(l, n));
+}
+
+template <typename T>
+static inline double fl_mse(fl_idx n, const T *x, const T *t, T *l, T *g, const T *go, T gs)
+{
+    double acc = 0.0;
+    FL_SIMD_SUM(acc)
+    for (fl_idx j = 0; j < n; j++) {
+        const T d = x[j] - t[j];
+        const T lj = d * d;
+        l[j] = lj;
+        if (g) g[j] = (T)2 * d * gs * go[j];
+        acc += (double)lj;
+    }
+    return acc;
+}
+
+/* v = max(var, eps) (NaN stays NaN); l = (log v + d^2 / v) / 2 (+ log(2 pi)/2);
+ * d/dx = d / v, d/dvar = (1/v - d^2/v^2) / 2 at the clamped v (PyTorch's no-grad clamp) */
+template <typename T>
+static inline double fl_gnll(fl_idx n, const T *x, const T *t, const T *var, T eps, T cst,
+                                  T *l, T *g, T *gv, const T *go, T gs)
+{
+    double acc = 0.0;
+    FL_SIMD_SUM(acc)
+    for (fl_idx j = 0; j < n; j++) {
+        const T v = var[j] < eps ? eps : var[j];
+        const T d = x[j] - t[j];
+        const T s = gs * go[j];
+        l[j] = (T)0.5 * (fl_t<T>::log(v) + d * d / v) + cst;
+        if (g) g[j] = s * (d / v);
+        if (gv) gv[j] = s * ((T)0.5 * ((T)1 / v - d * d / (v * v)));
+        if (fl_t<T>::ew_acc) acc += l[j];
+    }
+    return (fl_t<T>::ew_acc ? acc : acc + fl_dsum<T>(l, n));
+}
+
+/* elementwise maps exposed for testing the elementary functions */
+template <typename T>
+static inline void fl_vexp(const T *x, T *out, fl_idx n)
+{
+    FL_SIMD
+    for (fl_idx j = 0; j < n; j++) out[j] = fl_t<T>::exp(x[j]);
+}
+template <typename T>
+static inline void fl_vexpn(const T *x, T *out, fl_idx n)
+{
+    T lo = fl_t<T>::expn_lo;
+    FL_OPAQUE(lo);
+    FL_SIMD
+    for (fl_idx j = 0; j < n; j++) out[j] = fl_t<T>::expn(x[j], lo);
+}
+template <typename T>
+static inline void fl_vlog(const T *x, T *out, fl_idx n)
+{
+    FL_SIMD
+    for (fl_idx j = 0; j < n; j++) out[j] = fl_t<T>::log(x[j]);
+}
+template <typename T>
+static inline void fl_vlog1p(const T *x, T *out, fl_idx n)
+{
+    FL_SIMD
+    for (fl_idx j = 0; j < n; j++) out[j] = fl_t<T>::log1p(x[j]);
+}
+
+/* panel of P rows -> P contiguous rows of n: buf[r n + j] = p[r rs + j cs].  For Fortran-like
+ * layouts (|rs| < |cs|) one cache line holds the element of several rows: it is read once for
+ * the whole panel.  Columns go in tiles of 8 (8 independent lines in flight, 8 consecutive
+ * stores per buffer row) with a software prefetch 4 tiles ahead: hardware prefetchers do not
+ * follow such large strides, and without it the gather is memory-latency bound. */
+template <typename T>
+static inline void fl_gather_panel(const T *p, fl_idx rs, fl_idx cs, fl_idx P, fl_idx n,
+                                        T *buf)
+{
+    fl_idx j0 = 0;
+    for (; j0 + 8 <= n; j0 += 8) {
+        if (j0 + 40 <= n)
+            for (int q = 0; q < 8; q++) {
+                FL_PREFETCH(p + (j0 + 32 + q) * cs, 0);
+                FL_PREFETCH(p + (j0 + 32 + q) * cs + (P - 1) * rs, 0);
+            }
+        for (fl_idx r = 0; r < P; r++)
+            for (int q = 0; q < 8; q++) buf[r * n + j0 + q] = p[r * rs + (j0 + q) * cs];
+    }
+    for (fl_idx r = 0; r < P; r++)
+        for (fl_idx j = j0; j < n; j++) buf[r * n + j] = p[r * rs + j * cs];
+}
+template <typename T>
+static inline void fl_scatter_panel(const T *buf, T *p, fl_idx rs, fl_idx cs, fl_idx P,
+                                         fl_idx n)
+{
+    fl_idx j0 = 0;
+    for (; j0 + 8 <= n; j0 += 8) {
+        if (j0 + 40 <= n)
+            for (int q = 0; q < 8; q++) {
+                FL_PREFETCH(p + (j0 + 32 + q) * cs, 1);
+                FL_PREFETCH(p + (j0 + 32 + q) * cs + (P - 1) * rs, 1);
+            }
+        for (fl_idx r = 0; r < P; r++)
+            for (int q = 0; q < 8; q++) p[r * rs + (j0 + q) * cs] = buf[r * n + j0 + q];
+    }
+    for (fl_idx r = 0; r < P; r++)
+        for (fl_idx j = j0; j < n; j++) p[r * rs + j * cs] = buf[r * n + j];
+}
+
+template <typename T>
+static inline void fl_gather(const T *p, fl_idx s, T *buf, fl_idx n)
+{
+    for (fl_idx j = 0; j < n; j++) buf[j] = p[j * s];
+}
+template <typename T>
+static inline void fl_scatter(const T *buf, T *p, fl_idx s, fl_idx n)
+{
+    for (fl_idx j = 0; j < n; j++) p[j * s] = buf[j];
+}
+
+
+/* ------------------------------------------------------------------------------ few classes
+ * The column-layout kernels below work on blocks of SB rows chosen by the caller (a multiple of
+ * 8; measured best: a few KB of logits per block -- the scratch then stays in L1 and the row
+ * streams are read and written in short, regular bursts), and sum at most FL_CB_SUMC
+ * exponentials per row in T lanes before adding them in float64. */
+#define FL_CB_SUMC 32
+
+/* Block transposes between row layout and column layout: dst[k*ds + r] = src[r*ss + k] for
+ * r < R, k < K.  A scalar transpose moves one element per load and per store (~1 cycle each);
+ * with AVX a W x W tile (8 floats / 4 doubles) takes W vector loads, W vector stores and a few
+ * shuffles per tile.  Tiles cover both dimensions in steps of W, the last tile of each
+ * overlapping the previous one (it rewrites a few elements with the same values), so any
+ * R, K >= W needs no scalar remainder; smaller blocks take the scalar loop.  src and dst must
+ * not overlap. */
+#if defined(__AVX__)
+#include <immintrin.h>
+FL_INLINE void fl_tile(const float *src, fl_idx ss, float *dst, fl_idx ds)
+{
+    const __m256 r0 = _mm256_loadu_ps(src), r1 = _mm256_loadu_ps(src + ss);
+    const __m256 r2 = _mm256_loadu_ps(src + 2 * ss), r3 = _mm256_loadu_ps(src + 3 * ss);
+    const __m256 r4 = _mm256_loadu_ps(src + 4 * ss), r5 = _mm256_loadu_ps(src + 5 * ss);
+    const __m256 r6 = _mm256_loadu_ps(src + 6 * ss), r7 = _mm256_loadu_ps(src + 7 * ss);
+    const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+    const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+    const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+    const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xee);
+    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xee);
+    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xee);
+    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xee);
+    _mm256_storeu_ps(dst, _mm256_permute2f128_ps(u0, u4, 0x20));
+    _mm256_storeu_ps(dst + ds, _mm256_permute2f128_ps(u1, u5, 0x20));
+    _mm256_storeu_ps(dst + 2 * ds, _mm256_permute2f128_ps(u2, u6, 0x20));
+    _mm256_storeu_ps(dst + 3 * ds, _mm256_permute2f128_ps(u3, u7, 0x20));
+    _mm256_storeu_ps(dst + 4 * ds, _mm256_permute2f128_ps(u0, u4, 0x31));
+    _mm256_storeu_ps(dst + 5 * ds, _mm256_permute2f128_ps(u1, u5, 0x31));
+    _mm256_storeu_ps(dst + 6 * ds, _mm256_permute2f128_ps(u2, u6, 0x31));
+    _mm256_storeu_ps(dst + 7 * ds, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+FL_INLINE void fl_tile(const double *src, fl_idx ss, double *dst, fl_idx ds)
+{
+    const __m256d r0 = _mm256_loadu_pd(src), r1 = _mm256_loadu_pd(src + ss);
+    const __m256d r2 = _mm256_loadu_pd(src + 2 * ss), r3 = _mm256_loadu_pd(src + 3 * ss);
+    const __m256d t0 = _mm256_unpacklo_pd(r0, r1), t1 = _mm256_unpackhi_pd(r0, r1);
+    const __m256d t2 = _mm256_unpacklo_pd(r2, r3), t3 = _mm256_unpackhi_pd(r2, r3);
+    _mm256_storeu_pd(dst, _mm256_permute2f128_pd(t0, t2, 0x20));
+    _mm256_storeu_pd(dst + ds, _mm256_permute2f128_pd(t1, t3, 0x20));
+    _mm256_storeu_pd(dst + 2 * ds, _mm256_permute2f128_pd(t0, t2, 0x31));
+    _mm256_storeu_pd(dst + 3 * ds, _mm256_permute2f128_pd(t1, t3, 0x31));
+}
+template <typename T>
+static inline void fl_transpose(const T *src, fl_idx ss, fl_idx R, fl_idx K, T *dst,
+                                    fl_idx ds)
+{
+    const fl_idx W = fl_t<T>::tile;
+    fl_idx r0, k0, r, k;
+    if (R < W || K < W) {
+        for (r = 0; r < R; r++)
+            for (k = 0; k < K; k++) dst[k * ds + r] = src[r * ss + k];
+        return;
+    }
+    for (r0 = 0; r0 < R; r0 += W) {
+        if (r0 > R - W) r0 = R - W;    /* the last tile overlaps the previous one */
+        const T *s0 = src + r0 * ss;
+        T *d0 = dst + r0;
+        for (k0 = 0; k0 + W <= K; k0 += W) fl_tile(s0 + k0, ss, d0 + k0 * ds, ds);
+        if (k0 < K) fl_tile(s0 + K - W, ss, d0 + (K - W) * ds, ds);
+    }
+}
+#else
+template <typename T>
+static inline void fl_transpose(const T *src, fl_idx ss, fl_idx R, fl_idx K, T *dst,
+                                    fl_idx ds)
+{
+    for (fl_idx r = 0; r < R; r++)
+        for (fl_idx k = 0; k < K; k++) dst[k * ds + r] = src[r * ss + k];
+}
+#endif
+
+/* bytes of scratch fl_ce_cols_* and fl_norm_cols_* need for c classes of itemsize isz in blocks
+ * of sb rows */
+static inline size_t fl_cols_scratch(fl_idx c, fl_idx sb, size_t isz)
+{
+    /* c columns, 3 float64 row arrays and 12 T row arrays (fl_ce_cols; fl_norm_cols uses less) */
+    size_t b = ((size_t)c + 12) * (size_t)sb * isz + 3 * (size_t)sb * sizeof(double);
+    return (b + 63) / 64 * 64;
+}
+
+/* Cross-entropy of a block of nr <= SB rows with few classes, in column layout.
+ *
+ * Why: with C ~ 10 classes the per-row loops of fl_max / fl_sumexp are 10 iterations long:
+ * they never fill a vector and their select-max and add chains are latency bound, so per-row
+ * overhead dominates (the row kernel runs ~5x slower at C = 10).  Here the block is first laid
+ * out by columns, X[j*xs + r] (for each class j, the nr rows of the block consecutively), and
+ * every step is a loop over the rows r of one column -- contiguous, independent lanes,
+ * vectorized -- while j only picks the column:
+ *   m_r = max_j x_rj (NaN skipped, as fl_max),  sh_r = m_r if finite else 0,
+ *   lin_r = sum_j w_j (x_rj - sh_r) (label smoothing only, float64; a term with
+ *           x_rj - sh_r == 0 is 0, even for w_j = inf: SEMANTICS K2),
+ *   e_rj = exp(x_rj - sh_r) (fl_expn),  s_r = sum_j e_rj,  L_r = log s_r,  lse_r = sh_r + L_r,
+ *   loss_r = (1-eps) w_t (L_r - (x_rt - sh_r)) + eps/C (wsum L_r - lin_r) + z lse_r^2,
+ *   g_rj = e_rj gs_r a_r / s_r - gs_r eps/C w_j,  g_rt -= gs_r (1-eps) w_t,
+ *   a_r = (1-eps) w_t + eps/C wsum + 2 z lse_r  (eps/C wsum left out when eps == 0: K1),
+ * the formulas of the row kernel (_ce_row in _kernels_cy.pyx): -log p_t is formed as
+ * L - (x_t - sh), exact for huge logits.  The target's logit, weight and gradient column are
+ * picked by per-column selects (no gathers).  Rows that need care are patched by a scalar
+ * pass at the end: ignored rows (loss 0, gradient exactly 0 even with inf/NaN logits), rows
+ * whose target is outside [0, C) (NaN, for a direct caller that skipped validation), and rows
+ * whose max is not finite or that hold a NaN: their gradient is recomputed from the original
+ * logits as exp(x - lse) gs a, what the reference's p = exp(x - sh) / s gives there.
+ *
+ * Layout: x[r*xrs + j*xcs].  When the rows are adjacent in memory (xrs == 1: Fortran order,
+ * e.g. the transpose of a C-contiguous (C, N) array) the columns are read in place; otherwise
+ * they are transposed into the scratch (fl_transpose).  The gradient is built in the scratch
+ * and written to g[r*grs + j*gcs] at the end: g may be x (in place), as every read of the
+ * block's logits -- the patch pass included -- happens before the first write.
+ * gsa == NULL: no gradient (g unused).  loss[r*ls]: the float64 row losses.
+ * scratch: fl_cols_scratch(c, SB, sizeof(T)) bytes, 64-byte aligned; SB a multiple of 8. */
+template <typename T>
+static inline void fl_ce_cols(fl_idx nr, fl_idx c, const T *x, fl_idx xrs, fl_idx xcs,
+                                  const int64_t *tg, fl_idx ts, const T *w, double wsum,
+                                  int64_t ign, double eps, double z, double *loss, fl_idx ls,
+                                  const double *gsa, fl_idx gss, T *g, fl_idx grs, fl_idx gcs,
+                                  fl_idx SB, void *scratch)
+{
+    /* Vector loops run over n8 >= nr rows, a multiple of 8: with aligned row arrays they need
+     * no peeling or remainder code (a block's loops are short).  Padding rows hold zeros and
+     * count as ignored; nothing of them is written out. */
+    const fl_idx n8 = (nr + 7) & ~(fl_idx)7;
+    T *E = (T *)FL_ALIGNED(scratch);   /* c columns of SB: x (copied), then exp, then grad */
+    double *s = (double *)FL_ALIGNED(E + c * SB); /* row sums of exp (FL_CB_SUMC < C) */
+    double *lin = (double *)FL_ALIGNED(s + SB); /* sum_j w_j (x_j - sh), then the row loss */
+    double *gsd = (double *)FL_ALIGNED(lin + SB); /* gradient scale */
+    T *m = (T *)FL_ALIGNED(gsd + SB);  /* row max, then the shift */
+    T *st = (T *)FL_ALIGNED(m + SB);   /* sum of exp */
+    T *Lt = (T *)FL_ALIGNED(st + SB);  /* log s */
+    T *nl = (T *)FL_ALIGNED(Lt + SB);  /* -log p_t */
+    T *xt = (T *)FL_ALIGNED(nl + SB);  /* target logit */
+    T *wt = (T *)FL_ALIGNED(xt + SB);  /* target weight */
+    T *tj = (T *)FL_ALIGNED(wt + SB);  /* target class as T (-1: none) */
+    T *kind = (T *)FL_ALIGNED(tj + SB); /* 0 normal, 1 ignored (or padding), 2 bad target */
+    T *sp = (T *)FL_ALIGNED(kind + SB); /* partial sums of exp; then 1 for rows to patch */
+    T *cg = (T *)FL_ALIGNED(sp + SB);  /* gs a / s */
+    T *bb = (T *)FL_ALIGNED(cg + SB);  /* gs eps / C */
+    T *gt = (T *)FL_ALIGNED(bb + SB);  /* gs (1-eps) w_t */
+    const T *X = E;
+    fl_idx xs = SB;
+    const int grad = gsa != NULL;
+    const double ec = eps / (double)c;
+    T lo = fl_t<T>::expn_lo;
+    fl_idx r, j;
+
+    FL_OPAQUE(lo);
+    if (xrs == 1 && nr == n8) {        /* columns already contiguous: read in place */
+        X = x;
+        xs = xcs;
+    } else if (xrs == 1) {             /* the same, last block: copied (padding) */
+        for (j = 0; j < c; j++)
+            for (r = 0; r < nr; r++) E[j * SB + r] = x[j * xcs + r];
+    } else if (xcs == 1) {             /* C order: transpose */
+        fl_transpose<T>(x, xrs, nr, c, E, SB);
+    } else {
+        for (r = 0; r < nr; r++)
+            for (j = 0; j < c; j++) E[j * SB + r] = x[r * xrs + j * xcs];
+    }
+    if (nr < n8)
+        for (j = 0; j < c; j++)
+            for (r = nr; r < n8; r++) E[j * SB + r] = 0;
+    FL_SIMD
+    for (r = 0; r < nr; r++) {
+        const int64_t t = tg[r * ts];
+        const int ok = t >= 0 && t < c;
+        tj[r] = ok ? (T)(int32_t)t : (T)-1;
+        kind[r] = t == ign ? (T)1 : (ok ? (T)0 : (T)2);
+    }
+    if (grad) {
+        FL_SIMD
+        for (r = 0; r < nr; r++) gsd[r] = gsa[r * gss];
+    }
+    for (r = nr; r < n8; r++) {
+        tj[r] = -1;
+        kind[r] = 1;
+        gsd[r] = 0.0;
+    }
+    /* The max, and the target's logit picked by a select per column (no gathers): columns
+     * four at a time, the row arrays are loaded and stored once per four columns.  Every read
+     * of X happens before the exponentials overwrite it (it may be the scratch). */
+    FL_SIMD
+    for (r = 0; r < n8; r++) {
+        m[r] = -fl_t<T>::inf;
+        xt[r] = 0;
+        wt[r] = 1;
+    }
+    for (j = 0; j + 4 <= c; j += 4) {
+        const T *X0 = X + j * xs, *X1 = X0 + xs, *X2 = X1 + xs, *X3 = X2 + xs;
+        const T j0 = (T)j, j1 = (T)(j + 1), j2 = (T)(j + 2), j3 = (T)(j + 3);
+        FL_SIMD
+        for (r = 0; r < n8; r++) {
+            const T v0 = X0[r], v1 = X1[r], v2 = X2[r], v3 = X3[r], tr = tj[r];
+            T mm = m[r], tt = xt[r];
+            mm = v0 > mm ? v0 : mm;
+            mm = v1 > mm ? v1 : mm;
+            mm = v2 > mm ? v2 : mm;
+            mm = v3 > mm ? v3 : mm;
+            tt = tr == j0 ? v0 : tt;
+            tt = tr == j1 ? v1 : tt;
+            tt = tr == j2 ? v2 : tt;
+            tt = tr == j3 ? v3 : tt;
+            m[r] = mm;
+            xt[r] = tt;
+        }
+    }
+    for (; j < c; j++) {
+        const T *Xj = X + j * xs;
+        const T jf = (T)j;
+        FL_SIMD
+        for (r = 0; r < n8; r++) {
+            const T v = Xj[r];
+            m[r] = v > m[r] ? v : m[r];
+            xt[r] = tj[r] == jf ? v : xt[r];
+        }
+    }
+    if (w)
+        for (j = 0; j < c; j++) {
+            const T wj = w[j], jf = (T)j;
+            FL_SIMD
+            for (r = 0; r < n8; r++) wt[r] = tj[r] == jf ? wj : wt[r];
+        }
+    FL_SIMD /* the shift: the max if finite, else 0 (+inf, or only -inf / NaN) */
+    for (r = 0; r < n8; r++) m[r] = m[r] > -fl_t<T>::inf && m[r] < fl_t<T>::inf ? m[r] : (T)0;
+    if (eps != 0.0) {
+        FL_SIMD
+        for (r = 0; r < n8; r++) lin[r] = 0.0;
+        for (j = 0; j < c; j++) {
+            const T *Xj = X + j * xs;
+            const double wj = w ? (double)w[j] : 1.0;
+            FL_SIMD
+            for (r = 0; r < n8; r++) {
+                const T d = Xj[r] - m[r];  /* w_j d taken as 0 where d == 0 (K2) */
+                lin[r] += d == (T)0 ? 0.0 : wj * (double)d;
+            }
+        }
+    }
+    /* s = sum exp(x - sh): T lanes over at most FL_CB_SUMC columns (a float32 sum of <= 32
+     * terms in [0, 1], as the row kernel sums up to FL_BLOCK in float32 lanes); more columns
+     * add such partial sums in float64 */
+    {
+        T *acc = c <= FL_CB_SUMC ? st : sp;
+        if (acc == sp) {
+            FL_SIMD
+            for (r = 0; r < n8; r++) s[r] = 0.0;
+        }
+        for (fl_idx j0 = 0; j0 < c; j0 += FL_CB_SUMC) {
+            const fl_idx j1 = j0 + FL_CB_SUMC < c ? j0 + FL_CB_SUMC : c;
+            FL_SIMD
+            for (r = 0; r < n8; r++) acc[r] = 0;
+            j = j0;
+            if (grad)                  /* two columns at a time (register pressure of EXPN) */
+                for (; j + 2 <= j1; j += 2) {
+                    const T *Xa = X + j * xs, *Xb = Xa + xs;
+                    T *Ea = E + j * SB, *Eb = Ea + SB; /* may be Xa, Xb: read before written */
+                    FL_SIMD
+                    for (r = 0; r < n8; r++) {
+                        const T mr = m[r], ea = fl_t<T>::expn(Xa[r] - mr, lo), eb = fl_t<T>::expn(Xb[r] - mr, lo);
+                        Ea[r] = ea;
+                        Eb[r] = eb;
+                        acc[r] = (acc[r] + ea) + eb;
+                    }
+                }
+            for (; j < j1; j++) {
+                const T *Xj = X + j * xs;
+                T *Ej = E + j * SB;
+                if (grad) {
+                    FL_SIMD
+                    for (r = 0; r < n8; r++) {
+                        const T e = fl_t<T>::expn(Xj[r] - m[r], lo);
+                        Ej[r] = e;
+                        acc[r] += e;
+                    }
+                } else {
+                    FL_SIMD
+                    for (r = 0; r < n8; r++) acc[r] += fl_t<T>::expn(Xj[r] - m[r], lo);
+                }
+            }
+            if (acc == sp) {
+                FL_SIMD
+                for (r = 0; r < n8; r++) s[r] += (double)sp[r];
+            }
+        }
+        if (acc == sp) {
+            FL_SIMD
+            for (r = 0; r < n8; r++) st[r] = (T)s[r];
+        }
+    }
+    /* Row terms in T lanes (float32: 8 per vector): L = log s and -log p_t = L - (x_t - sh),
+     * each within an ulp or two -- far inside the 2e-6 of the loss.  (x_t - sh is rounded to T
+     * as in the reference.)  The label smoothing and z-loss terms are added in float64. */
+    FL_SIMD
+    for (r = 0; r < n8; r++) {
+        const T L = fl_t<T>::log(st[r]);
+        Lt[r] = L;
+        nl[r] = L - (xt[r] - m[r]);
+    }
+    {
+        /* eps == 0: the smoothing terms are not evaluated at all (K1: a NaN/inf weight of a
+         * class no target uses must not leak into a through 0 * wsum) */
+        const double a0 = 1.0 - eps, a1 = eps != 0.0 ? ec * wsum : 0.0, zz = 2.0 * z;
+        const int plain = eps == 0.0 && z == 0.0;
+        double *row = lin;             /* lin is read before row[r] is written */
+        T nsp = 0;
+        if (plain) {
+            FL_SIMD
+            for (r = 0; r < n8; r++) {
+                const double v = (double)(wt[r] * nl[r]);
+                row[r] = kind[r] == 0 ? v : (kind[r] == 1 ? 0.0 : (double)NAN);
+            }
+        } else {
+            FL_SIMD
+            for (r = 0; r < n8; r++) {
+                const double L = (double)Lt[r], l = L + (double)m[r];
+                double v = a0 * (double)wt[r] * (double)nl[r];
+                v = eps != 0.0 ? v + ec * (wsum * L - lin[r]) : v;
+                v = z != 0.0 ? v + z * l * l : v;
+                row[r] = kind[r] == 0 ? v : (kind[r] == 1 ? 0.0 : (double)NAN);
+            }
+        }
+        if (ls == 1) {
+            FL_SIMD
+            for (r = 0; r < nr; r++) loss[r] = row[r];
+        } else {
+            for (r = 0; r < nr; r++) loss[r * ls] = row[r];
+        }
+        if (!grad) return;
+        /* Gradient coefficients.  s lies in [1, C] exactly when the row max is finite and the
+         * row holds no NaN (the max contributes exp(0) = 1, every other term is <= 1): other
+         * rows, and ignored / bad / padding rows, are flagged (sp = 1) for the patch pass. */
+        if (plain) {                   /* a = gs w_t */
+            FL_SIMD_SUM(nsp)
+            for (r = 0; r < n8; r++) {
+                const T a = (T)gsd[r] * wt[r];
+                const int bad = kind[r] != 0 || !(st[r] >= (T)1 && st[r] <= (T)c);
+                cg[r] = a / st[r];
+                gt[r] = a;
+                sp[r] = bad ? (T)1 : (T)0;
+                nsp += sp[r];
+            }
+        } else {
+            FL_SIMD_SUM(nsp)
+            for (r = 0; r < n8; r++) {
+                const double gs = gsd[r], l = (double)Lt[r] + (double)m[r];
+                const double a = gs * (a0 * (double)wt[r] + a1 + zz * l);
+                const int bad = kind[r] != 0 || !(st[r] >= (T)1 && st[r] <= (T)c);
+                cg[r] = (T)a / st[r];
+                bb[r] = (T)(gs * ec);
+                gt[r] = (T)(gs * a0 * (double)wt[r]);
+                sp[r] = bad ? (T)1 : (T)0;
+                nsp += sp[r];
+            }
+        }
+        /* g = e gs a / s - gs eps/C w_j, minus gs (1-eps) w_t in the target's column */
+        if (eps == 0.0) {              /* four columns at a time */
+            for (j = 0; j + 4 <= c; j += 4) {
+                T *E0 = E + j * SB, *E1 = E0 + SB, *E2 = E1 + SB, *E3 = E2 + SB;
+                const T j0 = (T)j, j1 = (T)(j + 1), j2 = (T)(j + 2), j3 = (T)(j + 3);
+                FL_SIMD
+                for (r = 0; r < n8; r++) {
+                    const T cr = cg[r], gr = gt[r], tr = tj[r];
+                    E0[r] = E0[r] * cr - (tr == j0 ? gr : (T)0);
+                    E1[r] = E1[r] * cr - (tr == j1 ? gr : (T)0);
+                    E2[r] = E2[r] * cr - (tr == j2 ? gr : (T)0);
+                    E3[r] = E3[r] * cr - (tr == j3 ? gr : (T)0);
+                }
+            }
+            for (; j < c; j++) {
+                T *Ej = E + j * SB;
+                const T jf = (T)j;
+                FL_SIMD
+                for (r = 0; r < n8; r++) Ej[r] = Ej[r] * cg[r] - (tj[r] == jf ? gt[r] : (T)0);
+            }
+        } else {
+            for (j = 0; j < c; j++) {
+                T *Ej = E + j * SB;
+                const T wj = w ? w[j] : (T)1, jf = (T)j;
+                FL_SIMD
+                for (r = 0; r < n8; r++)
+                    Ej[r] = Ej[r] * cg[r] - bb[r] * wj - (tj[r] == jf ? gt[r] : (T)0);
+            }
+        }
+        if (nsp != 0)
+            for (r = 0; r < nr; r++) {
+                if (sp[r] == 0) continue;
+                if (kind[r] == 0) {    /* the reference's p = exp(x - lse), from the logits */
+                    const double gs = gsd[r], lse = (double)Lt[r] + (double)m[r];
+                    /* a as the row kernel forms it (2 z lse is NaN for z = 0, lse = +-inf) */
+                    const T a = (T)(gs * (a0 * (double)wt[r] + a1 + zz * lse)), l = (T)lse;
+                    const T b = (T)(gs * ec);
+                    for (j = 0; j < c; j++) {
+                        const T wj = (eps != 0.0 && w) ? w[j] : (T)1;
+                        E[j * SB + r] = fl_t<T>::exp(x[r * xrs + j * xcs] - l) * a - b * wj;
+                    }
+                    E[(fl_idx)tj[r] * SB + r] -= gt[r];
+                } else {               /* ignored: exact zeros; bad target: NaN */
+                    const T v = kind[r] == 1 ? (T)0 : (T)NAN;
+                    for (j = 0; j < c; j++) E[j * SB + r] = v;
+                }
+            }
+    }
+    if (grs == 1) {                    /* Fortran order: column copies */
+        for (j = 0; j < c; j++) {
+            T *gj = g + j * gcs;
+            const T *Ej = E + j * SB;
+            FL_SIMD
+            for (r = 0; r < nr; r++) gj[r] = Ej[r];
+        }
+    } else if (gcs == 1) {             /* C order: transpose back */
+        fl_transpose<T>(E, SB, c, nr, g, grs);
+    } else {
+        for (r = 0; r < nr; r++)
+            for (j = 0; j < c; j++) g[r * grs + j * gcs] = E[j * SB + r];
+    }
+}
+
+
+/* Log-sum-exp, softmax or log-softmax (mode FL_NORM_*) of a block of nr <= SB rows in column
+ * layout, for the same reason and with the same layout handling as fl_ce_cols: m = max (NaN
+ * skipped), sh = m if finite else 0, s = sum exp(x - sh) (fl_expn, T lanes over FL_CB_SUMC
+ * columns, then float64), L = log s in float64, and
+ *   logsumexp: out[r*ors] = L + sh;  softmax: exp(x - sh) * (1/s);  log-softmax: (x - sh) - L
+ * (never x - lse: with large logits lse rounds to sh and the O(1) part would be lost).  Rows
+ * whose max is not finite or that hold a NaN (s outside [1, C]) are summed again with fl_exp
+ * from the original logits, as the row kernels do; the softmax and log-softmax of a row
+ * holding +inf are NaN throughout (SEMANTICS K4, as PyTorch).  out may be x (in place): the output is
+ * written at the end.  scratch: fl_cols_scratch(c, SB, sizeof(T)) bytes, 64-byte aligned. */
+#define FL_NORM_LSE 0
+#define FL_NORM_SOFTMAX 1
+#define FL_NORM_LOGSOFTMAX 2
+template <typename T>
+static inline void fl_norm_cols(fl_idx nr, fl_idx c, const T *x, fl_idx xrs, fl_idx xcs,
+                                    int mode, T *out, fl_idx ors, fl_idx ocs, fl_idx SB,
+                                    void *scratch)
+{
+    const fl_idx n8 = (nr + 7) & ~(fl_idx)7;
+    T *E = (T *)FL_ALIGNED(scratch);   /* c columns of SB: x (copied), exp, then the output */
+    double *s = (double *)FL_ALIGNED(E + c * SB); /* row sums of exp */
+    double *L = (double *)FL_ALIGNED(s + SB); /* log s */
+    T *m = (T *)FL_ALIGNED(L + SB);    /* row max, then the shift */
+    T *sp = (T *)FL_ALIGNED(m + SB);   /* partial sums of exp, then 1 for rows to patch */
+    T *f = (T *)FL_ALIGNED(sp + SB);   /* 1/s (softmax) or log s (log-softmax), in T */
+    const T *X = E;
+    fl_idx xs = SB;
+    const int store = mode == FL_NORM_SOFTMAX; /* exp(x - sh) kept for the output */
+    T lo = fl_t<T>::expn_lo;
+    T nbad = 0;
+    fl_idx r, j;
+
+    FL_OPAQUE(lo);
+    if (xrs == 1 && nr == n8) {        /* columns already contiguous: read in place */
+        X = x;
+        xs = xcs;
+    } else if (xrs == 1) {
+        for (j = 0; j < c; j++)
+            for (r = 0; r < nr; r++) E[j * SB + r] = x[j * xcs + r];
+    } else if (xcs == 1) {
+        fl_transpose<T>(x, xrs, nr, c, E, SB);
+    } else {
+        for (r = 0; r < nr; r++)
+            for (j = 0; j < c; j++) E[j * SB + r] = x[r * xrs + j * xcs];
+    }
+    if (nr < n8)
+        for (j = 0; j < c; j++)
+            for (r = nr; r < n8; r++) E[j * SB + r] = 0;
+    FL_SIMD
+    for (r = 0; r < n8; r++) m[r] = -fl_t<T>::inf;
+    for (j = 0; j + 4 <= c; j += 4) {
+        const T *X0 = X + j * xs, *X1 = X0 + xs, *X2 = X1 + xs, *X3 = X2 + xs;
+        FL_SIMD
+        for (r = 0; r < n8; r++) {
+            T mm = m[r];
+            mm = X0[r] > mm ? X0[r] : mm;
+            mm = X1[r] > mm ? X1[r] : mm;
+            mm = X2[r] > mm ? X2[r] : mm;
+            mm = X3[r] > mm ? X3[r] : mm;
+            m[r] = mm;
+        }
+    }
+    for (; j < c; j++) {
+        const T *Xj = X + j * xs;
+        FL_SIMD
+        for (r = 0; r < n8; r++) m[r] = Xj[r] > m[r] ? Xj[r] : m[r];
+    }
+    FL_SIMD
+    for (r = 0; r < n8; r++) m[r] = m[r] > -fl_t<T>::inf && m[r] < fl_t<T>::inf ? m[r] : (T)0;
+    FL_SIMD
+    for (r = 0; r < n8; r++) s[r] = 0.0;
+    for (fl_idx j0 = 0; j0 < c; j0 += FL_CB_SUMC) {
+        const fl_idx j1 = j0 + FL_CB_SUMC < c ? j0 + FL_CB_SUMC : c;
+        FL_SIMD
+        for (r = 0; r < n8; r++) sp[r] = 0;
+        for (j = j0; j < j1; j++) {
+            const T *Xj = X + j * xs;
+            T *Ej = E + j * SB;        /* may be Xj: element r is read before it is written */
+            if (store) {
+                FL_SIMD
+                for (r = 0; r < n8; r++) {
+                    const T e = fl_t<T>::expn(Xj[r] - m[r], lo);
+                    Ej[r] = e;
+                    sp[r] += e;
+                }
+            } else {
+                FL_SIMD
+                for (r = 0; r < n8; r++) sp[r] += fl_t<T>::expn(Xj[r] - m[r], lo);
+            }
+        }
+        FL_SIMD
+        for (r = 0; r < n8; r++) s[r] += (double)sp[r];
+    }
+    /* rows whose max is not finite or that hold a NaN (s outside [1, C], see fl_ce_cols): the
+     * sum again with fl_exp, from the original logits (x - 0 may be positive there) */
+    FL_SIMD_SUM(nbad)
+    for (r = 0; r < n8; r++) {
+        sp[r] = s[r] >= 1.0 && s[r] <= (double)c ? (T)0 : (T)1;
+        nbad += sp[r];
+    }
+    if (nbad != 0)
+        for (r = 0; r < nr; r++) {
+            if (sp[r] == 0) continue;
+            T acc = 0;
+            for (j = 0; j < c; j++) acc += fl_t<T>::exp(x[r * xrs + j * xcs] - m[r]);
+            s[r] = (double)acc;
+        }
+    FL_SIMD
+    for (r = 0; r < n8; r++) L[r] = fl_log_d(s[r]);
+    if (mode == FL_NORM_LSE) {         /* out[r] = log s + sh */
+        for (r = 0; r < nr; r++) out[r * ors] = (T)(L[r] + (double)m[r]);
+        return;
+    }
+    if (store) {                       /* softmax: e / s */
+        FL_SIMD
+        for (r = 0; r < n8; r++) f[r] = (T)(1.0 / s[r]);
+        for (j = 0; j < c; j++) {
+            T *Ej = E + j * SB;
+            FL_SIMD
+            for (r = 0; r < n8; r++) Ej[r] = Ej[r] * f[r];
+        }
+    } else {                           /* log-softmax: (x - sh) - log s, never x - lse */
+        FL_SIMD
+        for (r = 0; r < n8; r++) f[r] = (T)L[r];
+        for (j = 0; j < c; j++) {
+            const T *Xj = X + j * xs;
+            T *Ej = E + j * SB;
+            FL_SIMD
+            for (r = 0; r < n8; r++) Ej[r] = (Xj[r] - m[r]) - f[r];
+        }
+    }
+    if (nbad != 0)                     /* the patched rows */
+        for (r = 0; r < nr; r++) {
+            if (sp[r] == 0) continue;
+            if (!(s[r] < (double)fl_t<T>::inf)) { /* +inf in the row (s = inf), or a NaN: no softmax /
+                                          * log-softmax, NaN throughout (SEMANTICS K4) */
+                for (j = 0; j < c; j++) E[j * SB + r] = (T)NAN;
+                continue;
+            }
+            if (store)                 /* softmax: fl_exp, as summed */
+                for (j = 0; j < c; j++) E[j * SB + r] = fl_t<T>::exp(x[r * xrs + j * xcs] - m[r]) * f[r];
+        }
+    if (ors == 1) {
+        for (j = 0; j < c; j++) {
+            T *oj = out + j * ocs;
+            const T *Ej = E + j * SB;
+            FL_SIMD
+            for (r = 0; r < nr; r++) oj[r] = Ej[r];
+        }
+    } else if (ocs == 1) {
+        fl_transpose<T>(E, SB, c, nr, out, ors);
+    } else {
+        for (r = 0; r < nr; r++)
+            for (j = 0; j < c; j++) out[r * ors + j * ocs] = E[j * SB + r];
+    }
+}
+
+
+/* ------------------------------------------------------------------------------ OpenMP */
+#ifdef _OPENMP
+#include <omp.h>
+static inline int fl_openmp_enabled(void) { return 1; }
+static inline int fl_max_threads(void) { return omp_get_max_threads(); }
+#else
+static inline int fl_openmp_enabled(void) { return 0; }
+static inline int fl_max_threads(void) { return 1; }
+#endif
+
+/* how the extension was compiled (setup.py defines it), for `fastloss info` */
+#ifndef FL_BUILD_INFO
+#define FL_BUILD_INFO "unknown"
+#endif
+static inline const char *fl_build_info(void) { return FL_BUILD_INFO; }
+
+#endif /* FL_MATH_HPP */
