@@ -60,6 +60,7 @@ goals not met do not change it (they depend on the machine and its load).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -74,8 +75,10 @@ import numpy as np
 
 import fastloss as fl
 from fastloss import _bench
+from fastloss._bench import timing as _timing
 from fastloss._bench.peers import Unavailable
 from fastloss._bench.peers import jax_callable as jax_peer
+from fastloss._bench.timing import Timing
 
 SCHEMA = "fastloss-goals/1"
 
@@ -243,21 +246,9 @@ def _usable_cores() -> int:
 
 
 # ============================================================================ timing
-@dataclass
-class Timing:
-    best: float  # seconds, the fastest timed call
-    median: float
-    cpu_per_wall: float  # process CPU time / wall time over the timed calls: cores kept busy
-    reps: int
-    first: float  # the warm-up call (compilation, cache load, page faults)
-
-    def as_dict(self) -> dict:
-        return {"best": self.best, "median": self.median, "cpu_per_wall": self.cpu_per_wall,
-                "reps": self.reps, "first": self.first}
-
-
 def time_calls(fn: Callable[[], Any], reps: int, keep: bool = True) -> tuple[Timing, list | None]:
-    """One warm-up call, then ``reps`` timed calls with the garbage collector off.
+    """One warm-up call, then ``reps`` single timed calls (:func:`fastloss._bench.time_calls`,
+    the timer of every benchmark here).
 
     Returns the timing and (with ``keep``) the warm-up call's result as a list of array
     copies, taken before the next call overwrites a reused ``grad_out``.
@@ -268,20 +259,7 @@ def time_calls(fn: Callable[[], Any], reps: int, keep: bool = True) -> tuple[Tim
     first = time.perf_counter() - t0
     got = _bench.outputs(r) if keep else None
     del r
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        ts = []
-        c0 = time.process_time()
-        for _ in range(max(1, reps)):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        cpu = time.process_time() - c0
-    finally:
-        if was:
-            gc.enable()
-    return Timing(min(ts), statistics.median(ts), cpu / max(sum(ts), 1e-12), len(ts), first), got
+    return dataclasses.replace(_timing.time_calls(fn, reps, warmup=False), first=first), got
 
 
 # ============================================================================ measuring

@@ -35,6 +35,7 @@ from fastloss import _validate  # noqa: E402
 from fastloss._backends import _cuda_arrays as D  # noqa: E402
 from fastloss._backends import cuda_backend as C  # noqa: E402
 from fastloss._backends import numpy_backend as R  # noqa: E402
+from fastloss._bench.timing import time_calls  # noqa: E402
 
 BF16 = _validate._BF16  # ml_dtypes.bfloat16 (None without ml_dtypes)
 # bfloat16 results: both paths compute in float32 and round once, so one bfloat16 ulp
@@ -163,30 +164,26 @@ def verify(shapes=((64, 1000), (8, 262_144)), ew=(256, 1000), dc=(50, 40)) -> li
 
 
 # ----------------------------------------------------------------------------- timing
-def _time(fn, reps=5):
-    """Median milliseconds of ``fn`` (which launches on the default stream), CUDA events.
-
-    Under the simulator (events record no time) the wall clock of the simulation instead.
-    """
-    fn()
-    cuda.synchronize()
-    if D._simulated():
-        reps = 1  # the simulator is slow and its times mean nothing
-        ts = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t) * 1e3)
-        return float(np.median(ts))
-    ts = []
-    for _ in range(reps):
-        e0, e1 = cuda.event(), cuda.event()
-        e0.record()
+def _event_batch(fn, number):
+    """Seconds of ``number`` calls of ``fn`` on the default stream, between two CUDA events."""
+    e0, e1 = cuda.event(), cuda.event()
+    e0.record()
+    for _ in range(number):
         fn()
-        e1.record()
-        e1.synchronize()
-        ts.append(e0.elapsed_time(e1))
-    return float(np.median(ts))
+    e1.record()
+    e1.synchronize()
+    return e0.elapsed_time(e1) / 1e3
+
+
+def _time(fn, reps=5):
+    """Median milliseconds of ``fn`` (which launches on the default stream): the benchmarks'
+    one timer (:func:`fastloss._bench.time_calls`) reading CUDA events.
+
+    Under the simulator (events record no time) the wall clock of one simulated call instead.
+    """
+    if D._simulated():  # the simulator is slow, synchronous, and its times mean nothing
+        return time_calls(fn, 1).median * 1e3
+    return time_calls(fn, reps, batch=_event_batch).median * 1e3
 
 
 def _copy_ms(nbytes):

@@ -309,3 +309,29 @@ def test_pytest_benchmark_suite_runs_as_tests():
     tail = (proc.stdout + proc.stderr)[-4000:]
     assert proc.returncode == 0, tail
     assert " passed" in proc.stdout and "failed" not in proc.stdout and "error" not in proc.stdout.lower(), tail
+
+
+def test_the_one_timer_batches_short_calls_and_stops_on_its_budget():
+    """fastloss bench, bench/goals.py and bench/gpu_check.py time through _bench.time_calls."""
+    calls = []
+    t = _bench.time_calls(lambda: calls.append(1), 3, min_batch=0.002)
+    assert t.number > 1 and t.reps == 3 and 0 < t.best <= t.median
+    assert len(calls) == 1 + 1 + 3 * t.number  # warm-up, calibration, the batches
+    # the budget ends timing after min_reps batches
+    slow = _bench.time_calls(lambda: sum(range(20000)), 1000, min_reps=2, budget=0.0, warmup=False)
+    assert slow.reps == 2 and slow.first == 0.0
+
+
+def test_the_one_timer_takes_a_device_clock():
+    """A GPU benchmark passes ``batch``: its seconds are what is reported, per call."""
+    seen = []
+
+    def batch(fn, number):
+        for _ in range(number):
+            fn()
+        seen.append(number)
+        return 0.25 * number + (0.5 if len(seen) == 3 else 0.0)  # one slow batch
+
+    t = _bench.time_calls(lambda: None, 4, batch=batch)
+    assert seen == [1] * 5  # the warm-up, then 4 single-call batches
+    assert t.first == 0.25 and t.best == 0.25 and t.median == 0.25 and t.number == 1

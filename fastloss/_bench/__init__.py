@@ -53,10 +53,10 @@ import numpy as np
 from .cases import _FULL, _QUICK, _TINY, KERNELS, Case, Kernel, _fl, compare, make_case, outputs
 from .machine import _threads_info, machine_info
 from .plot import plot
-from .timing import _TIMINGS, _Timing, alloc_peak, measure, memcpy_time
+from .timing import _TIMINGS, Timing, _Timing, alloc_peak, measure, memcpy_time, time_calls
 
 __all__ = ["add_arguments", "run", "KERNELS", "Kernel", "make_case", "Case", "outputs", "compare", "SCHEMA",
-           "machine_info", "Progress"]
+           "machine_info", "Progress", "time_calls", "Timing"]
 
 SCHEMA = "fastloss-bench/1"
 

@@ -1,8 +1,9 @@
-"""How ``fastloss bench`` times a call: best of batches, tracemalloc peaks, the memcpy baseline."""
+"""How every benchmark of fastloss times a call (:func:`time_calls`), tracemalloc peaks, the memcpy baseline."""
 from __future__ import annotations
 
 import gc
 import math
+import statistics
 import time
 import tracemalloc
 from dataclasses import dataclass
@@ -27,36 +28,79 @@ _TIMINGS = {
 
 
 # ============================================================================ timing
-def _timed(fn, number):
+# The one timer of every benchmark here: ``fastloss bench`` (best of batches), bench/goals.py
+# (single calls, best and median) and bench/gpu_check.py (CUDA events, through ``clock``).
+# pytest-benchmark suites time with pytest-benchmark itself, on the same cases.
+@dataclass(frozen=True)
+class Timing:
+    """What :func:`time_calls` measured; times in seconds per call."""
+
+    best: float  # the fastest batch, per call
+    median: float  # the median batch, per call
+    cpu_per_wall: float  # process CPU time / wall time over the timed batches: cores kept busy
+    reps: int  # batches timed
+    number: int  # calls per batch
+    first: float  # the warm-up call (compilation, cache load, page faults); 0 when none was made
+
+    def as_dict(self) -> dict:
+        return {"best": self.best, "median": self.median, "cpu_per_wall": self.cpu_per_wall,
+                "reps": self.reps, "number": self.number, "first": self.first}
+
+
+def _host_batch(fn, number):
     t0 = time.perf_counter()
     for _ in range(number):
         fn()
-    return (time.perf_counter() - t0) / number
+    return time.perf_counter() - t0
 
 
-def measure(fn, timing: _Timing) -> tuple[float, int, int]:
-    """Best time per call of an already warmed-up ``fn``: ``(seconds, batches, calls per batch)``.
+def time_calls(fn, reps: int, *, min_reps: int | None = None, min_batch: float = 0.0,
+               budget: float = math.inf, warmup: bool = True, batch=None,
+               max_number: int = 100_000) -> Timing:
+    """Time ``fn()``: an optional warm-up call, then up to ``reps`` batches of ``number`` calls.
 
-    The garbage collector is off while timing (as in :mod:`timeit`): a collection triggered
-    by some other object's allocation is not the kernel's cost.
+    ``number`` is 1 unless one call is shorter than ``min_batch`` seconds (then enough calls
+    to last that long: a timer's resolution and the loop's overhead stay small beside the
+    batch).  After ``min_reps`` batches (default ``reps``) timing stops once ``budget`` seconds
+    have passed.  The garbage collector is off while timing (as in :mod:`timeit`): a collection
+    triggered by some other object's allocation is not the kernel's cost.
+
+    ``batch(fn, number) -> seconds`` times one batch: the host's wall clock by default; a GPU
+    benchmark passes one that records device events around the batch (the calls are
+    asynchronous, the host clock would time their launch).
     """
+    batch = _host_batch if batch is None else batch
+    first = 0.0
+    if warmup:
+        gc.collect()
+        first = batch(fn, 1)
     gc_on = gc.isenabled()
     gc.disable()
     try:
-        single = _timed(fn, 1)  # calibration; also a valid warm sample
-        number = 1 if single >= timing.min_batch else min(
-            timing.max_number, math.ceil(timing.min_batch / max(single, 1e-9)))
-        best = single if number == 1 else math.inf  # a 1-call batch is what we just timed
-        reps, start = 0, time.perf_counter()
-        while reps < timing.repeat:
-            best = min(best, _timed(fn, number))
-            reps += 1
-            if reps >= timing.min_repeat and time.perf_counter() - start > timing.budget:
+        number = 1
+        if min_batch > 0:
+            single = batch(fn, 1)
+            if single < min_batch:
+                number = min(max_number, math.ceil(min_batch / max(single, 1e-9)))
+        ts = []
+        c0, start = time.process_time(), time.perf_counter()
+        for _ in range(max(1, reps)):
+            ts.append(batch(fn, number) / number)
+            if len(ts) >= (reps if min_reps is None else min_reps) and time.perf_counter() - start > budget:
                 break
-        return best, reps, number
+        cpu, wall = time.process_time() - c0, time.perf_counter() - start
     finally:
         if gc_on:
             gc.enable()
+    return Timing(min(ts), statistics.median(ts), cpu / max(wall, 1e-12), len(ts), number, first)
+
+
+def measure(fn, timing: _Timing) -> tuple[float, int, int]:
+    """``fastloss bench``'s timing of an already warmed-up ``fn``: best of batches, as
+    ``(seconds per call, batches, calls per batch)``."""
+    t = time_calls(fn, timing.repeat, min_reps=timing.min_repeat, min_batch=timing.min_batch,
+                   budget=timing.budget, warmup=False, max_number=timing.max_number)
+    return t.best, t.reps, t.number
 
 
 def alloc_peak(fn) -> int:
