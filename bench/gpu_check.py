@@ -35,6 +35,7 @@ from fastloss import _validate  # noqa: E402
 from fastloss._backends import _cuda_arrays as D  # noqa: E402
 from fastloss._backends import cuda_backend as C  # noqa: E402
 from fastloss._backends import numpy_backend as R  # noqa: E402
+from fastloss import _bench  # noqa: E402
 from fastloss._bench.timing import time_calls  # noqa: E402
 
 BF16 = _validate._BF16  # ml_dtypes.bfloat16 (None without ml_dtypes)
@@ -189,9 +190,14 @@ def _time(fn, reps=5):
 def _copy_ms(nbytes):
     src = cuda.device_array(nbytes // 4, np.float32)
     dst = cuda.device_array(nbytes // 4, np.float32)
-    ms = _time(lambda: dst.copy_to_device(src))
-    del src, dst
-    return ms
+    return _time(lambda: dst.copy_to_device(src))  # both freed on return
+
+
+def _device_inputs(function, mode, shape, seed):
+    """The float32 inputs of ``fastloss bench``'s workload (:func:`fastloss._bench.make_case`:
+    one set of cases for every benchmark), copied to the device."""
+    case = _bench.make_case(function, mode, shape, np.float32, np.random.default_rng(seed), reuse=False)
+    return [cuda.to_device(a) for a in case.inputs.values()]
 
 
 def bench(quick: bool, sim: bool = False):
@@ -203,8 +209,7 @@ def bench(quick: bool, sim: bool = False):
     scale = 4 if quick else 1
     ce_shapes = ((4, 16), (2, 64)) if sim else ((16384 // scale, 32768), (4096 // scale, 131072))
     for n, c in ce_shapes:
-        x = cuda.to_device(np.random.default_rng(1).standard_normal((n, c), dtype=np.float32))
-        t = cuda.to_device(np.random.default_rng(2).integers(0, c, n))
+        x, t = _device_inputs("cross_entropy", "fwd+grad", (n, c), seed=1)
         loss = cuda.device_array(n, np.float64)
         grad = cuda.device_array((n, c), np.float32)
         gs = cuda.to_device(np.full(n, 1.0 / n))
@@ -235,11 +240,11 @@ def bench(quick: bool, sim: bool = False):
 
             rows.append((f"cross_entropy fwd+grad {n}x{c} bf16", ms, n * c * 4, _copy_ms(n * c * 2), _time(bstep)))
             del bx, gb
-        del x, grad
+        x = grad = None  # free this shape's device buffers before the next one's
     m = 256 if sim else (256 << 20) // scale
     c = 64 if sim else 32768
     n = m // c
-    x = cuda.to_device(np.random.default_rng(3).standard_normal((n, c), dtype=np.float32))
+    (x,) = _device_inputs("logsumexp", "fwd", (n, c), seed=3)
     out = cuda.device_array(n, np.float32)
     ms = _time(lambda: C._d_row_lse(x, out, None, 0, s))
     tms = None
@@ -247,7 +252,7 @@ def bench(quick: bool, sim: bool = False):
         tx = torch.as_tensor(x, device="cuda")
         tms = _time(lambda: torch.logsumexp(tx, dim=-1))
     rows.append((f"logsumexp {n}x{c} f32 ({m >> 20}M el)", ms, m * 4, _copy_ms(m * 4 // 2), tms))
-    y = cuda.to_device(np.random.default_rng(4).random((n, c), dtype=np.float32))
+    x, y = _device_inputs("binary_cross_entropy_with_logits", "fwd+grad", (n, c), seed=4)
     g = cuda.device_array((n, c), np.float32)
     ms = _time(lambda: C._d_elementwise("bce_with_logits", x, y, None, None, 0, 0.0, None, g, None,
                                          1.0 / m, None, s))
