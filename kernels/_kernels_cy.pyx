@@ -198,6 +198,17 @@ cdef Py_ssize_t _panel_rows(Opnd a, Opnd b, Opnd o, Py_ssize_t c, Py_ssize_t isz
     return P
 
 
+cdef inline void *_panel_alloc(bint need, size_t nbytes, int *perr) noexcept nogil:
+    """A thread's panel buffers: ``nbytes`` when some operand is strided (``need``), else NULL;
+    a failed allocation sets ``perr[0]`` (the driver raises MemoryError after the region)."""
+    cdef void *p = NULL
+    if need:
+        p = malloc(nbytes)
+        if p == NULL:
+            perr[0] = 1
+    return p
+
+
 cdef inline floating *_prow(Opnd o, Py_ssize_t i, Py_ssize_t r, Py_ssize_t c, floating *panel) noexcept nogil:
     """Row ``i`` (``r``-th of its panel) of operand ``o`` as a contiguous pointer."""
     if o.es == 1:
@@ -351,11 +362,7 @@ def logsumexp(const floating[:, :] x, floating[:] out):
     cdef int errflag = 0
     cdef int *perr = &errflag
     with nogil, parallel(num_threads=nt):
-        A = NULL
-        if need:
-            A = <floating *>malloc(P * c * isz)
-            if A == NULL:
-                perr[0] = 1
+        A = <floating *>_panel_alloc(need, P * c * isz, perr)
         if not need or A != NULL:
             for ip in prange(npan, schedule="static"):
                 i0 = ip * P
@@ -414,11 +421,7 @@ cdef _softmax_impl(const floating[:, :] x, floating[:, :] out, bint logsm):
     cdef int errflag = 0
     cdef int *perr = &errflag
     with nogil, parallel(num_threads=nt):
-        A = NULL
-        if need:
-            A = <floating *>malloc(P * c * isz)
-            if A == NULL:
-                perr[0] = 1
+        A = <floating *>_panel_alloc(need, P * c * isz, perr)
         if not need or A != NULL:
             for ip in prange(npan, schedule="static"):
                 i0 = ip * P
@@ -475,14 +478,8 @@ cdef _smb_impl(const floating[:, :] g, const floating[:, :] y, floating[:, :] ou
     cdef int errflag = 0
     cdef int *perr = &errflag
     with nogil, parallel(num_threads=nt):
-        A = NULL
-        B = NULL
-        if need:
-            A = <floating *>malloc(2 * P * c * isz)
-            if A == NULL:
-                perr[0] = 1
-            else:
-                B = A + P * c
+        A = <floating *>_panel_alloc(need, 2 * P * c * isz, perr)
+        B = A + P * c if A != NULL else NULL
         if not need or A != NULL:
             for ip in prange(npan, schedule="static"):
                 i0 = ip * P
@@ -585,11 +582,7 @@ def cross_entropy(const floating[:, :] x, const int64_t[:] target, const floatin
     cdef int errflag = 0
     cdef int *perr = &errflag
     with nogil, parallel(num_threads=nt):
-        A = NULL
-        if need:
-            A = <floating *>malloc(P * c * isz)
-            if A == NULL:
-                perr[0] = 1
+        A = <floating *>_panel_alloc(need, P * c * isz, perr)
         if not need or A != NULL:
             for ip in prange(npan, schedule="static"):
                 i0 = ip * P
@@ -675,14 +668,8 @@ def cross_entropy_soft(const floating[:, :] x, const floating[:, :] target, cons
     cdef int errflag = 0
     cdef int *perr = &errflag
     with nogil, parallel(num_threads=nt):
-        A = NULL
-        B = NULL
-        if need:
-            A = <floating *>malloc(2 * P * c * isz)
-            if A == NULL:
-                perr[0] = 1
-            else:
-                B = A + P * c
+        A = <floating *>_panel_alloc(need, 2 * P * c * isz, perr)
+        B = A + P * c if A != NULL else NULL
         if not need or A != NULL:
             for ip in prange(npan, schedule="static"):
                 i0 = ip * P

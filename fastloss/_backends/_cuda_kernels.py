@@ -157,6 +157,17 @@ def _row_max(x, i, ok):
     return m
 
 
+
+@cuda.jit(device=True)
+def _block_sumexp(sh, x, i, ok, mf):
+    """The block's float64 sum of ``exp(x[i, j] - mf)`` over row ``i`` (a thread not ``ok``
+    adds 0; every thread of the block must call it: it synchronizes)."""
+    s = 0.0
+    if ok:
+        for j in range(cuda.threadIdx.x, x.shape[1], cuda.blockDim.x):
+            s += math.exp(x[i, j] - mf)
+    return _block_sum(sh, s)
+
 # ----------------------------------------------------------------------------- row-wise
 def _make_row_lse(ftype):
     """``lse[i]`` (float64) of every row: max pass, then a sum of ``exp(x - max)``.
@@ -182,12 +193,7 @@ def _make_row_lse(ftype):
             ok = i < n
             m = _block_max(sh, _row_max(x, i, ok))
             finite = -INF < m < INF  # False for nan and +-inf
-            s = 0.0
-            if ok and finite:
-                mf = ftype(m)
-                for j in range(cuda.threadIdx.x, c, cuda.blockDim.x):
-                    s += math.exp(x[i, j] - mf)
-            s = _block_sum(sh, s)
+            s = _block_sumexp(sh, x, i, ok and finite, ftype(m))
             ls = 0.0
             if finite:
                 ls = math.log(s)  # s >= 1: the max contributes exp(0)
@@ -293,12 +299,7 @@ def _make_ce_hard(ftype):
             xt = float64(x[i, t]) if keep else 0.0
             m = _block_max(sh, _row_max(x, i, keep))
             finite = -INF < m < INF  # False for nan and +-inf
-            s = 0.0
-            if keep and finite:
-                mf = ftype(m)
-                for j in range(cuda.threadIdx.x, c, cuda.blockDim.x):
-                    s += math.exp(x[i, j] - mf)
-            s = _block_sum(sh, s)
+            s = _block_sumexp(sh, x, i, keep and finite, ftype(m))
             ls = math.log(s) if finite else 0.0  # log s; s >= 1 when finite
             lse = m + ls if finite else m  # nan, +inf or -inf when the max is not finite
             wt = float64(w[t]) if has_w else 1.0
