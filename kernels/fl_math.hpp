@@ -278,33 +278,9 @@ FL_INLINE float fl_log_f(float x)
     return r;
 }
 
-/* log1p(u) = log(1+u) * u / ((1+u) - 1): the rounding error of 1+u cancels (Goldberg,
- * "What every computer scientist should know", Thm 4); exact u where 1+u rounds to 1. */
-FL_INLINE double fl_log1p_d(double u)
-{
-    const double y = 1.0 + u;
-    const double d = y - 1.0;
-    double r = fl_log_d(y) * (u / d);
-    r = d == 0.0 ? u : r;
-    r = u == HUGE_VAL ? u : r;
-    r = u == -1.0 ? -HUGE_VAL : r;
-    return r;
-}
-
-FL_INLINE float fl_log1p_f(float u)
-{
-    const float y = 1.0f + u;
-    const float d = y - 1.0f;
-    float r = fl_log_f(y) * (u / d);
-    r = d == 0.0f ? u : r;
-    r = u == HUGE_VALF ? u : r;
-    r = u == -1.0f ? -HUGE_VALF : r;
-    return r;
-}
-
 /* ------------------------------------------------------------------------------ traits
  * The loops below are written once, as templates over the compute type T (float or double);
- * fl_t<T> gives each its elementary functions and constants.
+ * fl_t<T> gives each its elementary functions (their polynomials differ by type) and constants.
  *
  * ew_acc -- where elementwise loss totals are accumulated in float64 (SEMANTICS K5; see
  * fl_dsum below): float loss loops only store l and the block is then summed in float64 by
@@ -317,7 +293,6 @@ template <> struct fl_t<float> {
     FL_INLINE float exp(float x) { return fl_exp_f(x); }
     FL_INLINE float expn(float x, float lo) { return fl_expn_f(x, lo); }
     FL_INLINE float log(float x) { return fl_log_f(x); }
-    FL_INLINE float log1p(float x) { return fl_log1p_f(x); }
     static constexpr float expn_lo = FL_EXPN_LO_F;
     static constexpr float inf = HUGE_VALF;
     static constexpr bool ew_acc = false;
@@ -328,12 +303,31 @@ template <> struct fl_t<double> {
     FL_INLINE double exp(double x) { return fl_exp_d(x); }
     FL_INLINE double expn(double x, double lo) { return fl_expn_d(x, lo); }
     FL_INLINE double log(double x) { return fl_log_d(x); }
-    FL_INLINE double log1p(double x) { return fl_log1p_d(x); }
     static constexpr double expn_lo = FL_EXPN_LO_D;
     static constexpr double inf = HUGE_VAL;
     static constexpr bool ew_acc = true;
     static constexpr fl_idx tile = 4;
 };
+
+/* log1p(u) = log(1+u) * u / ((1+u) - 1): the rounding error of 1+u cancels (Goldberg,
+ * "What every computer scientist should know", Thm 4); exact u where 1+u rounds to 1. */
+template <typename T>
+FL_INLINE T fl_log1p(T u)
+{
+    const T y = (T)1 + u;
+    const T d = y - (T)1;
+    T r = fl_t<T>::log(y) * (u / d);
+    r = d == (T)0 ? u : r;
+    r = u == fl_t<T>::inf ? u : r;
+    r = u == (T)-1 ? -fl_t<T>::inf : r;
+    return r;
+}
+
+/* ------------------------------------------------------------------------------ loops
+ * Function templates over T = float, double: the .pyx calls them from its fused-type code and
+ * Cython deduces T from the pointer arguments.  NaN conventions: comparisons are written so
+ * that NaN propagates exactly where NumPy's reference propagates it
+ * (np.maximum(a, b) -> `a < b ? b : a` keeps a NaN a). */
 
 /* max ignoring NaN (a NaN row is caught later through the sum of exp) */
 template <typename T>
@@ -578,7 +572,7 @@ static inline double fl_bce_logits(fl_idx n, const T *z, const T *y, const T *w,
         for (fl_idx j = 0; j < n; j++) {
             const T zj = z[j], yj = y[j], mz = -zj;
             const T e = fl_t<T>::expn(-(zj < 0 ? -zj : zj), lo); /* exp(-|z|), NaN stays NaN */
-            const T sp = (mz < 0 ? (T)0 : mz) + fl_t<T>::log1p(e);
+            const T sp = (mz < 0 ? (T)0 : mz) + fl_log1p<T>(e);
             const T c = has_pw ? (T)1 + (pw[j] - (T)1) * yj : (T)1;
             const T lv = ((T)1 - yj) * zj + c * sp;
             const T inv = (T)1 / ((T)1 + e);
@@ -594,7 +588,7 @@ static inline double fl_bce_logits(fl_idx n, const T *z, const T *y, const T *w,
         for (fl_idx j = 0; j < n; j++) {
             const T zj = z[j], yj = y[j], mz = -zj;
             const T e = fl_t<T>::expn(-(zj < 0 ? -zj : zj), lo);
-            const T sp = (mz < 0 ? (T)0 : mz) + fl_t<T>::log1p(e);
+            const T sp = (mz < 0 ? (T)0 : mz) + fl_log1p<T>(e);
             const T c = has_pw ? (T)1 + (pw[j] - (T)1) * yj : (T)1;
             l[j] = (((T)1 - yj) * zj + c * sp) * w[j];
             if (fl_t<T>::ew_acc) acc += l[j];
@@ -612,7 +606,7 @@ static inline double fl_bce(fl_idx n, const T *p, const T *y, const T *w, T *l, 
     FL_SIMD_SUM(acc)
     for (fl_idx j = 0; j < n; j++) {
         const T pj = p[j], yj = y[j];
-        T lp = fl_t<T>::log(pj), l1 = fl_t<T>::log1p(-pj);
+        T lp = fl_t<T>::log(pj), l1 = fl_log1p<T>(-pj);
         lp = lp < (T)-100 ? (T)-100 : lp;
         l1 = l1 < (T)-100 ? (T)-100 : l1;
         l[j] = -(yj * lp + ((T)1 - yj) * l1) * w[j];
@@ -717,7 +711,7 @@ template <typename T>
 static inline void fl_vlog1p(const T *x, T *out, fl_idx n)
 {
     FL_SIMD
-    for (fl_idx j = 0; j < n; j++) out[j] = fl_t<T>::log1p(x[j]);
+    for (fl_idx j = 0; j < n; j++) out[j] = fl_log1p<T>(x[j]);
 }
 
 /* panel of P rows -> P contiguous rows of n: buf[r n + j] = p[r rs + j cs].  For Fortran-like
