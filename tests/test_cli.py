@@ -1,5 +1,6 @@
 """The command line (`fastloss info`, `fastloss warmup`) and `fl.warmup`, in process and as a
 console entry point; `fastloss bench` has its own end-to-end tests in test_bench_cli.py."""
+import os
 import subprocess
 import sys
 
@@ -126,14 +127,44 @@ def test_warmup_passes_dtype_and_layout_selection(monkeypatch):
         fl.warmup(layouts=[])
 
 
-def test_numba_warmup_subset_compiles_only_that_subset():
-    """A float32 / C-order warm-up calls a quarter of the full set of kernel entry points."""
+def test_numba_warmup_subset_compiles_only_that_subset(monkeypatch):
+    """A float32 / C-order warm-up asks for float32, C-contiguous specializations only, of
+    both twins of every kernel.  The kernel calls are recorded, not run: compiling them here
+    would take minutes (the next test runs every job of the full warm-up, as Python)."""
     import importlib
 
-    nb = importlib.import_module("fastloss._backends.numba_backend")
     if fl.backends()["numba"].available is False:
         pytest.skip("numba unavailable")
+    numba = pytest.importorskip("numba")
+    nb = importlib.import_module("fastloss._backends.numba_backend")
+    jit = importlib.import_module("fastloss._backends.numba_backend._jit")
+    seen = []
+    monkeypatch.setattr(jit, "_call_jit", lambda kern, work, *args: seen.append(
+        (jit._force_mode, getattr(kern, "py_func", kern).__name__, [numba.typeof(a) for a in args])) or 0.0)
     calls = []
     n = nb.warmup(dtypes=("float32",), layouts=("C",), progress=lambda d, t, label: calls.append(label))
-    assert n == len(calls) > 0
+    assert n == len(calls) == len(seen) > 0
     assert all("float32" in c and " C" in c and "float64" not in c for c in calls)
+    assert [m for m, _, _ in seen].count("serial") == [m for m, _, _ in seen].count("parallel") == n // 2
+    for _, name, types in seen:
+        arrays = [t for t in types if isinstance(t, numba.types.Array) and t.ndim == 2]
+        # float32 throughout; the operands C-contiguous (an optional weight arrives as a
+        # stride-0 broadcast view, 'A', as the public layer passes it)
+        assert arrays and all(t.dtype == numba.float32 for t in arrays), (name, types)
+        assert types[0].layout == "C", (name, types)
+    assert {name for _, name, _ in seen} >= {"_k_logsumexp", "_k_cross_entropy", "_k_cross_entropy_small",
+                                             "_k_bce_with_logits", "_k_gaussian_nll", "_k_kl_div_log"}
+
+
+def test_every_warmup_job_is_a_valid_kernel_call():
+    """The full warm-up (every dtype and layout, both twins) run with the kernels as Python
+    (NUMBA_DISABLE_JIT=1, seconds instead of minutes of compiling): every job is a call the
+    kernels accept."""
+    if fl.backends()["numba"].available is False:
+        pytest.skip("numba unavailable")
+    code = ("from fastloss._backends.numba_backend import warmup; "
+            "print(warmup(dtypes=('float32', 'float64'), layouts=('C', 'A')))")
+    env = {**os.environ, "NUMBA_DISABLE_JIT": "1"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert int(r.stdout.split()[-1]) > 100
