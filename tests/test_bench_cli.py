@@ -299,12 +299,13 @@ def test_make_case_byte_counts():
 
 
 def test_pytest_benchmark_suite_runs_as_tests():
-    """The pytest-benchmark suite with --benchmark-disable: each case runs once and checks its
-    result against the NumPy backend (so a wrong kernel fails here)."""
+    """The pytest-benchmark suite with --benchmark-disable: each float32 case runs once and
+    checks its result against the NumPy backend (so a wrong kernel fails here; float64 kernels
+    are the test matrix's)."""
     pytest.importorskip("pytest_benchmark")
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "bench", "-q", "--benchmark-disable", "-k", "small",
-         "-p", "no:cacheprovider"],
+         "--dtypes", "float32", "-p", "no:cacheprovider"],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
     tail = (proc.stdout + proc.stderr)[-4000:]
     assert proc.returncode == 0, tail
