@@ -90,36 +90,31 @@ def _d_softmax_bwd(g, y, out, mode, stream):
     _kern("softmax_bwd", y.dtype)[grid, block, stream](g, y, out, mode)
 
 
-def _ce_operands(x, weight, grad, gscale, stream):
-    """``(w, gr, gs)`` for the cross-entropy kernels: absent ones become 1-element dummies
-    (a kernel takes arrays, never None; the ``has_w``/``want_grad`` flags say what is real)."""
+def _ce_launch(name, x, weight, grad, gscale, stream):
+    """Cross-entropy kernel ``name`` configured for the rows of ``x`` on ``stream``, and its
+    operands ``(w, gr, gs)``: absent ones become 1-element dummies (a kernel takes arrays,
+    never None; the ``has_w``/``want_grad`` flags say what is real)."""
     dt = x.dtype
-    return (weight if weight is not None else _empty((1,), dt, stream),
-            grad if grad is not None else _empty((1, 1), dt, stream),
-            gscale if gscale is not None else _empty((1,), np.float64, stream))
+    grid, block = _row_cfg(*x.shape)
+    return _kern(name, dt)[grid, block, stream], (
+        weight if weight is not None else _empty((1,), dt, stream),
+        grad if grad is not None else _empty((1, 1), dt, stream),
+        gscale if gscale is not None else _empty((1,), np.float64, stream))
 
 
 def _d_cross_entropy(x, target, weight, wsum, ignore_index, eps, zl, loss, grad, gscale, stream):
-    n, c = x.shape
-    if n == 0:
+    if x.shape[0] == 0:
         return
-    w, gr, gs = _ce_operands(x, weight, grad, gscale, stream)
-    grid, block = _row_cfg(n, c)
-    _kern("ce_hard", x.dtype)[grid, block, stream](
-        x, target, w, weight is not None, float(wsum), int(ignore_index), float(eps), float(zl),
-        loss, gr, grad is not None, gs,
-    )
+    k, (w, gr, gs) = _ce_launch("ce_hard", x, weight, grad, gscale, stream)
+    k(x, target, w, weight is not None, float(wsum), int(ignore_index), float(eps), float(zl), loss, gr,
+      grad is not None, gs)
 
 
 def _d_cross_entropy_soft(x, y, weight, eps, zl, loss, grad, gscale, stream):
-    n, c = x.shape
-    if n == 0:
+    if x.shape[0] == 0:
         return
-    w, gr, gs = _ce_operands(x, weight, grad, gscale, stream)
-    grid, block = _row_cfg(n, c)
-    _kern("ce_soft", x.dtype)[grid, block, stream](
-        x, y, w, weight is not None, float(eps), float(zl), loss, gr, grad is not None, gs
-    )
+    k, (w, gr, gs) = _ce_launch("ce_soft", x, weight, grad, gscale, stream)
+    k(x, y, w, weight is not None, float(eps), float(zl), loss, gr, grad is not None, gs)
 
 
 def _d_elementwise(name, a, b, p, q, flag, eps, loss, grad, grad2, gscale, gout, stream):

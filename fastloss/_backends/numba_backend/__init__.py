@@ -108,8 +108,8 @@ __all__ = [
 if numba is not None:  # without numba only the reason below is asked for
     from ._cols import _k_cross_entropy_small
     from ._elementwise import _k_bce, _k_bce_with_logits, _k_gaussian_nll, _k_kl_div, _k_kl_div_log, _k_mse
-    from ._rows import (_k_cross_entropy, _k_cross_entropy_soft, _k_log_softmax, _k_log_softmax_backward,
-                        _k_logsumexp, _k_softmax, _k_softmax_backward)
+    from ._rows import (_k_cross_entropy, _k_cross_entropy_soft, _k_log_softmax, _k_logsumexp, _k_softmax,
+                        _k_softmax_backward)
 from ._warmup import warmup  # noqa: E402
 
 
@@ -193,13 +193,13 @@ def log_softmax(x, out):
 def softmax_backward(g, y, out):
     if y.size == 0:
         return
-    _call(_k_softmax_backward, y.size, _ro(g), _ro(y), out, _nblocks(y.shape[0], y.size))
+    _call(_k_softmax_backward, y.size, _ro(g), _ro(y), out, False, _nblocks(y.shape[0], y.size))
 
 
 def log_softmax_backward(g, y, out):
     if y.size == 0:
         return
-    _call(_k_log_softmax_backward, y.size, _ro(g), _ro(y), out, _nblocks(y.shape[0], y.size))
+    _call(_k_softmax_backward, y.size, _ro(g), _ro(y), out, True, _nblocks(y.shape[0], y.size))
 
 
 def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, loss, grad, gscale):

@@ -147,29 +147,27 @@ def _k_log_softmax(x, out, nb):
 
 
 @_kernel
-def _k_softmax_backward(g, y, out, nb):
+def _k_softmax_backward(g, y, out, logsm, nb):
+    """Softmax backward ``y * (g - sum_j g_j y_j)``; with ``logsm`` the log-softmax backward
+    ``g - exp(y) * sum_j g_j`` (``y`` the log-softmax).  One kernel for both: ``logsm`` is the
+    same for every row, so the branches stay outside the vectorized loops."""
     n, c = y.shape
     for b in prange(nb):
         for i in range(b * n // nb, (b + 1) * n // nb):
             d = 0.0
-            for j in range(c):
-                d += g[i, j] * y[i, j]
+            if logsm:
+                for j in range(c):
+                    d += g[i, j]
+            else:
+                for j in range(c):
+                    d += g[i, j] * y[i, j]
             dd = cast_like(d, y)
-            for j in range(c):
-                out[i, j] = y[i, j] * (g[i, j] - dd)
-
-
-@_kernel
-def _k_log_softmax_backward(g, y, out, nb):
-    n, c = y.shape
-    for b in prange(nb):
-        for i in range(b * n // nb, (b + 1) * n // nb):
-            sg = 0.0
-            for j in range(c):
-                sg += g[i, j]
-            s = cast_like(sg, y)
-            for j in range(c):
-                out[i, j] = g[i, j] - vexp(y[i, j]) * s
+            if logsm:
+                for j in range(c):
+                    out[i, j] = g[i, j] - vexp(y[i, j]) * dd
+            else:
+                for j in range(c):
+                    out[i, j] = y[i, j] * (g[i, j] - dd)
 
 
 # ============================================================================= cross-entropy
