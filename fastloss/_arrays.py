@@ -48,9 +48,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _dispatch
+from . import _dispatch, _validate
 from ._layout import Layout, rounded
-from ._validate import as_cast, as_float_array, broadcast_to_or_raise, check_no_partial_overlap
+from ._validate import as_cast, as_float_array, broadcast_to_or_raise, check_no_partial_overlap, host_array
 
 _I64_MAX = np.iinfo(np.int64).max
 
@@ -60,7 +60,7 @@ class HostArrays:
 
     KIND = "a numpy.ndarray"
 
-    asarray = staticmethod(lambda obj, name=None: np.asarray(obj))
+    asarray = staticmethod(lambda obj, name="an argument": host_array(obj, name))
     float_array = staticmethod(as_float_array)
     operand = staticmethod(as_cast)
     broadcast = staticmethod(broadcast_to_or_raise)
@@ -110,8 +110,10 @@ class HostArrays:
         return float(a.reshape(-1)[0])
 
     @staticmethod
-    def as_output(obj):
-        return obj if isinstance(obj, np.ndarray) else None
+    def as_output(obj, name="out"):
+        # a CPU tensor is written through its NumPy view (its version counter is bumped after
+        # the write: _validate.mark_written)
+        return host_array(obj, name) if _validate._is_torch(obj) else (obj if isinstance(obj, np.ndarray) else None)
 
     @staticmethod
     def writeable(a) -> bool:

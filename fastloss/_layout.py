@@ -14,6 +14,8 @@ import math
 
 import numpy as np
 
+from ._validate import mark_written
+
 
 def rounded(a, dtype):
     """``a`` rounded once to the result ``dtype`` (float16/bfloat16 results are computed in
@@ -107,6 +109,6 @@ class Layout:
             if target is not user:
                 with np.errstate(over="ignore"):  # rounded, as in rounded()
                     np.copyto(user, target, casting="unsafe")
-            return user
+            return mark_written(user)
 
         return v, finish

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numbers
 import operator
+import sys
 
 import numpy as np
 
@@ -49,13 +50,48 @@ def float_dtype_or_raise(dtype, name: str) -> np.dtype:
     )
 
 
+def _is_torch(obj) -> bool:
+    return type(obj).__module__.split(".")[0] == "torch" and hasattr(obj, "requires_grad")
+
+
+def host_array(a, name: str):
+    """``np.asarray(a)``, with a PyTorch CPU tensor taken as a zero-copy view (bfloat16 ones as
+    ``ml_dtypes.bfloat16``) and one that requires grad refused with a pointer to
+    :mod:`fastloss.torch` (NumPy would raise torch's own ``Can't call numpy()`` there)."""
+    if not _is_torch(a):
+        return np.asarray(a)
+    if a.requires_grad:
+        raise TypeError(
+            f"{name}: expected an array, found a torch.Tensor that requires grad; the fastloss functions "
+            f"answer NumPy arrays outside autograd: use fastloss.torch (its functions record the gradient "
+            f"for loss.backward()), or pass {name}.detach()"
+        )
+    if str(a.dtype) == "torch.bfloat16":
+        if _BF16 is None:  # pragma: no cover - ml_dtypes missing
+            raise TypeError(f"{name}: a bfloat16 tensor needs the ml_dtypes package (pip install ml_dtypes)")
+        return a.view(sys.modules["torch"].int16).numpy().view(_BF16)
+    return a.numpy()
+
+
+def mark_written(out):
+    """Tell PyTorch's autograd that ``out`` was written (``out`` a tensor, or a NumPy view of
+    one, as ``tensor.numpy()`` gives): its version counter is bumped, so a graph that saved
+    the tensor before the write raises instead of using the new values silently. Returns ``out``."""
+    t = out
+    while isinstance(t, np.ndarray):
+        t = t.base
+    if t is not None and _is_torch(t):
+        sys.modules["torch"].autograd.graph.increment_version(t)
+    return out
+
+
 def as_float_array(a, name: str):
     """``np.asarray(a)`` checked to hold floating values; returns (array, compute dtype).
 
     An array of non-native byte order (``>f8`` on a little-endian machine, as read from some
     files) is converted to native order once: the kernels and every result use native dtypes.
     """
-    arr = np.asarray(a)
+    arr = host_array(a, name)
     if arr.dtype == object:
         raise TypeError(
             f"{name}: expected a floating array-like, found dtype object (ragged or non-numeric "

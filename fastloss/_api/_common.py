@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _dispatch
-from .._validate import first_position, float_dtype_or_raise, normalize_axis
+from .._validate import first_position, float_dtype_or_raise, host_array, normalize_axis
 
 _I64_MAX = np.iinfo(np.int64).max
 
@@ -36,7 +36,7 @@ def _class_axes(axis, ndim):
 def _host_or(xp, obj, name):
     """A host argument as a NumPy array (never uploaded: its checks and value are read on
     the host), a device one through the adaptor."""
-    return xp.asarray(obj, name) if _dispatch.is_device_array(obj) else np.asarray(obj)
+    return xp.asarray(obj, name) if _dispatch.is_device_array(obj) else host_array(obj, name)
 
 
 def _grad_scale_value(xp, grad_output, reduction, name="grad_output"):
@@ -68,14 +68,15 @@ def _grad_output_array(xp, grad_output, shape, cdt, name="grad_output"):
 
 def _check_output(xp, name, obj, shape, dtype, inputs):
     """An ``out=`` argument: an array of the call's kind, of ``shape`` and ``dtype``, writeable,
-    not partly overlapping an input."""
-    o = xp.as_output(obj)
+    not partly overlapping an input. Returns the output to write (:func:`_as_given`)."""
+    o = xp.as_output(obj, name)
     if o is None or tuple(o.shape) != tuple(shape) or np.dtype(o.dtype) != np.dtype(dtype):
         raise ValueError(
             f"{name}: expected {xp.KIND} of shape {tuple(shape)} and dtype {np.dtype(dtype)}, found "
             f"{type(obj).__name__} of shape {getattr(obj, 'shape', None)} and dtype {getattr(obj, 'dtype', None)}"
         )
     _check_writeable_no_overlap(xp, name, o, inputs)
+    return _as_given(o, obj)
 
 
 def _check_writeable_no_overlap(xp, name, o, inputs):
@@ -86,12 +87,13 @@ def _check_writeable_no_overlap(xp, name, o, inputs):
 
 def _check_grad_out(xp, grad_out, x, return_grad, inputs, name="grad_out"):
     """``grad_out`` (given only with ``return_grad``): an array of the call's kind with exactly
-    the shape and dtype of ``x``, writeable, ``x`` itself or not overlapping an input."""
+    the shape and dtype of ``x``, writeable, ``x`` itself or not overlapping an input.
+    Returns the output to write (:func:`_as_given`; None when not given)."""
     if grad_out is None:
-        return
+        return None
     if not return_grad:
         raise ValueError(f"{name}: expected None unless return_grad=True, found an array (pass return_grad=True to get the gradient)")
-    g = xp.as_output(grad_out)
+    g = xp.as_output(grad_out, name)
     if g is None:
         raise ValueError(f"{name}: expected {xp.KIND}, found {type(grad_out).__name__}")
     if tuple(g.shape) != tuple(x.shape) or np.dtype(g.dtype) != np.dtype(x.dtype):
@@ -100,6 +102,13 @@ def _check_grad_out(xp, grad_out, x, return_grad, inputs, name="grad_out"):
             f"found shape {tuple(g.shape)} and dtype {np.dtype(g.dtype)}"
         )
     _check_writeable_no_overlap(xp, name, g, inputs)
+    return _as_given(g, grad_out)
+
+
+def _as_given(checked, given):
+    """The output to write: a host one as its NumPy array (a CPU tensor's view), a device one
+    as the caller gave it (the device layout views it, and returns the caller's object)."""
+    return checked if isinstance(checked, np.ndarray) else given
 
 
 def _check_range(xp, a, name, expected, lo, hi):

@@ -164,7 +164,7 @@ def cross_entropy(
     gout_rows = None
     if go is None:  # an array (reduction="none"): checked even when no gradient is asked for
         gout_rows = _grad_output_array(xp, grad_output, row_shape, np.dtype(np.float64))
-    _check_grad_out(xp, grad_out, x, return_grad, [("logits", x), ("target", t)])
+    grad_out = _check_grad_out(xp, grad_out, x, return_grad, [("logits", x), ("target", t)])
 
     be = xp.kernels(backend)
     N = lay.N

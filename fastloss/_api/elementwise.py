@@ -110,7 +110,7 @@ def binary_cross_entropy_with_logits(
                 f"pos_weight: expected one weight per class along the last axis ({shape[-1]}), found shape {tuple(pw.shape)}"
             )
         pw = xp.broadcast(pw, shape, "pos_weight")
-    _check_grad_out(xp, grad_out, x, bool(return_grad), [("logits", x), ("target", y)])
+    grad_out = _check_grad_out(xp, grad_out, x, bool(return_grad), [("logits", x), ("target", y)])
     return _elementwise(xp, "bce_with_logits", x, cdt, [y, w, pw], [], reduction, math.prod(shape),
                         bool(return_grad), grad_output, grad_out, backend)
 
@@ -165,7 +165,7 @@ def binary_cross_entropy(probs, target, *, weight=None, reduction="mean", return
     _check_range(xp, p, "probs", "probabilities in [0, 1]", 0.0, 1.0)
     _check_range(xp, y, "target", "targets in [0, 1]", 0.0, 1.0)  # PyTorch refuses them too
     w = None if weight is None else xp.operand(weight, "weight", cdt, p.shape)
-    _check_grad_out(xp, grad_out, p, bool(return_grad), [("probs", p), ("target", y)])
+    grad_out = _check_grad_out(xp, grad_out, p, bool(return_grad), [("probs", p), ("target", y)])
     return _elementwise(xp, "bce", p, cdt, [y, w], [], reduction, math.prod(p.shape), bool(return_grad),
                         grad_output, grad_out, backend)
 
@@ -213,7 +213,7 @@ def kl_div(input, target, *, log_target=False, reduction="batchmean", return_gra
     x, cdt = xp.float_array(input, "input")
     reduction = check_reduction(reduction, ("batchmean", "mean", "sum", "none"))
     t = xp.operand(target, "target", cdt, x.shape)
-    _check_grad_out(xp, grad_out, x, bool(return_grad), [("input", x), ("target", t)])
+    grad_out = _check_grad_out(xp, grad_out, x, bool(return_grad), [("input", x), ("target", t)])
     if reduction == "batchmean":
         reduction, denom = "mean", (x.shape[0] if x.shape else 1)
     else:
@@ -256,7 +256,7 @@ def mse_loss(input, target, *, reduction="mean", return_grad=False, grad_output=
     x, cdt = xp.float_array(input, "input")
     reduction = check_reduction(reduction)
     t = xp.operand(target, "target", cdt, x.shape)
-    _check_grad_out(xp, grad_out, x, bool(return_grad), [("input", x), ("target", t)])
+    grad_out = _check_grad_out(xp, grad_out, x, bool(return_grad), [("input", x), ("target", t)])
     return _elementwise(xp, "mse", x, cdt, [t], [], reduction, math.prod(x.shape), bool(return_grad), grad_output,
                         grad_out, backend)
 

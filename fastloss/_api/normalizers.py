@@ -76,7 +76,7 @@ def _rowwise_out(fname, x, axis, out, backend):
         raise ValueError("x: expected an array with at least 1 dimension (the class axis), found a 0-d array")
     ax = normalize_axis(axis, len(a.shape))
     if out is not None:
-        _check_output(xp, "out", out, a.shape, a.dtype, [("x", a)])
+        out = _check_output(xp, "out", out, a.shape, a.dtype, [("x", a)])
     be = xp.kernels(backend)
     lay = xp.layout(a, (ax,))
     x2 = lay.view_in(a, cdt)

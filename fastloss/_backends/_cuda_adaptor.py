@@ -121,7 +121,7 @@ class DeviceLayout:
             ud = xp.asarray(user, "out")
             v = self._as2(ud, cdt)
             if v is not None:
-                return v, lambda: user
+                return v, lambda: V.mark_written(user)
         tmp = _empty((self.N, self.C), cdt, xp.stream)
         moved_shape = [self.shape[d] for d in self.order]
 
@@ -138,7 +138,7 @@ class DeviceLayout:
             return dst
 
         if ud is not None:
-            return tmp, lambda: (back(ud), user)[1]
+            return tmp, lambda: (back(ud), V.mark_written(user))[1]
         fin = xp.wrap if wrap else (lambda d: d)
         if np.dtype(out_dtype) == np.dtype(cdt):
             return tmp, lambda: fin(back(None))
@@ -332,8 +332,8 @@ class DeviceArrays:
         return d
 
     # -- outputs and value checks
-    def as_output(self, obj):
-        return self.asarray(obj, "out") if is_device_array(obj) else None
+    def as_output(self, obj, name="out"):
+        return self.asarray(obj, name) if is_device_array(obj) else None
 
     @staticmethod
     def writeable(a) -> bool:
