@@ -335,7 +335,7 @@ def _elementwise_backward(ctx, g, target_grad):
     if ctx.needs_input_grad[0]:
         d_input = _scaled(ctx.saved_tensors[0], g)
     if ctx.needs_input_grad[1]:
-        x, y = ctx.saved_tensors[1], ctx.saved_tensors[2]
+        y = ctx.saved_tensors[2]
         d = target_grad(ctx, *ctx.saved_tensors[1:]) * _factor(g, ctx.reduction, ctx.denom)
         d_target = d.sum_to_size(y.shape).to(y.dtype)
     return d_input, d_target

@@ -156,8 +156,16 @@ def test_jax_peer_agrees():
         case = goals.build_case(goals.BY_KEY[key], "float32", shape)
         res = goals.measure_case(case, [], reps=1, jax=True)
         assert res["checks"]["jax"]["ok"], (key, res["checks"]["jax"])
-    with pytest.raises(goals.Unavailable, match="float32"):
-        goals.jax_callable(goals.build_case(goals.WORKLOADS[0], "float64", (2, 10)))
+    # float64 is refused while JAX computes in float32 -- set here, as another test module
+    # (tests/test_jax_adapter.py) switches x64 on for the whole session
+    import jax
+
+    f64 = goals.build_case(goals.WORKLOADS[0], "float64", (2, 10))
+    with jax.enable_x64(False):
+        with pytest.raises(goals.Unavailable, match="float32"):
+            goals.jax_callable(f64)
+    with jax.enable_x64(True):
+        goals.jax_callable(f64)()
 
 
 def test_startup_probes_in_fresh_processes():

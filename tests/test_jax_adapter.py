@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import fastloss.jax as flj
 
 
-# float64 arrays need x64 from the moment the cases below are built (at collection); nothing
-# else in the test suite depends on it being off (float32 inputs stay float32 either way)
+# float64 arrays need x64 from the moment the cases below are built (at collection). This is
+# process-wide: a test elsewhere that needs x64 off sets it in a `jax.enable_x64(False)` block
+# (tests/test_bench_goals.py does); float32 inputs stay float32 either way
 jax.config.update("jax_enable_x64", True)
 
 
