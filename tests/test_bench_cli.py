@@ -305,11 +305,37 @@ def test_pytest_benchmark_suite_runs_as_tests():
     pytest.importorskip("pytest_benchmark")
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "bench", "-q", "--benchmark-disable", "-k", "small",
-         "--dtypes", "float32", "-p", "no:cacheprovider"],
+         "--dtypes", "float32", "-p", "no:cacheprovider",
+         # every implementation but torch.compile (inductor compiles each case for seconds;
+         # test_peers_option_times_the_framework_forms runs it)
+         "--impls", ",".join(i for i in benchlib_impls() if i != "torch.compile")],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
     tail = (proc.stdout + proc.stderr)[-4000:]
     assert proc.returncode == 0, tail
     assert " passed" in proc.stdout and "failed" not in proc.stdout and "error" not in proc.stdout.lower(), tail
+
+
+def benchlib_impls():
+    from fastloss._bench import peers
+
+    return ("numpy", "numba", "cython") + peers.PEERS
+
+
+def test_peers_option_times_the_framework_forms(tmp_path, capsys):
+    """--peers adds PyTorch eager, torch.compile, JAX jit and the fastloss adapters to the same
+    table, each checked against the NumPy backend like the backends are."""
+    js = tmp_path / "p.json"
+    rc, out, err = _main(["bench", "--tiny", "--peers", "--backend", "numpy", "-k", "cross_entropy fwd+grad float32",
+                          "--json", str(js)], capsys)
+    assert rc == 0, err
+    doc = json.loads(js.read_text())
+    rows = doc["rows"]
+    got = {(r["workload"], r["backend"]) for r in rows if r["ok"]}
+    for w in ("cross_entropy fwd+grad 16x50 float32", "cross_entropy fwd+grad 16x50 float32 (new grad)"):
+        for impl in ("numpy", "torch", "torch.compile", "jax", "fastloss.torch", "fastloss.jax"):
+            assert (w, impl) in got, (w, impl)
+    assert "scipy" in out and "not run" in out  # scipy has no cross-entropy: said, not an error
+    assert set(doc["peers"]) >= {"torch", "torch.compile", "jax", "fastloss.torch", "fastloss.jax"}
 
 
 def test_the_one_timer_batches_short_calls_and_stops_on_its_budget():

@@ -50,6 +50,7 @@ import time
 
 import numpy as np
 
+from . import peers
 from .cases import _FULL, _QUICK, _TINY, KERNELS, Case, Kernel, _fl, compare, make_case, outputs
 from .machine import _threads_info, machine_info
 from .plot import plot
@@ -122,6 +123,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="only workloads with each word of TEXT as a word of their name, or its "
                              "start up to a '_' (cross_entropy does not select binary_cross_entropy; "
                              "binary selects both binary losses; repeatable)")
+    parser.add_argument("--peers", action="store_true",
+                        help="also time the installed peers in the same run: PyTorch eager, torch.compile "
+                             "(inductor), JAX jit, SciPy, and fastloss through its adapters fastloss.torch "
+                             "and fastloss.jax (loss + gradient by autograd / jax.value_and_grad)")
     parser.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
                         help="progress bar on stderr: auto shows it when stderr is a terminal")
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -230,9 +235,9 @@ def _table(rows) -> str:
     return "\n".join(out)
 
 
-def _run_one(case, backend, ref, timing, t_copy) -> dict:
-    """Warm up, check against ``ref`` (NumPy's outputs; None for NumPy itself), time, trace allocations."""
-    call = (lambda c=case.call, b=backend: c(b))
+def _run_one(case, call, ref, timing, t_copy) -> dict:
+    """Warm up ``call`` (a backend's or a peer's), check it against ``ref`` (NumPy's outputs;
+    None for NumPy itself), time it, trace its allocations."""
     t0 = time.perf_counter()
     got = outputs(call())  # warm-up: compiles, faults pages in; its result is checked
     first = time.perf_counter() - t0
@@ -243,6 +248,26 @@ def _run_one(case, backend, ref, timing, t_copy) -> dict:
         "memcpy_share": t_copy / sec, "alloc_bytes": alloc_peak(call),
         "ok": ok, "max_err": max_err, "first_call_seconds": first, "_outputs": got,
     }
+
+
+def _peer_row(peer, case, ref, base, timing, t_copy, not_run):
+    """The row of ``peer`` on ``case``, or None where it has no form of the workload or is not
+    installed (the reason kept in ``not_run``)."""
+    try:
+        call = peers.peer_callable(peer, case.function, case.mode, case.inputs, case.dtype)
+    except peers.Unavailable as e:
+        not_run.setdefault(peer, str(e))
+        return None
+    row = {"backend": peer, "error": None}
+    try:
+        row.update(_run_one(case, call, ref, timing, t_copy))
+    except Exception as exc:  # report it, keep going
+        row.update(seconds=None, repeats=0, number=0, gbps=None, memcpy_share=None, alloc_bytes=None, ok=False,
+                   max_err=None, first_call_seconds=None, error=f"{type(exc).__name__}: {exc}")
+    row.pop("_outputs", None)
+    row["speedup_vs_numpy"] = _ratio(base and base["seconds"], row["seconds"])
+    row["alloc_vs_numpy"] = _ratio(row["alloc_bytes"], base and base["alloc_bytes"])
+    return row
 
 
 def run(args) -> int:
@@ -278,7 +303,9 @@ def run(args) -> int:
         timing = _Timing(args.repeat, min(timing.min_repeat, args.repeat), timing.min_batch,
                          timing.budget if args.repeat <= timing.repeat else math.inf)
     show = args.progress == "always" or (args.progress == "auto" and err.isatty())
-    progress = Progress(len(workloads) * (len(backends) + 2), show, err)
+    peer_names = [p for p in peers.PEERS if getattr(args, "peers", False)]
+    not_run = {}  # peer -> why it did not run (the first reason met)
+    progress = Progress(len(workloads) * (len(backends) + len(peer_names) + 2), show, err)
     rng = np.random.default_rng(args.seed)
     rows, t_start = [], time.perf_counter()
 
@@ -297,7 +324,7 @@ def run(args) -> int:
                        "dtype": dt.name, "note": case.note, "backend": b, "bytes_moved": case.nbytes,
                        "memcpy_seconds": t_copy, "memcpy_gbps": case.nbytes / t_copy / 1e9, "error": None}
                 try:
-                    row.update(_run_one(case, b, ref, timing, t_copy))
+                    row.update(_run_one(case, (lambda c=case.call, b=b: c(b)), ref, timing, t_copy))
                 except Exception as exc:  # report it, keep benchmarking the other backends
                     row.update(seconds=None, repeats=0, number=0, gbps=None, memcpy_share=None,
                                alloc_bytes=None, ok=False, max_err=None, first_call_seconds=None,
@@ -309,6 +336,14 @@ def run(args) -> int:
                 row["speedup_vs_numpy"] = _ratio(base and base["seconds"], row["seconds"])
                 row["alloc_vs_numpy"] = _ratio(row["alloc_bytes"], base and base["alloc_bytes"])
                 rows.append(row)
+                progress.step()
+            for p in peer_names:
+                progress.update(f"{label}: {p}")
+                row = _peer_row(p, case, ref, base, timing, t_copy, not_run)
+                if row is not None:
+                    rows.append(dict(workload=label, function=fn, mode=mode, shape=list(shape), dtype=dt.name,
+                                     note=case.note, bytes_moved=case.nbytes, memcpy_seconds=t_copy,
+                                     memcpy_gbps=case.nbytes / t_copy / 1e9, **row))
                 progress.step()
             del case, ref
             gc.collect()
@@ -327,11 +362,16 @@ def run(args) -> int:
           "gradients go to a reused grad_out (softmax: out=) except rows marked (new grad)")
     if "cuda" in backends:
         print("cuda: NumPy inputs are offloaded, so its times include the host<->device copies")
+    if peer_names:
+        print("peers (--peers): the framework's own form of each workload, in the same run; fastloss.torch / "
+              "fastloss.jax: fastloss through its adapters, with the gradient by autograd / jax.value_and_grad")
+    skipped = {**skipped, **{p: why for p, why in not_run.items() if not any(r["backend"] == p for r in rows)}}
     if skipped:
         print("not run: " + "; ".join(f"{n} ({why})" for n, why in skipped.items()))
     print()
     print(_table(rows))
-    firsts = {b: sum(r["first_call_seconds"] or 0.0 for r in rows if r["backend"] == b) for b in backends}
+    firsts = {b: sum(r["first_call_seconds"] or 0.0 for r in rows if r["backend"] == b)
+              for b in list(backends) + [p for p in peer_names if any(r["backend"] == p for r in rows)]}
     print(f"\n{len(rows)} measurements in {elapsed:.1f} s; first calls (JIT compile or cache load, page "
           "faults): " + ", ".join(f"{b} {t:.1f} s" for b, t in firsts.items()))
     if firsts.get("numba", 0.0) > 10.0:
@@ -353,6 +393,7 @@ def run(args) -> int:
             "machine": info,
             "threads": threads,
             "backends": list(backends),
+            "peers": [p for p in peer_names if any(r["backend"] == p for r in rows)],
             "not_run": skipped,
             "method": {
                 "time": f"best of up to {timing.repeat} batches after one warm-up call; gc disabled",

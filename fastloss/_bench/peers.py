@@ -1,5 +1,6 @@
 """The one peer table of the benchmarks: every fastloss function written the idiomatic way
-in PyTorch, JAX and SciPy, as zero-argument callables on a workload's inputs.
+in PyTorch (eager and ``torch.compile``), JAX (``jit``) and SciPy, and through fastloss's own
+framework adapters, as zero-argument callables on a workload's inputs.
 
 ``fastloss bench``'s cases (:mod:`.cases`), ``bench/goals.py`` and the pytest-benchmark suite
 (``bench/benchlib.py``) all take their peers from here, so a fix to a peer (a numerically
@@ -18,14 +19,19 @@ class Unavailable(Exception):
     """An implementation that cannot run here; the message says why."""
 
 
-# the functions each peer has a form of (the others have no idiomatic counterpart there)
+# the functions each peer has a form of (the others have no idiomatic counterpart there).
+# "torch.compile" is the torch form compiled by inductor; "fastloss.torch" and "fastloss.jax"
+# are fastloss through its framework adapters, timed like the framework forms they replace
+# (a loss and its gradient by autograd / jax.value_and_grad), so the adapters' overhead shows.
+_TORCH_LOSSES = frozenset({"logsumexp", "softmax", "log_softmax", "cross_entropy", "binary_cross_entropy_with_logits",
+                           "binary_cross_entropy", "kl_div", "mse_loss", "gaussian_nll_loss"})
 PEER_FUNCTIONS = {
     "scipy": frozenset({"logsumexp", "softmax", "log_softmax"}),
-    "torch": frozenset({"logsumexp", "softmax", "log_softmax", "softmax_backward", "log_softmax_backward",
-                        "cross_entropy", "binary_cross_entropy_with_logits", "binary_cross_entropy", "kl_div",
-                        "mse_loss", "gaussian_nll_loss"}),
-    "jax": frozenset({"logsumexp", "softmax", "log_softmax", "cross_entropy", "binary_cross_entropy_with_logits",
-                      "binary_cross_entropy", "kl_div", "mse_loss", "gaussian_nll_loss"}),
+    "torch": _TORCH_LOSSES | {"softmax_backward", "log_softmax_backward"},
+    "torch.compile": _TORCH_LOSSES,
+    "jax": _TORCH_LOSSES,
+    "fastloss.torch": _TORCH_LOSSES,
+    "fastloss.jax": _TORCH_LOSSES,
 }
 PEERS = tuple(PEER_FUNCTIONS)
 
@@ -78,14 +84,32 @@ def jax_losses(jax):
     }
 
 
-def jax_callable(function, mode, inputs, dtype) -> Callable[[], Any]:
+def fastloss_jax_losses():
+    """fastloss.jax's functions in the call forms of :func:`jax_losses`."""
+    import fastloss.jax as flj
+
+    return {
+        "logsumexp": lambda x: flj.logsumexp(x, axis=-1),
+        "softmax": lambda x: flj.softmax(x, axis=-1),
+        "log_softmax": lambda x: flj.log_softmax(x, axis=-1),
+        "cross_entropy": flj.cross_entropy,
+        "binary_cross_entropy_with_logits": flj.binary_cross_entropy_with_logits,
+        "binary_cross_entropy": flj.binary_cross_entropy,
+        "kl_div": flj.kl_div,  # "batchmean", as the JAX form
+        "mse_loss": flj.mse_loss,
+        "gaussian_nll_loss": flj.gaussian_nll_loss,
+    }
+
+
+def jax_callable(function, mode, inputs, dtype, impl="jax") -> Callable[[], Any]:
     """``jax.jit`` of ``function``'s JAX form (``value_and_grad`` for ``"fwd+grad"``) on
-    ``inputs`` (a dict of arrays, in the fastloss call's order), not yet compiled.
+    ``inputs`` (a dict of arrays, in the fastloss call's order), not yet compiled; with
+    ``impl="fastloss.jax"`` the same of fastloss.jax's function.
 
     float64 needs ``jax_enable_x64`` (JAX computes in float32 otherwise; switching it on
     process-wide would change every other JAX user here); without it, int64 targets are
     narrowed to int32 here rather than by JAX with a warning."""
-    _need("jax", function)
+    _need(impl, function)
     try:
         import jax
     except ImportError:
@@ -93,7 +117,7 @@ def jax_callable(function, mode, inputs, dtype) -> Callable[[], Any]:
     x64 = bool(jax.config.read("jax_enable_x64"))
     if np.dtype(dtype) == np.float64 and not x64:
         raise Unavailable("JAX computes in float32 unless jax_enable_x64 is set")
-    f = jax_losses(jax)[function]
+    f = (jax_losses(jax) if impl == "jax" else fastloss_jax_losses())[function]
     if mode == "fwd+grad":
         f = jax.value_and_grad(f, argnums=_WRT.get(function, 0))
     f = jax.jit(f)
@@ -101,34 +125,42 @@ def jax_callable(function, mode, inputs, dtype) -> Callable[[], Any]:
     return lambda: jax.block_until_ready(f(*args))
 
 
-def torch_callable(function, mode, inputs) -> Callable[[], Any]:
+def torch_callable(function, mode, inputs, impl="torch") -> Callable[[], Any]:
     """``function``'s ``torch.nn.functional`` form on zero-copy tensors of ``inputs``; for
-    ``"fwd+grad"`` the loss and ``torch.autograd.grad`` of it (returned, not accumulated)."""
-    _need("torch", function)
+    ``"fwd+grad"`` the loss and ``torch.autograd.grad`` of it (returned, not accumulated).
+    ``impl="torch.compile"`` compiles that form with inductor (``dynamic=False``: one shape);
+    ``impl="fastloss.torch"`` calls fastloss.torch's function instead (the adapter's
+    forward + backward)."""
+    _need(impl, function)
     try:
         import torch
     except ImportError:
         raise Unavailable("PyTorch is not installed") from None
-    F = torch.nn.functional
     T = [torch.from_numpy(a) for a in inputs.values()]
-    if function == "logsumexp":
-        return lambda: torch.logsumexp(T[0], dim=-1)
-    if function in ("softmax", "log_softmax"):
-        f = getattr(torch, function)
-        return lambda: f(T[0], dim=-1)
     if function in ("softmax_backward", "log_softmax_backward"):
         g, y = T
         bwd = torch._softmax_backward_data if function == "softmax_backward" else torch._log_softmax_backward_data
         return lambda: bwd(g, y, -1, y.dtype)
+    if impl == "fastloss.torch":
+        import fastloss.torch as ns
+
+        lse = ns.logsumexp
+    else:
+        ns, lse = torch.nn.functional, torch.logsumexp
     loss = {
-        "cross_entropy": F.cross_entropy,
-        "binary_cross_entropy_with_logits": F.binary_cross_entropy_with_logits,
-        "binary_cross_entropy": F.binary_cross_entropy,
-        "kl_div": lambda x, t: F.kl_div(x, t, reduction="batchmean"),
-        "mse_loss": F.mse_loss,
-        "gaussian_nll_loss": F.gaussian_nll_loss,
+        "logsumexp": lambda x: lse(x, -1),
+        "softmax": lambda x: ns.softmax(x, -1),
+        "log_softmax": lambda x: ns.log_softmax(x, -1),
+        "cross_entropy": ns.cross_entropy,
+        "binary_cross_entropy_with_logits": ns.binary_cross_entropy_with_logits,
+        "binary_cross_entropy": ns.binary_cross_entropy,
+        "kl_div": lambda x, t: ns.kl_div(x, t, reduction="batchmean"),
+        "mse_loss": ns.mse_loss,
+        "gaussian_nll_loss": ns.gaussian_nll_loss,
     }[function]
-    if mode == "fwd":
+    if impl == "torch.compile":
+        loss = torch.compile(loss, dynamic=False)
+    if mode == "fwd":  # no input requires grad: fastloss.torch computes the loss alone
         return lambda: loss(*T)
     wrt = _WRT.get(function, (0,))
     T = [t.detach().requires_grad_(i in wrt) for i, t in enumerate(T)]
@@ -155,11 +187,11 @@ def scipy_callable(function, mode, inputs) -> Callable[[], Any]:
 
 
 def peer_callable(peer, function, mode, inputs, dtype) -> Callable[[], Any]:
-    """The callable of ``peer`` (``"torch"``, ``"jax"`` or ``"scipy"``) for one workload."""
-    if peer == "jax":
-        return jax_callable(function, mode, inputs, dtype)
-    if peer == "torch":
-        return torch_callable(function, mode, inputs)
+    """The callable of ``peer`` (one of :data:`PEERS`) for one workload."""
+    if peer in ("jax", "fastloss.jax"):
+        return jax_callable(function, mode, inputs, dtype, peer)
+    if peer in ("torch", "torch.compile", "fastloss.torch"):
+        return torch_callable(function, mode, inputs, peer)
     if peer == "scipy":
         return scipy_callable(function, mode, inputs)
     raise ValueError(f"peer: expected one of {PEERS}, found {peer!r}")
