@@ -34,3 +34,22 @@ def test_training_example_prints_the_documented_output(backend):
     # float32 BLAS (X @ W) may round differently on another CPU: the printed digits, within a step
     assert loss == pytest.approx(want_loss, abs=0.002) and acc == pytest.approx(want_acc, abs=0.2), \
         (out.getvalue(), documented)
+
+
+def _adapter_examples():
+    text = README.read_text()
+    section = text[text.index("## In PyTorch and JAX"):text.index("## Semantics")]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+@pytest.mark.parametrize("which", ["torch", "jax"])
+def test_adapter_training_loops_run_and_learn(which):
+    """The README's PyTorch and JAX loops run as written and bring the loss well below log(10)."""
+    code = [c for c in _adapter_examples() if f"import fastloss.{which}" in c]
+    assert len(code) == 1
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code[0], str(README), "exec"), {})
+    m = re.fullmatch(rf"{which}: loss (\d+\.\d+)", out.getvalue().strip())
+    assert m, out.getvalue()
+    assert float(m.group(1)) < 0.8 * 2.302585  # log(10): the loss of a uniform guess
