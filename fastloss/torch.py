@@ -81,14 +81,13 @@ def _arr(t: Optional[Tensor]):
     ``ml_dtypes.bfloat16``), the tensor itself on a GPU (the core's device path)."""
     if t is None:
         return None
-    t = t.detach()
-    if t.device.type != "cpu":
-        return t
-    if t.dtype == torch.bfloat16:
+    if not t.is_cpu:
+        return t.detach()
+    if t.dtype is torch.bfloat16:
         if _BF16 is None:  # pragma: no cover - ml_dtypes is installed with the torch extra
             raise TypeError("input: bfloat16 tensors need the ml_dtypes package (pip install ml_dtypes)")
-        return t.view(torch.int16).numpy().view(_BF16)
-    return t.numpy()
+        return t.detach().view(torch.int16).numpy().view(_BF16)
+    return t.detach().numpy()
 
 
 def _tensor(a, like: Tensor) -> Tensor:
@@ -96,11 +95,16 @@ def _tensor(a, like: Tensor) -> Tensor:
     ``like``'s dtype (PyTorch's loss dtype)."""
     if isinstance(a, Tensor):
         return a
+    if isinstance(a, np.generic) and like.is_cpu:  # a NumPy scalar: a 0-d array, then as one
+        a = np.asarray(a)
     if isinstance(a, np.ndarray):
         if _BF16 is not None and a.dtype == _BF16:
-            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-        t = torch.from_numpy(a)
-        return t if like.device.type == "cpu" else t.to(like.device)
+            t = torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+        else:
+            t = torch.from_numpy(a)
+        if not like.is_cpu:
+            t = t.to(like.device)
+        return t if (a.ndim or t.dtype is like.dtype) else t.to(like.dtype)
     return torch.tensor(float(a), dtype=like.dtype, device=like.device)
 
 
@@ -139,7 +143,7 @@ def _upstream_is_one(g: Tensor) -> bool:
     """Whether the upstream gradient is the scalar 1 (``loss.backward()``), so the saved gradient
     can be handed over as is. Read on CPU only (a GPU value would cost a sync) and never while
     compiling (the value is data)."""
-    return (type(g) is Tensor and g.dim() == 0 and g.device.type == "cpu" and not torch.compiler.is_compiling()
+    return (type(g) is Tensor and g.is_cpu and g.dim() == 0 and not torch.compiler.is_compiling()
             and g.item() == 1.0)
 
 
@@ -167,14 +171,20 @@ def once_differentiable(backward):
     """Run a backward without recording it; under ``create_graph=True`` its results carry a
     node that raises on a second differentiation (as ``torch.autograd.function.once_differentiable``
     does, but also when the upstream gradient itself does not require grad: the saved gradient
-    depends on the inputs, and a silently constant first derivative would be wrong)."""
+    depends on the inputs, and a silently constant first derivative would be wrong). An absent
+    upstream gradient of the loss (the ops do not materialize absent gradients as zeros, see
+    :func:`_keep_grad`) gives absent, i.e. zero, gradients."""
     import functools
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
+        if grads[0] is None:  # no upstream gradient reached the loss (not materialized): a zero one
+            return (None,) * len(ctx.needs_input_grad)
+        if not torch.is_grad_enabled():  # a plain backward (no create_graph): nothing to guard
+            return backward(ctx, *grads)
         with torch.no_grad():
             outs = backward(ctx, *grads)
-        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
             return outs
         err = torch._C._functions.DelayedError(
             b"fastloss.torch: double backward is not supported (the gradient saved by the fused forward pass "
@@ -226,6 +236,14 @@ def _register(name, impl, fake, setup=None, backward=None):
     return call
 
 
+def _keep_grad(ctx, *grads):
+    """Setup for an op whose outputs after the loss are the gradients of its fused pass: they
+    are not differentiable, and their (absent) upstream gradients must not be materialized as
+    zeros -- autograd's default, which at 2048 x 32000 would fill 262 MB per backward."""
+    ctx.mark_non_differentiable(*grads)
+    ctx.set_materialize_grads(False)
+
+
 def _fake_loss(input: Tensor, reduction: str, unreduced_shape) -> Tensor:
     return input.new_empty(() if reduction != "none" else tuple(unreduced_shape))
 
@@ -259,7 +277,7 @@ def _ce_setup(ctx, inputs, output):
     soft = target.is_floating_point()
     ctx.extra = soft and (target.requires_grad or (weight is not None and weight.requires_grad))
     # the inputs are kept only for the (rare) target/weight gradients of probability targets
-    ctx.mark_non_differentiable(output[1])
+    _keep_grad(ctx, output[1])
     ctx.save_for_backward(output[1], *((input, target, weight) if ctx.extra else ()))
 
 
@@ -343,7 +361,7 @@ def _elementwise_backward(ctx, g, target_grad):
 
 def _elementwise_setup(ctx, inputs, output, reduction, denom, keep):
     ctx.reduction, ctx.denom = reduction, denom
-    ctx.mark_non_differentiable(output[1])
+    _keep_grad(ctx, output[1])
     ctx.save_for_backward(output[1], *(keep if inputs[1].requires_grad else ()))
 
 
@@ -512,7 +530,7 @@ def _mse_fake(input, target, reduction, need_grad, backend):
 def _mse_setup(ctx, inputs, output):
     ctx.reduction = inputs[2]
     ctx.target_shape = inputs[1].shape
-    ctx.mark_non_differentiable(output[1])
+    _keep_grad(ctx, output[1])
     ctx.save_for_backward(output[1])
 
 
@@ -577,7 +595,7 @@ def _gnll_fake(input, target, var, full, eps, reduction, need_grad, backend):
 def _gnll_setup(ctx, inputs, output):
     ctx.reduction = inputs[5]
     ctx.target_shape = inputs[1].shape
-    ctx.mark_non_differentiable(output[1], output[2])
+    _keep_grad(ctx, output[1], output[2])
     ctx.save_for_backward(output[1], output[2])
 
 
