@@ -20,11 +20,13 @@ fastloss's NumPy backend before it is timed.
 
 The overhead is ``best(fastloss.torch forward + backward) - best(fl.cross_entropy(x, t,
 return_grad=True))`` at 64x10, with, for scale, a no-op ``torch.autograd.Function``'s forward +
-backward (PyTorch's own floor for any Python autograd function) and ``F.cross_entropy``'s.
+backward (PyTorch's own floor for any Python autograd function), a bare Function around the
+raw call (zero-copy views in, the saved gradient out: the floor of any adapter built this way)
+and ``F.cross_entropy``'s.
 
 Usage::
 
-    python bench/adapters.py [--reps 10] [--threads N] [--json FILE] [--no-compile] [--no-jax]
+    python bench/adapters.py [--reps 10] [--threads N] [--backend NAME] [--json FILE] [--no-compile] [--no-jax]
 """
 from __future__ import annotations
 
@@ -40,6 +42,12 @@ from fastloss._bench import peers
 
 SHAPES = {"ce": (2048, 32000), "bce": (4096, 4096), "overhead": (64, 10)}
 TINY = {"ce": (64, 500), "bce": (64, 64), "overhead": (64, 10)}
+
+
+def _backend_name():
+    from fastloss._dispatch import resolve
+
+    return resolve(None).NAME  # what "auto" (or the set backend) runs on this machine
 
 
 def _best(fn, reps):
@@ -94,9 +102,25 @@ def measure(reps=10, shapes=SHAPES, compile_=True, jax=True, log=print) -> dict:
         def backward(ctx, g):
             return g.expand(ctx_shape)
 
+    class Bare(torch.autograd.Function):  # the least any autograd.Function around the raw call does
+        @staticmethod
+        def forward(ctx, a, b):
+            loss, g = fl.cross_entropy(a.detach().numpy(), b.numpy(), return_grad=True)
+            g = torch.from_numpy(g)
+            ctx.mark_non_differentiable(g)
+            ctx.set_materialize_grads(False)
+            ctx.save_for_backward(g)
+            return torch.from_numpy(np.asarray(loss)), g
+
+        @staticmethod
+        def backward(ctx, g, _):
+            return ctx.saved_tensors[0] * g, None
+
     xt = torch.from_numpy(x).requires_grad_(True)
+    tt = torch.from_numpy(tg)
     ctx_shape = xt.shape
     small["no-op autograd.Function"] = lambda: torch.autograd.grad(Noop.apply(xt), xt)
+    small["bare autograd.Function"] = lambda: torch.autograd.grad(Bare.apply(xt, tt)[0], xt)
     for name, call in small.items():
         t[f"overhead {name}"] = min(_best(call, max(reps, 200)) for _ in range(5))
         log(f"  cross_entropy {'x'.join(map(str, shapes['overhead']))} {name:24s} {t[f'overhead {name}'] * 1e6:8.1f} us")
@@ -130,6 +154,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--backend", help="the host backend fastloss (and so the adapters) runs on (default: auto)")
     ap.add_argument("--json", metavar="FILE")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (inductor compiles for ~1 min)")
     ap.add_argument("--no-jax", action="store_true")
@@ -137,9 +162,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         fl.set_num_threads(args.threads)
+    if args.backend:
+        fl.set_backend(args.backend)
     info = _bench.machine_info()
-    print(f"fastloss adapters: {info['cpu_model']}, {info['cpus_usable']} usable cores, threads={fl.get_num_threads()}")
+    print(f"fastloss adapters: {info['cpu_model']}, {info['cpus_usable']} usable cores, threads={fl.get_num_threads()}, "
+          f"backend={_backend_name()}")
     res = measure(args.reps, TINY if args.tiny else SHAPES, not args.no_compile, not args.no_jax)
+    res["backend"] = _backend_name()
     res["goals"] = goals(res)
     res["machine"] = info
     print()

@@ -215,3 +215,26 @@ def test_pytest_goal_suite_reports_a_goal_table(tmp_path):
         assert infos[impl]["goals"] and all(g["verdict"] == "n/a (reduced shapes)" for g in infos[impl]["goals"])
     doc = json.loads(gj.read_text())
     assert doc["reduced_shapes"] is True and doc["goals"]
+
+
+def test_adapter_goal_script_measures_every_goal(tmp_path):
+    """bench/adapters.py on tiny shapes (no torch.compile: inductor's C++ build is minutes): every
+    implementation checked against the NumPy backend and timed, and a verdict per goal -- the
+    torch.compile one reported as not measured."""
+    pytest.importorskip("torch")
+    pytest.importorskip("jax")
+    out = tmp_path / "adapters.json"
+    proc = subprocess.run([sys.executable, "bench/adapters.py", "--tiny", "--no-compile", "--reps", "2",
+                           "--json", str(out)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    res = json.loads(out.read_text())
+    for key in ("ce fastloss.torch", "ce torch", "ce fastloss.jax", "ce jax", "bce fastloss.torch", "bce torch",
+                "overhead raw fl.cross_entropy", "overhead fastloss.torch", "overhead no-op autograd.Function",
+                "overhead bare autograd.Function"):
+        assert res["times"][key] > 0, key
+    goals_ = {g["goal"]: g for g in res["goals"]}
+    assert len(goals_) == 5
+    assert goals_["fastloss.torch CE 2048x32000 vs torch.compile"]["met"] is None
+    assert all(g["met"] in (True, False) for name, g in goals_.items() if "torch.compile" not in name)
+    assert res["backend"] in ("numba", "cython", "numpy")
+    assert "adapter overhead, CE 64x10 fwd+bwd" in proc.stdout
