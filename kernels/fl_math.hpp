@@ -1079,7 +1079,9 @@ static inline void fl_ce_cols(fl_idx nr, fl_idx c, const T *x, fl_idx xrs, fl_id
         if (plain) {
             FL_SIMD
             for (r = 0; r < n8; r++) {
-                const double v = (double)(wt[r] * nl[r]);
+                /* in double: w * l of a finite float32 loss can pass FLT_MAX while the mean
+                 * (divided by the summed weights) fits */
+                const double v = (double)wt[r] * (double)nl[r];
                 row[r] = kind[r] == 0 ? v : (kind[r] == 1 ? 0.0 : (double)NAN);
             }
         } else {

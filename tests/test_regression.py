@@ -271,6 +271,26 @@ def test_gnll_nan_propagates(backend):
     assert np.isnan(l[0, 0]) and np.isfinite(l.ravel()[1:]).all()
 
 
+@pytest.mark.parametrize("return_grad", [False, True])
+@pytest.mark.parametrize("C", [2, 40], ids=["column-blocks", "rows"])
+def test_float32_weighted_cross_entropy_mean_near_flt_max(backend, C, return_grad):
+    """A row loss of 1.13e38 times a class weight of 3 passes FLT_MAX (3.40282e38) in float32;
+    the weighted mean divides by the summed weight 3 and is 1.13e38. Found by Hypothesis
+    (tests/test_torch_diff.py): the Cython few-class kernel multiplied in float32 and gave inf."""
+    big = np.float32(1.1342746e38)
+    x = np.zeros((1, C), np.float32)
+    x[0, 1] = big
+    w = np.full(C, 3.0, np.float32)
+    r = fl.cross_entropy(x, np.array([0]), weight=w, return_grad=return_grad, backend=backend)
+    loss = r[0] if return_grad else r
+    assert type(loss) is np.float32
+    close(loss, np.float64(big), np.float32)  # lse = x[1] exactly (exp(-1.1e38) = 0), minus x[0] = 0
+    if return_grad:  # (softmax - onehot) * 3 / 3
+        want = np.zeros((1, C))
+        want[0, 0], want[0, 1] = -1.0, 1.0
+        close(r[1], want, np.float32, kind="grad")
+
+
 # ----------------------------------------------------------------------------- float64 totals
 M32 = 3e38  # near the float32 maximum (3.4e38)
 
