@@ -132,8 +132,20 @@ def _vjps(fn, args, diff, ct=None):
     return out, vjp(ct), ct
 
 
+@pytest.fixture(params=["buffer_callback", "pure_callback"])
+def callback(request, monkeypatch):
+    """Both host paths: buffer_callback (CPU arrays in place, the default) and pure_callback
+    (what other devices and older JAX versions use)."""
+    if request.param == "buffer_callback" and flj._buffer_callback is None:  # pragma: no cover
+        pytest.skip("this JAX has no jax.experimental.buffer_callback")
+    monkeypatch.setattr(flj, "USE_BUFFER_CALLBACK", request.param == "buffer_callback")
+    jax.clear_caches()  # traces made with the other path
+    yield request.param
+    jax.clear_caches()
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_values_and_vjps_match_jax_formulas(backend, case):
+def test_values_and_vjps_match_jax_formulas(backend, case, callback):
     _, ours, ref, args, kw, diff = case
     out, grads, ct = _vjps(lambda *a: ours(*a, backend=backend, **kw), args, diff)
     ref_out, ref_grads, _ = _vjps(lambda *a: ref(*a, **kw), args, diff, ct)
@@ -146,7 +158,7 @@ def test_values_and_vjps_match_jax_formulas(backend, case):
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("ce", "ce-soft", "bce-logits", "gnll", "softmax",
                                                                "logsumexp")], ids=lambda c: c[0])
-def test_jit_value_and_grad_and_vmap(backend, case):
+def test_jit_value_and_grad_and_vmap(backend, case, callback):
     _, ours, ref, args, kw, diff = case
 
     def scalar(f):
@@ -185,6 +197,32 @@ def test_low_precision_results_in_the_input_dtype(backend, case, dtype, rtol, at
     np.testing.assert_allclose(np.asarray(out, np.float64), ref_out, rtol=rtol, atol=atol * scale)
     for a, b in zip(grads, ref_grads):
         np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=rtol, atol=atol * max(1.0, float(jnp.max(jnp.abs(b)))))
+
+
+@pytest.mark.parametrize("use_buffers", [True, False], ids=["buffer_callback", "pure_callback"])
+def test_cpu_arrays_are_read_and_written_in_place(monkeypatch, use_buffers):
+    """Under jit on the CPU the kernel reads JAX's own logits buffer and writes the gradient
+    straight into XLA's output buffer (no copy either way); pure_callback hands it copies."""
+    if use_buffers and flj._buffer_callback is None:  # pragma: no cover
+        pytest.skip("this JAX has no jax.experimental.buffer_callback")
+    seen = {}
+    real = flj._fl.cross_entropy
+
+    def spy(x, t, **k):
+        seen["x"], seen["grad_out"] = np.asarray(x).ctypes.data, k.get("grad_out")
+        return real(x, t, **k)
+
+    monkeypatch.setattr(flj._fl, "cross_entropy", spy)
+    monkeypatch.setattr(flj, "USE_BUFFER_CALLBACK", use_buffers)
+    jax.clear_caches()
+    x, t = _x(64, 50).astype(jnp.float32), jnp.asarray(rng.integers(0, 50, 64))
+    loss, g = jax.jit(jax.value_and_grad(flj.cross_entropy))(x, t)
+    assert (seen["x"] == x.unsafe_buffer_pointer()) is use_buffers
+    assert (seen["grad_out"] is not None) is use_buffers
+    ref = jax.grad(lambda z: ref_ce(z, t))(x)
+    np.testing.assert_allclose(g, ref, rtol=2e-5, atol=1e-7)
+    np.testing.assert_allclose(loss, ref_ce(x, t), rtol=2e-6)
+    jax.clear_caches()
 
 
 def test_weights_and_integer_targets_get_zero_cotangents():
