@@ -132,15 +132,18 @@ def _vjps(fn, args, diff, ct=None):
     return out, vjp(ct), ct
 
 
-@pytest.fixture(params=["buffer_callback", "pure_callback"])
-def callback(request, monkeypatch):
+@pytest.fixture(scope="module", params=["buffer_callback", "pure_callback"])
+def callback(request):
     """Both host paths: buffer_callback (CPU arrays in place, the default) and pure_callback
-    (what other devices and older JAX versions use)."""
+    (what other devices and older JAX versions use). Module-scoped, so pytest groups the tests
+    by path and JAX's trace caches are cleared only when the path changes."""
     if request.param == "buffer_callback" and flj._buffer_callback is None:  # pragma: no cover
         pytest.skip("this JAX has no jax.experimental.buffer_callback")
-    monkeypatch.setattr(flj, "USE_BUFFER_CALLBACK", request.param == "buffer_callback")
+    default = flj.USE_BUFFER_CALLBACK
+    flj.USE_BUFFER_CALLBACK = request.param == "buffer_callback"
     jax.clear_caches()  # traces made with the other path
     yield request.param
+    flj.USE_BUFFER_CALLBACK = default
     jax.clear_caches()
 
 
