@@ -31,6 +31,9 @@ the loss alone.
   cotangents: they are not differentiated, as in PyTorch. Integer class indices have none.
 * **vmap.** The callback runs once per batch element (``vmap_method="sequential"``): correct
   for every reduction, but a vmapped call costs as many kernel launches as the batch.
+* ``softmax_backward`` and ``log_softmax_backward`` are not exported: in JAX they are what
+  ``jax.grad`` / ``jax.vjp`` of :func:`softmax` / :func:`log_softmax` compute (their VJP rules
+  run those fused kernels).
 * Parameters are the core's, minus ``return_grad``, ``grad_output``, ``grad_out`` and ``out``:
   JAX's autodiff asks for gradients, and JAX arrays are immutable.
 """
