@@ -250,21 +250,18 @@ def _run_one(case, call, ref, timing, t_copy) -> dict:
     }
 
 
-def _peer_row(peer, case, ref, base, timing, t_copy, not_run):
-    """The row of ``peer`` on ``case``, or None where it has no form of the workload or is not
-    installed (the reason kept in ``not_run``)."""
-    try:
-        call = peers.peer_callable(peer, case.function, case.mode, case.inputs, case.dtype)
-    except peers.Unavailable as e:
-        not_run.setdefault(peer, str(e))
-        return None
-    row = {"backend": peer, "error": None}
+def _row(header, name, call, case, ref, base, timing, t_copy) -> dict:
+    """The row of ``name`` (a backend or a peer) running ``call`` on ``case``: the workload's
+    ``header`` fields and the measurement, or the error it raised (reported in the table; the
+    run goes on). The NumPy row keeps its outputs under ``_outputs``: the reference of the rows
+    after it."""
+    row = {**header, "backend": name, "error": None}
     try:
         row.update(_run_one(case, call, ref, timing, t_copy))
-    except Exception as exc:  # report it, keep going
+    except Exception as exc:  # report it, keep benchmarking the others
         row.update(seconds=None, repeats=0, number=0, gbps=None, memcpy_share=None, alloc_bytes=None, ok=False,
                    max_err=None, first_call_seconds=None, error=f"{type(exc).__name__}: {exc}")
-    row.pop("_outputs", None)
+    base = row if name == "numpy" else base
     row["speedup_vs_numpy"] = _ratio(base and base["seconds"], row["seconds"])
     row["alloc_vs_numpy"] = _ratio(row["alloc_bytes"], base and base["alloc_bytes"])
     return row
@@ -317,33 +314,29 @@ def run(args) -> int:
             progress.update(f"{label}: np.copyto baseline")
             t_copy = memcpy_time(case.nbytes, timing)
             progress.step()
+            header = {"workload": label, "function": fn, "mode": mode, "shape": list(shape), "dtype": dt.name,
+                      "note": case.note, "bytes_moved": case.nbytes, "memcpy_seconds": t_copy,
+                      "memcpy_gbps": case.nbytes / t_copy / 1e9}
             ref = base = None
             for b in backends:
                 progress.update(f"{label}: {b}")
-                row = {"workload": label, "function": fn, "mode": mode, "shape": list(shape),
-                       "dtype": dt.name, "note": case.note, "backend": b, "bytes_moved": case.nbytes,
-                       "memcpy_seconds": t_copy, "memcpy_gbps": case.nbytes / t_copy / 1e9, "error": None}
-                try:
-                    row.update(_run_one(case, (lambda c=case.call, b=b: c(b)), ref, timing, t_copy))
-                except Exception as exc:  # report it, keep benchmarking the other backends
-                    row.update(seconds=None, repeats=0, number=0, gbps=None, memcpy_share=None,
-                               alloc_bytes=None, ok=False, max_err=None, first_call_seconds=None,
-                               error=f"{type(exc).__name__}: {exc}")
+                row = _row(header, b, (lambda c=case.call, b=b: c(b)), case, ref, base, timing, t_copy)
                 if b == "numpy":
                     base = row
                     ref = row.pop("_outputs", None)
                 row.pop("_outputs", None)
-                row["speedup_vs_numpy"] = _ratio(base and base["seconds"], row["seconds"])
-                row["alloc_vs_numpy"] = _ratio(row["alloc_bytes"], base and base["alloc_bytes"])
                 rows.append(row)
                 progress.step()
             for p in peer_names:
                 progress.update(f"{label}: {p}")
-                row = _peer_row(p, case, ref, base, timing, t_copy, not_run)
-                if row is not None:
-                    rows.append(dict(workload=label, function=fn, mode=mode, shape=list(shape), dtype=dt.name,
-                                     note=case.note, bytes_moved=case.nbytes, memcpy_seconds=t_copy,
-                                     memcpy_gbps=case.nbytes / t_copy / 1e9, **row))
+                try:
+                    call = peers.peer_callable(p, case.function, case.mode, case.inputs, case.dtype)
+                except peers.Unavailable as e:  # no form of this workload, or not installed
+                    not_run.setdefault(p, str(e))
+                else:
+                    row = _row(header, p, call, case, ref, base, timing, t_copy)
+                    row.pop("_outputs", None)
+                    rows.append(row)
                 progress.step()
             del case, ref
             gc.collect()
@@ -365,13 +358,14 @@ def run(args) -> int:
     if peer_names:
         print("peers (--peers): the framework's own form of each workload, in the same run; fastloss.torch / "
               "fastloss.jax: fastloss through its adapters, with the gradient by autograd / jax.value_and_grad")
-    skipped = {**skipped, **{p: why for p, why in not_run.items() if not any(r["backend"] == p for r in rows)}}
+    peers_run = [p for p in peer_names if any(r["backend"] == p for r in rows)]
+    skipped = {**skipped, **{p: why for p, why in not_run.items() if p not in peers_run}}
     if skipped:
         print("not run: " + "; ".join(f"{n} ({why})" for n, why in skipped.items()))
     print()
     print(_table(rows))
     firsts = {b: sum(r["first_call_seconds"] or 0.0 for r in rows if r["backend"] == b)
-              for b in list(backends) + [p for p in peer_names if any(r["backend"] == p for r in rows)]}
+              for b in list(backends) + peers_run}
     print(f"\n{len(rows)} measurements in {elapsed:.1f} s; first calls (JIT compile or cache load, page "
           "faults): " + ", ".join(f"{b} {t:.1f} s" for b, t in firsts.items()))
     if firsts.get("numba", 0.0) > 10.0:
@@ -393,7 +387,7 @@ def run(args) -> int:
             "machine": info,
             "threads": threads,
             "backends": list(backends),
-            "peers": [p for p in peer_names if any(r["backend"] == p for r in rows)],
+            "peers": peers_run,
             "not_run": skipped,
             "method": {
                 "time": f"best of up to {timing.repeat} batches after one warm-up call; gc disabled",
