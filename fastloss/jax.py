@@ -98,7 +98,7 @@ def _callback(host, specs, *args, host_into=None):
         if host_into is not None:
             host_into(outs, *arrays)
             return
-        for o, r in zip(jax.tree_util.tree_leaves(outs), jax.tree_util.tree_leaves(host(*arrays))):
+        for o, r in zip(jax.tree_util.tree_leaves(outs), jax.tree_util.tree_leaves(host(*arrays)), strict=True):
             np.copyto(o, r)
 
     on_cpu = _buffer_callback(fill, specs, vmap_method="sequential")
@@ -208,36 +208,30 @@ def _fused(core, grads_of, loss_shape, scale_rows_at=None, target_grad=None):
         idx = [i for i, a in enumerate(args) if a is not None]
         dtypes = [args[0].dtype] + [args[i].dtype for i in grads_of]
 
-        def host(*arrays):
-            full = [None] * len(args)
+        def full(arrays):  # the present arrays back at their positions, None for absent ones
+            out = [None] * len(args)
             for i, a in zip(idx, arrays):
-                full[i] = a
-            r = core(*full, return_grad=need_grad)
+                out[i] = a
+            return out
+
+        def host(*arrays):
+            r = core(*full(arrays), return_grad=need_grad)
             if not need_grad:
                 return _as(r, dtypes[0])
             loss, g = r
             g = g if isinstance(g, tuple) else (g,)
             return _as(loss, dtypes[0]), tuple(_as(a, dtypes[1 + k]) for k, a in enumerate(g))
 
-        def host_into(outs, *arrays):  # in place: the gradient written by the kernel itself
-            full = [None] * len(args)
-            for i, a in zip(idx, arrays):
-                full[i] = a
-            if not need_grad:
-                np.copyto(outs, _as(core(*full, return_grad=False), dtypes[0]))
-                return
-            loss_out, grad_outs = outs
-            if grads_of == (0,):
-                loss, _ = core(*full, return_grad=True, grad_out=grad_outs[0])
-            else:
-                loss, g = core(*full, return_grad=True)
-                for o, a in zip(grad_outs, g):
-                    np.copyto(o, _as(a, o.dtype))
+        def host_into(outs, *arrays):  # one gradient, written by the kernel into XLA's buffer
+            loss_out, (grad_out,) = outs
+            loss, _ = core(*full(arrays), return_grad=True, grad_out=grad_out)
             np.copyto(loss_out, _as(loss, dtypes[0]))
 
         loss = _spec(loss_shape(args), args[0].dtype)
         specs = (loss, tuple(_spec(args[i].shape, args[i].dtype) for i in grads_of)) if need_grad else loss
-        return _callback(host, specs, *[args[i] for i in idx], host_into=host_into)
+        # the loss alone, or two gradients (the Gaussian NLL's): host's results copied in
+        in_place = host_into if (need_grad and grads_of == (0,)) else None
+        return _callback(host, specs, *[args[i] for i in idx], host_into=in_place)
 
     @jax.custom_vjp
     def f(*args):
