@@ -103,8 +103,11 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, loss, grad, gsc, gsa, r0,
         lse[r] = lser
         # -log p[t] = log s - (x[t] - shift): huge logits keep their O(1) part (see _ce_row)
         row = (1.0 - eps) * wt[r] * neg_log_p(lsr, xtt[r], sh[r])
+        # dd[r] read whatever eps is (unused scratch when 0): read only under the condition,
+        # LLVM loads it with a masked load, which AVX2 spells vmaskmovpd (slow on AMD)
+        ddr = dd[r]
         if eps != 0.0:
-            row += u * (sumw * lsr - dd[r])
+            row += u * (sumw * lsr - ddr)
         if z != 0.0:
             row += z * lser * lser
         lb[r] = row if tg[r] != ignore else 0.0
