@@ -231,8 +231,10 @@ def _run_elementwise(kern, a, b, p, q, c1, c2, loss, grad, grad2, gscale, gout):
         return 0.0
     a, b, p, q, loss, grad, grad2, gout = _elementwise_layout(a, b, p, q, loss, grad, grad2, gout)
     gs = float(gscale)  # a scalar (the protocol): a per-element scale arrives as gout
-    return float(_call(kern, a.size, _ro(a), _ro(b), _ro(p), _ro(q), c1, c2, loss, grad, grad2, gs, _ro(gout),
-                       *_tasks(*a.shape)))
+    ntask, ck, rpt = _tasks(*a.shape)
+    part = np.empty(ntask)  # each task's float64 total, added below in a fixed order
+    _call(kern, a.size, _ro(a), _ro(b), _ro(p), _ro(q), c1, c2, loss, grad, grad2, gs, _ro(gout), part, ck, rpt)
+    return float(np.sum(part))
 
 
 def bce_with_logits(z, y, weight, pos_weight, loss, grad, gscale, gout):

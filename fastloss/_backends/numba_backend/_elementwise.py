@@ -16,7 +16,7 @@ if numba is not None and not _NOJIT:
     from numba.extending import overload as _overload
 
 # Each block function handles rows [r0, r1) x columns [j0, j1) and returns its float64 loss
-# sum; the parallel driver maps tasks to blocks (see _tasks) and reduces the sums.
+# sum; the parallel driver maps tasks to blocks (see _tasks) and stores each task's sum.
 
 
 @njit(**_JIT)
@@ -265,22 +265,24 @@ def _task_range(task, r, k, ck, rpt):
 # the block function a global, looked up by name when Numba compiles), not as a closure:
 # Numba keys a cached closure on a pickle of its cell contents, and a dispatcher pickles with
 # a per-process UUID -- every process would miss the disk cache and compile the drivers again.
+# Deterministic totals: each task writes its float64 total to ``part[task]`` (no ``prange``
+# reduction, whose association follows the threads' shares), the tasks depend on the shape
+# alone (``_tasks``), and the caller adds ``part`` in a fixed order -- the reduced loss is the
+# same bits for every thread count and every call.
 _DRIVER = """
-def {name}(a, b, p, q, c1, c2, loss, grad, grad2, gs, gout, ntask, ck, rpt):
+def {name}(a, b, p, q, c1, c2, loss, grad, grad2, gs, gout, part, ck, rpt):
     r, k = a.shape
-    tot = 0.0
-    for task in prange(ntask):
+    for task in prange(part.shape[0]):
         r0, r1, j0, j1 = _task_range(task, r, k, ck, rpt)
-        tot += {block}(a, b, p, q, c1, c2, loss, grad, grad2, gs, gout, r0, r1, j0, j1)
-    return tot
+        part[task] = {block}(a, b, p, q, c1, c2, loss, grad, grad2, gs, gout, r0, r1, j0, j1)
 """
 
 
 def _make_driver(name, block):
     """The parallel kernel ``name`` of one elementwise loss (with its serial twin, see
-    ``_kernel``): the tasks of ``_tasks`` mapped onto the block function named ``block``, their
-    float64 totals added.  Every loss has the same driver signature, ``(a, b, p, q, c1, c2,
-    loss, grad, grad2, gs, gout, ntask, ck, rpt)``.
+    ``_kernel``): the tasks of ``_tasks`` mapped onto the block function named ``block``, each
+    task's float64 total stored in ``part``.  Every loss has the same driver signature,
+    ``(a, b, p, q, c1, c2, loss, grad, grad2, gs, gout, part, ck, rpt)``.
 
     The source is compiled under this file's name (Numba's disk cache needs a real source
     file: it stamps the cache with the file's modification time and size), and each driver is

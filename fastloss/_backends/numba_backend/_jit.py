@@ -210,8 +210,11 @@ def _nblocks(n, work):
 
 
 def _tasks(r, k):
-    """(number of tasks, column chunk, rows per task) for an elementwise (R, K) kernel."""
-    if r * k < cfg.NUMBA_SERIAL_MAX or get_num_threads() == 1:
+    """(number of tasks, column chunk, rows per task) for an elementwise (R, K) kernel.
+
+    A function of the shape alone -- never of the thread count -- so that the tasks' totals,
+    added in task order, give the same reduced loss whichever threads run them."""
+    if r * k < cfg.NUMBA_SERIAL_MAX:
         return 1, k, max(r, 1)  # one task: all rows (the serial twin runs it)
     chunk = cfg.NUMBA_CHUNK
     if k >= chunk:

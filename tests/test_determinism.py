@@ -1,0 +1,86 @@
+"""Deterministic reductions: a reduced loss (and every gradient) is bitwise the same for every
+thread count and every call, on every backend.
+
+How each backend gets there: the row-wise functions write one loss per row (each row's sum in
+fixed blocks) and the public layer adds the rows with ``np.sum``; the elementwise kernels cut
+the input into tasks that depend on its shape alone, each task writes its float64 total to
+its own slot, and the slots are added in order (numba, cython); the CUDA kernels write one
+partial sum per block, added on the host.  A ``prange`` reduction or atomics would add in
+whatever order the threads finish.
+
+Sizes are above the numba backend's serial threshold and span several elementwise tasks, so
+the parallel kernels run with two threads and the serial twins with one.  float64 inputs:
+a float32 loss would round most differences away.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastloss as fl
+from conftest import SIM, rng, sizes
+
+
+def _calls(x, y, t, p, var):
+    """(name, call) of each reduced function; each call returns (loss, grad)."""
+    return [
+        ("cross_entropy", lambda b, r: fl.cross_entropy(x, t, reduction=r, return_grad=True, backend=b,
+                                                       label_smoothing=0.1)),
+        ("cross_entropy few classes", lambda b, r: fl.cross_entropy(x[:, :10], t % 10, reduction=r,
+                                                                   return_grad=True, backend=b)),
+        ("cross_entropy soft", lambda b, r: fl.cross_entropy(x, p, reduction=r, return_grad=True, backend=b)),
+        ("bce_with_logits", lambda b, r: fl.binary_cross_entropy_with_logits(x, y, reduction=r, return_grad=True,
+                                                                            backend=b)),
+        ("bce", lambda b, r: fl.binary_cross_entropy(y, p, reduction=r, return_grad=True, backend=b)),
+        ("kl_div", lambda b, r: fl.kl_div(x, p, reduction=r, return_grad=True, backend=b)),
+        ("mse", lambda b, r: fl.mse_loss(x, y, reduction=r, return_grad=True, backend=b)),
+        ("gaussian_nll", lambda b, r: fl.gaussian_nll_loss(x, y, var, reduction=r, return_grad=True, backend=b)),
+    ]
+
+
+def _same(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_reduced_losses_are_bitwise_reproducible(backend, reduction):
+    n, c = sizes((160, 1000), (4, 12))
+    g = rng(3)
+    x = g.normal(0, 3, (n, c))
+    y = g.random((n, c))
+    p = g.dirichlet(np.ones(c), n)
+    t = g.integers(0, c, n)
+    var = g.random((n, c)) + 0.1
+    before = fl.get_num_threads()
+    counts = sorted({1, before}) if backend != "cuda" else [before]  # CUDA: no host threads
+    try:
+        for name, call in _calls(x, y, t, p, var):
+            results = []
+            for k in counts:
+                fl.set_num_threads(k)
+                results += [call(backend, reduction) for _ in range(2)]  # every call, every count
+            l0, g0 = results[0]
+            for l1, g1 in results[1:]:
+                assert _same(l0, l1), f"{name}: loss {float(l0)!r} != {float(l1)!r} (threads {counts})"
+                assert _same(g0, g1), f"{name}: gradient differs between calls/thread counts {counts}"
+            assert np.isfinite(float(l0)), name
+    finally:
+        fl.set_num_threads(before)
+
+
+@pytest.mark.skipif(SIM, reason="host thread counts: not the CUDA simulator")
+def test_numba_elementwise_tasks_do_not_depend_on_threads():
+    """The numba backend's elementwise decomposition is a function of the shape alone."""
+    pytest.importorskip("numba")
+    from fastloss._backends.numba_backend import _jit
+
+    before = fl.get_num_threads()
+    try:
+        seen = set()
+        for k in sorted({1, before}):
+            fl.set_num_threads(k)
+            seen.add((_jit._tasks(160, 1000), _jit._tasks(1, 1 << 20), _jit._tasks(4, 8)))
+        assert len(seen) == 1
+    finally:
+        fl.set_num_threads(before)
