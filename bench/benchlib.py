@@ -151,12 +151,13 @@ def run(benchmark, spec):
 
 
 # ------------------------------------------------------------------------------ goal workloads
-# The workloads of bench/goals.py (the speed goals of the numba and cython issues), as
-# pytest-benchmark groups: one group per workload and dtype holding the memcpy, the numpy
-# backend, the compiled backends and JAX.  The goal table is computed at the end of the
+# The workloads of bench/goals.py (the speed goals), as pytest-benchmark groups: one group per
+# workload and dtype holding the memcpy, the numpy backend, the compiled backends and the
+# peers (JAX jit, torch.compile).  The goal table is computed at the end of the
 # session from the same run's stats (conftest.py).
 GOAL_BASELINES = ("memcpy", "numpy")
-GOAL_IMPLS = GOAL_BASELINES + ("numba", "cython", "jax")
+GOAL_PEERS = ("jax", "torch.compile")  # goals.PEERS
+GOAL_IMPLS = GOAL_BASELINES + ("numba", "cython") + GOAL_PEERS
 
 
 def benchmarks_disabled(config) -> bool:
@@ -175,7 +176,7 @@ def benchmarks_disabled(config) -> bool:
 class GoalSpec:
     key: str  # the workload's key in goals.WORKLOADS
     dtype: str
-    impl: str  # memcpy, numpy, numba, cython or jax
+    impl: str  # memcpy, numpy, numba, cython, jax or torch.compile
     reduced: bool  # the workload's reduced shape (checks only) instead of its goal shape
 
     @property
@@ -202,7 +203,7 @@ def goal_specs(dtypes, impls, reduced):
     """Every goal workload x dtype x implementation, as ``pytest.param``s.
 
     The memcpy and numpy baselines always run (the goals are ratios to them); ``impls``
-    selects among the rest.  JAX runs float32 only (see ``goals.jax_callable``).  Ordered so
+    selects among the rest.  The peers run float32 only (see ``goals.peer_callable``).  Ordered so
     that a workload's implementations are adjacent and the baselines come first.
     """
     import goals
@@ -212,7 +213,7 @@ def goal_specs(dtypes, impls, reduced):
     for dt in dtypes:
         for w in goals.WORKLOADS:
             for impl in chosen:
-                if impl == "jax" and dt != "float32":
+                if impl in GOAL_PEERS and dt != "float32":
                     continue
                 s = GoalSpec(w.key, dt, impl, reduced)
                 marks = [] if reduced else [pytest.mark.large]
@@ -244,9 +245,9 @@ def goal_callable(spec, case):
 
     if spec.impl == "memcpy":
         return case.memcpy()
-    if spec.impl == "jax":
+    if spec.impl in GOAL_PEERS:
         try:
-            return goals.jax_callable(case)
+            return goals.peer_callable(case, spec.impl)
         except goals.Unavailable as e:
             pytest.skip(str(e))
     import fastloss as fl
@@ -273,7 +274,7 @@ def run_goal(benchmark, spec, record):
                                 dtype=spec.dtype, logits_bytes=case.logits.nbytes, reduced_shape=spec.reduced,
                                 threads=fl.get_num_threads(),
                                 note="np.copyto of the logits" if spec.impl == "memcpy" else
-                                "fresh gradient (JAX)" if spec.impl == "jax" else "grad_out reused")
+                                "fresh gradient (peer)" if spec.impl in GOAL_PEERS else "grad_out reused")
     if not benchmark.disabled:
         fn()  # warm-up outside the timing: JIT compilation, XLA compilation, page faults
     result = benchmark(fn)
@@ -306,10 +307,11 @@ def finish_goals(record):
             ratios["time / memcpy"] = round(mine / t["memcpy"], 4)
         if impl not in ("memcpy", "numpy") and "numpy" in t:
             ratios["speedup vs numpy"] = round(t["numpy"] / mine, 4)
-        if impl == "cython" and "numba" in t:
-            ratios["time / numba"] = round(mine / t["numba"], 4)
-        if impl in ("numba", "cython") and "jax" in t:
-            ratios["time / jax"] = round(mine / t["jax"], 4)
+        if impl == "numba" and "cython" in t:
+            ratios["time / cython"] = round(mine / t["cython"], 4)
+        for p in GOAL_PEERS:
+            if impl in ("numba", "cython") and p in t:
+                ratios[f"time / {p}"] = round(mine / t[p], 4)
         info["goal ratios"] = ratios
         verdicts = [{"measure": g["measure"], "value": g["value"], "goal": g["target"], "verdict": g["verdict"]}
                     for g in record["goals"] if g["workload"] == key and g["dtype"] == dt and g["backend"] == impl]

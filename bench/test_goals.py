@@ -1,4 +1,4 @@
-"""The speed and start-up goals (numba and cython issues) as a pytest-benchmark suite.
+"""The speed and start-up goals (``goals.py``) as a pytest-benchmark suite.
 
 The workloads are those of ``goals.py`` (imported, not copied): cross-entropy fwd+grad on
 2048x32000, 8192x1000 and 262144x10, logsumexp on 2048x32000, BCE-with-logits fwd+grad on 16M
@@ -10,10 +10,12 @@ dtype is one benchmark group holding:
 ``numba``, ``cython``  the compiled backends (skipped when unavailable)
 ``jax``     ``jax.jit(jax.value_and_grad(loss))`` in its idiomatic form (float32; skipped
             without JAX).  XLA's CPU client uses every usable core.
+``torch.compile``  inductor's compilation of the ``torch.nn.functional`` form with
+            ``torch.autograd.grad`` (float32; skipped without PyTorch).
 
 Every benchmark checks its result against the numpy backend's.  At the end of the session
 ``conftest.py`` computes the goal ratios from the best times of this run's stats
-(``x memcpy``, speedup vs numpy, cython / numba, numba / JAX), prints the goal table with a
+(numba / cython, best backend / memcpy, each backend / each peer), prints the goal table with a
 met / NOT MET verdict per goal, and stores each benchmark's ratios and verdicts in its
 ``extra_info`` (so ``--benchmark-json`` and ``--benchmark-autosave`` keep them).
 ``test_startup`` measures the start-up goals in fresh processes (``goals.measure_startup``).
