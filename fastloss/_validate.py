@@ -27,8 +27,32 @@ def _bfloat16():
         return None
 
 
-_BF16 = _bfloat16()
-_LOW = tuple(d for d in (np.dtype(np.float16), _BF16) if d is not None)
+_BF16_FOUND = []
+
+
+def _bf16():
+    """ml_dtypes' bfloat16 dtype (None without ml_dtypes), imported at its first need, not at
+    ``import fastloss``: importing ml_dtypes takes ~0.4 s, three quarters of the import time
+    it would add.  A bfloat16 array only exists once ml_dtypes (or torch) is loaded anyway."""
+    if not _BF16_FOUND:
+        _BF16_FOUND.append(_bfloat16())
+    return _BF16_FOUND[0]
+
+
+def __getattr__(name):  # ``_validate._BF16`` for the adaptors: the lazily imported dtype
+    if name == "_BF16":
+        return _bf16()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_F16 = np.dtype(np.float16)
+
+
+def _is_low(dtype) -> bool:
+    """float16 or bfloat16: stored narrow, computed in float32.  (A dtype named bfloat16 can
+    only be ml_dtypes' -- or a look-alike, which the comparison rejects -- so ml_dtypes is
+    imported here only when such a dtype is actually seen.)"""
+    return dtype == _F16 or (dtype.name == "bfloat16" and dtype == _bf16())
 
 
 def float_dtype_or_raise(dtype, name: str) -> np.dtype:
@@ -38,7 +62,7 @@ def float_dtype_or_raise(dtype, name: str) -> np.dtype:
         dtype = dtype.newbyteorder("=")
     if dtype in _NATIVE:
         return dtype
-    if dtype in _LOW:
+    if _is_low(dtype):
         return np.dtype(np.float32)
     if dtype.kind == "f":  # longdouble
         fix = "float64"
@@ -67,9 +91,10 @@ def host_array(a, name: str):
             f"for loss.backward()), or pass {name}.detach()"
         )
     if str(a.dtype) == "torch.bfloat16":
-        if _BF16 is None:  # pragma: no cover - ml_dtypes missing
+        bf16 = _bf16()
+        if bf16 is None:  # pragma: no cover - ml_dtypes missing
             raise TypeError(f"{name}: a bfloat16 tensor needs the ml_dtypes package (pip install ml_dtypes)")
-        return a.view(sys.modules["torch"].int16).numpy().view(_BF16)
+        return a.view(sys.modules["torch"].int16).numpy().view(bf16)
     return a.numpy()
 
 

@@ -161,10 +161,32 @@ def test_import_compiles_nothing():
         import fastloss as fl
         print("NUMBA_IMPORTED", "numba" in sys.modules)
         print("CUDA_IMPORTED", any(m.startswith("numba.cuda") for m in sys.modules))
+        # ml_dtypes (bfloat16) costs ~0.4 s to import: loaded when a bfloat16 array shows up
+        print("ML_DTYPES_IMPORTED", "ml_dtypes" in sys.modules)
+        import numpy as np
+        print("LSE", fl.logsumexp(np.zeros((1, 4)), backend="numpy")[0], "ml_dtypes" in sys.modules)
     """)
     assert r.returncode == 0, r.stderr
     assert "NUMBA_IMPORTED False" in r.stdout, "import fastloss imported numba: " + r.stdout
     assert "CUDA_IMPORTED False" in r.stdout
+    assert "ML_DTYPES_IMPORTED False" in r.stdout and "LSE 1.386294361119890" in r.stdout, r.stdout
+    assert r.stdout.strip().endswith("False"), "a float64 call imported ml_dtypes: " + r.stdout
+
+
+def test_bfloat16_is_recognised_once_ml_dtypes_is_loaded():
+    """The lazy bfloat16 lookup: an ml_dtypes array is computed in float32 (its first use
+    imports nothing new: ml_dtypes made the array), and a look-alike dtype named bfloat16 is
+    not mistaken for it."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from fastloss import _validate as V
+
+    x = np.array([[0.5, 1.5, -2.0]], dtype=ml_dtypes.bfloat16)
+    assert V.float_dtype_or_raise(x.dtype, "x") == np.float32
+    assert V._BF16 == np.dtype(ml_dtypes.bfloat16)
+    got = fl.logsumexp(x, backend="numpy")
+    assert np.allclose(np.asarray(got, np.float64), np.log(np.exp([0.5, 1.5, -2.0]).sum()), rtol=1e-2)
+    with pytest.raises(TypeError, match="expected a floating array"):
+        V.float_dtype_or_raise(np.dtype([("bfloat16", "i2")]), "x")
 
 
 def test_disable_numba_env():
