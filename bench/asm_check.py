@@ -15,9 +15,9 @@ things are checked:
   floating-point arithmetic is either a vector loop (its values are ``<N x float>`` /
   ``<N x double>``) or the scalar remainder of one (marked ``llvm.loop.isvectorized`` by the
   loop vectorizer).  A loop that the vectorizer left scalar is reported with the kernel it
-  is in; the few loops that are scalar by design are listed in ``SCALAR_BY_DESIGN`` with why
-  (they are recognised by their shape, see ``_loop_key``), and the widest vector width seen
-  in the kernel's hot loops is reported (512 bits on an AVX-512 target, 256 on AVX2).
+  is in and its shape (its FP operations, ``_loop_key``); none is allowed -- even the row
+  max vectorizes (as an integer max, ``_math.order_key``).  The widest vector width seen in
+  the kernel's loops is reported (512 bits on an AVX-512 target, 256 on AVX2).
 
 The target is Numba's: the host CPU, or ``NUMBA_CPU_NAME`` (with ``NUMBA_CPU_FEATURES=""``
 for that CPU's own features) -- a cross target (``znver5`` on an AVX2 machine) is compiled
@@ -123,7 +123,7 @@ def _blocks(fn_text):
 
 
 def _loop_key(body):
-    """A loop's shape, for SCALAR_BY_DESIGN: the multiset of its FP operations."""
+    """A loop's shape, for the report: the multiset of its FP operations."""
     ops = Counter(re.findall(r"=\s*(fadd|fsub|fmul|fdiv|fcmp \w+)", _FLAGS.sub("", body)))
     return ", ".join(f"{k}x{v}" for k, v in sorted(ops.items()))
 
@@ -198,20 +198,6 @@ def _loops(ir):
     return res
 
 
-# Innermost loops that are scalar on purpose, recognised by the set of their FP operations
-# (the unroll factor LLVM picks changes the counts, not the set).
-SCALAR_BY_DESIGN = {
-    # _rows._rowmax: eight running maxima as scalar chains -- a NaN-aware max reduction does
-    # not vectorize without ``nnan``, which the library cannot allow; 7.5-8 G el/s per core
-    # on Zen 5 (4.5 on Zen 3), well above the exp pass that follows it.  Its tail loop too.
-    frozenset({"fcmp ogt"}): "row max: independent scalar chains (_rows._rowmax)",
-}
-
-
-def _by_design(key):
-    return frozenset(op.rsplit("x", 1)[0] for op in key.split(", ")) in SCALAR_BY_DESIGN
-
-
 def check(calls):
     import numba
     from numba.core.caching import NullCache
@@ -230,7 +216,7 @@ def check(calls):
             ir = disp.inspect_llvm(sig)
             slow = sorted(set(SLOW.findall(asm)))
             loops = _loops(ir)
-            scalar = sorted({key for _, kind, _, key, _ in loops if kind == "scalar" and not _by_design(key)})
+            scalar = sorted({key for _, kind, _, key, _ in loops if kind == "scalar"})
             width = max([w for _, kind, w, _, _ in loops if kind == "vector"] + [0])
             report.append(dict(kernel=f"{label} ({twin})", entry=kern.py_func.__name__, slow=slow,
                                scalar_loops=scalar, vector_bits=width,

@@ -46,7 +46,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-__all__ = ["vexp", "vexpn", "vlog", "vlog1p", "vsoftplus", "vlog1p_recip", "sub_sub", "neg_log_p", "bce_mix", "cast_like",
+__all__ = ["order_key", "key_value", "vexp", "vexpn", "vlog", "vlog1p", "vsoftplus", "vlog1p_recip", "sub_sub", "neg_log_p", "bce_mix", "cast_like",
            "HELPER_FASTMATH"]
 
 # The helpers must keep IEEE evaluation order (Cody-Waite split, log1p correction); FMA
@@ -473,6 +473,80 @@ def softplus64(x):
     a = -x if x > 0.0 else x
     mx = x if x > 0.0 else 0.0
     return mx + log1p64(expn64(a))
+
+
+# ----------------------------------------------------------------------------- order keys
+# A row's maximum, NaN skipped, as an INTEGER max reduction.  The float form (``b if b > a
+# else a``) vectorizes only under ``nnan``, which the library cannot allow; an integer
+# ``smax`` reduction vectorizes with no fast-math flag at all (vpmaxsd / vpmaxsq).  The key of
+# a float is its bit pattern with the magnitude bits of negative numbers flipped --
+# ``b ^ ((b >> 31) & 0x7fffffff)`` -- which orders all non-NaN floats as the floats are
+# ordered (-0.0 just below +0.0); a NaN gets the key of -inf, so it never wins.
+_KEY_MASK = {32: 0x7FFFFFFF, 64: 0x7FFFFFFFFFFFFFFF}
+
+
+def _key_codegen(builder, v, width):
+    it = ir.IntType(width)
+    b = builder.bitcast(v, it)
+    flip = builder.and_(builder.ashr(b, ir.Constant(it, width - 1)), ir.Constant(it, _KEY_MASK[width]))
+    return builder.xor(b, flip)
+
+
+@intrinsic
+def _order_key(typingctx, x):
+    if x not in (types.float32, types.float64):
+        return None
+    width = 32 if x == types.float32 else 64
+    rt = types.int32 if width == 32 else types.int64
+
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        k = _key_codegen(builder, v, width)
+        ninf = _key_codegen(builder, ir.Constant(v.type, float("-inf")), width)
+        return builder.select(builder.fcmp_ordered("ord", v, v), k, ninf)
+
+    return rt(x), codegen
+
+
+@intrinsic
+def _key_value(typingctx, k, like):
+    """The float (of ``like``'s type) whose order key is ``k`` (the key is an involution)."""
+    ft = like.dtype if isinstance(like, types.Array) else like
+    if ft not in (types.float32, types.float64):
+        return None
+    width = 32 if ft == types.float32 else 64
+
+    def codegen(context, builder, sig, args):
+        it = ir.IntType(width)
+        kv = args[0]
+        if kv.type.width != width:
+            kv = builder.trunc(kv, it) if kv.type.width > width else builder.sext(kv, it)
+        flip = builder.and_(builder.ashr(kv, ir.Constant(it, width - 1)), ir.Constant(it, _KEY_MASK[width]))
+        return builder.bitcast(builder.xor(kv, flip), ir.FloatType() if width == 32 else ir.DoubleType())
+
+    return ft(k, like), codegen
+
+
+def _order_key_py(x):
+    """Plain-Python twin of :func:`_order_key` (NUMBA_DISABLE_JIT=1)."""
+    x = x if isinstance(x, (np.float32, np.float64)) else np.float64(x)
+    it = np.int32 if isinstance(x, np.float32) else np.int64
+    if x != x:
+        x = type(x)(-np.inf)
+    b = np.array(x).view(it)[()]
+    return it(b ^ ((b >> (8 * b.itemsize - 1)) & _KEY_MASK[8 * b.itemsize]))
+
+
+def _key_value_py(k, like):
+    """Plain-Python twin of :func:`_key_value`."""
+    dt = like.dtype if isinstance(like, np.ndarray) else np.asarray(like).dtype
+    it = np.int32 if dt == np.float32 else np.int64
+    b = it(k)
+    return np.array(it(b ^ ((b >> (8 * b.itemsize - 1)) & _KEY_MASK[8 * b.itemsize]))).view(dt)[()]
+
+
+order_key = _order_key_py if numba.config.DISABLE_JIT else _order_key
+key_value = _key_value_py if numba.config.DISABLE_JIT else _key_value
 
 
 # No inline="always" here: Numba-level inlining would lower these ops with the caller's flags.
