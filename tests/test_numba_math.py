@@ -168,10 +168,11 @@ def _compile_helpers(x, g):
     o = nbr._sumexp(x, 0, x.shape[1], m, True)
     o += nbr._sumexp_store(x, 0, x.shape[1], m, True, g)
     r, k = x.shape
-    o += nbe._bcel_block(x, x, None, None, 0, 0.0, None, g, None, 1.0, None, 0, r, 0, k)
-    o += nbe._mse_block(x, x, None, None, 0, 0.0, None, g, None, 1.0, None, 0, r, 0, k)
-    o += nbe._kl_block(x, np.abs(x), None, None, 0, 0.0, None, g, None, 1.0, None, 0, r, 0, k)
-    o += nbe._kl_log_block(x, x, None, None, 0, 0.0, None, g, None, 1.0, None, 0, r, 0, k)
+    nl = np.empty((r, 0), x.dtype)  # no losses wanted
+    o += nbe._bcel_block(x, x, None, None, 0, 0.0, nl, g, None, 1.0, None, 0, r, 0, k)
+    o += nbe._mse_block(x, x, None, None, 0, 0.0, nl, g, None, 1.0, None, 0, r, 0, k)
+    o += nbe._kl_block(x, np.abs(x), None, None, 0, 0.0, nl, g, None, 1.0, None, 0, r, 0, k)
+    o += nbe._kl_log_block(x, x, None, None, 0, 0.0, nl, g, None, 1.0, None, 0, r, 0, k)
     return o
 
 

@@ -230,6 +230,8 @@ def _run_elementwise(kern, a, b, p, q, c1, c2, loss, grad, grad2, gscale, gout):
     if a.size == 0:
         return 0.0
     a, b, p, q, loss, grad, grad2, gout = _elementwise_layout(a, b, p, q, loss, grad, grad2, gout)
+    if loss is None:  # losses not wanted: an (R, 0) array, the same kernel type (see _make_ew_block)
+        loss = np.empty((a.shape[0], 0), a.dtype)
     gs = float(gscale)  # a scalar (the protocol): a per-element scale arrives as gout
     ntask, ck, rpt = _tasks(*a.shape)
     part = np.empty(ntask)  # each task's float64 total, added below in a fixed order

@@ -20,25 +20,21 @@ if numba is not None and not _NOJIT:
 
 
 @njit(**_JIT)
-def _block_total(bs, seg, scr, jb, je):
-    """The float64 total of one block of elementwise losses whose compute-dtype sum is ``bs``.
+def _block_total(bs, scr, nb):
+    """The float64 total of one block of ``nb`` elementwise losses (stored in ``scr``) whose
+    compute-dtype sum is ``bs``.
 
     The block sums run in the compute dtype (a float64 accumulator keeps the loops scalar, see
     ``_EBLK``), so float32 losses near FLT_MAX can overflow a block sum that the float64 total
-    holds (two losses of 2e38).  Then the block's stored losses -- ``seg[jb:je]`` (the loss
-    output) or ``scr[:je - jb]`` (scratch, when the losses are not asked for) -- are summed
-    again in float64; a genuinely inf/NaN loss gives the same inf/NaN.  Rare, and outside the
-    hot loop.  ``abs(bs) < inf``, not ``math.isfinite``: Numba writes isfinite as
-    ``x - x == x - x``, which this fastmath set folds to true."""
+    holds (two losses of 2e38).  Then the block's losses are summed again in float64; a
+    genuinely inf/NaN loss gives the same inf/NaN.  Rare, and outside the hot loop.
+    ``abs(bs) < inf``, not ``math.isfinite``: Numba writes isfinite as ``x - x == x - x``,
+    which this fastmath set folds to true."""
     if abs(bs) < np.inf:
         return float(bs)
     t = 0.0
-    if seg is None:
-        for k in range(je - jb):
-            t += float(scr[k])  # float(): in plain Python a Python float + np.float32 stays float32
-    else:
-        for j in range(np.uint64(jb), np.uint64(je)):  # unsigned: see the block loop
-            t += float(seg[j])
+    for k in range(nb):
+        t += float(scr[k])  # float(): in plain Python a Python float + np.float32 stays float32
     return t
 
 
@@ -100,8 +96,11 @@ def _make_ew_block(elem):
     rows ``r0:r1``, columns ``j0:j1`` of the (R, K) operands; returns the float64 loss total.
 
     ``grad[j] = g * gs * gout[j]`` and ``grad2[j] = g2 * gs * gout[j]`` (each optional;
-    ``gout`` None means ones); ``loss`` optional.  Block sums run in the compute dtype, and a
-    block whose sum overflows is summed again in float64 (``_block_total``)."""
+    ``gout`` None means ones).  ``loss`` is always an array -- an (R, 0) one when the losses
+    are not wanted: the losses of a block go to a scratch block in L1 and are copied out when
+    wanted.  One type for both cases halves the specializations to compile (``fastloss
+    warmup``) at the cost of an L1 copy.  Block sums run in the compute dtype, and a block
+    whose sum overflows is summed again in float64 (``_block_total``)."""
 
     def row(a_, b_, p_, q_, c1, c2, loss_, grad_, grad2_, gout_, gsd, scr, n):
         # one row segment.  A function of its own rather than the body of blk's row loop:
@@ -125,12 +124,12 @@ def _make_ew_block(elem):
                         grad_[j] = g * sc
                     if grad2_ is not None:
                         grad2_[j] = g2 * sc
-                if loss_ is not None:
-                    loss_[j] = l
-                else:
-                    scr[j - ub] = l
+                scr[j - ub] = l
                 bs += l
-            tot += _block_total(bs, loss_, scr, jb, je)
+            if loss_.shape[0] != 0:  # the losses are wanted ("none" reduction)
+                for j in range(ub, np.uint64(je)):
+                    loss_[j] = scr[j - ub]
+            tot += _block_total(bs, scr, je - jb)
         return tot
 
     row.__name__ = row.__qualname__ = f"_row_of{elem.__name__}"
@@ -138,7 +137,7 @@ def _make_ew_block(elem):
 
     def blk(a, b, p, q, c1, c2, loss, grad, grad2, gs, gout, r0, r1, j0, j1):
         tot = 0.0
-        scr = np.empty(_EBLK, a.dtype)  # the block's losses when they are not stored
+        scr = np.empty(_EBLK, a.dtype)  # the block's losses
         gsd = cast_like(gs, a)
         for i in range(r0, r1):
             tot += row(_seg(a, i, j0, j1), _seg(b, i, j0, j1), _seg(p, i, j0, j1), _seg(q, i, j0, j1), c1, c2,
