@@ -7,6 +7,8 @@
 Every function runs on interchangeable backends (``numpy``, ``numba``, ``cython``, ``cuda``);
 see :func:`backends`. Importing fastloss imports no backend and compiles nothing.
 """
+import os as _os
+
 from . import _api
 from ._api import (
     binary_cross_entropy,
@@ -50,7 +52,7 @@ def _check_choice(name, values, allowed):
     return vals
 
 
-def warmup(backends=None, verbose=False, dtypes=None, layouts=None):
+def warmup(backends=None, verbose=False, dtypes=None, layouts=None, processes=None):
     """Compile (and cache on disk) every kernel of the compiled CPU backends ahead of use.
 
     Parameters
@@ -66,6 +68,9 @@ def warmup(backends=None, verbose=False, dtypes=None, layouts=None):
         ``"C"``: C-contiguous operands; ``"A"``: strided, broadcast and Fortran-ordered ones
         (default both).  Warming only what a program uses (say ``dtypes=["float32"],
         layouts=["C"]``) takes about a quarter of the time of everything.
+    processes : int, optional
+        Processes compiling at once (default: the usable cores; Numba compiles on one core
+        per process, and its disk cache is shared).  1 compiles in this process.
 
     Returns
     -------
@@ -93,6 +98,14 @@ def warmup(backends=None, verbose=False, dtypes=None, layouts=None):
             opts["dtypes"] = tuple(_check_choice("dtypes", dtypes, ("float32", "float64")))
         if layouts is not None:
             opts["layouts"] = tuple(_check_choice("layouts", layouts, ("C", "A")))
+        if processes is None:
+            try:
+                processes = len(_os.sched_getaffinity(0))
+            except (AttributeError, OSError):  # pragma: no cover - no affinity API
+                processes = _os.cpu_count() or 1
+        if int(processes) < 1:
+            raise ValueError(f"processes: expected a positive integer, found {processes!r}")
+        opts["processes"] = int(processes)
         t0 = time.perf_counter()
         hook(**opts)
         done[name] = time.perf_counter() - t0

@@ -99,7 +99,7 @@ def cmd_warmup(args) -> int:
     import fastloss as fl
 
     names = args.backend or None
-    done = fl.warmup(names, verbose=True, dtypes=args.dtype, layouts=args.layout)
+    done = fl.warmup(names, verbose=True, dtypes=args.dtype, layouts=args.layout, processes=args.jobs)
     if not done:
         print("nothing to compile: no JIT backend is available (see `fastloss info`)")
     return 0
@@ -134,6 +134,8 @@ def main(argv=None) -> int:
                         help="compute dtype to compile for (repeatable; default both)")
     p_warm.add_argument("--layout", action="append", choices=["C", "A"],
                         help="C: C-contiguous operands; A: strided/Fortran-order ones (repeatable; default both)")
+    p_warm.add_argument("--jobs", type=int, metavar="N",
+                        help="processes compiling at once (default: one per usable core)")
     p_warm.set_defaults(func=cmd_warmup)
     args = parser.parse_args(argv)
     if args.command is None:  # bare `fastloss`: what it can do, not an argparse error

@@ -97,7 +97,7 @@ def test_warmup_calls_each_backends_hook(monkeypatch, capsys):
 
     class Fake:
         @staticmethod
-        def warmup():
+        def warmup(**opts):
             calls.append("fake")
 
     monkeypatch.setattr(reg, "get", lambda name: Fake if name == "numba" else object())
@@ -117,10 +117,14 @@ def test_warmup_passes_dtype_and_layout_selection(monkeypatch):
             seen.append(opts)
 
     monkeypatch.setattr(reg, "get", lambda name: Fake if name == "numba" else object())
-    fl.warmup(dtypes=["float32"], layouts="C")
-    assert seen == [{"dtypes": ("float32",), "layouts": ("C",)}]
-    assert _cli.main(["warmup", "--dtype", "float64", "--layout", "A", "--layout", "C"]) == 0
-    assert seen[-1] == {"dtypes": ("float64",), "layouts": ("A", "C")}
+    fl.warmup(dtypes=["float32"], layouts="C", processes=1)
+    assert seen == [{"dtypes": ("float32",), "layouts": ("C",), "processes": 1}]
+    assert _cli.main(["warmup", "--dtype", "float64", "--layout", "A", "--layout", "C", "--jobs", "3"]) == 0
+    assert seen[-1] == {"dtypes": ("float64",), "layouts": ("A", "C"), "processes": 3}
+    fl.warmup()  # default: one process per usable core
+    assert seen[-1]["processes"] == len(os.sched_getaffinity(0))
+    with pytest.raises(ValueError, match="processes"):
+        fl.warmup(processes=0)
     with pytest.raises(ValueError, match="dtypes"):
         fl.warmup(dtypes=["float16"])
     with pytest.raises(ValueError, match="layouts"):

@@ -6,7 +6,7 @@ import numpy as np
 from . import _jit
 
 
-def warmup(dtypes=("float32", "float64"), layouts=("C", "A"), progress=None) -> int:
+def warmup(dtypes=("float32", "float64"), layouts=("C", "A"), progress=None, processes=1) -> int:
     """Compile (and cache on disk) the kernel specializations the public layer can reach.
 
     For each compute dtype and each layout -- ``"C"`` (C-contiguous operands) and ``"A"``
@@ -26,7 +26,14 @@ def warmup(dtypes=("float32", "float64"), layouts=("C", "A"), progress=None) -> 
     dtypes, layouts : sequences of str
         Subsets to compile.
     progress : callable, optional
-        Called as ``progress(done, total, label)`` after each compilation.
+        Called as ``progress(done, total, label)`` after each compilation (with
+        ``processes > 1``: after each group of them).
+    processes : int
+        Worker processes compiling at once (Numba compiles on one core; its disk cache is safe
+        to fill from several processes).  The jobs are grouped by entry point, the largest
+        groups first; no two processes compile the same kernel.
+        Ignored (compiled here) when Numba has no writable cache: the workers' machine code
+        would be lost.
 
     Returns
     -------
@@ -95,6 +102,8 @@ def warmup(dtypes=("float32", "float64"), layouts=("C", "A"), progress=None) -> 
                 jobs.append(("gaussian_nll " + lbl, gaussian_nll,
                              (a, a, var, False, 1e-6, loss, g, g, 1.0, go)))
     total = 2 * len(jobs)
+    if processes > 1 and _jit._CACHE_INFO["enabled"] and not _jit._NOJIT:
+        return _in_processes(jobs, processes, progress)
     done = 0
     try:
         for mode in ("serial", "parallel"):  # both twins of every kernel
@@ -108,3 +117,43 @@ def warmup(dtypes=("float32", "float64"), layouts=("C", "A"), progress=None) -> 
         _jit._force_mode = None
     return total
 
+
+
+def _run_jobs(jobs) -> int:
+    """Worker side of :func:`_in_processes`: both twins of each job, in this process."""
+    n = 0
+    try:
+        for mode in ("serial", "parallel"):
+            _jit._force_mode = mode
+            for _label, fn, args in jobs:
+                fn(*args)
+                n += 1
+    finally:
+        _jit._force_mode = None
+    return n
+
+
+def _in_processes(jobs, processes, progress) -> int:
+    """Run ``jobs`` in ``processes`` fresh (spawned) processes, grouped by entry point: every
+    specialization of a kernel (all dtypes and layouts) is compiled by one worker, because
+    Numba keeps one index file per kernel and two processes adding entries to it at once
+    could drop one (it would then be compiled again on first use)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    groups = {}
+    for job in jobs:
+        groups.setdefault(job[1].__name__, []).append(job)
+    units = sorted(groups.values(), key=len, reverse=True)
+    total = 2 * len(jobs)
+    done = 0
+    # spawn, not fork: a forked child of a process that ran a parallel kernel cannot use
+    # the threading layer, and the workers compile parallel kernels
+    with ProcessPoolExecutor(max_workers=min(processes, len(units)), mp_context=mp.get_context("spawn")) as ex:
+        futs = {ex.submit(_run_jobs, unit): unit for unit in units}
+        for fut in as_completed(futs):
+            done += fut.result()
+            if progress is not None:
+                unit = futs[fut]
+                progress(done, total, f"{unit[0][1].__name__} ({len(unit)} calls x 2 twins)")
+    return total
