@@ -172,3 +172,33 @@ def test_every_warmup_job_is_a_valid_kernel_call():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert int(r.stdout.split()[-1]) > 100
+
+
+def test_numba_warmup_in_processes_fills_the_disk_cache(tmp_path):
+    """``processes=2``: spawned workers compile (a subset of the jobs: log-sum-exp and MSE,
+    float32, C order) into the shared disk cache; a later process then loads every one of
+    those kernels from the cache (cache hits, no compilation)."""
+    if fl.backends()["numba"].available is False:
+        pytest.skip("numba unavailable")
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("NUMBA_DISABLE_JIT", None)
+    fill = ("import fastloss._backends.numba_backend._warmup as w\n"
+            "import fastloss._backends.numba_backend as nb\n"
+            "sel = [j for j in w._jobs(('float32',), ('C',)) if j[1] in (nb.logsumexp, nb.mse)]\n"
+            "print(w._in_processes(sel, 2, None), len(sel))\n")
+    r = subprocess.run([sys.executable, "-c", fill], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    total, n = map(int, r.stdout.split()[-2:])
+    assert total == 2 * n > 0
+    check = ("import numpy as np, fastloss as fl\n"
+             "from fastloss._backends.numba_backend import _jit, _rows, _elementwise\n"
+             "x = np.full((3, 40), 0.5, np.float32)\n"
+             "for mode in ('serial', 'parallel'):\n"
+             "    _jit._force_mode = mode\n"
+             "    fl.logsumexp(x, backend='numba'); fl.mse_loss(x, x, backend='numba', return_grad=True)\n"
+             "ks = [_rows._k_logsumexp, _jit._SERIAL['_k_logsumexp'], _elementwise._k_mse, _jit._SERIAL['_k_mse']]\n"
+             "print(sum(sum(k.stats.cache_hits.values()) for k in ks), sum(sum(k.stats.cache_misses.values()) for k in ks))\n")
+    r = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    hits, misses = map(int, r.stdout.split()[-2:])
+    assert hits == 4 and misses == 0, r.stdout

@@ -40,6 +40,26 @@ def warmup(dtypes=("float32", "float64"), layouts=("C", "A"), progress=None, pro
     int
         Number of kernel calls made.
     """
+    jobs = _jobs(dtypes, layouts)
+    total = 2 * len(jobs)
+    if processes > 1 and _jit._CACHE_INFO["enabled"] and not _jit._NOJIT:
+        return _in_processes(jobs, processes, progress)
+    done = 0
+    try:
+        for mode in ("serial", "parallel"):  # both twins of every kernel
+            _jit._force_mode = mode
+            for label, fn, args in jobs:
+                fn(*args)
+                done += 1
+                if progress is not None:
+                    progress(done, total, f"{label} ({mode})")
+    finally:
+        _jit._force_mode = None
+    return total
+
+
+def _jobs(dtypes, layouts) -> list:
+    """The warm-up's kernel calls, ``[(label, entry point, args)]`` (see :func:`warmup`)."""
     import itertools
 
     from . import (bce, bce_with_logits, cross_entropy, cross_entropy_soft, gaussian_nll, kl_div, log_softmax,
@@ -101,22 +121,7 @@ def warmup(dtypes=("float32", "float64"), layouts=("C", "A"), progress=None, pro
             for var in ((a, bcast) if lay == "C" else (a,)):
                 jobs.append(("gaussian_nll " + lbl, gaussian_nll,
                              (a, a, var, False, 1e-6, loss, g, g, 1.0, go)))
-    total = 2 * len(jobs)
-    if processes > 1 and _jit._CACHE_INFO["enabled"] and not _jit._NOJIT:
-        return _in_processes(jobs, processes, progress)
-    done = 0
-    try:
-        for mode in ("serial", "parallel"):  # both twins of every kernel
-            _jit._force_mode = mode
-            for label, fn, args in jobs:
-                fn(*args)
-                done += 1
-                if progress is not None:
-                    progress(done, total, f"{label} ({mode})")
-    finally:
-        _jit._force_mode = None
-    return total
-
+    return jobs
 
 
 def _run_jobs(jobs) -> int:
