@@ -166,10 +166,13 @@ def _k_cross_entropy_small(x, target, w, sumw, ignore, eps, z, loss, grad, gsc, 
         tc = np.empty(_SB, np.float64)
         wt = np.empty(_SB, np.float64)
         lse = np.empty(_SB, np.float64)
-        lo = b * n // nb
-        hi = (b + 1) * n // nb
-        for r0 in range(lo, hi, _SB):
+        # blocks of _SB rows at fixed offsets (multiples of _SB), dealt out to the tasks: a
+        # row's lane in the vectorized loops -- and so its rounding -- does not depend on
+        # how many threads there are
+        nblk = (n + _SB - 1) // _SB
+        for k in range(b * nblk // nb, (b + 1) * nblk // nb):
+            r0 = k * _SB
             _ce_cols_block(x, target, w, sumw, ignore, eps, z, loss, grad, gsc, gsa, r0,
-                           min(hi, r0 + _SB), xt, et, sh, sh2, cg, xtt, s, ls, dd, tc, wt, lse)
+                           min(n, r0 + _SB), xt, et, sh, sh2, cg, xtt, s, ls, dd, tc, wt, lse)
 
 

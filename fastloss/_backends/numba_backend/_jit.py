@@ -87,7 +87,8 @@ def _kernel(f):
 
 
 def _call(kern, work, *args):
-    """Run kernel ``kern`` on ``args``: serially for small ``work`` or one thread, else in parallel.
+    """Run kernel ``kern`` on ``args``: serially for small ``work``, else in parallel (also
+    with one thread: see ``_call_jit``).
 
     The caller's task decomposition (``_nblocks`` / ``_tasks``) already gives a single task
     when the call runs serially.  Serial kernels need no thread-pool set-up (``_Guard``).
@@ -105,8 +106,11 @@ def _call(kern, work, *args):
 def _call_jit(kern, work, *args):
     # _fork_serial first: in a child forked after a parallel call even warmup's forced
     # "parallel" mode must not enter the threading layer (see the module docstring, Fork)
-    if _fork_serial or _force_mode == "serial" or (
-            _force_mode is None and (work < cfg.NUMBA_SERIAL_MAX or get_num_threads() == 1)):
+    # serial for small work only -- a choice by shape, never by thread count: the twins are
+    # compiled apart and LLVM may vectorize (reassociate, contract to FMA) a loop differently
+    # in each, so choosing by thread count could change a result's last bits between 1 and 2
+    # threads (tests/test_determinism.py).  One thread runs the parallel kernel on one worker.
+    if _fork_serial or _force_mode == "serial" or (_force_mode is None and work < cfg.NUMBA_SERIAL_MAX):
         return _SERIAL[getattr(kern, "py_func", kern).__name__](*args)
     with _Guard():
         return kern(*args)
@@ -203,7 +207,8 @@ class _Guard:
 
 def _nblocks(n, work):
     """Row blocks for a row-wise kernel: one per thread (more would only add overhead),
-    a single one for work that runs serially (see ``_call``)."""
+    a single one for work that runs serially (see ``_call``).  Each row's result does not
+    depend on the block it falls in."""
     if work < cfg.NUMBA_SERIAL_MAX:
         return 1
     return max(1, min(n, get_num_threads()))
