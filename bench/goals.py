@@ -83,6 +83,7 @@ import numpy as np
 import fastloss as fl
 from fastloss import _bench
 from fastloss._bench import timing as _timing
+from fastloss._backends import usable_cores as _usable_cores
 from fastloss._bench.peers import Unavailable
 from fastloss._bench.peers import jax_callable as jax_peer
 from fastloss._bench.peers import torch_callable as torch_peer
@@ -267,13 +268,6 @@ def jax_threads() -> dict:
         except importlib.metadata.PackageNotFoundError:
             info["version"] = "?"
     return info
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 # ============================================================================ timing
@@ -560,7 +554,7 @@ def evaluate(times: dict, startup: dict | None = None, not_run: dict | None = No
                 if t is not None:
                     yield w, dt, t, (f"{w.name()} {dt}" if not reduced else f"{w.key} {dt} (reduced)")
 
-    backends = [b for b in COMPILED]
+    backends = COMPILED
     # ------------------------------------------------------------ speed: the backends, memcpy, peers
     for w, dt, t, subject in measured():
         add("speed", w.key, dt, subject, "numba", "time / cython time", ratio(t, "numba", "cython"), "<=",

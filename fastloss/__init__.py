@@ -7,8 +7,6 @@
 Every function runs on interchangeable backends (``numpy``, ``numba``, ``cython``, ``cuda``);
 see :func:`backends`. Importing fastloss imports no backend and compiles nothing.
 """
-import os as _os
-
 from . import _api
 from ._api import (
     binary_cross_entropy,
@@ -79,9 +77,15 @@ def warmup(backends=None, verbose=False, dtypes=None, layouts=None, processes=No
     """
     import time
 
+    from ._backends import usable_cores
     from ._dispatch import _reg
 
     names = list(backends) if backends is not None else [n for n in _reg.KNOWN if n != "cuda"]
+    if processes is None:
+        processes = usable_cores()
+    if int(processes) < 1:
+        raise ValueError(f"processes: expected a positive integer, found {processes!r}")
+    processes = int(processes)
     done = {}
     for name in names:
         try:
@@ -98,14 +102,7 @@ def warmup(backends=None, verbose=False, dtypes=None, layouts=None, processes=No
             opts["dtypes"] = tuple(_check_choice("dtypes", dtypes, ("float32", "float64")))
         if layouts is not None:
             opts["layouts"] = tuple(_check_choice("layouts", layouts, ("C", "A")))
-        if processes is None:
-            try:
-                processes = len(_os.sched_getaffinity(0))
-            except (AttributeError, OSError):  # pragma: no cover - no affinity API
-                processes = _os.cpu_count() or 1
-        if int(processes) < 1:
-            raise ValueError(f"processes: expected a positive integer, found {processes!r}")
-        opts["processes"] = int(processes)
+        opts["processes"] = processes
         t0 = time.perf_counter()
         hook(**opts)
         done[name] = time.perf_counter() - t0

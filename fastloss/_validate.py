@@ -7,6 +7,7 @@ and device arrays alike; the checks that need the values are the array adaptors'
 """
 from __future__ import annotations
 
+import functools
 import numbers
 import operator
 import sys
@@ -18,25 +19,17 @@ REDUCTIONS = ("mean", "sum", "none")
 _NATIVE = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def _bfloat16():
+@functools.cache
+def _bf16():
+    """ml_dtypes' bfloat16 dtype (None without ml_dtypes), imported at its first need, not at
+    ``import fastloss``: importing ml_dtypes takes ~0.4 s, three quarters of the import time
+    it would add.  A bfloat16 array only exists once ml_dtypes (or torch) is loaded anyway."""
     try:  # optional: ml_dtypes.bfloat16 is computed in float32 like float16
         import ml_dtypes
 
         return np.dtype(ml_dtypes.bfloat16)
     except Exception:  # pragma: no cover - ml_dtypes missing
         return None
-
-
-_BF16_FOUND = []
-
-
-def _bf16():
-    """ml_dtypes' bfloat16 dtype (None without ml_dtypes), imported at its first need, not at
-    ``import fastloss``: importing ml_dtypes takes ~0.4 s, three quarters of the import time
-    it would add.  A bfloat16 array only exists once ml_dtypes (or torch) is loaded anyway."""
-    if not _BF16_FOUND:
-        _BF16_FOUND.append(_bfloat16())
-    return _BF16_FOUND[0]
 
 
 def __getattr__(name):  # ``_validate._BF16`` for the adaptors: the lazily imported dtype

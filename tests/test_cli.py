@@ -182,13 +182,17 @@ def test_numba_warmup_in_processes_fills_the_disk_cache(tmp_path):
         pytest.skip("numba unavailable")
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
     env.pop("NUMBA_DISABLE_JIT", None)
+
+    def last_two_ints(code):  # run ``code`` in a fresh process; the two numbers it prints last
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return tuple(map(int, r.stdout.split()[-2:]))
+
     fill = ("import fastloss._backends.numba_backend._warmup as w\n"
             "import fastloss._backends.numba_backend as nb\n"
             "sel = [j for j in w._jobs(('float32',), ('C',)) if j[1] in (nb.logsumexp, nb.mse)]\n"
             "print(w._in_processes(sel, 2, None), len(sel))\n")
-    r = subprocess.run([sys.executable, "-c", fill], capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0, r.stdout + r.stderr
-    total, n = map(int, r.stdout.split()[-2:])
+    total, n = last_two_ints(fill)
     assert total == 2 * n > 0
     check = ("import numpy as np, fastloss as fl\n"
              "from fastloss._backends.numba_backend import _jit, _rows, _elementwise\n"
@@ -198,7 +202,5 @@ def test_numba_warmup_in_processes_fills_the_disk_cache(tmp_path):
              "    fl.logsumexp(x, backend='numba'); fl.mse_loss(x, x, backend='numba', return_grad=True)\n"
              "ks = [_rows._k_logsumexp, _jit._SERIAL['_k_logsumexp'], _elementwise._k_mse, _jit._SERIAL['_k_mse']]\n"
              "print(sum(sum(k.stats.cache_hits.values()) for k in ks), sum(sum(k.stats.cache_misses.values()) for k in ks))\n")
-    r = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0, r.stdout + r.stderr
-    hits, misses = map(int, r.stdout.split()[-2:])
-    assert hits == 4 and misses == 0, r.stdout
+    hits, misses = last_two_ints(check)
+    assert (hits, misses) == (4, 0)

@@ -85,6 +85,15 @@ _loaded: dict[str, object] = {}
 _failed: dict[str, str] = {}
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask; all cores where the OS has
+    no affinity API)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - no affinity API
+        return os.cpu_count() or 1
+
+
 def _disabled_reason(name: str) -> str:
     if name == "numba" and os.environ.get("FASTLOSS_DISABLE_NUMBA", "") not in ("", "0"):
         return "disabled by FASTLOSS_DISABLE_NUMBA=1"

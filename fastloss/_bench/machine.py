@@ -44,10 +44,9 @@ def machine_info() -> dict:
     for line in _read("/proc/meminfo").splitlines():
         if line.startswith("MemTotal:"):
             mem = int(line.split()[1]) * 1024
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = os.cpu_count()
+    from .._backends import usable_cores
+
+    usable = usable_cores()
     fl = _fl()
     return {
         "cpu_model": model,

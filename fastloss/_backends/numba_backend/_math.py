@@ -485,11 +485,14 @@ def softplus64(x):
 _KEY_MASK = {32: 0x7FFFFFFF, 64: 0x7FFFFFFFFFFFFFFF}
 
 
-def _key_codegen(builder, v, width):
+def _flip(builder, b, width):
+    """``b ^ ((b >> (width - 1)) & mask)``: float bits <-> order key (an involution)."""
     it = ir.IntType(width)
-    b = builder.bitcast(v, it)
-    flip = builder.and_(builder.ashr(b, ir.Constant(it, width - 1)), ir.Constant(it, _KEY_MASK[width]))
-    return builder.xor(b, flip)
+    return builder.xor(b, builder.and_(builder.ashr(b, ir.Constant(it, width - 1)), ir.Constant(it, _KEY_MASK[width])))
+
+
+def _key_codegen(builder, v, width):
+    return _flip(builder, builder.bitcast(v, ir.IntType(width)), width)
 
 
 @intrinsic
@@ -521,10 +524,14 @@ def _key_value(typingctx, k, like):
         kv = args[0]
         if kv.type.width != width:
             kv = builder.trunc(kv, it) if kv.type.width > width else builder.sext(kv, it)
-        flip = builder.and_(builder.ashr(kv, ir.Constant(it, width - 1)), ir.Constant(it, _KEY_MASK[width]))
-        return builder.bitcast(builder.xor(kv, flip), ir.FloatType() if width == 32 else ir.DoubleType())
+        return builder.bitcast(_flip(builder, kv, width), ir.FloatType() if width == 32 else ir.DoubleType())
 
     return ft(k, like), codegen
+
+
+def _flip_py(b):
+    """Plain-Python twin of :func:`_flip` on a NumPy int32/int64 scalar."""
+    return type(b)(b ^ ((b >> (8 * b.itemsize - 1)) & _KEY_MASK[8 * b.itemsize]))
 
 
 def _order_key_py(x):
@@ -533,16 +540,14 @@ def _order_key_py(x):
     it = np.int32 if isinstance(x, np.float32) else np.int64
     if x != x:
         x = type(x)(-np.inf)
-    b = np.array(x).view(it)[()]
-    return it(b ^ ((b >> (8 * b.itemsize - 1)) & _KEY_MASK[8 * b.itemsize]))
+    return _flip_py(np.array(x).view(it)[()])
 
 
 def _key_value_py(k, like):
     """Plain-Python twin of :func:`_key_value`."""
     dt = like.dtype if isinstance(like, np.ndarray) else np.asarray(like).dtype
     it = np.int32 if dt == np.float32 else np.int64
-    b = it(k)
-    return np.array(it(b ^ ((b >> (8 * b.itemsize - 1)) & _KEY_MASK[8 * b.itemsize]))).view(dt)[()]
+    return np.array(_flip_py(it(k))).view(dt)[()]
 
 
 order_key = _order_key_py if numba.config.DISABLE_JIT else _order_key

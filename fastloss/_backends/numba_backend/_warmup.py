@@ -41,21 +41,9 @@ def warmup(dtypes=("float32", "float64"), layouts=("C", "A"), progress=None, pro
         Number of kernel calls made.
     """
     jobs = _jobs(dtypes, layouts)
-    total = 2 * len(jobs)
     if processes > 1 and _jit._CACHE_INFO["enabled"] and not _jit._NOJIT:
         return _in_processes(jobs, processes, progress)
-    done = 0
-    try:
-        for mode in ("serial", "parallel"):  # both twins of every kernel
-            _jit._force_mode = mode
-            for label, fn, args in jobs:
-                fn(*args)
-                done += 1
-                if progress is not None:
-                    progress(done, total, f"{label} ({mode})")
-    finally:
-        _jit._force_mode = None
-    return total
+    return _run_jobs(jobs, progress)
 
 
 def _jobs(dtypes, layouts) -> list:
@@ -124,15 +112,18 @@ def _jobs(dtypes, layouts) -> list:
     return jobs
 
 
-def _run_jobs(jobs) -> int:
-    """Worker side of :func:`_in_processes`: both twins of each job, in this process."""
+def _run_jobs(jobs, progress=None) -> int:
+    """Both twins of each job, in this process (the in-process warm-up, and the worker side
+    of :func:`_in_processes`); ``progress`` after each call.  Returns the calls made."""
     n = 0
     try:
-        for mode in ("serial", "parallel"):
+        for mode in ("serial", "parallel"):  # both twins of every kernel
             _jit._force_mode = mode
-            for _label, fn, args in jobs:
+            for label, fn, args in jobs:
                 fn(*args)
                 n += 1
+                if progress is not None:
+                    progress(n, 2 * len(jobs), f"{label} ({mode})")
     finally:
         _jit._force_mode = None
     return n
