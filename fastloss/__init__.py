@@ -12,6 +12,7 @@ from ._api import (
     binary_cross_entropy,
     binary_cross_entropy_with_logits,
     cross_entropy,
+    linear_cross_entropy,
     gaussian_nll_loss,
     kl_div,
     log_softmax,

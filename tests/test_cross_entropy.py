@@ -434,3 +434,173 @@ def test_grad_out_any_layout(backend):
     buf = np.empty_like(x3)
     fl.cross_entropy(x3, t3, axis=1, return_grad=True, grad_out=buf, backend=backend)
     close(np.moveaxis(buf, 1, -1), want, kind="grad")
+
+
+# ----------------------------------------------------------------------------- large vocabularies
+# softcap / return_lse / num_items (SPEC "Large vocabularies"), with every existing option
+
+def _capped64(x, cap):
+    """``cap * tanh(x / cap)`` in float64: the closed form the kernels' cap must give."""
+    return cap * np.tanh(np.asarray(x, np.float64) / cap)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", pick(HARD, ["plain", "all"]))
+def test_softcap_hard_values_and_grad_fd(backend, case, reduction):
+    """Values: the reference cross-entropy (SciPy) of the capped logits; gradients: finite
+    differences through the cap, for every option set and reduction."""
+    x, t, opts = _case(case, seed=3)
+    x = x * 4  # logits that the cap bends
+    cap = 3.0
+    for go in _gos(reduction, N):
+        loss, g = fl.cross_entropy(x, t, softcap=cap, reduction=reduction, return_grad=True, grad_output=go,
+                                   backend=backend, **opts)
+        close(loss, ref_ce(_capped64(x, cap), t, reduction=reduction, **opts))
+        check_grad(lambda xx: fl.cross_entropy(xx, t, softcap=cap, reduction=reduction, backend=backend, **opts),
+                   g, x, grad_output=go)
+        if "_ignore" in HARD[case] or "ignore_index" in opts:
+            assert np.all(g[0] == 0), "an ignored row has a zero gradient"
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("case", pick(SOFT, ["plain", "all"]))
+def test_softcap_soft_values_and_grad_fd(backend, case, reduction):
+    x, y, opts = _soft(case, seed=4)
+    x = x * 4
+    cap = 2.5
+    for go in _gos(reduction, N):
+        loss, g = fl.cross_entropy(x, y, softcap=cap, reduction=reduction, return_grad=True, grad_output=go,
+                                   backend=backend, **opts)
+        close(loss, ref_ce_soft(_capped64(x, cap), y, reduction=reduction, **opts))
+        check_grad(lambda xx: fl.cross_entropy(xx, y, softcap=cap, reduction=reduction, backend=backend, **opts),
+                   g, x, grad_output=go)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("c", pick([5, 40, 3000], [5]))
+def test_softcap_extremes(backend, dtype, c):
+    """Capped logits are finite: +-inf logits become +-cap (derivative exactly 0), a -inf
+    target logit gives a finite loss, huge logits are exact, NaN stays in its row; the
+    closed form at float64 for the rest (few classes: the column-block kernels)."""
+    r = rng(5)
+    n = 6
+    x = (r.standard_normal((n, c)) * 10).astype(dtype)
+    x[0, 0] = np.inf
+    x[1, :] = -np.inf
+    x[2, 1] = -np.inf
+    x[3, :2] = [3e38 if dtype == np.float32 else 1e300, -1e30]
+    x[4, 2] = np.nan
+    t = np.array([1, 0, 1, 0, 0, 3])
+    cap = 30.0
+    loss, g, lse = fl.cross_entropy(x, t, softcap=cap, reduction="none", return_grad=True, return_lse=True,
+                                    backend=backend)
+    xc = _capped64(x, cap)
+    want = ref_ce(xc, t, reduction="none")
+    with np.errstate(invalid="ignore"):
+        close(loss, want, dtype)
+    assert np.isfinite(loss[[0, 1, 2, 3, 5]]).all() and np.isnan(loss[4])
+    assert np.isnan(g[4]).all() and np.isfinite(np.delete(g, 4, axis=0)).all()
+    assert g[0, 0] == 0 and np.all(g[1] == 0) and g[2, 1] == 0  # the cap is flat at +-inf
+    close(lse[[0, 1, 2, 3, 5]], sp.logsumexp(xc[[0, 1, 2, 3, 5]], axis=1), dtype)
+    np.testing.assert_allclose(lse[1], np.log(c) - cap, rtol=1e-6)  # a row of -inf: uniform at -cap
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_softcap_float32_grad_vs_float64(backend, soft):
+    """float32 gradients through the cap within the contract's 1e-6 absolute (scaled to O(1):
+    "sum"), against the float64 closed form (PyTorch's expression, through autograd by hand:
+    softmax minus target, times 1 - tanh**2)."""
+    from scipy.special import softmax
+
+    r = rng(6)
+    n, c = 64, 300
+    x = (r.standard_normal((n, c)) * 20).astype(np.float32)
+    cap = 15.0
+    if soft:
+        t = r.dirichlet(np.ones(c), n).astype(np.float32)
+        y = t.astype(np.float64)
+    else:
+        t = r.integers(0, c, n)
+        y = np.eye(c)[t]
+    _, g = fl.cross_entropy(x, t, softcap=cap, reduction="sum", return_grad=True, backend=backend)
+    th = np.tanh(x.astype(np.float64) / cap)
+    want = (softmax(cap * th, axis=1) * y.sum(axis=1, keepdims=True) - y) * (1 - th * th)
+    np.testing.assert_allclose(g, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("cap", [None, 4.0])
+def test_return_lse(backend, dtype, soft, cap):
+    """``return_lse``: each row's log-sum-exp of the (capped) logits, ignored rows included,
+    shaped like the unreduced loss, in the compute dtype, last in the result tuple; the loss
+    and gradient unchanged by asking for it; any class axis."""
+    r = rng(7)
+    x = (r.standard_normal((3, 6, 4)) * 3).astype(dtype)  # classes on axis 1
+    if soft:
+        t = r.dirichlet(np.ones(6), (3, 4)).transpose(0, 2, 1).astype(dtype)
+    else:
+        t = r.integers(0, 6, (3, 4))
+        t[0, 0] = -100
+    xc = np.asarray(x, np.float64) if cap is None else _capped64(x, cap)
+    want = sp.logsumexp(xc, axis=1)
+    for reduction in ("mean", "none"):
+        l0, g0 = fl.cross_entropy(x, t, axis=1, softcap=cap, reduction=reduction, return_grad=True,
+                                  backend=backend)
+        l1, g1, lse = fl.cross_entropy(x, t, axis=1, softcap=cap, reduction=reduction, return_grad=True,
+                                       return_lse=True, backend=backend)
+        assert lse.shape == (3, 4) and lse.dtype == dtype
+        close(lse, want, dtype)
+        np.testing.assert_array_equal(l1, l0)
+        np.testing.assert_array_equal(g1, g0)
+        l2, lse2 = fl.cross_entropy(x, t, axis=1, softcap=cap, reduction=reduction, return_lse=True,
+                                    backend=backend)
+        close(l2, l0, dtype)  # loss only: a kernel compiled apart (the last bit may differ)
+        close(lse2, want, dtype)
+
+
+def test_return_lse_float16(backend):
+    x = rng(8).standard_normal((4, 7)).astype(np.float16)
+    _, lse = fl.cross_entropy(x, np.array([0, 1, 2, -100]), return_lse=True, backend=backend)
+    assert lse.dtype == np.float32  # the compute dtype
+    close(lse, sp.logsumexp(x.astype(np.float64), axis=1), np.float32)
+
+
+@pytest.mark.parametrize("soft", [False, True])
+@pytest.mark.parametrize("case", ["plain", "all"])
+def test_num_items_micro_batches(backend, soft, case):
+    """``num_items``: micro-batches' mean losses and gradients with the global count add up to
+    the full batch's (with weights, ignored rows, smoothing, z-loss and a cap)."""
+    if soft:
+        x, t, opts = _soft(case if case in SOFT else "all", seed=9, n=12)
+        total = 12.0
+    else:
+        x, t, opts = _case(case, seed=9, n=12)
+        w = opts.get("weight")
+        ii = opts.get("ignore_index", -100)
+        keep = t != ii
+        total = float(np.sum(w[t[keep]])) if w is not None else float(keep.sum())
+    opts["softcap"] = 5.0
+    full, gfull = fl.cross_entropy(x, t, return_grad=True, backend=backend, **opts)
+    parts = [fl.cross_entropy(x[s], t[s], num_items=total, return_grad=True, backend=backend, **opts)
+             for s in (slice(0, 5), slice(5, 12))]
+    close(parts[0][0] + parts[1][0], full)
+    close(np.concatenate([parts[0][1], parts[1][1]]), gfull, kind="grad")
+    # and the closed form: "mean" = sum / num_items
+    s = fl.cross_entropy(x, t, reduction="sum", backend=backend, **opts)
+    close(fl.cross_entropy(x, t, num_items=2.5, backend=backend, **opts), s / 2.5)
+
+
+def test_large_vocab_arguments_errors(backend):
+    x = np.zeros((2, 3))
+    t = np.array([0, 1])
+    for bad in (0.0, -1.0, np.inf, np.nan):
+        with pytest.raises(ValueError, match="softcap: expected a finite number > 0"):
+            fl.cross_entropy(x, t, softcap=bad, backend=backend)
+        with pytest.raises(ValueError, match="num_items: expected a finite number > 0"):
+            fl.cross_entropy(x, t, num_items=bad, backend=backend)
+    with pytest.raises(TypeError, match="softcap: expected a real number"):
+        fl.cross_entropy(x, t, softcap="3", backend=backend)
+    for reduction in ("sum", "none"):
+        with pytest.raises(ValueError, match="num_items: expected None with reduction="):
+            fl.cross_entropy(x, t, num_items=4, reduction=reduction, backend=backend)

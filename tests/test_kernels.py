@@ -31,6 +31,8 @@ DTYPES = (np.float32, np.float64)
 # the heaviest loops under the simulator in float32 only (it runs the kernels' Python, where
 # the dtype changes no code path; on a GPU both dtypes run)
 CE_DTYPES = pick(DTYPES, (np.float32,))
+# softcap: none, and a cap (3.0) that bends the test logits (normal, x 3, with inf/-inf/NaN/huge rows)
+CAPS = (0.0, 3.0)
 
 
 @pytest.fixture(scope="module", params=[b for b in _backend_list() if b != "numpy"])
@@ -184,26 +186,29 @@ def test_cross_entropy_hard(K, dt, shape):
     if c >= 3 and n >= 4:
         t[1] = 2  # target logit -inf -> loss +inf, finite gradient
     w = (rng.random(c) + 0.5).astype(dt)
-    for weight, eps, z in itertools.product(pick((None, w, np.broadcast_to(w[:1], (c,))), (None, w)),
-                                            (0.0, 0.1), pick((0.0, 1e-3), (1e-3,))):
+    for weight, eps, z, cap in itertools.product(pick((None, w, np.broadcast_to(w[:1], (c,))), (None, w)),
+                                                 (0.0, 0.1), pick((0.0, 1e-3), (1e-3,)), CAPS):
         gs = rng.random(n)
-        want_l, want_g = np.empty(n), np.empty((n, c), dt)
-        R.cross_entropy(x, t, weight, -100, eps, z, want_l, want_g, gs)
+        want_l, want_g, want_lse = np.empty(n), np.empty((n, c), dt), np.empty(n)
+        R.cross_entropy(x, t, weight, -100, eps, z, cap, want_l, want_lse, want_g, gs)
         want_g[0] = 0  # the protocol: zeros for an ignored row
         for name, xv in _layouts(x):
-            what = f"{name} weight={weight is not None} eps={eps} z={z}"
+            what = f"{name} weight={weight is not None} eps={eps} z={z} cap={cap}"
             got_l, got_g = np.empty(n), np.empty((n, c), dt, order="F" if name == "F" else "C")
-            K.cross_entropy(xv, t, weight, -100, eps, z, got_l, got_g, gs)
+            K.cross_entropy(xv, t, weight, -100, eps, z, cap, got_l, None, got_g, gs)
             _close(got_l, want_l, dt, "loss " + what)
             _close(got_g, want_g, dt, "grad " + what)
             xi = _writable_copy(name, xv)
-            K.cross_entropy(xi, t, weight, -100, eps, z, got_l, xi, gs)  # in place
+            got_lse = np.zeros(2 * n)[::2]  # a strided lse output, ignored rows included
+            K.cross_entropy(xi, t, weight, -100, eps, z, cap, got_l, got_lse, xi, gs)  # in place
             _close(got_l, want_l, dt, "loss in place " + what)
             _close(xi, want_g, dt, "grad in place " + what)
-            got_l2 = np.empty(n)
-            K.cross_entropy(xv, t, weight, -100, eps, z, got_l2, None, 1.0)
+            _close(got_lse, want_lse, dt, "lse in place " + what)
+            got_l2, got_lse = np.empty(n), np.empty(n)
+            K.cross_entropy(xv, t, weight, -100, eps, z, cap, got_l2, got_lse, None, 1.0)
             _close(got_l2, want_l, dt, "loss without grad " + what)
-        if n >= 4 and c >= 3:
+            _close(got_lse, want_lse, dt, "lse without grad " + what)
+        if n >= 4 and c >= 3 and not cap:
             assert got_l[1] == np.inf and np.isfinite(xi[1]).all()
             if eps == 0 and z == 0:
                 assert np.isnan(got_l[2])  # a row of only -inf, as the reference
@@ -219,20 +224,25 @@ def test_cross_entropy_soft(K, dt, shape):
     y /= y.sum(axis=1, keepdims=True)
     y[0, :2] = 0
     w = (rng.random(c) + 0.5).astype(dt)
-    for weight, eps, z in itertools.product((None, w), (0.0, 0.2), pick((0.0, 1e-3), (1e-3,))):
+    for weight, eps, z, cap in itertools.product((None, w), (0.0, 0.2), pick((0.0, 1e-3), (1e-3,)), CAPS):
         gs = np.full(n, 0.25)
-        want_l, want_g = np.empty(n), np.empty((n, c), dt)
-        R.cross_entropy_soft(x, y, weight, eps, z, want_l, want_g, gs)
+        want_l, want_g, want_lse = np.empty(n), np.empty((n, c), dt), np.empty(n)
+        R.cross_entropy_soft(x, y, weight, eps, z, cap, want_l, want_lse, want_g, gs)
         for (xn, xv), (yn, yv) in itertools.product(_layouts(x), _layouts(y)):
-            what = f"x={xn} y={yn} weight={weight is not None} eps={eps} z={z}"
-            got_l, got_g = np.empty(n), np.empty((n, c), dt)
-            K.cross_entropy_soft(xv, yv, weight, eps, z, got_l, got_g, np.broadcast_to(0.25, (n,)))
+            what = f"x={xn} y={yn} weight={weight is not None} eps={eps} z={z} cap={cap}"
+            got_l, got_g, got_lse = np.empty(n), np.empty((n, c), dt), np.empty(n)
+            K.cross_entropy_soft(xv, yv, weight, eps, z, cap, got_l, got_lse, got_g, np.broadcast_to(0.25, (n,)))
             _close(got_l, want_l, dt, "loss " + what)
             _close(got_g, want_g, dt, "grad " + what)
+            _close(got_lse, want_lse, dt, "lse " + what)
+        what = f"weight={weight is not None} eps={eps} z={z} cap={cap}"
         xi = x.copy()
-        K.cross_entropy_soft(xi, y, weight, eps, z, got_l, xi, 0.25)  # in place, scalar scale
-        _close(got_l, want_l, dt, f"loss in place weight={weight is not None} eps={eps} z={z}")
-        _close(xi, want_g, dt, f"grad in place weight={weight is not None} eps={eps} z={z}")
+        K.cross_entropy_soft(xi, y, weight, eps, z, cap, got_l, None, xi, 0.25)  # in place, scalar scale
+        _close(got_l, want_l, dt, "loss in place " + what)
+        _close(xi, want_g, dt, "grad in place " + what)
+        K.cross_entropy_soft(x, y, weight, eps, z, cap, got_l, got_lse, None, 1.0)
+        _close(got_l, want_l, dt, "loss without grad " + what)
+        _close(got_lse, want_lse, dt, "lse without grad " + what)
 
 
 def _large_logits(dt, c, rng):
@@ -266,18 +276,18 @@ def test_large_logits_keep_the_log_term(K, dt, c):
     y /= y.sum(axis=1, keepdims=True)
     for weight, eps in itertools.product(pick((None, w), (w,)), (0.0, 0.1)):
         want_l, want_g = np.empty(n), np.empty_like(x)
-        R.cross_entropy(x, t, weight, -100, eps, 0.0, want_l, want_g, np.ones(n))
+        R.cross_entropy(x, t, weight, -100, eps, 0.0, 0.0, want_l, None, want_g, np.ones(n))
         ws_l, ws_g = np.empty(n), np.empty_like(x)
-        R.cross_entropy_soft(x, y, weight, eps, 0.0, ws_l, ws_g, np.ones(n))
+        R.cross_entropy_soft(x, y, weight, eps, 0.0, 0.0, ws_l, None, ws_g, np.ones(n))
         if weight is None and eps == 0:
             assert abs(want_l[2] - np.log(c)) < 1e-6 * np.log(c)  # equal huge logits: log C
         for name, xv in _layouts(x):
             what = f"{name} weight={weight is not None} eps={eps}"
             got_l, got_g = np.empty(n), np.empty_like(x)
-            K.cross_entropy(xv, t, weight, -100, eps, 0.0, got_l, got_g, np.ones(n))
+            K.cross_entropy(xv, t, weight, -100, eps, 0.0, 0.0, got_l, None, got_g, np.ones(n))
             _close(got_l, want_l, dt, "hard loss " + what)
             _close(got_g, want_g, dt, "hard grad " + what)
-            K.cross_entropy_soft(xv, y, weight, eps, 0.0, got_l, got_g, np.ones(n))
+            K.cross_entropy_soft(xv, y, weight, eps, 0.0, 0.0, got_l, None, got_g, np.ones(n))
             _close(got_l, ws_l, dt, "soft loss " + what)
             _close(got_g, ws_g, dt, "soft grad " + what)
 
@@ -299,31 +309,34 @@ def test_cross_entropy_few_classes(K, dt, c):
     gs_rows = rng.standard_normal(n)
     gs_rows[:3] = [0.0, -1.0, 2.5]
     gs_scalar = np.broadcast_to(0.5, (n,))
-    for ignore, weight, eps, z, gs in itertools.product(
+    for ignore, weight, eps, z, gs, cap in itertools.product(
         pick((-100, min(1, c - 1)), (-100,)), (None, w), (0.0, 0.1), pick((0.0, 1e-3), (1e-3,)),
-        pick((gs_rows, gs_scalar), (gs_rows,))
+        pick((gs_rows, gs_scalar), (gs_rows,)), CAPS
     ):
         t = _special_targets(n, c, rng, ignore)
-        what = f"c={c} ignore={ignore} weight={weight is not None} eps={eps} z={z} gs={gs.strides}"
-        want_l, want_g = np.empty(n), np.empty((n, c), dt)
+        what = f"c={c} ignore={ignore} weight={weight is not None} eps={eps} z={z} gs={gs.strides} cap={cap}"
+        want_l, want_g, want_lse = np.empty(n), np.empty((n, c), dt), np.empty(n)
         with np.errstate(all="ignore"):
-            R.cross_entropy(x, t, weight, ignore, eps, z, want_l, want_g, gs)
+            R.cross_entropy(x, t, weight, ignore, eps, z, cap, want_l, want_lse, want_g, gs)
         want_g[t == ignore] = 0  # the protocol: exact zeros for an ignored row
         for name, xv in _layouts(x):
             for gorder in pick("CF", "F"):
                 got_l, got_g = np.full(n, 7.0), np.full((n, c), 7, dt, order=gorder)
-                K.cross_entropy(xv, t, weight, ignore, eps, z, got_l, got_g, gs)
+                K.cross_entropy(xv, t, weight, ignore, eps, z, cap, got_l, None, got_g, gs)
                 _close(got_l, want_l, dt, f"loss {name} grad={gorder} {what}")
                 _close(got_g, want_g, dt, f"grad {name} grad={gorder} {what}")
                 assert np.all(got_g[t == ignore] == 0)
             xi = _writable_copy(name, xv)
-            K.cross_entropy(xi, t, weight, ignore, eps, z, got_l, xi, gs)  # in place
+            got_lse = np.full(n, 7.0)
+            K.cross_entropy(xi, t, weight, ignore, eps, z, cap, got_l, got_lse, xi, gs)  # in place
             _close(got_l, want_l, dt, f"loss in place {name} {what}")
             _close(xi, want_g, dt, f"grad in place {name} {what}")
-            got_l2 = np.zeros(2 * n)[::2]  # a strided loss output
-            K.cross_entropy(xv, t, weight, ignore, eps, z, got_l2, None, 1.0)
+            _close(got_lse, want_lse, dt, f"lse in place {name} {what}")
+            got_l2, got_lse = np.zeros(2 * n)[::2], np.zeros(2 * n)[::2]  # strided outputs
+            K.cross_entropy(xv, t, weight, ignore, eps, z, cap, got_l2, got_lse, None, 1.0)
             _close(got_l2, want_l, dt, f"loss without grad {name} {what}")
-        if c > 1 and n > 12:  # target logit -inf among finite ones
+            _close(got_lse, want_lse, dt, f"lse without grad {name} {what}")
+        if c > 1 and n > 12 and not cap:  # target logit -inf among finite ones
             assert got_l[8] == np.inf and np.isfinite(xi[8]).all()
         if weight is None and eps == 0 and z == 0 and t[5] != ignore:  # equal huge logits
             assert abs(got_l[5] - np.log(c)) <= 1e-6 * max(1.0, np.log(c))
@@ -371,20 +384,20 @@ def test_cross_entropy_fortran_order_columns(K, dt, c):
     x = _special_rows(n, c, dt, rng)
     xf = np.asfortranarray(x)
     w = (rng.random(c) + 0.5).astype(dt)
-    for weight, eps, z in ((None, 0.0, 0.0), (w, 0.1, 1e-3)):
+    for weight, eps, z, cap in ((None, 0.0, 0.0, 0.0), (w, 0.1, 1e-3, 0.0), (w, 0.1, 1e-3, 2.0)):
         t = _special_targets(n, c, rng, -100)
         gs = rng.standard_normal(n)
         want_l, want_g = np.empty(n), np.empty((n, c), dt)
         with np.errstate(all="ignore"):
-            R.cross_entropy(x, t, weight, -100, eps, z, want_l, want_g, gs)
+            R.cross_entropy(x, t, weight, -100, eps, z, cap, want_l, None, want_g, gs)
         want_g[t == -100] = 0
         for gorder in "FC":
             got_l, got_g = np.empty(n), np.empty((n, c), dt, order=gorder)
-            K.cross_entropy(xf, t, weight, -100, eps, z, got_l, got_g, gs)
+            K.cross_entropy(xf, t, weight, -100, eps, z, cap, got_l, None, got_g, gs)
             _close(got_l, want_l, dt, f"loss c={c} grad={gorder} eps={eps}")
             _close(got_g, want_g, dt, f"grad c={c} grad={gorder} eps={eps}")
         xi = xf.copy(order="F")
-        K.cross_entropy(xi, t, weight, -100, eps, z, got_l, xi, gs)
+        K.cross_entropy(xi, t, weight, -100, eps, z, cap, got_l, None, xi, gs)
         _close(got_l, want_l, dt, f"loss in place c={c}")
         _close(xi, want_g, dt, f"grad in place c={c}")
 
@@ -495,7 +508,7 @@ def test_cross_entropy_262144_classes(K, dt):
     x = (rng.standard_normal((n, c)) * 4 + 50).astype(dt)  # large offset: tests the shift
     t = rng.integers(0, c, n)
     loss, grad = np.empty(n), np.empty((n, c), dt)
-    K.cross_entropy(x, t, None, -100, 0.1, 1e-4, loss, grad, np.ones(n))
+    K.cross_entropy(x, t, None, -100, 0.1, 1e-4, 0.0, loss, None, grad, np.ones(n))
     xl = x.astype(np.longdouble)
     m = xl.max(axis=1, keepdims=True)
     lse = m[:, 0] + np.log(np.exp(xl - m).sum(axis=1))

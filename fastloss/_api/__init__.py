@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from .cross_entropy import cross_entropy
 from .elementwise import binary_cross_entropy, binary_cross_entropy_with_logits, gaussian_nll_loss, kl_div, mse_loss
+from .linear import linear_cross_entropy
 from .normalizers import log_softmax, log_softmax_backward, logsumexp, softmax, softmax_backward
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "softmax_backward",
     "log_softmax_backward",
     "cross_entropy",
+    "linear_cross_entropy",
     "binary_cross_entropy_with_logits",
     "binary_cross_entropy",
     "kl_div",

@@ -15,6 +15,22 @@ from .._validate import (
 from ._common import _check_grad_out, _grad_output_array, _grad_scale_value, _index_error, _scalar
 
 
+def _options(reduction, label_smoothing, z_loss, softcap, num_items, ignore_index):
+    """The scalar options of the cross-entropy (and of :func:`linear_cross_entropy`), checked:
+    ``(reduction, eps, z_loss, cap, num_items, ignore_index)``, ``cap`` 0.0 for no cap and
+    ``num_items`` None when not given."""
+    reduction = check_reduction(reduction)
+    eps = check_real(label_smoothing, "label_smoothing", 0.0, 1.0)
+    zl = check_real(z_loss, "z_loss", 0.0)
+    cap = 0.0 if softcap is None else check_real(softcap, "softcap", 0.0, lo_open=True)
+    nitems = None if num_items is None else check_real(num_items, "num_items", 0.0, lo_open=True)
+    if nitems is not None and reduction != "mean":
+        raise ValueError(f"num_items: expected None with reduction={reduction!r} (it sets the denominator of "
+                         f"\"mean\"), found {num_items!r}")
+    ii = check_int(ignore_index, "ignore_index", int64=True)
+    return reduction, eps, zl, cap, nitems, ii
+
+
 def cross_entropy(
     logits,
     target,
@@ -24,8 +40,11 @@ def cross_entropy(
     ignore_index=-100,
     label_smoothing=0.0,
     z_loss=0.0,
+    softcap=None,
+    num_items=None,
     reduction="mean",
     return_grad=False,
+    return_lse=False,
     grad_output=None,
     grad_out=None,
     backend=None,
@@ -48,6 +67,16 @@ def cross_entropy(
     ``log(softmax)``), and ``p = exp(x - lse)``, so logits of any size (up to the dtype's
     max) work and a masked class (``-inf`` logit) gets exactly 0 probability.
 
+    With ``softcap`` :math:`s` (Gemma 2), every formula above is of the capped logits
+    :math:`x' = s\tanh(x/s)`, and the gradient flows through the cap:
+    :math:`\partial\ell/\partial x_j = \partial\ell/\partial x'_j\,(1 - \tanh^2(x_j/s))`.
+    The cap is applied in the kernels' own passes over each row (no capped copy of the
+    logits); ``tanh`` is formed from :math:`e^{-2|x|/s}` (never overflows) and its derivative as
+    :math:`4e^{-2|u|}/(1+e^{-2|u|})^2` or :math:`1/\cosh^2`, accurate where ``tanh`` is near
+    1.  A capped logit lies in :math:`[-s, s]`: a masked class (``-inf``) becomes ``-s`` and
+    gets a small nonzero probability, and a ``-inf`` target logit a finite loss -- the cap's
+    mathematics, as in the PyTorch expression ``s * torch.tanh(x / s)``.
+
     Parameters
     ----------
     logits : array_like
@@ -68,11 +97,24 @@ def cross_entropy(
     z_loss : float >= 0, default 0
         Coefficient of PaLM's auxiliary ``lse**2`` term, added to each non-ignored row
         unweighted by ``weight``.
+    softcap : float > 0, optional
+        Cap the logits at ``softcap * tanh(logits / softcap)`` first (see above); applies to
+        every other option (``lse``, ``z_loss`` and ``return_lse`` are of the capped logits).
+    num_items : float > 0, optional
+        ``"mean"`` divides by ``num_items`` instead of the summed weight of the non-ignored
+        targets (or the row count for probability targets): the global token count when a
+        batch is split into micro-batches, so that the micro-batches' summed losses and
+        gradients equal the full batch's.  Only meaningful with ``reduction="mean"``: with
+        ``"sum"`` or ``"none"`` it is a ``ValueError`` (it would silently do nothing).
     reduction : {"mean", "sum", "none"}, default "mean"
         ``"mean"`` divides the total by the summed weight ``w_t`` of the non-ignored targets
         (index targets) or by the number of rows (probability targets).
     return_grad : bool, default False
         Also return d(reduced loss)/d(logits).
+    return_lse : bool, default False
+        Also return each row's log-sum-exp of the (capped) logits, shaped like the unreduced
+        loss, in the compute dtype (float32 for float16/bfloat16 logits), for every row --
+        ignored rows included.  It comes from the same pass (no extra read of the logits).
     grad_output : float or array_like, optional
         The upstream gradient: a scalar, or with ``reduction="none"`` an array shaped like
         the unreduced loss. Default 1.
@@ -89,6 +131,9 @@ def cross_entropy(
         unreduced loss shaped like the index target in ``logits``' dtype.
     grad : ndarray
         Only with ``return_grad=True``: same shape and dtype as ``logits``.
+    lse : ndarray
+        Only with ``return_lse=True``: the row log-sum-exps (after ``grad`` when both are
+        asked for: ``loss, grad, lse``).
 
     Raises
     ------
@@ -128,6 +173,9 @@ def cross_entropy(
     0.669079
     >>> bool(np.allclose(grad.sum(axis=1), 0))  # softmax minus one-hot: rows sum to 0
     True
+    >>> loss, lse = fl.cross_entropy(logits, np.array([0, 2]), softcap=1.0, return_lse=True)
+    >>> bool(np.allclose(lse, np.log(np.exp(np.tanh(logits)).sum(axis=1))))
+    True
     """
     xp = _arrays.for_call(backend, logits, target, weight, grad_output, grad_out)
     x, cdt = xp.float_array(logits, "logits")
@@ -138,11 +186,10 @@ def cross_entropy(
     C = xshape[ax]
     if C == 0:
         raise ValueError(f"logits: expected at least one class along axis {axis}, found shape {xshape}")
-    reduction = check_reduction(reduction)
-    eps = check_real(label_smoothing, "label_smoothing", 0.0, 1.0)
-    zl = check_real(z_loss, "z_loss", 0.0)
-    ii = check_int(ignore_index, "ignore_index", int64=True)
+    reduction, eps, zl, cap, nitems, ii = _options(reduction, label_smoothing, z_loss, softcap, num_items,
+                                                   ignore_index)
     return_grad = bool(return_grad)
+    return_lse = bool(return_lse)
     lay = xp.layout(x, (ax,))
     row_shape = tuple(s for i, s in enumerate(xshape) if i != ax)
 
@@ -172,11 +219,14 @@ def cross_entropy(
     if soft:
         t2 = lay.view_in(t, cdt)
         denom = float(N)
-    elif reduction == "mean":
+    elif reduction == "mean" and nitems is None:
         denom = xp.kept_weight(t2, ii, w, info)
+    if nitems is not None:
+        denom = nitems
     scale = 1.0 / denom if reduction == "mean" and denom != 0 else (0.0 if reduction == "mean" else 1.0)
 
     loss_rows = xp.empty(N, np.float64)
+    lse_rows = xp.empty(N, np.float64) if return_lse else None
     g2 = gscale = finish = None
     if return_grad:
         g2, finish = lay.output(grad_out, x.dtype, cdt)
@@ -185,12 +235,15 @@ def cross_entropy(
         else:
             gscale = float(go * scale)  # a scalar: no (N,) array to fill on every call
     if soft:
-        be.cross_entropy_soft(x2, t2, w, eps, zl, loss_rows, g2, gscale)
+        be.cross_entropy_soft(x2, t2, w, eps, zl, cap, loss_rows, lse_rows, g2, gscale)
     else:
-        be.cross_entropy(x2, t2, w, ii, eps, zl, loss_rows, g2, gscale)
+        be.cross_entropy(x2, t2, w, ii, eps, zl, cap, loss_rows, lse_rows, g2, gscale)
 
     if reduction == "none":
         loss = xp.result(loss_rows, row_shape, x.dtype)
     else:
         loss = _scalar(xp.sum(loss_rows) * scale, cdt)
-    return (loss, finish()) if return_grad else loss
+    out = (loss, finish()) if return_grad else (loss,)
+    if return_lse:
+        out += (xp.result(lse_rows, row_shape, cdt),)
+    return out if len(out) > 1 else loss

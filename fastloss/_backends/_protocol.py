@@ -56,18 +56,24 @@ class KernelSet(Protocol):
         """``out = g - exp(y) * sum(g)`` per row, ``y`` the log-softmax output."""
 
     def cross_entropy(self, x: Array, target: Array, weight: Optional[Array], ignore_index: int,
-                      label_smoothing: float, z_loss: float, loss: Array, grad: Optional[Array],
-                      gscale: Scale) -> None:
-        """Hard targets.  ``weight`` is ``(C,)`` or None.  Writes the unreduced float64 row loss
-        ``loss[i] = (1-eps) w[t] (lse - x[t]) + eps/C sum_c w[c] (lse - x[c]) + z lse**2``
-        (``0`` for an ignored row) and, when ``grad`` is not None,
-        ``grad[i] = gscale[i] * d loss[i] / d x[i]`` (exact zeros for an ignored row, even one
-        holding inf/NaN)."""
+                      label_smoothing: float, z_loss: float, softcap: float, loss: Array,
+                      lse: Optional[Array], grad: Optional[Array], gscale: Scale) -> None:
+        """Hard targets.  ``weight`` is ``(C,)`` or None.  With ``softcap > 0`` every logit is
+        first replaced by ``x' = softcap * tanh(x / softcap)`` (``softcap == 0``: no cap,
+        ``x' = x``), and everything below is of ``x'``.  Writes the unreduced float64 row loss
+        ``loss[i] = (1-eps) w[t] (lse - x'[t]) + eps/C sum_c w[c] (lse - x'[c]) + z lse**2``
+        (``0`` for an ignored row); when ``lse`` is not None, the float64 row log-sum-exp of
+        ``x'`` into ``lse[i]`` (ignored rows included); and when ``grad`` is not None,
+        ``grad[i] = gscale[i] * d loss[i] / d x[i]`` -- through the cap, whose derivative is
+        ``1 - tanh(x / softcap)**2`` -- with exact zeros for an ignored row, even one holding
+        inf/NaN.  The cap is applied in the same passes over the row (no N x C temporary)."""
 
     def cross_entropy_soft(self, x: Array, target: Array, weight: Optional[Array], label_smoothing: float,
-                           z_loss: float, loss: Array, grad: Optional[Array], gscale: Scale) -> None:
-        """Probability targets ``(N, C)``: ``loss[i] = sum_c w[c] y'[c] (lse - x[c]) + z lse**2``
-        with ``y' = (1-eps) y + eps/C``; ``grad`` as in :meth:`cross_entropy`."""
+                           z_loss: float, softcap: float, loss: Array, lse: Optional[Array],
+                           grad: Optional[Array], gscale: Scale) -> None:
+        """Probability targets ``(N, C)``: ``loss[i] = sum_c w[c] y'[c] (lse - x'[c]) + z lse**2``
+        with ``y' = (1-eps) y + eps/C``; ``softcap``, ``lse`` and ``grad`` as in
+        :meth:`cross_entropy`."""
 
     # ------------------------------------------------------------------ elementwise kernels
     # Each returns the float64 sum over all elements of the (weighted) elementwise loss,

@@ -93,15 +93,31 @@ def _row_terms(x):
     return lse[:, 0], logs, d, p
 
 
-def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, loss, grad, gscale):
+def _capped(x, softcap):
+    """``(x', dcap)``: the capped logits ``softcap * tanh(x / softcap)`` and the cap's
+    derivative ``1 - tanh(x / softcap)**2``, written ``1 / cosh**2`` (accurate where tanh is
+    near 1; ``cosh`` overflows to inf, and the derivative to an exact 0, for huge or infinite
+    ``x``).  Without a cap (``softcap == 0``): ``(x, None)``."""
+    if not softcap:
+        return x, None
+    with np.errstate(over="ignore"):
+        u = x / x.dtype.type(softcap)
+        ch = np.cosh(u)
+        return (np.tanh(u) * x.dtype.type(softcap)).astype(x.dtype), (1.0 / (ch * ch)).astype(x.dtype)
+
+
+def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, loss, lse, grad, gscale):
     n, c = x.shape
     if n == 0:
         return
+    x, dcap = _capped(x, softcap)
     dt = x.dtype
     keep = target != ignore_index
     t = np.where(keep, target, 0)
     w = np.ones(c, dt) if weight is None else weight
-    lse, logs, d, p = _row_terms(x)
+    rlse, logs, d, p = _row_terms(x)
+    if lse is not None:
+        lse[...] = rlse
     wt = w[t].astype(np.float64)
     eps = label_smoothing
     with np.errstate(invalid="ignore"):
@@ -112,12 +128,12 @@ def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, loss
             # sum_c w_c (-log p_c); a class with x_c = -inf contributes +inf, as in PyTorch
             row = row + eps / c * np.sum(w.astype(np.float64) * (logs - d.astype(np.float64)), axis=1)
     if z_loss:
-        row = row + z_loss * lse * lse
+        row = row + z_loss * rlse * rlse
     loss[...] = np.where(keep, row, 0.0)
     if grad is None:
         return
     with np.errstate(invalid="ignore", over="ignore"):
-        a = (1.0 - eps) * wt + 2.0 * z_loss * lse
+        a = (1.0 - eps) * wt + 2.0 * z_loss * rlse
         if eps:  # not 0 * sum(w): a NaN weight of a class no target uses must not leak
             a = a + (eps / c) * float(np.sum(w, dtype=np.float64))
         gs = np.where(keep, gscale, 0.0)
@@ -126,21 +142,26 @@ def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, loss
             g -= (gs[:, None] * (eps / c) * w[None, :]).astype(dt)
         rows = np.arange(n)
         g[rows, t] -= (gs * (1.0 - eps) * wt).astype(dt)
+        if dcap is not None:
+            g *= dcap  # through the cap: d x' / d x
         g[~keep] = 0  # an ignored row contributes nothing: exactly 0, even if it holds inf/NaN
     grad[...] = g
 
 
-def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, loss, grad, gscale):
+def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, softcap, loss, lse, grad, gscale):
     n, c = x.shape
     if n == 0:
         return
+    x, dcap = _capped(x, softcap)
     eps = label_smoothing
     y = target.astype(np.float64)
     if eps:
         y = (1.0 - eps) * y + eps / c
     if weight is not None:
         y = y * weight.astype(np.float64)
-    lse, logs, d, p = _row_terms(x)
+    rlse, logs, d, p = _row_terms(x)
+    if lse is not None:
+        lse[...] = rlse
     with np.errstate(invalid="ignore"):
         # sum_c y_c (log s - d_c) = sum(y) log s - sum_c y_c d_c, where a class without target
         # mass is left out of the second sum: a masked class (x_c = -inf, y_c = 0) contributes
@@ -151,13 +172,15 @@ def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, loss, grad, g
         yd = np.where((y == 0) | (d == 0), 0.0, y * d.astype(np.float64))
         row = np.sum(y, axis=1) * logs[:, 0] - np.sum(yd, axis=1)
     if z_loss:
-        row = row + z_loss * lse * lse
+        row = row + z_loss * rlse * rlse
     loss[...] = row
     if grad is None:
         return
     with np.errstate(invalid="ignore", over="ignore"):
-        a = np.sum(y, axis=1) + 2.0 * z_loss * lse
+        a = np.sum(y, axis=1) + 2.0 * z_loss * rlse
         g = np.asarray(gscale, np.float64).reshape(-1, 1) * (p * a[:, None] - y)
+        if dcap is not None:
+            g = g * dcap
     grad[...] = g
 
 

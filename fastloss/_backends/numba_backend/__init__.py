@@ -143,15 +143,18 @@ def _vec(a, dtype=None):
     return _ro(np.ascontiguousarray(a, dtype=dtype))
 
 
-def _rows_out(loss, run):
-    """Run ``run(buf)`` on a C-contiguous per-row output buffer and copy it into ``loss``
-    when ``loss`` itself is strided."""
-    if loss.flags.c_contiguous:
-        run(loss)
-        return
-    buf = np.empty(loss.shape, loss.dtype)
-    run(buf)
-    loss[...] = buf
+_NO_ROWS = np.empty(0)  # a per-row output not wanted: (0,), the same kernel type as a wanted one
+
+
+def _rows_out(loss, run, lse=None):
+    """Run ``run(loss_buf, lse_buf)`` on C-contiguous per-row output buffers and copy them
+    into ``loss`` / ``lse`` where those are strided; an ``lse`` not wanted (None) is
+    ``_NO_ROWS``."""
+    bufs = [o if o is None or o.flags.c_contiguous else np.empty(o.shape, o.dtype) for o in (loss, lse)]
+    run(bufs[0], _NO_ROWS if bufs[1] is None else bufs[1])
+    for o, b in zip((loss, lse), bufs):
+        if b is not o:
+            o[...] = b
 
 
 def _gscale_rows(gscale, n):
@@ -175,7 +178,7 @@ def _elementwise_layout(first, *arrays):
 def logsumexp(x, out):
     if x.shape[0] == 0:
         return
-    _rows_out(out, lambda o: _call(_k_logsumexp, x.size, _ro(x), o, _nblocks(x.shape[0], x.size)))
+    _rows_out(out, lambda o, _: _call(_k_logsumexp, x.size, _ro(x), o, _nblocks(x.shape[0], x.size)))
 
 
 def softmax(x, out):
@@ -202,7 +205,7 @@ def log_softmax_backward(g, y, out):
     _call(_k_softmax_backward, y.size, _ro(g), _ro(y), out, True, _nblocks(y.shape[0], y.size))
 
 
-def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, loss, grad, gscale):
+def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, loss, lse, grad, gscale):
     n, c = x.shape
     if n == 0:
         return
@@ -211,18 +214,18 @@ def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, loss
     # few classes: the column-block kernel, in any layout (it transposes blocks of rows itself)
     kern = _k_cross_entropy_small if c <= cfg.NUMBA_SMALL_C else _k_cross_entropy
     args = (_ro(x), _vec(target, np.int64), _vec(weight), sumw, int(ignore_index), float(label_smoothing),
-            float(z_loss))
-    _rows_out(loss, lambda lo: _call(kern, x.size, *args, lo, grad, gsc, gsa, _nblocks(n, x.size)))
+            float(z_loss), float(softcap))
+    _rows_out(loss, lambda lo, ls: _call(kern, x.size, *args, lo, ls, grad, gsc, gsa, _nblocks(n, x.size)), lse)
 
 
-def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, loss, grad, gscale):
+def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, softcap, loss, lse, grad, gscale):
     n, c = x.shape
     if n == 0:
         return
     gsc, gsa = _gscale_rows(gscale if grad is not None else 1.0, n)
-    args = (_ro(x), _ro(target), _vec(weight), float(label_smoothing), float(z_loss))
-    _rows_out(loss, lambda lo: _call(_k_cross_entropy_soft, x.size, *args, lo, grad, gsc, gsa,
-                                     _nblocks(n, x.size)))
+    args = (_ro(x), _ro(target), _vec(weight), float(label_smoothing), float(z_loss), float(softcap))
+    _rows_out(loss, lambda lo, ls: _call(_k_cross_entropy_soft, x.size, *args, lo, ls, grad, gsc, gsa,
+                                         _nblocks(n, x.size)), lse)
 
 
 def _run_elementwise(kern, a, b, p, q, c1, c2, loss, grad, grad2, gscale, gout):

@@ -8,7 +8,7 @@ import numpy as np
 from ... import _config as cfg
 from ._jit import _JIT, _kernel, _seg1, njit, prange
 from ._math import cast_like, neg_log_p, sub_sub, vexp, vexpn, vlog
-from ._rows import _finite, _mx
+from ._rows import _finite, _mx, _softcap
 
 # rows per block (fastloss/_config.py: NUMBA_COL_ROWS): its (C, _SB) buffers stay in L1/L2;
 # a global, so compiled into the kernel
@@ -16,8 +16,8 @@ _SB = cfg.NUMBA_COL_ROWS
 
 
 @njit(**_JIT)
-def _ce_cols_block(x, target, w, sumw, ignore, eps, z, loss, grad, gsc, gsa, r0, r1,
-                   xt, et, sh, sh2, cg, xtt, s, ls, dd, tc, wt, lse):
+def _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad, gsc, gsa, r0, r1,
+                   xt, et, dc, sh, sh2, cg, xtt, s, ls, dd, tc, wt, lse):
     """Rows ``[r0, r1)`` of a hard-target cross-entropy with few classes, vectorized across rows.
 
     With C <= 32 a per-row loop is too short to vectorize, and its row max and row sum are
@@ -31,7 +31,12 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, loss, grad, gsc, gsa, r0,
     (scaled on the way) are scalar.  Every read of this block of ``x`` happens before the first
     write of its gradient rows, so ``grad`` may be ``x`` (in place).
 
-    Scratch: ``xt``, ``et`` are ``(C, _SB)``; the rest ``(_SB,)``: in the dtype of ``x``
+    With a cap (``cap != 0``) the transposed block is capped in place (``xt = cap tanh(xt /
+    cap)``, vectorized across rows like the rest) and ``dc`` keeps the cap's derivative for the
+    gradient's write-back.  ``lse_out`` is ``(N,)``, or ``(0,)`` when not wanted; every row of
+    the block has its lse computed anyway (ignored ones included), so writing it is free.
+
+    Scratch: ``xt``, ``et`` (and ``dc``, with a cap) are ``(C, _SB)``; the rest ``(_SB,)``: in the dtype of ``x``
     the shift, a second buffer for the max, the gradient coefficient, the target logit; in
     float64 the row sum, its log, the smoothing sum, the target correction, the target weight
     and lse.  Separate arrays, not rows of one: LLVM then needs no run-time alias checks.
@@ -48,6 +53,14 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, loss, grad, gsc, gsa, r0,
         xr = x[r0 + r]  # a row view: j from range(c) indexes it without wrap-around tests
         for j in range(c):
             xt[j, r] = xr[j]
+    if cap != 0.0:
+        capx = cast_like(cap, x)
+        inv = cast_like(1.0 / cap, x)
+        for j in range(c):
+            for r in range(nr):
+                v, dv = _softcap(xt[j, r], capx, inv)
+                xt[j, r] = v
+                dc[j, r] = dv
     # Row max, NaN skipped as in _rowmax (a NaN reaches the result through the sum of exp).
     # Two buffers in turn, not ``sh[r] = max(sh[r], ...)``: LLVM turns that read-modify-write
     # into a masked store (only where the max changes), and AVX2 masked stores are microcoded
@@ -119,6 +132,10 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, loss, grad, gsc, gsa, r0,
             dd[r] = gs * u
             tc[r] = gs * (1.0 - eps) * wt[r]
             chk += s[r] - s[r]  # 0, or nan once a row sum is inf/nan
+    if lse_out.shape[0] != 0:
+        lo = lse_out[r0:r1]
+        for r in range(nr):
+            lo[r] = lse[r]
     if grad is None:
         return
     if chk != 0.0:  # i.e. nan: some row holds +inf or nan
@@ -139,23 +156,34 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, loss, grad, gsc, gsa, r0,
                 gr[j] = zero
             continue
         cgr = cg[r]
-        if eps == 0.0:
+        ddr = cast_like(dd[r], x)
+        if eps == 0.0 and cap == 0.0:
             for j in range(c):
                 gr[j] = et[j, r] * cgr
-        else:
-            ddr = cast_like(dd[r], x)
+        elif cap == 0.0:
             for j in range(c):
                 wj = cast_like(1.0, x) if w is None else w[j]
                 gr[j] = et[j, r] * cgr - ddr * wj
-        gr[t] -= cast_like(tc[r], x)
+        elif eps == 0.0:  # through the cap
+            for j in range(c):
+                gr[j] = et[j, r] * cgr * dc[j, r]
+        else:
+            for j in range(c):
+                wj = cast_like(1.0, x) if w is None else w[j]
+                gr[j] = (et[j, r] * cgr - ddr * wj) * dc[j, r]
+        if cap == 0.0:
+            gr[t] -= cast_like(tc[r], x)
+        else:
+            gr[t] -= cast_like(tc[r], x) * dc[t, r]
 
 
 @_kernel
-def _k_cross_entropy_small(x, target, w, sumw, ignore, eps, z, loss, grad, gsc, gsa, nb):
+def _k_cross_entropy_small(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad, gsc, gsa, nb):
     n, c = x.shape
     for b in prange(nb):
         xt = np.empty((c, _SB), x.dtype)
         et = np.empty((c, _SB), x.dtype)
+        dc = np.empty((c, _SB if cap != 0.0 else 0), x.dtype)
         sh = np.empty(_SB, x.dtype)
         sh2 = np.empty(_SB, x.dtype)
         cg = np.empty(_SB, x.dtype)
@@ -172,7 +200,7 @@ def _k_cross_entropy_small(x, target, w, sumw, ignore, eps, z, loss, grad, gsc, 
         nblk = (n + _SB - 1) // _SB
         for k in range(b * nblk // nb, (b + 1) * nblk // nb):
             r0 = k * _SB
-            _ce_cols_block(x, target, w, sumw, ignore, eps, z, loss, grad, gsc, gsa, r0,
-                           min(n, r0 + _SB), xt, et, sh, sh2, cg, xtt, s, ls, dd, tc, wt, lse)
+            _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad, gsc, gsa, r0,
+                           min(n, r0 + _SB), xt, et, dc, sh, sh2, cg, xtt, s, ls, dd, tc, wt, lse)
 
 

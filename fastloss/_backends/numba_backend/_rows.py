@@ -176,8 +176,62 @@ def _k_softmax_backward(g, y, out, logsm, nb):
 
 # ============================================================================= cross-entropy
 @njit(**_JIT)
-def _ce_row(x, i, c, t, w, sumw, eps, z, loss, grad, gs):
-    """Loss (and gradient) of one non-ignored row of the hard-target cross-entropy."""
+def _softcap(v, cap, inv):
+    """``(cap * tanh(v / cap), 1 - tanh(v / cap)**2)``, vectorizable (``inv = 1 / cap``).
+
+    From ``e = exp(-2|u|)`` in (0, 1] (never overflows): ``tanh|u| = (1 - e) / (1 + e)`` and
+    ``1 - tanh**2 = 4 e / (1 + e)**2`` -- accurate where tanh is near 1 (``1 - tanh**2`` from
+    the rounded tanh would not be), one division for both.  ``v = +-inf`` gives ``+-cap`` and
+    an exact 0 derivative; NaN stays NaN."""
+    u = v * inv
+    au = -u if u < 0 else u
+    e = vexpn(cast_like(-2.0, v) * au)
+    r = cast_like(1.0, v) / (cast_like(1.0, v) + e)
+    th = (cast_like(1.0, v) - e) * r
+    return (-th if u < 0 else th) * cap, cast_like(4.0, v) * e * r * r
+
+
+@njit(**_JIT)
+def _cap_row(xr, c, cap, inv, out, d):
+    """``out[0, j], d[j] = _softcap(xr[j])`` for one row ``xr``: the capped row that the row
+    functions then work on (in L1/L2), and the cap's derivative for the chain rule."""
+    o = out[0]
+    for j in range(c):
+        v, dv = _softcap(xr[j], cap, inv)
+        o[j] = v
+        d[j] = dv
+
+
+@njit(**_JIT)
+def _chain_cap(src, d, gr, c):
+    """``gr[j] = src[0, j] * d[j]``: a gradient with respect to the capped logits, through the cap."""
+    s0 = src[0]
+    for j in range(c):
+        gr[j] = s0[j] * d[j]
+
+
+@njit(**_JIT)
+def _cap_scratch(x, c, cap):
+    """The capped row ``(1, C)`` and the derivative ``(C,)`` of one task (empty without a cap)."""
+    k = c if cap != 0.0 else 0
+    return np.empty((1, k), x.dtype), np.empty(k, x.dtype)
+
+
+@njit(**_JIT)
+def _lse_row(x, i, c, cap, inv, cb, cd):
+    """The log-sum-exp of row ``i`` (capped with ``cap != 0``): an ignored row's ``lse``."""
+    if cap != 0.0:
+        _cap_row(x[i], c, cap, inv, cb, cd)
+        sh, ls = _row_lse(cb, 0, c)
+    else:
+        sh, ls = _row_lse(x, i, c)
+    return np.float64(sh) + ls
+
+
+@njit(**_JIT)
+def _ce_row(x, i, c, t, w, sumw, eps, z, grad, gs):
+    """``(loss, lse)`` (and the gradient) of one non-ignored row of the hard-target
+    cross-entropy."""
     m = _rowmax(x, i, c)
     fin = _finite(m)
     sh = m if fin else cast_like(0.0, x)
@@ -218,7 +272,6 @@ def _ce_row(x, i, c, t, w, sumw, eps, z, loss, grad, gs):
         row += eps / c * (sumw * ls - sw)
     if z != 0.0:
         row += z * lse * lse
-    loss[i] = row
     if grad is not None:
         # d row / d x_j = a p_j - eps/C w_j - (1-eps) w_t [j = t],  a = (1-eps) w_t + eps/C sumw + 2 z lse
         # (the smoothing term only with eps != 0: 0 * sumw is nan for a nan weight of an
@@ -248,29 +301,52 @@ def _ce_row(x, i, c, t, w, sumw, eps, z, loss, grad, gs):
                 wj = cast_like(1.0, x) if w is None else w[j]
                 grad[i, j] = p * cg - ce * wj
         grad[i, t] -= cast_like(gs * (1.0 - eps) * wt, x)
-
+    return row, lse
 
 
 @_kernel
-def _k_cross_entropy(x, target, w, sumw, ignore, eps, z, loss, grad, gsc, gsa, nb):
+def _k_cross_entropy(x, target, w, sumw, ignore, eps, z, cap, loss, lse, grad, gsc, gsa, nb):
+    """Row by row.  ``lse`` is ``(N,)`` or ``(0,)`` (not wanted: one type for both).  With a
+    cap, each row is capped into a task-local ``(1, C)`` scratch row first (``_cap_row``), the
+    row function runs on it (its gradient in place over it) and ``_chain_cap`` writes the
+    gradient through the cap: the logits are still read once, the capped row stays in cache."""
     n, c = x.shape
+    capx = cast_like(cap, x)
+    inv = cast_like(1.0 / cap if cap != 0.0 else 0.0, x)
+    want_lse = lse.shape[0] != 0
     for b in prange(nb):
+        cb, cd = _cap_scratch(x, c, cap)
         for i in range(b * n // nb, (b + 1) * n // nb):
             t = target[i]
             if t == ignore:
                 loss[i] = 0.0
+                if want_lse:  # the true lse of an ignored row too (the spec); before the
+                    # gradient's zeros, which may overwrite the row (in place)
+                    lse[i] = _lse_row(x, i, c, capx, inv, cb, cd)
                 if grad is not None:
                     zero = cast_like(0.0, x)
                     for j in range(c):
                         grad[i, j] = zero
                 continue
             gs = gsc if gsa is None else gsc * gsa[i]
-            _ce_row(x, i, c, t, w, sumw, eps, z, loss, grad, gs)
+            if cap == 0.0:
+                row, rl = _ce_row(x, i, c, t, w, sumw, eps, z, grad, gs)
+            else:
+                _cap_row(x[i], c, capx, inv, cb, cd)
+                if grad is None:
+                    row, rl = _ce_row(cb, 0, c, t, w, sumw, eps, z, None, gs)
+                else:
+                    row, rl = _ce_row(cb, 0, c, t, w, sumw, eps, z, cb, gs)
+                    _chain_cap(cb, cd, grad[i], c)
+            loss[i] = row
+            if want_lse:
+                lse[i] = rl
 
 
 @njit(**_JIT)
-def _ce_soft_row(x, y, i, c, w, eps, z, loss, grad, gs):
-    """Loss (and gradient) of one row of the probability-target cross-entropy."""
+def _ce_soft_row(x, i, y, iy, c, w, eps, z, grad, gs):
+    """``(loss, lse)`` (and the gradient) of row ``i`` of ``x`` and ``grad`` (row ``iy`` of the
+    targets ``y``) of the probability-target cross-entropy."""
     m = _rowmax(x, i, c)
     fin = _finite(m)
     sh = m if fin else cast_like(0.0, x)
@@ -284,7 +360,7 @@ def _ce_soft_row(x, y, i, c, w, eps, z, loss, grad, gs):
     # overwrite x (grad is x when in place); the row is in L2 for the second read.
     for j in range(c):
         v = np.float64(x[i, j] - sh)
-        yw = keep * np.float64(y[i, j]) + u
+        yw = keep * np.float64(y[iy, j]) + u
         if w is not None:
             yw *= np.float64(w[j])
         sy += yw
@@ -297,7 +373,6 @@ def _ce_soft_row(x, y, i, c, w, eps, z, loss, grad, gs):
     row = sy * ls - syx
     if z != 0.0:
         row += z * lse * lse
-    loss[i] = row
     if grad is not None:
         a = sy + 2.0 * z * lse
         uu = cast_like(u, x)
@@ -306,7 +381,7 @@ def _ce_soft_row(x, y, i, c, w, eps, z, loss, grad, gs):
         if fin:
             cg = cast_like(gs * a / s, x)
             for j in range(c):
-                yw = kk * y[i, j] + uu
+                yw = kk * y[iy, j] + uu
                 if w is not None:
                     yw *= w[j]
                 grad[i, j] = grad[i, j] * cg - gsd * yw
@@ -314,18 +389,35 @@ def _ce_soft_row(x, y, i, c, w, eps, z, loss, grad, gs):
             cg = cast_like(gs * a, x)
             lsed = cast_like(lse, x)
             for j in range(c):
-                yw = kk * y[i, j] + uu
+                yw = kk * y[iy, j] + uu
                 if w is not None:
                     yw *= w[j]
                 grad[i, j] = vexp(x[i, j] - lsed) * cg - gsd * yw
+    return row, lse
 
 
 @_kernel
-def _k_cross_entropy_soft(x, y, w, eps, z, loss, grad, gsc, gsa, nb):
+def _k_cross_entropy_soft(x, y, w, eps, z, cap, loss, lse, grad, gsc, gsa, nb):
+    """Row by row; ``lse`` and the cap as in :func:`_k_cross_entropy`."""
     n, c = x.shape
+    capx = cast_like(cap, x)
+    inv = cast_like(1.0 / cap if cap != 0.0 else 0.0, x)
+    want_lse = lse.shape[0] != 0
     for b in prange(nb):
+        cb, cd = _cap_scratch(x, c, cap)
         for i in range(b * n // nb, (b + 1) * n // nb):
             gs = gsc if gsa is None else gsc * gsa[i]
-            _ce_soft_row(x, y, i, c, w, eps, z, loss, grad, gs)
+            if cap == 0.0:
+                row, rl = _ce_soft_row(x, i, y, i, c, w, eps, z, grad, gs)
+            else:
+                _cap_row(x[i], c, capx, inv, cb, cd)
+                if grad is None:
+                    row, rl = _ce_soft_row(cb, 0, y, i, c, w, eps, z, None, gs)
+                else:
+                    row, rl = _ce_soft_row(cb, 0, y, i, c, w, eps, z, cb, gs)
+                    _chain_cap(cb, cd, grad[i], c)
+            loss[i] = row
+            if want_lse:
+                lse[i] = rl
 
 

@@ -79,13 +79,13 @@ def _jobs(dtypes, layouts) -> list:
                 # the public layer passes a per-row float64 gscale exactly when it wants a grad
                 gs = 1.0 if g is None else np.ones(n)
                 jobs.append((f"cross_entropy {dname} {lay} C={c}", cross_entropy,
-                             (x, t, w, -100, 0.1, 0.0, np.zeros(n), g, gs)))
+                             (x, t, w, -100, 0.1, 0.0, 0.0, np.zeros(n), None, g, gs)))
                 if lay == "A" and g is not None:  # in place on a strided view: grad is 'A' too
                     xi = arr((n, c), dt, lay)
                     jobs.append((f"cross_entropy {dname} {lay} in place", cross_entropy,
-                                 (xi, t, w, -100, 0.1, 0.0, np.zeros(n), xi, gs)))
+                                 (xi, t, w, -100, 0.1, 0.0, 0.0, np.zeros(n), None, xi, gs)))
                 jobs.append((f"cross_entropy_soft {dname} {lay}", cross_entropy_soft,
-                             (x, y, w, 0.1, 0.0, np.zeros(n), g, gs)))
+                             (x, y, w, 0.1, 0.0, 0.0, np.zeros(n), None, g, gs)))
         shape = (2, 16)
         a = arr(shape, dt, lay)
         bcast = np.broadcast_to(np.full(shape[1], 0.5, dt), shape)  # stride-0 rows

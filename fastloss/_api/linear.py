@@ -1,0 +1,253 @@
+"""Fused linear + cross-entropy: the loss of ``input @ linear_weight.T + linear_bias`` and its
+gradients, chunk by chunk of rows, never holding the N x V logits.
+
+The matrix products run on NumPy's BLAS (``np.matmul(..., out=)`` into reused buffers, and
+SciPy's ``gemm`` with ``beta = 1`` to accumulate the weight gradient in place), and each
+chunk's cross-entropy and its gradient -- written in place over the chunk's logits -- is the
+fused kernel of the chosen backend, through :func:`fastloss.cross_entropy` (so every backend,
+the CUDA one offloading each chunk, and every option of the cross-entropy).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _arrays
+from .._validate import check_int
+from ._common import _grad_output_array, _grad_scale_value, _index_error, _scalar
+from .cross_entropy import _options, cross_entropy
+
+# a chunk's logits take at most this many bytes by default (8 MB: 1/64 of the 4096 x 32000
+# float32 logits), and at least _MIN_ROWS rows (BLAS needs some rows to reach its speed)
+CHUNK_BYTES = 8 << 20
+_MIN_ROWS = 16
+
+
+def _mm_add(c, a, b):
+    """``c += a @ b`` without a temporary the size of ``c`` (``c`` is the weight gradient,
+    ``V x H``): SciPy's BLAS ``gemm`` with ``beta = 1`` writes ``c`` in place (``c``
+    C-contiguous is ``c.T`` Fortran-contiguous: ``c.T += b.T @ a.T``, with ``a.T`` passed as
+    the transpose of an F-order operand, so no operand is copied either); without SciPy,
+    blocks of 256 rows of ``c`` through a small temporary."""
+    try:
+        from scipy.linalg import blas
+    except ImportError:  # pragma: no cover - scipy comes with numba's BLAS support
+        blas = None
+    if blas is not None and c.flags.c_contiguous:
+        gemm = blas.sgemm if c.dtype == np.float32 else blas.dgemm
+        r = gemm(1.0, b.T, a, beta=1.0, c=c.T, trans_b=1, overwrite_c=1)
+        if not np.shares_memory(r, c):  # pragma: no cover - gemm copied c (not for C order)
+            c[...] = r.T
+        return
+    blk = 256
+    tmp = np.empty((min(blk, c.shape[0]), c.shape[1]), c.dtype)
+    for r0 in range(0, c.shape[0], blk):
+        r1 = min(c.shape[0], r0 + blk)
+        np.matmul(a[r0:r1], b, out=tmp[: r1 - r0])
+        c[r0:r1] += tmp[: r1 - r0]
+
+
+def linear_cross_entropy(
+    input,
+    linear_weight,
+    target,
+    *,
+    linear_bias=None,
+    weight=None,
+    ignore_index=-100,
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+    num_items=None,
+    reduction="mean",
+    return_grad=False,
+    grad_output=None,
+    chunk_size=None,
+    backend=None,
+):
+    r"""Cross-entropy of a linear layer's output, ``cross_entropy(input @ linear_weight.T +
+    linear_bias, target, ...)``, without ever holding the N x V logits.
+
+    The rows are processed in chunks of ``chunk_size``: per chunk, the logits
+    :math:`Z = H_k W^T + b` are formed by one BLAS product into a reused ``(chunk, V)`` buffer,
+    the fused cross-entropy kernel (:func:`cross_entropy`, every option) writes
+    :math:`G = \partial\ell/\partial Z` in place over them, and two more products give
+    :math:`\partial\ell/\partial H_k = G W` and accumulate :math:`\partial\ell/\partial W
+    \mathrel{+}= G^T H_k` (BLAS ``gemm`` with ``beta = 1``, no ``V x H`` temporary);
+    :math:`\partial\ell/\partial b = \sum_k \sum_{rows} G`.  Rows whose target is
+    ``ignore_index`` are dropped before the products (their ``d_input`` is 0).  Extra memory:
+    one chunk of logits plus two ``(chunk, H)`` buffers -- with the default chunk at most
+    ``CHUNK_BYTES`` (8 MB) of logits, 1/64 of the N x V logits at 4096 x 32000 float32.
+    Stability and accuracy are those of :func:`cross_entropy` on the same logits (whose
+    values depend on the chunking only through BLAS rounding).
+
+    Parameters
+    ----------
+    input : array_like
+        ``(..., H)`` hidden states, floating.
+    linear_weight : array_like
+        ``(V, H)``, the layout of ``torch.nn.Linear.weight``; the dtype of ``input``.
+    target : array_like
+        Integer class indices shaped like ``input`` without its last axis.  (Class
+        probabilities would be an N x V input themselves: use :func:`cross_entropy`.)
+    linear_bias : array_like, optional
+        ``(V,)``.
+    weight, ignore_index, label_smoothing, z_loss, softcap, num_items, reduction, grad_output, backend
+        As in :func:`cross_entropy`.
+    return_grad : bool, default False
+        Also return the gradients ``(d_input, d_linear_weight)``, and ``d_linear_bias`` third
+        when a bias is given, each shaped and typed like its argument.
+    chunk_size : int, optional
+        Rows per chunk (default: as many as fit ``CHUNK_BYTES`` of logits, at least 16).
+
+    Returns
+    -------
+    loss : scalar or ndarray
+        As :func:`cross_entropy`.
+    grads : tuple
+        Only with ``return_grad=True``: ``(d_input, d_linear_weight[, d_linear_bias])``.
+
+    Notes
+    -----
+    float16 and bfloat16 arguments are multiplied in float32 (copies of ``input`` and
+    ``linear_weight`` in float32) and the gradients rounded back once.  Arrays that live on a
+    GPU are not taken yet (``TypeError``): the products would belong on the caller's cuBLAS;
+    ``backend="cuda"`` with host arrays runs each chunk's cross-entropy on the GPU.
+
+    Examples
+    --------
+    >>> import numpy as np, fastloss as fl
+    >>> rng = np.random.default_rng(0)
+    >>> h, W = rng.standard_normal((6, 4)), rng.standard_normal((10, 4))
+    >>> t = np.array([1, 2, 3, -100, 5, 9])
+    >>> loss, (dh, dW) = fl.linear_cross_entropy(h, W, t, return_grad=True, chunk_size=4)
+    >>> bool(np.isclose(loss, fl.cross_entropy(h @ W.T, t)))
+    True
+    >>> dh.shape, dW.shape, bool(np.all(dh[3] == 0))
+    ((6, 4), (10, 4), True)
+    """
+    xp = _arrays.for_call(backend, input, linear_weight, target, linear_bias, weight, grad_output)
+    if xp is not _arrays.HOST:
+        raise TypeError("input: linear_cross_entropy takes host (NumPy / CPU) arrays; arrays on a GPU are not "
+                        "supported yet (use fastloss.cross_entropy on the logits there)")
+    h, cdt = xp.float_array(input, "input")
+    W, wdt = xp.float_array(linear_weight, "linear_weight")
+    hshape, wshape = tuple(h.shape), tuple(W.shape)
+    if len(hshape) < 1:
+        raise ValueError("input: expected an array of at least 1 dimension (..., H), found a 0-d array")
+    if len(wshape) != 2 or wshape[1] != hshape[-1] or wshape[0] == 0:
+        raise ValueError(f"linear_weight: expected shape (V, {hshape[-1]}) with V >= 1 (the layout of "
+                         f"torch.nn.Linear.weight for input of shape {hshape}), found {wshape}")
+    if np.dtype(W.dtype) != np.dtype(h.dtype):
+        raise TypeError(f"linear_weight: expected the dtype of input ({np.dtype(h.dtype)}), found {np.dtype(W.dtype)}")
+    V, H = wshape
+    b = None
+    if linear_bias is not None:
+        b, _ = xp.float_array(linear_bias, "linear_bias")
+        if tuple(b.shape) != (V,) or np.dtype(b.dtype) != np.dtype(h.dtype):
+            raise ValueError(f"linear_bias: expected shape ({V},) and dtype {np.dtype(h.dtype)}, found shape "
+                             f"{tuple(b.shape)} and dtype {np.dtype(b.dtype)}")
+    reduction, eps, zl, cap, nitems, ii = _options(reduction, label_smoothing, z_loss, softcap, num_items,
+                                                   ignore_index)
+    if chunk_size is not None:
+        chunk_size = check_int(chunk_size, "chunk_size")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size: expected a positive number of rows, found {chunk_size}")
+    return_grad = bool(return_grad)
+    row_shape = hshape[:-1]
+    N = int(np.prod(row_shape, dtype=np.int64))
+    t = xp.asarray(target, "target")
+    if np.dtype(t.dtype).kind not in "iu":
+        raise TypeError(f"target: expected integer class indices, found dtype {np.dtype(t.dtype)} (class "
+                        f"probabilities: use cross_entropy on the logits)")
+    if tuple(t.shape) != row_shape:
+        raise ValueError(f"target: expected shape {row_shape} (input without its last axis), found {tuple(t.shape)}")
+    t2, bad, info = xp.class_indices(t.reshape(N), V, ii)
+    if bad:
+        raise _index_error(xp, t, V, ii)
+    w = None
+    if weight is not None:
+        w = xp.operand(weight, "weight", cdt)
+        if tuple(w.shape) != (V,):
+            raise ValueError(f"weight: expected a 1-D array of {V} class weights, found shape {tuple(w.shape)}")
+        w = xp.vec(w, V, cdt)
+    go = _grad_scale_value(xp, grad_output, reduction)
+    gout_rows = None
+    if go is None:
+        gout_rows = xp.vec(_grad_output_array(xp, grad_output, row_shape, np.dtype(np.float64)), N, np.float64)
+    xp.kernels(backend)  # an unknown or unavailable backend fails before any work
+
+    if reduction == "mean":
+        denom = nitems if nitems is not None else xp.kept_weight(t2, ii, w, info)
+        scale = 1.0 / denom if denom != 0 else 0.0
+    else:
+        scale = 1.0
+    # the compute dtype's copies of float16/bfloat16 arguments (BLAS multiplies float32/float64)
+    h2 = xp.cast(h, cdt).reshape(N, H)
+    W2 = xp.cast(W, cdt)
+    b2 = None if b is None else xp.cast(b, cdt)
+
+    keep = None if info else np.flatnonzero(t2 != ii)  # info: no target is ignored
+    K = N if keep is None else int(keep.shape[0])
+    itemsize = np.dtype(cdt).itemsize
+    chunk = chunk_size or max(_MIN_ROWS, CHUNK_BYTES // (V * itemsize))
+    chunk = max(1, min(chunk, K))
+
+    loss_rows = None if reduction != "none" else xp.empty(N, np.float64)
+    if loss_rows is not None:
+        xp.fill(loss_rows, 0.0)
+    total = 0.0
+    dh = dW = db = None
+    if return_grad:
+        dh = np.zeros((N, H), cdt) if keep is not None else np.empty((N, H), cdt)
+        dW = np.zeros((V, H), cdt)
+        if b2 is not None:
+            db = np.zeros(V)
+    logits = np.empty((chunk, V), cdt)
+    dh_tmp = np.empty((chunk, H), cdt) if (return_grad and keep is not None) else None
+    WT = W2.T
+    for k0 in range(0, K, chunk):
+        k1 = min(K, k0 + chunk)
+        n = k1 - k0
+        idx = slice(k0, k1) if keep is None else keep[k0:k1]
+        hk = h2[idx]  # a gather of the kept rows (a copy) when some are ignored
+        tk = t2[idx]
+        z = logits[:n]
+        np.matmul(hk, WT, out=z)
+        if b2 is not None:
+            z += b2
+        gs = scale * go if go is not None else gout_rows[idx]
+        r = cross_entropy(z, tk, weight=w, ignore_index=ii, label_smoothing=eps, z_loss=zl,
+                          softcap=cap if cap else None, reduction="none", return_grad=return_grad,
+                          grad_output=gs, grad_out=z if return_grad else None, backend=backend)
+        rows = r[0] if return_grad else r
+        if loss_rows is not None:
+            loss_rows[idx] = rows
+        else:
+            total += xp.sum(rows)
+        if not return_grad:
+            continue
+        # z now holds G = d loss / d logits of the chunk (scaled)
+        if keep is None:
+            np.matmul(z, W2, out=dh[idx])
+        else:
+            np.matmul(z, W2, out=dh_tmp[:n])
+            dh[idx] = dh_tmp[:n]
+        _mm_add(dW, z.T, hk)
+        if db is not None:
+            db += np.sum(z, axis=0, dtype=np.float64)
+
+    if reduction == "none":
+        loss = xp.result(loss_rows, row_shape, h.dtype)
+    else:
+        loss = _scalar(total * scale, cdt)
+    if not return_grad:
+        return loss
+    grads = (_cast_back(xp, dh, h.dtype).reshape(hshape), _cast_back(xp, dW, W.dtype))
+    if db is not None:
+        grads += (_cast_back(xp, db, h.dtype),)
+    return loss, grads
+
+
+def _cast_back(xp, a, dtype):
+    """A gradient in the argument's dtype (rounded once from the compute dtype / float64)."""
+    return a if np.dtype(a.dtype) == np.dtype(dtype) else xp.cast(a, dtype)

@@ -1,0 +1,193 @@
+"""linear_cross_entropy: values and every gradient against cross_entropy on the materialized
+logits (the NumPy reference) and against PyTorch autograd in float64 (``F.linear`` +
+``F.cross_entropy``, and ``F.linear_cross_entropy`` where it has the option); independence of
+``chunk_size``; the memory bound (tracemalloc); errors."""
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import fastloss as fl
+from conftest import SIM, close, pick, rng, sizes
+
+N, H, V = sizes((23, 6, 11), sim=(5, 3, 4))
+
+OPTS = {
+    "plain": {},
+    "bias": {"_bias": True},
+    "weight_ignore": {"_weight": True, "_ignore": True},
+    "smoothing_z": {"label_smoothing": 0.2, "z_loss": 1e-3},
+    "softcap": {"softcap": 2.0, "_bias": True},
+    "all": {"_weight": True, "_ignore": True, "_bias": True, "label_smoothing": 0.1, "z_loss": 1e-3,
+            "softcap": 3.0},
+    "num_items": {"num_items": 17.0, "_ignore": True},
+}
+
+
+def _inputs(name, dtype=np.float64, seed=0, n=N, h=H, v=V):
+    opts = dict(OPTS[name])
+    r = rng(seed)
+    x = r.standard_normal((n, h)).astype(dtype)
+    W = (r.standard_normal((v, h)) * 0.8).astype(dtype)
+    t = r.integers(0, v, n)
+    if opts.pop("_ignore", False):
+        t[::3] = -100
+    if opts.pop("_weight", False):
+        opts["weight"] = (r.random(v) + 0.5).astype(dtype)
+    b = (r.standard_normal(v)).astype(dtype) if opts.pop("_bias", False) else None
+    return x, W, b, t, opts
+
+
+def _materialized(x, W, b, t, reduction, go, opts, backend="numpy"):
+    """The same loss and gradients through cross_entropy on the full logits (the reference)."""
+    z = x.astype(np.float64) @ W.astype(np.float64).T + (0 if b is None else b.astype(np.float64))
+    o = {k: (np.asarray(v, np.float64) if k == "weight" else v) for k, v in opts.items()}
+    loss, g = fl.cross_entropy(z, t, reduction=reduction, return_grad=True, grad_output=go, backend=backend, **o)
+    return loss, g @ W.astype(np.float64), g.T @ x.astype(np.float64), g.sum(axis=0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", pick(OPTS, ["plain", "all"]))
+def test_against_materialized_logits(backend, case, reduction):
+    if case == "num_items" and reduction != "mean":
+        return  # num_items belongs to "mean" (an error otherwise: test_errors)
+    x, W, b, t, opts = _inputs(case)
+    go = rng(3).standard_normal(N) if reduction == "none" else 0.7
+    for chunk in pick([None, 1, 5, N], [2]):
+        loss, grads = fl.linear_cross_entropy(x, W, t, linear_bias=b, reduction=reduction, return_grad=True,
+                                              grad_output=go, chunk_size=chunk, backend=backend, **opts)
+        want = _materialized(x, W, b, t, reduction, go, opts)
+        assert len(grads) == (3 if b is not None else 2)
+        close(loss, want[0], err_msg=f"loss chunk={chunk}")
+        for got, w, name in zip(grads, want[1:], ("d_input", "d_linear_weight", "d_linear_bias")):
+            close(got, w, kind="grad", err_msg=f"{name} chunk={chunk}")
+        assert grads[0].shape == x.shape and grads[1].shape == W.shape
+        if "_ignore" in OPTS[case]:
+            assert np.all(grads[0][::3] == 0), "ignored rows get a zero d_input"
+        loss_only = fl.linear_cross_entropy(x, W, t, linear_bias=b, reduction=reduction, chunk_size=chunk,
+                                            backend=backend, **opts)
+        close(loss_only, want[0])
+
+
+@pytest.mark.parametrize("case", pick(["plain", "all", "bias", "smoothing_z"], ["all"]))
+def test_against_pytorch_float64(backend, case):
+    """Every gradient against PyTorch autograd in float64: ``F.linear`` + ``F.cross_entropy``
+    (+ z-loss and the cap written out in torch), and PyTorch's own ``F.linear_cross_entropy``
+    where the options are its own."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    x, W, b, t, opts = _inputs(case, seed=1)
+    loss, grads = fl.linear_cross_entropy(x, W, t, linear_bias=b, return_grad=True, backend=backend, **opts)
+    xt, Wt = torch.tensor(x, requires_grad=True), torch.tensor(W, requires_grad=True)
+    bt = None if b is None else torch.tensor(b, requires_grad=True)
+    tt = torch.tensor(t)
+    z = F.linear(xt, Wt, bt)
+    cap = opts.get("softcap")
+    if cap:
+        z = cap * torch.tanh(z / cap)
+    wt = None if opts.get("weight") is None else torch.tensor(opts["weight"])
+    eps = opts.get("label_smoothing", 0.0)
+    ref = F.cross_entropy(z, tt, weight=wt, label_smoothing=eps, reduction="sum")
+    keep = tt != -100
+    ref = ref + opts.get("z_loss", 0.0) * (torch.logsumexp(z, 1)[keep] ** 2).sum()
+    denom = wt[tt[keep]].sum() if wt is not None else keep.sum()
+    ref = ref / denom
+    ref.backward()
+    close(loss, ref.item())
+    close(grads[0], xt.grad.numpy(), kind="grad")
+    close(grads[1], Wt.grad.numpy(), kind="grad")
+    if b is not None:
+        close(grads[2], bt.grad.numpy(), kind="grad")
+    if not cap and not opts.get("z_loss") and hasattr(F, "linear_cross_entropy"):
+        xt.grad = Wt.grad = None
+        ref2 = F.linear_cross_entropy(xt, Wt, tt, linear_bias=bt, weight=wt, label_smoothing=eps)
+        close(loss, ref2.item())
+
+
+@pytest.mark.skipif(SIM, reason="a 4000-class float32 problem: minutes of Python threads under the simulator")
+def test_chunk_size_independence_float32(backend):
+    """float32: the chunking changes nothing beyond float32 accumulation error (the BLAS
+    products and the float64 sum of row losses)."""
+    r = rng(4)
+    n, h, v = 200, 48, 4000
+    x = r.standard_normal((n, h)).astype(np.float32)
+    W = (r.standard_normal((v, h)) * 0.2).astype(np.float32)
+    t = r.integers(0, v, n)
+    t[::5] = -100
+    base = fl.linear_cross_entropy(x, W, t, return_grad=True, chunk_size=n, backend=backend, softcap=20.0)
+    for chunk in (1, 7, 64):
+        got = fl.linear_cross_entropy(x, W, t, return_grad=True, chunk_size=chunk, backend=backend, softcap=20.0)
+        close(got[0], base[0], np.float32)
+        np.testing.assert_allclose(got[1][0], base[1][0], atol=2e-6, rtol=0)
+        np.testing.assert_allclose(got[1][1], base[1][1], atol=2e-6, rtol=0)
+
+
+def test_nd_input_float16_and_all_ignored(backend):
+    r = rng(5)
+    x = r.standard_normal((2, 3, H)).astype(np.float16)
+    W = (r.standard_normal((V, H)) * 0.5).astype(np.float16)
+    t = r.integers(0, V, (2, 3))
+    loss, (dh, dW) = fl.linear_cross_entropy(x, W, t, reduction="none", return_grad=True, grad_output=np.ones((2, 3)),
+                                             backend=backend)
+    assert loss.shape == (2, 3) and loss.dtype == np.float16 and dh.dtype == np.float16 and dW.dtype == np.float16
+    want = _materialized(x.reshape(6, H).astype(np.float32), W.astype(np.float32), None, t.reshape(6), "none",
+                         np.ones(6), {})
+    close(loss.reshape(6), want[0], np.float16)
+    close(dh.reshape(6, H), want[1], np.float16)
+    close(dW, want[2], np.float16)
+    t[:] = -100
+    loss, (dh, dW) = fl.linear_cross_entropy(x.astype(np.float32), W.astype(np.float32), t, return_grad=True,
+                                             backend=backend)
+    assert loss == 0 and not dh.any() and not dW.any()
+
+
+@pytest.mark.skipif(SIM, reason="the memory bound is a host property (numpy buffers); not a simulator test")
+def test_peak_memory_is_a_fraction_of_the_logits(backend):
+    """Extra memory beyond the inputs and gradients stays under 1/16 of the N x V logits
+    (tracemalloc sees NumPy's allocations): 4096 x 64 x 16000 float32, logits 262 MB.  The
+    NumPy reference's kernel makes about six chunk-sized temporaries per chunk (its array
+    expressions): a quarter of the logits for it."""
+    r = rng(6)
+    n, h, v = 4096, 64, 16000
+    x = r.standard_normal((n, h)).astype(np.float32)
+    W = (r.standard_normal((v, h)) * 0.1).astype(np.float32)
+    t = r.integers(0, v, n)
+    t[::10] = -100
+    fl.linear_cross_entropy(x[:64], W, t[:64], return_grad=True, backend=backend)  # compile, warm up
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        loss, (dh, dW) = fl.linear_cross_entropy(x, W, t, return_grad=True, backend=backend)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    outputs = dh.nbytes + dW.nbytes
+    logits = n * v * 4
+    bound = logits / (4 if backend == "numpy" else 16)
+    assert peak - outputs <= bound, f"extra {(peak - outputs) / 2**20:.1f} MB for {logits / 2**20:.0f} MB of logits"
+    close(loss, fl.cross_entropy(x @ W.T, t, backend="numpy"), np.float32)
+
+
+def test_errors(backend):
+    x, W, b, t, _ = _inputs("plain")
+    cases = [
+        (dict(linear_weight=W[:, :-1]), ValueError, r"linear_weight: expected shape \(V, \d+\)"),
+        (dict(linear_weight=W.astype(np.float32)), TypeError, "linear_weight: expected the dtype of input"),
+        (dict(linear_bias=np.zeros(V + 1)), ValueError, "linear_bias: expected shape"),
+        (dict(target=t[:-1]), ValueError, "target: expected shape"),
+        (dict(target=np.zeros((N, V))), TypeError, "target: expected integer class indices"),
+        (dict(target=np.full(N, V)), IndexError, "target: expected class indices in"),
+        (dict(chunk_size=0), ValueError, "chunk_size: expected a positive number of rows"),
+        (dict(softcap=-1.0), ValueError, "softcap: expected a finite number > 0"),
+        (dict(num_items=3, reduction="sum"), ValueError, "num_items: expected None with reduction="),
+        (dict(weight=np.ones(V - 1)), ValueError, "weight: expected a 1-D array of"),
+    ]
+    for kw, exc, msg in cases:
+        args = dict(input=x, linear_weight=W, target=t)
+        args.update({k: v for k, v in kw.items() if k in args})
+        opts = {k: v for k, v in kw.items() if k not in args}
+        with pytest.raises(exc, match=msg):
+            fl.linear_cross_entropy(args["input"], args["linear_weight"], args["target"], backend=backend, **opts)
