@@ -191,3 +191,22 @@ def test_errors(backend):
         opts = {k: v for k, v in kw.items() if k not in args}
         with pytest.raises(exc, match=msg):
             fl.linear_cross_entropy(args["input"], args["linear_weight"], args["target"], backend=backend, **opts)
+
+
+def test_torch_cpu_tensors_use_torch_blas(backend, monkeypatch):
+    """PyTorch CPU tensors: the products run on PyTorch's BLAS (the caller's library), with
+    the same results as NumPy's."""
+    torch = pytest.importorskip("torch")
+    from fastloss._api import linear
+
+    used = []
+    real = linear._TorchBlas.mm
+    monkeypatch.setattr(linear._TorchBlas, "mm", lambda self, a, b, out: (used.append(1), real(self, a, b, out)))
+    x, W, b, t, opts = _inputs("all", seed=7)
+    want = fl.linear_cross_entropy(x, W, t, linear_bias=b, return_grad=True, chunk_size=4, backend=backend, **opts)
+    got = fl.linear_cross_entropy(torch.tensor(x), torch.tensor(W), torch.tensor(t), linear_bias=torch.tensor(b),
+                                  return_grad=True, chunk_size=4, backend=backend, **opts)
+    assert used, "torch tensors went through NumPy's BLAS"
+    close(got[0], want[0])
+    for g, w in zip(got[1], want[1]):
+        close(g, w, kind="grad")

@@ -1,8 +1,10 @@
 """Fused linear + cross-entropy: the loss of ``input @ linear_weight.T + linear_bias`` and its
 gradients, chunk by chunk of rows, never holding the N x V logits.
 
-The matrix products run on NumPy's BLAS (``np.matmul(..., out=)`` into reused buffers, and
-SciPy's ``gemm`` with ``beta = 1`` to accumulate the weight gradient in place), and each
+The matrix products run on the BLAS of the caller's array library -- NumPy's for NumPy arrays
+(``np.matmul(..., out=)`` into reused buffers, and SciPy's ``gemm`` with ``beta = 1`` to
+accumulate the weight gradient in place), PyTorch's for PyTorch CPU tensors (``torch.matmul``
+and ``addmm_`` on views of the same buffers) -- and each
 chunk's cross-entropy and its gradient -- written in place over the chunk's logits -- is the
 fused kernel of the chosen backend, through :func:`fastloss.cross_entropy` (so every backend,
 the CUDA one offloading each chunk, and every option of the cross-entropy).
@@ -12,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _arrays
-from .._validate import check_int
+from .._validate import _is_torch, check_int
 from ._common import _grad_output_array, _grad_scale_value, _index_error, _scalar
 from .cross_entropy import _options, cross_entropy
 
@@ -22,28 +24,56 @@ CHUNK_BYTES = 8 << 20
 _MIN_ROWS = 16
 
 
-def _mm_add(c, a, b):
-    """``c += a @ b`` without a temporary the size of ``c`` (``c`` is the weight gradient,
-    ``V x H``): SciPy's BLAS ``gemm`` with ``beta = 1`` writes ``c`` in place (``c``
-    C-contiguous is ``c.T`` Fortran-contiguous: ``c.T += b.T @ a.T``, with ``a.T`` passed as
-    the transpose of an F-order operand, so no operand is copied either); without SciPy,
-    blocks of 256 rows of ``c`` through a small temporary."""
-    try:
-        from scipy.linalg import blas
-    except ImportError:  # pragma: no cover - scipy comes with numba's BLAS support
-        blas = None
-    if blas is not None and c.flags.c_contiguous:
-        gemm = blas.sgemm if c.dtype == np.float32 else blas.dgemm
-        r = gemm(1.0, b.T, a, beta=1.0, c=c.T, trans_b=1, overwrite_c=1)
-        if not np.shares_memory(r, c):  # pragma: no cover - gemm copied c (not for C order)
-            c[...] = r.T
-        return
-    blk = 256
-    tmp = np.empty((min(blk, c.shape[0]), c.shape[1]), c.dtype)
-    for r0 in range(0, c.shape[0], blk):
-        r1 = min(c.shape[0], r0 + blk)
-        np.matmul(a[r0:r1], b, out=tmp[: r1 - r0])
-        c[r0:r1] += tmp[: r1 - r0]
+class _NumpyBlas:
+    """The products on NumPy's BLAS: ``np.matmul(..., out=)``, and ``gemm`` with ``beta = 1``
+    (SciPy's) for the accumulation."""
+
+    @staticmethod
+    def mm(a, b, out):
+        """``out = a @ b``."""
+        np.matmul(a, b, out=out)
+
+    @staticmethod
+    def mm_add(c, a, b):
+        """``c += a @ b`` without a temporary the size of ``c`` (``c`` is the weight gradient,
+        ``V x H``): BLAS ``gemm`` with ``beta = 1`` writes ``c`` in place (``c`` C-contiguous
+        is ``c.T`` Fortran-contiguous: ``c.T += b.T @ a.T``, ``a.T`` passed as the transpose of
+        an F-order operand, so no operand is copied either); without SciPy, blocks of 256
+        rows of ``c`` through a small temporary."""
+        try:
+            from scipy.linalg import blas
+        except ImportError:  # pragma: no cover - scipy comes with numba's BLAS support
+            blas = None
+        if blas is not None and c.flags.c_contiguous:
+            gemm = blas.sgemm if c.dtype == np.float32 else blas.dgemm
+            r = gemm(1.0, b.T, a, beta=1.0, c=c.T, trans_b=1, overwrite_c=1)
+            if not np.shares_memory(r, c):  # pragma: no cover - gemm copied c (not for C order)
+                c[...] = r.T
+            return
+        blk = 256
+        tmp = np.empty((min(blk, c.shape[0]), c.shape[1]), c.dtype)
+        for r0 in range(0, c.shape[0], blk):
+            r1 = min(c.shape[0], r0 + blk)
+            np.matmul(a[r0:r1], b, out=tmp[: r1 - r0])
+            c[r0:r1] += tmp[: r1 - r0]
+
+
+class _TorchBlas:
+    """The products on PyTorch's BLAS (for PyTorch CPU tensors: the caller's library), on
+    zero-copy tensor views of the same buffers: ``torch.matmul(..., out=)`` and ``addmm_``."""
+
+    def __init__(self):
+        import torch
+
+        self.t = torch.from_numpy
+
+    def mm(self, a, b, out):
+        import torch
+
+        torch.matmul(self.t(a), self.t(b), out=self.t(out))
+
+    def mm_add(self, c, a, b):
+        self.t(c).addmm_(self.t(a), self.t(b))
 
 
 def linear_cross_entropy(
@@ -78,7 +108,10 @@ def linear_cross_entropy(
     one chunk of logits plus two ``(chunk, H)`` buffers -- with the default chunk at most
     ``CHUNK_BYTES`` (8 MB) of logits, 1/64 of the N x V logits at 4096 x 32000 float32.
     Stability and accuracy are those of :func:`cross_entropy` on the same logits (whose
-    values depend on the chunking only through BLAS rounding).
+    values depend on the chunking only through BLAS rounding).  The products run on the BLAS
+    of the caller's library: NumPy's for NumPy arrays, PyTorch's for PyTorch CPU tensors
+    (which :mod:`fastloss.torch` passes) -- their speeds differ by CPU (on the Zen 5 of the
+    README's measurements PyTorch's float32 ``gemm`` is about twice NumPy's OpenBLAS).
 
     Parameters
     ----------
@@ -148,6 +181,7 @@ def linear_cross_entropy(
                              f"{tuple(b.shape)} and dtype {np.dtype(b.dtype)}")
     reduction, eps, zl, cap, nitems, ii = _options(reduction, label_smoothing, z_loss, softcap, num_items,
                                                    ignore_index)
+    blas = _TorchBlas() if _is_torch(input) else _NumpyBlas
     if chunk_size is not None:
         chunk_size = check_int(chunk_size, "chunk_size")
         if chunk_size < 1:
@@ -212,7 +246,7 @@ def linear_cross_entropy(
         hk = h2[idx]  # a gather of the kept rows (a copy) when some are ignored
         tk = t2[idx]
         z = logits[:n]
-        np.matmul(hk, WT, out=z)
+        blas.mm(hk, WT, z)
         if b2 is not None:
             z += b2
         gs = scale * go if go is not None else gout_rows[idx]
@@ -228,11 +262,11 @@ def linear_cross_entropy(
             continue
         # z now holds G = d loss / d logits of the chunk (scaled)
         if keep is None:
-            np.matmul(z, W2, out=dh[idx])
+            blas.mm(z, W2, dh[idx])
         else:
-            np.matmul(z, W2, out=dh_tmp[:n])
+            blas.mm(z, W2, dh_tmp[:n])
             dh[idx] = dh_tmp[:n]
-        _mm_add(dW, z.T, hk)
+        blas.mm_add(dW, z.T, hk)
         if db is not None:
             db += np.sum(z, axis=0, dtype=np.float64)
 
