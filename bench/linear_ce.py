@@ -64,6 +64,12 @@ def _noop():
     pass
 
 
+def _free_grads(*tensors):
+    """The torch candidates' gradients are freed before each call (each call allocates its own)."""
+    for t in tensors:
+        t.grad = None
+
+
 def run_one(name, shape, reps, threads):
     """Measure one candidate in this process; return a dict."""
     import numpy as np
@@ -128,8 +134,7 @@ def run_one(name, shape, reps, threads):
         else:
             f = F.linear_cross_entropy
 
-        def reset():  # noqa: F811 - the torch candidates' gradients are freed before each call
-            ht.grad = Wt.grad = None
+        reset = lambda: _free_grads(ht, Wt)  # noqa: E731
 
         def fn():
             reset()
