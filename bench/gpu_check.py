@@ -105,15 +105,26 @@ def verify(shapes=((64, 1000), (8, 262_144)), ew=(256, 1000), dc=(50, 40)) -> li
             gs = np.full(n, 1.0)  # O(1)-scaled gradients
             la, lb = np.empty(n), np.empty(n)
             ga, gb = np.empty_like(x), x.copy()
-            R.cross_entropy(x, t, w, -100, 0.1, 1e-4, la, ga, gs)
-            C.cross_entropy(gb, t, w, -100, 0.1, 1e-4, lb, gb, gs)  # in place
+            R.cross_entropy(x, t, w, -100, 0.1, 1e-4, 0.0, la, None, ga, gs)
+            C.cross_entropy(gb, t, w, -100, 0.1, 1e-4, 0.0, lb, None, gb, gs)  # in place
             rec(f"cross_entropy loss C={c}", dt, la, lb)
             rec(f"cross_entropy grad C={c}", dt, ga, gb)
+            # soft cap (Gemma 2's 30 on logits x 10) and the row lse, ignored row included
+            xs = x * dt(10)
+            ea, eb = np.empty(n), np.zeros(2 * n)[::2]
+            gb = xs.copy()
+            R.cross_entropy(xs, t, w, -100, 0.1, 1e-4, 30.0, la, ea, ga, gs)
+            C.cross_entropy(gb, t, w, -100, 0.1, 1e-4, 30.0, lb, eb, gb, gs)  # in place
+            rec(f"cross_entropy softcap loss+lse C={c}", dt, np.r_[la, ea], np.r_[lb, eb])
+            rec(f"cross_entropy softcap grad C={c}", dt, ga, gb)
             p = rng.random(x.shape).astype(dt)
             p /= p.sum(1, keepdims=True)
-            R.cross_entropy_soft(x, p, None, 0.0, 0.0, la, ga, gs)
-            C.cross_entropy_soft(x, p, None, 0.0, 0.0, lb, gb, gs)
+            R.cross_entropy_soft(x, p, None, 0.0, 0.0, 0.0, la, None, ga, gs)
+            C.cross_entropy_soft(x, p, None, 0.0, 0.0, 0.0, lb, None, gb, gs)
             rec(f"cross_entropy_soft C={c}", dt, np.r_[la, ga.ravel()], np.r_[lb, gb.ravel()])
+            R.cross_entropy_soft(xs, p, w, 0.1, 1e-4, 30.0, la, ea, ga, gs)
+            C.cross_entropy_soft(xs, p, w, 0.1, 1e-4, 30.0, lb, eb, gb, gs)
+            rec(f"cross_entropy_soft softcap C={c}", dt, np.r_[la, ea, ga.ravel()], np.r_[lb, eb, gb.ravel()])
         z = (rng.standard_normal(ew) * 20).astype(dt)
         yv = rng.random(z.shape).astype(dt)
         pv = rng.random(z.shape).astype(dt)
@@ -142,7 +153,7 @@ def verify(shapes=((64, 1000), (8, 262_144)), ew=(256, 1000), dc=(50, 40)) -> li
         t = rng.integers(0, dc[0], dc[1])
         lv, g = fl.cross_entropy(cuda.to_device(x), cuda.to_device(t), axis=0, return_grad=True)
         la, ga = np.empty(dc[1]), np.empty(dc[::-1], dt)
-        R.cross_entropy(np.ascontiguousarray(x.T), t, None, -100, 0.0, 0.0, la, ga, np.full(dc[1], 1 / dc[1]))
+        R.cross_entropy(np.ascontiguousarray(x.T), t, None, -100, 0.0, 0.0, 0.0, la, None, ga, np.full(dc[1], 1 / dc[1]))
         rec("device cross_entropy axis=0", dt, np.r_[la.mean(), ga.T.ravel()],
             np.r_[lv, g.copy_to_host().ravel()])
     # bfloat16 device arrays through the public API (computed in float32, answered in bfloat16)
@@ -213,7 +224,7 @@ def bench(quick: bool, sim: bool = False):
         loss = cuda.device_array(n, np.float64)
         grad = cuda.device_array((n, c), np.float32)
         gs = cuda.to_device(np.full(n, 1.0 / n))
-        ms = _time(lambda: C._d_cross_entropy(x, t, None, float(c), -100, 0.0, 0.0, loss, grad, gs, s))
+        ms = _time(lambda: C._d_cross_entropy(x, t, None, float(c), -100, 0.0, 0.0, 0.0, loss, None, grad, gs, s))
         nbytes = 2 * n * c * 4  # read the logits once, write the gradient once
         tms = None
         if torch is not None:
@@ -226,6 +237,19 @@ def bench(quick: bool, sim: bool = False):
 
             tms = _time(tstep)
         rows.append((f"cross_entropy fwd+grad {n}x{c} f32", ms, nbytes, _copy_ms(nbytes // 2), tms))
+        if c == ce_shapes[0][1]:
+            # the same with a soft cap (the capped kernel: tanh and its derivative in the same
+            # passes) and the row lse; torch: softcap * tanh(x / softcap), then the loss
+            lse = cuda.device_array(n, np.float64)
+            cms = _time(lambda: C._d_cross_entropy(x, t, None, float(c), -100, 0.0, 0.0, 30.0, loss, lse, grad, gs, s))
+            ctms = None
+            if torch is not None:
+                def ctstep():
+                    tx.grad = None
+                    F.cross_entropy(30.0 * torch.tanh(tx / 30.0), tt).backward()
+
+                ctms = _time(ctstep)
+            rows.append((f"cross_entropy softcap+lse fwd+grad {n}x{c} f32", cms, nbytes, _copy_ms(nbytes // 2), ctms))
         if torch is not None and BF16 is not None and c == ce_shapes[0][1]:
             # torch.bfloat16 logits through the public device path (bfloat16 is staged
             # through float32 copies: Numba kernels have no bfloat16 type)

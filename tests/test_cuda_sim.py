@@ -116,14 +116,14 @@ def test_offload_large_logits_keep_the_log_term(dt):
     for weight in (None, w):
         for eps in (0.0, 0.1):
             la, lb, ga, gb = np.empty(n), np.empty(n), np.empty_like(x), np.empty_like(x)
-            R.cross_entropy(x, t, weight, -100, eps, 0.0, la, ga, np.ones(n))
-            C.cross_entropy(x, t, weight, -100, eps, 0.0, lb, gb, np.ones(n))
+            R.cross_entropy(x, t, weight, -100, eps, 0.0, 0.0, la, None, ga, np.ones(n))
+            C.cross_entropy(x, t, weight, -100, eps, 0.0, 0.0, lb, None, gb, np.ones(n))
             close(la, lb, dt)
             close(ga, gb, dt)
             if weight is None and eps == 0:
                 np.testing.assert_allclose(lb[2], np.log(c), rtol=1e-6)  # equal huge logits
-            R.cross_entropy_soft(x, y, weight, eps, 0.0, la, ga, np.ones(n))
-            C.cross_entropy_soft(x, y, weight, eps, 0.0, lb, gb, np.ones(n))
+            R.cross_entropy_soft(x, y, weight, eps, 0.0, 0.0, la, None, ga, np.ones(n))
+            C.cross_entropy_soft(x, y, weight, eps, 0.0, 0.0, lb, None, gb, np.ones(n))
             close(la, lb, dt)
             close(ga, gb, dt)
 
@@ -165,8 +165,8 @@ def test_offload_cross_entropy(dt, weighted, eps, z):
     la, lb = np.empty(6), np.empty(6)
     ga = np.empty_like(x)
     gb = x.copy()
-    R.cross_entropy(x, t, w, -100, eps, z, la, ga, gs)
-    C.cross_entropy(gb, t, w, -100, eps, z, lb, gb, gs)  # gradient in place
+    R.cross_entropy(x, t, w, -100, eps, z, 0.0, la, None, ga, gs)
+    C.cross_entropy(gb, t, w, -100, eps, z, 0.0, lb, None, gb, gs)  # gradient in place
     close(la, lb, dt)
     close(ga, gb, dt)
     assert not np.isnan(gb).any()
@@ -174,11 +174,11 @@ def test_offload_cross_entropy(dt, weighted, eps, z):
     y /= y.sum(1, keepdims=True)
     x[2, 3] = 0.5
     lc = np.empty(6)
-    R.cross_entropy_soft(x, y, w, eps, z, la, ga, gs)
-    C.cross_entropy_soft(x, y, w, eps, z, lc, gb, gs)
+    R.cross_entropy_soft(x, y, w, eps, z, 0.0, la, None, ga, gs)
+    C.cross_entropy_soft(x, y, w, eps, z, 0.0, lc, None, gb, gs)
     close(la, lc, dt)
     close(ga, gb, dt)
-    C.cross_entropy_soft(x, y, w, eps, z, lc, None, None)  # loss only
+    C.cross_entropy_soft(x, y, w, eps, z, 0.0, lc, None, None, None)  # loss only
     close(la, lc, dt)
 
 
@@ -286,7 +286,7 @@ def ref_ce(x, t, w=None, ignore=-100, eps=0.0, z=0.0, reduction="mean", gout=1.0
     gs = np.full(n, gout * scale) if np.ndim(gout) == 0 else np.asarray(gout, np.float64)
     loss = np.empty(n)
     g = np.empty_like(x)
-    R.cross_entropy(x, t, w, ignore, eps, z, loss, g, gs)
+    R.cross_entropy(x, t, w, ignore, eps, z, 0.0, loss, None, g, gs)
     if reduction == "none":
         return loss.astype(x.dtype), g
     return loss.sum() * scale, g
@@ -360,7 +360,7 @@ def test_device_cross_entropy_class_axis_0_and_soft():
     y2 = np.moveaxis(y, 1, -1).reshape(-1, 3)
     loss = np.empty(8)
     g2 = np.empty_like(x2)
-    R.cross_entropy_soft(x2, y2, None, 0.0, 0.0, loss, g2, np.full(8, 1 / 8))
+    R.cross_entropy_soft(x2, y2, None, 0.0, 0.0, 0.0, loss, None, g2, np.full(8, 1 / 8))
     close(lv, loss.mean(), np.float64)
     close(host(g), np.moveaxis(g2.reshape(4, 2, 3), -1, 1), np.float64)
 
@@ -849,8 +849,8 @@ def test_gpu_large_rows_match_numpy():
     la, lb = np.empty(64), np.empty(64)
     ga, gb = np.empty_like(x), np.empty_like(x)
     gs = np.full(64, 1 / 64)
-    R.cross_entropy(x, t, None, -100, 0.0, 0.0, la, ga, gs)
-    C.cross_entropy(x, t, None, -100, 0.0, 0.0, lb, gb, gs)
+    R.cross_entropy(x, t, None, -100, 0.0, 0.0, 0.0, la, None, ga, gs)
+    C.cross_entropy(x, t, None, -100, 0.0, 0.0, 0.0, lb, None, gb, gs)
     np.testing.assert_allclose(la, lb, rtol=2e-6)
     np.testing.assert_allclose(ga * 64, gb * 64, atol=1e-6)
 

@@ -34,10 +34,12 @@ Layout conventions
 from __future__ import annotations
 
 import math
+from functools import partial
 
 from numba import cuda, float32, float64
 
 MAX_THREADS = 1024  # shared scratch per block; blockDim.x * blockDim.y never exceeds it
+_FMAX = {float32: 3.4028234663852886e38, float64: 1.7976931348623157e308}  # largest finite value
 INF = math.inf
 NAN = math.nan
 
@@ -168,6 +170,36 @@ def _block_sumexp(sh, x, i, ok, mf):
             s += math.exp(x[i, j] - mf)
     return _block_sum(sh, s)
 
+
+def _make_softcap(ftype):
+    """Device functions of the soft cap ``x' = cap tanh(x / cap)`` for ``ftype`` logits ``v``
+    (``cap`` and ``rcap = 1 / cap`` in ``ftype``):
+
+    * ``cap_val(v, cap, rcap) -> x'``: ``math.tanh`` (libdevice ``tanhf``/``tanh``, within 2
+      ulps everywhere), so ``x'`` is accurate relative to itself also where ``|x| << cap``
+      (``(1 - t) / (1 + t)`` would carry an absolute error of ``cap`` ulps of 1 there);
+    * ``cap_grad(v, cap, rcap) -> (x', dx'/dx)``: the derivative ``1 - tanh**2`` as
+      ``4 t / (1 + t)**2`` with ``t = exp(-2 |x| / cap)`` in ``[0, 1]``: no overflow, accurate
+      relative to itself where ``tanh`` is near 1 (no ``1 - tanh**2`` cancellation).
+
+    An infinite ``v`` gives ``x' = +-cap`` and a derivative of exactly 0 (``t = 0``); NaN
+    gives NaN for both."""
+
+    @cuda.jit(device=True)
+    def cap_val(v, cap, rcap):
+        return cap * math.tanh(v * rcap)
+
+    @cuda.jit(device=True)
+    def cap_grad(v, cap, rcap):
+        one = ftype(1)
+        u = v * rcap
+        t = math.exp(ftype(-2) * abs(u))
+        r = one / (one + t)
+        return cap * math.tanh(u), ftype(4) * t * r * r
+
+    return cap_val, cap_grad
+
+
 # ----------------------------------------------------------------------------- row-wise
 def _make_row_lse(ftype):
     """``lse[i]`` (float64) of every row: max pass, then a sum of ``exp(x - max)``.
@@ -262,7 +294,7 @@ def _make_softmax_bwd(ftype):
     return k
 
 
-def _make_ce_hard(ftype):
+def _make_ce_hard(ftype, capped=False):
     """Fused softmax cross-entropy with class indices: loss row and gradient in one launch.
 
     Per row: pass 1 the max (and ``x[t]``, read before anything of the row is written),
@@ -277,13 +309,28 @@ def _make_ce_hard(ftype):
     PyTorch does (an infinite weight gives +inf, never a factored ``inf - inf``).  ``has_w`` 0
     means unit weights (``w`` is then a dummy); ``want_grad`` 0 skips the gradient.  Ignored
     rows get loss 0 and a zero gradient.
+
+    ``want_lse`` 1 writes every row's ``lse`` into ``lse_out`` (a dummy otherwise), ignored
+    rows included: their max and sum are then computed too (and only then).
+
+    ``capped`` (compile time: the ``ce_hard_cap`` kernel) applies the soft cap
+    ``x' = cap tanh(x / cap)`` (``cap > 0``) to every logit read in passes 2 and 3 (with
+    :func:`_make_softcap`: no capped copy of the row), and multiplies the gradient by the
+    cap's derivative.  The max of the capped row is the cap of the raw max (``tanh`` is
+    increasing), so pass 1 is unchanged; a capped max is finite unless the row holds NaN.
+    The uncapped kernel (``ce_hard``) has none of this code.
     """
+    cap_val, cap_grad = _make_softcap(ftype)
+    big = _FMAX[ftype]
 
     @cuda.jit
-    def k(x, target, w, has_w, wsum, ignore_index, eps, zl, loss, grad, want_grad, gscale):
+    def k(x, target, w, has_w, wsum, ignore_index, eps, zl, cap, loss, lse_out, want_lse, grad, want_grad,
+          gscale):
         sh = cuda.shared.array(MAX_THREADS, float64)
         n = x.shape[0]
         c = x.shape[1]
+        capf = ftype(cap)
+        rcapf = ftype(1.0 / cap if 1.0 / cap < big else big) if capped else ftype(0)  # finite: 0 stays 0
         step = cuda.gridDim.x * cuda.blockDim.y
         r0 = cuda.blockIdx.x * cuda.blockDim.y
         while r0 < n:
@@ -296,10 +343,21 @@ def _make_ce_hard(ftype):
                 keep = t != ignore_index
             if not keep:
                 t = 0
+            act = keep or (ok and want_lse)  # rows whose max and sum are needed
             xt = float64(x[i, t]) if keep else 0.0
-            m = _block_max(sh, _row_max(x, i, keep))
+            m = _block_max(sh, _row_max(x, i, act))
+            if capped and act:
+                m = float64(cap_val(ftype(m), capf, rcapf))  # max of x' = cap(max of x)
             finite = -INF < m < INF  # False for nan and +-inf
-            s = _block_sumexp(sh, x, i, keep and finite, ftype(m))
+            if capped:
+                s = 0.0
+                if act and finite:
+                    mf = ftype(m)
+                    for j in range(cuda.threadIdx.x, c, cuda.blockDim.x):
+                        s += math.exp(cap_val(x[i, j], capf, rcapf) - mf)
+                s = _block_sum(sh, s)
+            else:
+                s = _block_sumexp(sh, x, i, act and finite, ftype(m))
             ls = math.log(s) if finite else 0.0  # log s; s >= 1 when finite
             lse = m + ls if finite else m  # nan, +inf or -inf when the max is not finite
             wt = float64(w[t]) if has_w else 1.0
@@ -321,6 +379,12 @@ def _make_ce_hard(ftype):
                 at_t = ftype(gs * (1.0 - eps) * wt)
                 for j in range(cuda.threadIdx.x, c, cuda.blockDim.x):
                     v = x[i, j]
+                    dc = ftype(1)
+                    if capped:
+                        if want_grad:
+                            v, dc = cap_grad(v, capf, rcapf)  # x'_j and d x'_j / d x_j
+                        else:
+                            v = cap_val(v, capf, rcapf)
                     wj = w[j] if has_w else ftype(1.0)
                     if eps != 0:
                         # -log p_c = log s - (x_c - m); lse - x_c without a finite max
@@ -334,13 +398,19 @@ def _make_ce_hard(ftype):
                             gv -= b * wj
                         if j == t:
                             gv -= at_t
+                        if capped:
+                            gv *= dc  # through the cap
                         grad[i, j] = gv
             elif ok and want_grad:
                 for j in range(cuda.threadIdx.x, c, cuda.blockDim.x):
                     grad[i, j] = 0
             sm = _block_sum(sh, sm)
             if ok and cuda.threadIdx.x == 0:
+                if want_lse:
+                    lse_out[i] = lse
                 if keep:
+                    if capped:
+                        xt = float64(cap_val(ftype(xt), capf, rcapf))  # x'[t] (x[t] read first)
                     # -log p_t = log s - (x_t - m): +inf when x[t] = -inf.  Not lse - x_t,
                     # which loses log s next to a large m (see the module docstring)
                     nll = ls - (xt - m) if finite else lse - xt
@@ -357,7 +427,7 @@ def _make_ce_hard(ftype):
     return k
 
 
-def _make_ce_soft(ftype):
+def _make_ce_soft(ftype, capped=False):
     """Cross-entropy with probability targets ``y`` (N, C) and optional class weights.
 
     ``y' = ((1-eps) y + eps/C) w``; loss ``sum_c y'_c (lse - x_c) + z lse**2`` (a term with
@@ -367,19 +437,27 @@ def _make_ce_soft(ftype):
     finite (shift 0) gives ``(sum_c y'_c) log s - sum_{y'_c != 0} y'_c x_c`` with
     ``log s = max``: a NaN or +inf logit makes the row NaN/inf even when its whole target mass
     is 0 (as PyTorch), while a ``-inf`` logit with zero mass still contributes nothing.
+    ``want_lse`` 1 writes each row's ``lse`` into ``lse_out``; ``capped`` as in
+    :func:`_make_ce_hard` (the ``ce_soft_cap`` kernel).
     """
+    cap_val, cap_grad = _make_softcap(ftype)
+    big = _FMAX[ftype]
 
     @cuda.jit
-    def k(x, y, w, has_w, eps, zl, loss, grad, want_grad, gscale):
+    def k(x, y, w, has_w, eps, zl, cap, loss, lse_out, want_lse, grad, want_grad, gscale):
         sh = cuda.shared.array(MAX_THREADS, float64)
         n = x.shape[0]
         c = x.shape[1]
+        capf = ftype(cap)
+        rcapf = ftype(1.0 / cap if 1.0 / cap < big else big) if capped else ftype(0)  # finite: 0 stays 0
         step = cuda.gridDim.x * cuda.blockDim.y
         r0 = cuda.blockIdx.x * cuda.blockDim.y
         while r0 < n:
             i = r0 + cuda.threadIdx.y
             ok = i < n
             m = _block_max(sh, _row_max(x, i, ok))
+            if capped and ok:
+                m = float64(cap_val(ftype(m), capf, rcapf))  # max of x' = cap(max of x)
             finite = -INF < m < INF  # False for nan and +-inf
             s = 0.0
             ysum = 0.0
@@ -387,7 +465,10 @@ def _make_ce_soft(ftype):
                 mf = ftype(m)
                 for j in range(cuda.threadIdx.x, c, cuda.blockDim.x):
                     if finite:
-                        s += math.exp(x[i, j] - mf)
+                        v = x[i, j]
+                        if capped:
+                            v = cap_val(v, capf, rcapf)
+                        s += math.exp(v - mf)
                     yj = (1.0 - eps) * float64(y[i, j]) + eps / c
                     if has_w:
                         yj *= float64(w[j])
@@ -405,6 +486,12 @@ def _make_ce_soft(ftype):
                 pa = ftype(a / s) if finite else ftype(a)
                 for j in range(cuda.threadIdx.x, c, cuda.blockDim.x):
                     v = x[i, j]  # read x and y before the write: grad may be x
+                    dc = ftype(1)
+                    if capped:
+                        if want_grad:
+                            v, dc = cap_grad(v, capf, rcapf)  # x'_j and d x'_j / d x_j
+                        else:
+                            v = cap_val(v, capf, rcapf)
                     yj = (1.0 - eps) * float64(y[i, j]) + eps / c
                     if has_w:
                         yj *= float64(w[j])
@@ -415,13 +502,18 @@ def _make_ce_soft(ftype):
                         else:
                             tot -= yj * float64(v)  # the shift is 0: - y'_c x_c
                     if want_grad:
-                        grad[i, j] = math.exp(v - mf) * pa - ftype(gs * yj)
+                        gv = math.exp(v - mf) * pa - ftype(gs * yj)
+                        if capped:
+                            gv *= dc  # through the cap
+                        grad[i, j] = gv
             tot = _block_sum(sh, tot)
             if ok and cuda.threadIdx.x == 0:
                 if not finite:
                     # (sum_c y'_c) log s with the shift 0, log s = log sum exp(x) = m (nan or
                     # +-inf): a nan/+inf logit gives a nan/inf row even with zero target mass
                     tot += ysum * m
+                if want_lse:
+                    lse_out[i] = lse
                 loss[i] = tot + zl * lse * lse if zl != 0 else tot
             r0 += step
 
@@ -541,7 +633,9 @@ _FACTORIES = {
     "row_lse": _make_row_lse,
     "softmax_bwd": _make_softmax_bwd,
     "ce_hard": _make_ce_hard,
+    "ce_hard_cap": partial(_make_ce_hard, capped=True),
     "ce_soft": _make_ce_soft,
+    "ce_soft_cap": partial(_make_ce_soft, capped=True),
     "bce_with_logits": _make_bce_with_logits,
     "bce": _make_bce,
     "kl_div": _make_kl_div,

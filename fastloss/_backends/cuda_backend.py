@@ -18,7 +18,10 @@ counts) with shared-memory reductions; the softmax cross-entropy computes loss a
 in one launch that reads the logits from DRAM once and writes the gradient once (the second
 and third pass over a row hit L2).  Loss sums are reduced in float64 on the device into one
 partial per block, and the few partials are added on the host.  Absent operands reach a
-kernel as small dummies with a flag (a kernel takes arrays, never None).
+kernel as small dummies with a flag (a kernel takes arrays, never None).  A cross-entropy
+``softcap > 0`` launches the capped twin of its kernel (``ce_hard_cap``/``ce_soft_cap``,
+compiled apart: the tanh and its derivative in the same passes), so ``softcap == 0`` runs the
+uncapped kernels as before.
 """
 from __future__ import annotations
 
@@ -90,31 +93,36 @@ def _d_softmax_bwd(g, y, out, mode, stream):
     _kern("softmax_bwd", y.dtype)[grid, block, stream](g, y, out, mode)
 
 
-def _ce_launch(name, x, weight, grad, gscale, stream):
-    """Cross-entropy kernel ``name`` configured for the rows of ``x`` on ``stream``, and its
-    operands ``(w, gr, gs)``: absent ones become 1-element dummies (a kernel takes arrays,
-    never None; the ``has_w``/``want_grad`` flags say what is real)."""
+def _ce_launch(name, x, softcap, weight, lse, grad, gscale, stream):
+    """Cross-entropy kernel ``name`` (its capped twin ``name + "_cap"`` when ``softcap > 0``)
+    configured for the rows of ``x`` on ``stream``, and its operands ``(w, ls, gr, gs)``:
+    absent ones become 1-element placeholders (a kernel takes arrays, never None; the
+    ``has_w``/``want_lse``/``want_grad`` flags say what is real)."""
     dt = x.dtype
     grid, block = _row_cfg(*x.shape)
-    return _kern(name, dt)[grid, block, stream], (
+    return _kern(name + "_cap" if softcap > 0 else name, dt)[grid, block, stream], (
         weight if weight is not None else _empty((1,), dt, stream),
+        lse if lse is not None else _empty((1,), np.float64, stream),
         grad if grad is not None else _empty((1, 1), dt, stream),
         gscale if gscale is not None else _empty((1,), np.float64, stream))
 
 
-def _d_cross_entropy(x, target, weight, wsum, ignore_index, eps, zl, loss, grad, gscale, stream):
+def _d_cross_entropy(x, target, weight, wsum, ignore_index, eps, zl, softcap, loss, lse, grad, gscale, stream):
     if x.shape[0] == 0:
         return
-    k, (w, gr, gs) = _ce_launch("ce_hard", x, weight, grad, gscale, stream)
-    k(x, target, w, weight is not None, float(wsum), int(ignore_index), float(eps), float(zl), loss, gr,
-      grad is not None, gs)
+    cap = float(softcap or 0.0)
+    k, (w, ls, gr, gs) = _ce_launch("ce_hard", x, cap, weight, lse, grad, gscale, stream)
+    k(x, target, w, weight is not None, float(wsum), int(ignore_index), float(eps), float(zl), cap, loss,
+      ls, lse is not None, gr, grad is not None, gs)
 
 
-def _d_cross_entropy_soft(x, y, weight, eps, zl, loss, grad, gscale, stream):
+def _d_cross_entropy_soft(x, y, weight, eps, zl, softcap, loss, lse, grad, gscale, stream):
     if x.shape[0] == 0:
         return
-    k, (w, gr, gs) = _ce_launch("ce_soft", x, weight, grad, gscale, stream)
-    k(x, y, w, weight is not None, float(eps), float(zl), loss, gr, grad is not None, gs)
+    cap = float(softcap or 0.0)
+    k, (w, ls, gr, gs) = _ce_launch("ce_soft", x, cap, weight, lse, grad, gscale, stream)
+    k(x, y, w, weight is not None, float(eps), float(zl), cap, loss, ls, lse is not None, gr, grad is not None,
+      gs)
 
 
 def _d_elementwise(name, a, b, p, q, flag, eps, loss, grad, grad2, gscale, gout, stream):
@@ -191,13 +199,14 @@ class OnStream:
         _fill(g, float(gscale), self.stream)
         return g
 
-    def cross_entropy(self, x, target, weight, ignore_index, label_smoothing, z_loss, loss, grad, gscale):
+    def cross_entropy(self, x, target, weight, ignore_index, label_smoothing, z_loss, softcap, loss, lse, grad,
+                      gscale):
         wsum = float(x.shape[1]) if weight is None else _device_sum(weight, self.stream)
-        _d_cross_entropy(x, target, weight, wsum, ignore_index, label_smoothing, z_loss, loss, grad,
+        _d_cross_entropy(x, target, weight, wsum, ignore_index, label_smoothing, z_loss, softcap, loss, lse, grad,
                          None if grad is None else self._rows_scale(gscale, x.shape[0]), self.stream)
 
-    def cross_entropy_soft(self, x, target, weight, label_smoothing, z_loss, loss, grad, gscale):
-        _d_cross_entropy_soft(x, target, weight, label_smoothing, z_loss, loss, grad,
+    def cross_entropy_soft(self, x, target, weight, label_smoothing, z_loss, softcap, loss, lse, grad, gscale):
+        _d_cross_entropy_soft(x, target, weight, label_smoothing, z_loss, softcap, loss, lse, grad,
                               None if grad is None else self._rows_scale(gscale, x.shape[0]), self.stream)
 
     def _ew(self, name, a, b, p, q, flag, eps, loss, grad, grad2, gscale, gout):
@@ -292,19 +301,19 @@ def log_softmax_backward(g, y, out):
     _rowwise("log_softmax_backward", g, y, out)
 
 
-def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, loss, grad, gscale):
+def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, loss, lse, grad, gscale):
     h = _Offload()
     dx = h.up(x)
     h.k.cross_entropy(dx, h.up(np.asarray(target, dtype=np.int64)), h.up(weight), ignore_index, label_smoothing,
-                      z_loss, h.out(loss), h.out(grad, _inplace(dx, x, grad)), h.up(gscale))
+                      z_loss, softcap, h.out(loss), h.out(lse), h.out(grad, _inplace(dx, x, grad)), h.up(gscale))
     h.finish()
 
 
-def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, loss, grad, gscale):
+def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, softcap, loss, lse, grad, gscale):
     h = _Offload()
     dx = h.up(x)
-    h.k.cross_entropy_soft(dx, h.up(target), h.up(weight), label_smoothing, z_loss, h.out(loss),
-                           h.out(grad, _inplace(dx, x, grad)), h.up(gscale))
+    h.k.cross_entropy_soft(dx, h.up(target), h.up(weight), label_smoothing, z_loss, softcap, h.out(loss),
+                           h.out(lse), h.out(grad, _inplace(dx, x, grad)), h.up(gscale))
     h.finish()
 
 
