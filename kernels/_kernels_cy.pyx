@@ -41,11 +41,14 @@ cdef extern from "fl_math.hpp" nogil:
     const char *fl_build_info()
 
     T fl_max[T](const T *x, fl_idx n)
+    T fl_cap_max[T](const T *x, T *xc, T *d, fl_idx n, T cap)
     double fl_sumexp[T](const T *x, T *e, fl_idx n, T sh, int neg)
+    double fl_sumexp_apart[T](const T *x, const T *e, fl_idx n, T sh)
     double fl_wsum_shift[T](const T *x, const T *w, fl_idx n, T sh)
     double fl_dot[T](const T *a, const T *b, fl_idx n)
     void fl_expaxpy[T](const T *x, T *out, fl_idx n, T sh, T a, const T *w, T b)
     void fl_scale_axpy[T](T *g, fl_idx n, T a, const T *w, T b)
+    void fl_cap_grad[T](const T *e, T *g, fl_idx n, T a, const T *w, T b)
     void fl_fill[T](T *g, fl_idx n, T v)
     void fl_sub2[T](const T *x, T *out, fl_idx n, T sh, T L)
     void fl_smb[T](const T *g, const T *y, T *out, fl_idx n, T d)
@@ -53,7 +56,7 @@ cdef extern from "fl_math.hpp" nogil:
     double fl_soft_terms[T](const T *x, const T *y, const T *w, fl_idx n, T sh, double L, double a1,
                             double a0, double *ysum)
     void fl_soft_grad[T](const T *x, const T *y, const T *w, T *out, fl_idx n, T sh, T pa, T a1, T a0,
-                         T gs, int neg)
+                         T gs, int neg, const T *dc)
     double fl_bce_logits[T](fl_idx n, const T *z, const T *y, const T *w, const T *pw, int has_pw,
                             T *l, T *g, const T *go, T gs)
     double fl_bce[T](fl_idx n, const T *p, const T *y, const T *w, T *l, T *g, const T *go, T gs)
@@ -67,6 +70,7 @@ cdef extern from "fl_math.hpp" nogil:
     void fl_scatter[T](const T *buf, T *p, fl_idx s, fl_idx n)
     void fl_vexp[T](const T *x, T *out, fl_idx n)
     void fl_vexpn[T](const T *x, T *out, fl_idx n)
+    void fl_vsoftcap[T](const T *x, T *out, T *d, fl_idx n, T cap)
     void fl_vlog[T](const T *x, T *out, fl_idx n)
     void fl_vlog1p[T](const T *x, T *out, fl_idx n)
 
@@ -75,11 +79,12 @@ cdef extern from "fl_math.hpp" nogil:
     int FL_NORM_LOGSOFTMAX
     void fl_norm_cols[T](fl_idx nr, fl_idx c, const T *x, fl_idx xrs, fl_idx xcs, int mode,
                          T *out, fl_idx ors, fl_idx ocs, fl_idx sb, void *scratch)
-    size_t fl_cols_scratch(fl_idx c, fl_idx sb, size_t isz)
+    size_t fl_cols_scratch(fl_idx c, fl_idx sb, size_t isz, int capgrad)
     void fl_ce_cols[T](fl_idx nr, fl_idx c, const T *x, fl_idx xrs, fl_idx xcs,
                        const int64_t *tg, fl_idx ts, const T *w, double wsum, int64_t ign,
-                       double eps, double z, double *loss, fl_idx ls, const double *gsa, fl_idx gss,
-                       T *g, fl_idx grs, fl_idx gcs, fl_idx sb, void *scratch)
+                       double eps, double z, T cap, double *loss, fl_idx ls, double *lse, fl_idx lss,
+                       const double *gsa, fl_idx gss, T *g, fl_idx grs, fl_idx gcs, fl_idx sb,
+                       void *scratch)
 
 BLOCK = FL_BLOCK
 
@@ -275,7 +280,7 @@ cdef _norm_cols(Opnd ox, Py_ssize_t c, Py_ssize_t n, int mode, floating *op, Py_
     """Log-sum-exp / softmax / log-softmax (``mode``) through ``fl_norm_cols`` over row blocks;
     the output at ``op`` with strides ``ors``, ``ocs`` (elements)."""
     cdef Py_ssize_t sb = _cb_rows(ox, c, sizeof(floating)), nblk = (n + sb - 1) // sb, ib, i0, nr
-    cdef size_t nbytes = fl_cols_scratch(c, sb, sizeof(floating))
+    cdef size_t nbytes = fl_cols_scratch(c, sb, sizeof(floating), 0)
     cdef const floating *xp = <const floating *>ox.base
     cdef int nt = _team(n * c)
     cdef void *raw = NULL
@@ -301,10 +306,11 @@ cdef _norm_cols(Opnd ox, Py_ssize_t c, Py_ssize_t n, int mode, floating *op, Py_
 
 cdef _ce_cols(Opnd ox, Opnd og, Py_ssize_t c, Py_ssize_t n, const int64_t[:] target,
               const floating *w, double wsum, int64_t ignore_index, double eps, double z,
-              double[:] loss, object gscale):
-    """Hard-target cross-entropy through ``fl_ce_cols`` over blocks of ``_cb_rows`` rows."""
+              floating cap, double[:] loss, double *lsep, Py_ssize_t lss, object gscale):
+    """Hard-target cross-entropy through ``fl_ce_cols`` over blocks of ``_cb_rows`` rows;
+    ``lsep`` (stride ``lss``): the row lse output, or NULL."""
     cdef Py_ssize_t sb = _cb_rows(ox, c, sizeof(floating)), nblk = (n + sb - 1) // sb, ib, i0, nr
-    cdef size_t nbytes = fl_cols_scratch(c, sb, sizeof(floating))
+    cdef size_t nbytes = fl_cols_scratch(c, sb, sizeof(floating), cap != 0 and gscale is not None)
     cdef const double[:] gsv
     cdef const double *gsa = NULL
     cdef Py_ssize_t gss = 0
@@ -334,7 +340,8 @@ cdef _ce_cols(Opnd ox, Opnd og, Py_ssize_t c, Py_ssize_t n, const int64_t[:] tar
                 i0 = ib * sb
                 nr = sb if n - i0 > sb else n - i0
                 fl_ce_cols(nr, c, xp + i0 * ox.rs, ox.rs, ox.es, tg + i0 * ts, ts, w, wsum,
-                             ignore_index, eps, z, lp + i0 * ls, ls,
+                             ignore_index, eps, z, cap, lp + i0 * ls, ls,
+                             lsep + i0 * lss if lsep != NULL else NULL, lss,
                              gsa + i0 * gss if gsa != NULL else NULL, gss,
                              gp + i0 * og.rs if gp != NULL else NULL, og.rs, og.es, sb, scr)
         free(raw)
@@ -503,10 +510,28 @@ def log_softmax_backward(const floating[:, :] g, const floating[:, :] y, floatin
     _smb_impl(g, y, out, True)
 
 
-cdef inline double _ce_row(const floating *x, Py_ssize_t sx, Py_ssize_t c, Py_ssize_t t,
-                           const floating *w, double wsum, double eps, double z, double gs,
-                           floating *g, Py_ssize_t sg, floating *buf) noexcept nogil:
-    """One hard-target row: returns its float64 loss, writes ``gs * dloss/dx`` to ``g`` (if not NULL).
+cdef inline double _row_lse(const floating *xr, Py_ssize_t c, floating cap, floating *S) noexcept nogil:
+    """The log-sum-exp of a row whose loss is not computed (an ignored row), for the lse output:
+    the row kernels' max and sum of exp, of the capped logits (into ``S``) when ``cap != 0``."""
+    cdef double m
+    if cap != 0:
+        m = fl_cap_max(xr, S, <floating *>NULL, c, cap)
+        xr = S
+    else:
+        m = fl_max(xr, c)
+    cdef double sh = _shift(m)
+    cdef double s = fl_sumexp(xr, <floating *>NULL, c, <floating>sh, isfinite(m))
+    if s < 2.0 and isfinite(m):  # the max dominates: its term apart (see fl_sumexp_apart)
+        s = fl_sumexp_apart(xr, <const floating *>NULL, c, <floating>sh)
+    return log(s) + sh
+
+
+cdef inline double _ce_row(const floating *xr, Py_ssize_t c, Py_ssize_t t, const floating *w,
+                           double wsum, double eps, double z, floating cap, double gs,
+                           floating *gc, floating *S, double *plse) noexcept nogil:
+    """One hard-target row: returns its float64 loss, writes ``gs * dloss/dx`` to ``gc`` (if not
+    NULL) and the row's log-sum-exp to ``plse[0]``.  ``xr``, ``gc``: contiguous rows (``gc`` may
+    be ``xr``: in place).
 
     ``loss = (1-eps) w_t (lse - x_t) + eps/C sum_c w_c (lse - x_c) + z lse^2`` with
     ``lse = sh + L``, ``L = log sum exp(x - sh)``, ``lse - x_c = L - (x_c - sh)``: no
@@ -517,73 +542,113 @@ cdef inline double _ce_row(const floating *x, Py_ssize_t sx, Py_ssize_t c, Py_ss
     evaluated, so a NaN/inf weight of a class no target uses cannot leak).  With a finite row max the
     exponentials are stored into the gradient row during the sum and only rescaled afterwards
     (one exp per element); otherwise the reference's ``exp(x - lse)`` is used as it is.
+
+    Soft cap (``cap != 0``; ``S``: a thread's row buffer of ``c`` elements): the first pass
+    (``fl_cap_max``, in place of ``fl_max``) writes ``x' = cap tanh(x / cap)`` into ``S`` and the
+    cap's derivative into the gradient row -- it reads the whole row of ``x`` before the
+    gradient overwrites it -- and every later pass runs on ``S`` (in cache): the exponentials
+    are stored into ``S``, and the gradient pass multiplies by the derivative it finds in ``gc``
+    (``fl_cap_grad``).  The target's element is redone from ``S`` with the derivative saved
+    before: ``((e_t a - b w_t) - gs (1-eps) w_t) d_t``, the reference's order.
     """
-    cdef const floating *xr = f_row(x, sx, c, buf)
-    cdef double xt = xr[t]  # read before anything is written: g may be x (in place)
+    cdef double xt, dt = 0.0
+    cdef double m
+    if cap != 0:
+        m = fl_cap_max(xr, S, gc, c, cap)
+        xr = S
+        if gc != NULL:
+            dt = gc[t]
+    else:
+        m = fl_max(xr, c)
+    xt = xr[t]  # read before anything is written: gc may be x (in place)
     cdef double wt = w[t] if w != NULL else 1.0
-    cdef double m = fl_max(xr, c)
     cdef bint fin = isfinite(m)
     cdef double sh = m if fin else 0.0
     cdef double lin = 0.0, s, L, lse, row, a, ec = eps / c
-    cdef floating *gc = NULL
+    cdef floating *e = gc if cap == 0 else S  # where the exponentials are stored
     cdef const floating *ws = w if eps != 0.0 else NULL
-    if g != NULL:
-        gc = g if sg == 1 else buf
+    cdef floating ca, cb
     if eps != 0.0:
         lin = fl_wsum_shift(xr, w, c, <floating>sh)
-    s = fl_sumexp(xr, gc if (fin and g != NULL) else <floating *>NULL, c, <floating>sh, fin)
+    s = fl_sumexp(xr, e if (fin and gc != NULL) else <floating *>NULL, c, <floating>sh, fin)
+    if s < 2.0 and fin:
+        # the max dominates the sum (a loss ~log s, small): the max's term, exactly 1, must not
+        # sit in a float32 lane that rounds every later term at ulp(1) (fl_sumexp_apart); from
+        # the stored exponentials when there are some
+        s = fl_sumexp_apart(xr, e if gc != NULL else <floating *>NULL, c, <floating>sh)
     L = log(s)
     lse = L + sh
+    plse[0] = lse
     row = (1.0 - eps) * wt * (L - (xt - sh))
     if eps != 0.0:
         row += ec * (wsum * L - lin)
     if z != 0.0:
         row += z * lse * lse
-    if g != NULL:
+    if gc != NULL:
         # eps == 0: eps/C sum(w) is not evaluated at all (SEMANTICS K1: 0 * a NaN/inf weight of a
         # class no target uses must not leak into the gradient)
         a = (1.0 - eps) * wt + 2.0 * z * lse
         if eps != 0.0:
             a += ec * wsum
-        if fin:
-            fl_scale_axpy(gc, c, <floating>(gs * a / s), ws, <floating>(gs * ec))
-        else:
-            fl_expaxpy(xr, gc, c, <floating>lse, <floating>(gs * a), ws, <floating>(gs * ec))
-        gc[t] -= <floating>(gs * (1.0 - eps) * wt)
-        if sg != 1:
-            fl_scatter(gc, g, sg, c)
+        cb = <floating>(gs * ec)
+        if cap == 0:
+            if fin:
+                fl_scale_axpy(gc, c, <floating>(gs * a / s), ws, cb)
+            else:
+                fl_expaxpy(xr, gc, c, <floating>lse, <floating>(gs * a), ws, cb)
+            gc[t] -= <floating>(gs * (1.0 - eps) * wt)
+        elif fin:
+            ca = <floating>(gs * a / s)
+            fl_cap_grad(S, gc, c, ca, ws, cb)
+            gc[t] = ((S[t] * ca - cb * (ws[t] if ws != NULL else <floating>1))
+                     - <floating>(gs * (1.0 - eps) * wt)) * <floating>dt
+        else:  # a row of only NaN (x' is finite otherwise): the exponentials from x', then d
+            fl_expaxpy(S, S, c, <floating>lse, <floating>(gs * a), ws, cb)
+            S[t] -= <floating>(gs * (1.0 - eps) * wt)
+            fl_cap_grad(S, gc, c, <floating>1, <const floating *>NULL, <floating>0)
     return row
 
 
 def cross_entropy(const floating[:, :] x, const int64_t[:] target, const floating[::1] weight,
                   bint has_weight, double wsum, int64_t ignore_index, double label_smoothing,
-                  double z_loss, double[:] loss, floating[:, :] grad, bint has_grad,
-                  const double[:] gscale):
-    """Hard-target cross-entropy rows (see ``_ce_row``); ignored rows: loss 0, gradient 0."""
+                  double z_loss, double softcap, double[:] loss, double[:] lse, bint has_lse,
+                  floating[:, :] grad, bint has_grad, const double[:] gscale):
+    """Hard-target cross-entropy rows (see ``_ce_row``); ignored rows: loss 0, gradient 0, and
+    their lse (when ``has_lse``) from the same max and sum of exp."""
     cdef Py_ssize_t n = x.shape[0], c = x.shape[1], ip, i0, pn, r, i
     if n == 0:
         return
     cdef Py_ssize_t isz = sizeof(floating)
+    cdef floating cap = <floating>softcap  # rounded to the compute dtype, as the reference
     cdef Opnd ox = _opnd(_base2(x), x.strides[0], x.strides[1], isz, c > 0)
     cdef Opnd og = _opnd(_base2(grad) if has_grad else NULL, grad.strides[0] if has_grad else 0,
                          grad.strides[1] if has_grad else isz, isz, has_grad and c > 0)
     cdef const floating *w = &weight[0] if has_weight else NULL
+    cdef double *lsep = &lse[0] if has_lse else NULL
+    cdef Py_ssize_t lss = lse.strides[0] // <Py_ssize_t>sizeof(double) if has_lse else 0
     if c > 0 and _use_cols(ox, c, isz, CB_CE):
-        _ce_cols(ox, og, c, n, target, w, wsum, ignore_index, label_smoothing, z_loss, loss,
-                 gscale if has_grad else None)
+        _ce_cols(ox, og, c, n, target, w, wsum, ignore_index, label_smoothing, z_loss, cap, loss,
+                 lsep, lss, gscale if has_grad else None)
         return
     cdef Opnd none = _opnd(NULL, 0, 0, isz, False)
     cdef Py_ssize_t P = _panel_rows(ox, none, og, c, isz, 1), npan = (n + P - 1) // P
     cdef bint need = _strided(ox) or _strided(og)
+    # per thread: the x panel when an operand is strided, then the capped row (soft cap)
+    cdef Py_ssize_t npanel = P * c if need else 0
+    cdef Py_ssize_t nbuf = npanel + (c if cap != 0 else 0)
     cdef int nt = _team(n * c)
     cdef floating *A = NULL  # x panel (and a strided gradient, built in place of x)
+    cdef floating *S = NULL  # the capped row
     cdef floating *gr
+    cdef const floating *xr
+    cdef double rl
     cdef int64_t t
     cdef int errflag = 0
     cdef int *perr = &errflag
     with nogil, parallel(num_threads=nt):
-        A = <floating *>_panel_alloc(need, P * c * isz, perr)
-        if not need or A != NULL:
+        A = <floating *>_panel_alloc(nbuf > 0, nbuf * isz, perr)
+        S = A + npanel if cap != 0 and A != NULL else NULL
+        if nbuf == 0 or A != NULL:
             for ip in prange(npan, schedule="static"):
                 i0 = ip * P
                 pn = P if n - i0 > P else n - i0
@@ -591,86 +656,104 @@ def cross_entropy(const floating[:, :] x, const int64_t[:] target, const floatin
                 for r in range(pn):
                     i = i0 + r
                     t = target[i]
+                    xr = _prow(ox, i, r, c, A)
                     gr = _prow(og, i, r, c, A) if og.present else NULL
-                    if t == ignore_index:
-                        loss[i] = 0.0
+                    if t == ignore_index or t < 0 or t >= c:
+                        if has_lse:  # before the gradient row (maybe x itself) is filled
+                            lsep[i * lss] = _row_lse(xr, c, cap, S)
+                        # a target outside [0, C): the public layer raises IndexError before
+                        # calling; a direct caller gets NaN for the row instead of an
+                        # out-of-bounds read
+                        loss[i] = 0.0 if t == ignore_index else NAN
                         if gr != NULL:
-                            f_fill_strided(gr, 1, c, <floating>0)
-                    elif t < 0 or t >= c:
-                        # the public layer raises IndexError before calling; a direct caller gets
-                        # NaN for the row instead of an out-of-bounds read
-                        loss[i] = NAN
-                        if gr != NULL:
-                            f_fill_strided(gr, 1, c, <floating>NAN)
+                            f_fill_strided(gr, 1, c, <floating>0 if t == ignore_index else <floating>NAN)
                     else:
-                        loss[i] = _ce_row(_prow(ox, i, r, c, A), 1, c, t, w, wsum, label_smoothing,
-                                          z_loss, gscale[i] if has_grad else 0.0, gr, 1,
-                                          <floating *>NULL)
+                        rl = 0.0  # assigned in the loop: thread-private (its address is passed)
+                        loss[i] = _ce_row(xr, c, t, w, wsum, label_smoothing, z_loss, cap,
+                                          gscale[i] if has_grad else 0.0, gr, S, &rl)
+                        if has_lse:
+                            lsep[i * lss] = rl
                 _pscatter(og, i0, pn, c, A)
         free(A)
     if perr[0]:
         raise MemoryError("fastloss cython backend: cannot allocate a row buffer")
 
 
-cdef inline double _ce_soft_row(const floating *x, Py_ssize_t sx, const floating *y, Py_ssize_t sy,
-                                Py_ssize_t c, const floating *w, double eps, double z, double gs,
-                                floating *g, Py_ssize_t sg, floating *buf) noexcept nogil:
+cdef inline double _ce_soft_row(const floating *xr, const floating *yr, Py_ssize_t c,
+                                const floating *w, double eps, double z, floating cap, double gs,
+                                floating *g, floating *S, double *plse) noexcept nogil:
     """One soft-target row: ``sum_c yw_c (lse - x_c) + z lse^2``, ``yw = ((1-eps) y + eps/C) w``,
     evaluated as ``sum(yw) L - sum_{yw != 0, x_c != sh} yw (x_c - sh)`` (SEMANTICS K3, K3b, see
     fl_soft_terms);
-    gradient ``gs * (softmax(x) * sum(yw) + 2 z lse softmax(x) - yw)``.  ``buf``: 2 c elements."""
-    cdef const floating *xr = f_row(x, sx, c, buf)
-    cdef const floating *yr = f_row(y, sy, c, buf + c)
-    cdef double m = fl_max(xr, c)
+    gradient ``gs * (softmax(x) * sum(yw) + 2 z lse softmax(x) - yw)`` into ``g`` (if not NULL;
+    may be ``xr``), the row's log-sum-exp into ``plse[0]``.  Soft cap (``cap != 0``): as in
+    ``_ce_row``, ``x'`` into the row buffer ``S``, the cap's derivative into ``g``, which
+    ``fl_soft_grad`` multiplies in."""
+    cdef double m
+    if cap != 0:
+        m = fl_cap_max(xr, S, g, c, cap)
+        xr = S
+    else:
+        m = fl_max(xr, c)
     cdef bint fin = isfinite(m)
     cdef double sh = m if fin else 0.0
     cdef double s = fl_sumexp(xr, <floating *>NULL, c, <floating>sh, fin)
+    if s < 2.0 and fin:  # the max dominates: its term apart (see _ce_row, fl_sumexp_apart)
+        s = fl_sumexp_apart(xr, <const floating *>NULL, c, <floating>sh)
     cdef double L = log(s), lse = L + sh, ysum = 0.0, row, a
     cdef double a1 = 1.0 - eps, a0 = eps / c
-    cdef floating *gc
+    cdef const floating *dc = g if cap != 0 else NULL
+    plse[0] = lse
     row = fl_soft_terms(xr, yr, w, c, <floating>sh, L, a1, a0, &ysum)
     if z != 0.0:
         row += z * lse * lse
     if g != NULL:
-        gc = g if sg == 1 else buf  # buf[:c] may hold xr: read x_j before writing g_j
         a = ysum + 2.0 * z * lse
         if fin:
-            fl_soft_grad(xr, yr, w, gc, c, <floating>sh, <floating>(a / s), <floating>a1, <floating>a0,
-                         <floating>gs, 1)
+            fl_soft_grad(xr, yr, w, g, c, <floating>sh, <floating>(a / s), <floating>a1, <floating>a0,
+                         <floating>gs, 1, dc)
         else:
-            fl_soft_grad(xr, yr, w, gc, c, <floating>lse, <floating>a, <floating>a1, <floating>a0,
-                         <floating>gs, 0)
-        if sg != 1:
-            fl_scatter(gc, g, sg, c)
+            fl_soft_grad(xr, yr, w, g, c, <floating>lse, <floating>a, <floating>a1, <floating>a0,
+                         <floating>gs, 0, dc)
     return row
 
 
 def cross_entropy_soft(const floating[:, :] x, const floating[:, :] target, const floating[::1] weight,
-                       bint has_weight, double label_smoothing, double z_loss, double[:] loss,
-                       floating[:, :] grad, bint has_grad, const double[:] gscale):
+                       bint has_weight, double label_smoothing, double z_loss, double softcap,
+                       double[:] loss, double[:] lse, bint has_lse, floating[:, :] grad,
+                       bint has_grad, const double[:] gscale):
     cdef Py_ssize_t n = x.shape[0], c = x.shape[1], ip, i0, pn, r, i
     if n == 0:
         return
     cdef Py_ssize_t isz = sizeof(floating)
+    cdef floating cap = <floating>softcap
     # the soft kernels read w[j] unconditionally (vectorizable): ones when unweighted
     if not has_weight:
         weight = np.ones(max(c, 1), np.float32 if floating is float else np.float64)
     cdef const floating *w = &weight[0]
+    cdef double *lsep = &lse[0] if has_lse else NULL
+    cdef Py_ssize_t lss = lse.strides[0] // <Py_ssize_t>sizeof(double) if has_lse else 0
     cdef Opnd ox = _opnd(_base2(x), x.strides[0], x.strides[1], isz, c > 0)
     cdef Opnd oy = _opnd(_base2(target), target.strides[0], target.strides[1], isz, c > 0)
     cdef Opnd og = _opnd(_base2(grad) if has_grad else NULL, grad.strides[0] if has_grad else 0,
                          grad.strides[1] if has_grad else isz, isz, has_grad and c > 0)
     cdef Py_ssize_t P = _panel_rows(ox, oy, og, c, isz, 2), npan = (n + P - 1) // P
     cdef bint need = _strided(ox) or _strided(oy) or _strided(og)
+    # per thread: the x and target panels when an operand is strided, then the capped row
+    cdef Py_ssize_t npanel = 2 * P * c if need else 0
+    cdef Py_ssize_t nbuf = npanel + (c if cap != 0 else 0)
     cdef int nt = _team(n * c)
     cdef floating *A = NULL  # x panel (and a strided gradient, built in place of x)
     cdef floating *B = NULL  # target panel
+    cdef floating *S = NULL  # the capped row
+    cdef double rl
     cdef int errflag = 0
     cdef int *perr = &errflag
     with nogil, parallel(num_threads=nt):
-        A = <floating *>_panel_alloc(need, 2 * P * c * isz, perr)
-        B = A + P * c if A != NULL else NULL
-        if not need or A != NULL:
+        A = <floating *>_panel_alloc(nbuf > 0, nbuf * isz, perr)
+        B = A + P * c if A != NULL and need else NULL
+        S = A + npanel if cap != 0 and A != NULL else NULL
+        if nbuf == 0 or A != NULL:
             for ip in prange(npan, schedule="static"):
                 i0 = ip * P
                 pn = P if n - i0 > P else n - i0
@@ -678,10 +761,13 @@ def cross_entropy_soft(const floating[:, :] x, const floating[:, :] target, cons
                 _pgather(oy, i0, pn, c, B)
                 for r in range(pn):
                     i = i0 + r
-                    loss[i] = _ce_soft_row(_prow(ox, i, r, c, A), 1, _prow(oy, i, r, c, B), 1, c, w,
-                                           label_smoothing, z_loss, gscale[i] if has_grad else 0.0,
-                                           _prow(og, i, r, c, A) if og.present else NULL, 1,
-                                           <floating *>NULL)
+                    rl = 0.0  # assigned in the loop: thread-private (its address is passed)
+                    loss[i] = _ce_soft_row(_prow(ox, i, r, c, A), _prow(oy, i, r, c, B), c, w,
+                                           label_smoothing, z_loss, cap,
+                                           gscale[i] if has_grad else 0.0,
+                                           _prow(og, i, r, c, A) if og.present else NULL, S, &rl)
+                    if has_lse:
+                        lsep[i * lss] = rl
                 _pscatter(og, i0, pn, c, A)
         free(A)
     if perr[0]:
@@ -832,6 +918,13 @@ def _vexpn(const floating[::1] x, floating[::1] out):
     """Elementwise fl_expn of fl_math.hpp (exp of shifted logits x <= 0; for accuracy tests)."""
     if x.shape[0]:
         fl_vexpn(&x[0], &out[0], x.shape[0])
+
+
+def _vsoftcap(const floating[::1] x, floating[::1] out, floating[::1] d, double cap):
+    """Elementwise soft cap of fl_math.hpp: ``out = cap tanh(x / cap)``, ``d = 1 - tanh^2``
+    (for accuracy tests)."""
+    if x.shape[0]:
+        fl_vsoftcap(&x[0], &out[0], &d[0], x.shape[0], <floating>cap)
 
 
 def _vlog(const floating[::1] x, floating[::1] out):

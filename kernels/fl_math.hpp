@@ -221,6 +221,87 @@ FL_INLINE double fl_expn_d(double x, double lo)
     return y > x ? y : x;
 }
 
+/* ------------------------------------------------------------------------------ softcap
+ * The logit soft cap x' = cap tanh(x / cap) and its derivative dc = 1 - tanh^2(x / cap), both
+ * from y = -2|x|/cap <= 0 (k2 = -2/cap, rounded once by the caller) and ONE range reduction
+ * y = k ln2 + r, s = 2^k, as in fl_exp:
+ *   e^y - 1 = s (p(r) - 1) + (s - 1),  p(r) - 1 = r h(r)  (fl_exp's polynomial without its
+ *             final + 1: no cancellation near y = 0),
+ *   t = e^y = s (p(r) - 1) + s,
+ *   tanh|u| = (1 - t) / (1 + t) = -(e^y - 1) / (2 + (e^y - 1)),  dc = 4 t / (1 + t)^2,
+ * and near the cap (t < 0.2) x' = cap - 2 cap t / (1 + t), whose error is then mostly the last
+ * subtraction's (~1 ulp of x' instead of ~2.5: the loss is a difference of capped logits near
+ * +-cap, where float32 has no ulp to spare).
+ * Why not tanh = (1 - t) / (1 + t) from an exp alone: 1 - t cancels when |x| << cap and x'
+ * then carries an absolute error of ~cap ulp(1) (float32, cap 30: ~2e-6, the whole loss
+ * tolerance).  Why not the reference's 1 / cosh^2 or 1 - (x'/cap)^2: cosh overflows, and
+ * 1 - tanh^2 cancels where tanh is near 1 (float32: 1e-4 relative at |u| = 4).  Both results
+ * are within a few ulp for every x, and nothing overflows.  Specials: the clamp at lo keeps
+ * s = 2^k a normal number (k >= -126 / -1022; lo = -87 / -708, where t is ~1e-38 / ~1e-308),
+ * and below it t is set to 0 -- x = +-inf gives x' = +-cap and a derivative of exactly 0;
+ * NaN fails both comparisons and propagates to x' and dc.  lo is passed through FL_OPAQUE by
+ * the caller (see fl_expn). */
+#define FL_CAP_LO_F (-87.0f)
+#define FL_CAP_LO_D (-708.0)
+FL_INLINE float fl_softcap_f(float x, float k2, float cap, float lo, float &dc)
+{
+    const float y = fabsf(x) * k2;
+    const float yc = y < lo ? lo : y;
+    const float t0 = yc * 1.44269504f + FL_EXP_SHIFT_F;
+    const float k = t0 - FL_EXP_SHIFT_F;
+    float r = yc - k * 0.693145751953125f;
+    r = r - k * 1.42860682030941723212e-6f;
+    float h = 1.0f / 5040.0f;
+    h = h * r + 1.0f / 720.0f;
+    h = h * r + 1.0f / 120.0f;
+    h = h * r + 1.0f / 24.0f;
+    h = h * r + 1.0f / 6.0f;
+    h = h * r + 0.5f;
+    h = h * r + 1.0f;
+    const float q = h * r;             /* e^r - 1 */
+    /* low 9 bits of bits(t0) are k mod 512: (k + 127) << 23 = 2^k, k + 127 in [1, 127] */
+    const float s = fl_f_from_bits((fl_bits_f(t0) + 127u) << 23);
+    const float em = s * q + (s - 1.0f); /* e^y - 1 in [-1, 0] */
+    const float t = y < lo ? 0.0f : s * q + s;
+    const float rd = 1.0f / (2.0f + em); /* 1 / (1 + t) */
+    dc = 4.0f * t * rd * rd;
+    /* near the cap (t < 0.2, |u| > 0.8) as cap - 2 cap t / (1 + t): one rounding at the end */
+    const float xm = t < 0.2f ? cap - ((cap + cap) * t) * rd : cap * (-em * rd);
+    return copysignf(xm, x);
+}
+
+FL_INLINE double fl_softcap_d(double x, double k2, double cap, double lo, double &dc)
+{
+    const double y = fabs(x) * k2;
+    const double yc = y < lo ? lo : y;
+    const double t0 = yc * 1.4426950408889634074 + FL_EXP_SHIFT_D;
+    const double k = t0 - FL_EXP_SHIFT_D;
+    double r = yc - k * 6.93147180369123816490e-01;
+    r = r - k * 1.90821492927058770002e-10;
+    double h = 1.0 / 6227020800.0;
+    h = h * r + 1.0 / 479001600.0;
+    h = h * r + 1.0 / 39916800.0;
+    h = h * r + 1.0 / 3628800.0;
+    h = h * r + 1.0 / 362880.0;
+    h = h * r + 1.0 / 40320.0;
+    h = h * r + 1.0 / 5040.0;
+    h = h * r + 1.0 / 720.0;
+    h = h * r + 1.0 / 120.0;
+    h = h * r + 1.0 / 24.0;
+    h = h * r + 1.0 / 6.0;
+    h = h * r + 0.5;
+    h = h * r + 1.0;
+    const double q = h * r;
+    /* low 12 bits of bits(t0) are k mod 4096: (k + 1023) << 52 = 2^k, k + 1023 in [2, 1023] */
+    const double s = fl_d_from_bits((fl_bits_d(t0) + 1023u) << 52);
+    const double em = s * q + (s - 1.0);
+    const double t = y < lo ? 0.0 : s * q + s;
+    const double rd = 1.0 / (2.0 + em);
+    dc = 4.0 * t * rd * rd;
+    const double xm = t < 0.2 ? cap - ((cap + cap) * t) * rd : cap * (-em * rd);
+    return copysign(xm, x);
+}
+
 /* ------------------------------------------------------------------------------ log
  * fdlibm / musl algorithm: x = 2^k * m with m in [sqrt(2)/2, sqrt(2)), f = m - 1,
  * s = f / (2 + f), log(1+f) = f - f^2/2 + s (f^2/2 + R(s^2)) with a minimax R; then
@@ -293,7 +374,9 @@ template <> struct fl_t<float> {
     FL_INLINE float exp(float x) { return fl_exp_f(x); }
     FL_INLINE float expn(float x, float lo) { return fl_expn_f(x, lo); }
     FL_INLINE float log(float x) { return fl_log_f(x); }
+    FL_INLINE float softcap(float x, float k2, float cap, float lo, float &dc) { return fl_softcap_f(x, k2, cap, lo, dc); }
     static constexpr float expn_lo = FL_EXPN_LO_F;
+    static constexpr float cap_lo = FL_CAP_LO_F;
     static constexpr float inf = HUGE_VALF;
     static constexpr bool ew_acc = false;
     static constexpr fl_idx tile = 8;
@@ -303,7 +386,9 @@ template <> struct fl_t<double> {
     FL_INLINE double exp(double x) { return fl_exp_d(x); }
     FL_INLINE double expn(double x, double lo) { return fl_expn_d(x, lo); }
     FL_INLINE double log(double x) { return fl_log_d(x); }
+    FL_INLINE double softcap(double x, double k2, double cap, double lo, double &dc) { return fl_softcap_d(x, k2, cap, lo, dc); }
     static constexpr double expn_lo = FL_EXPN_LO_D;
+    static constexpr double cap_lo = FL_CAP_LO_D;
     static constexpr double inf = HUGE_VAL;
     static constexpr bool ew_acc = true;
     static constexpr fl_idx tile = 4;
@@ -368,6 +453,44 @@ static inline double fl_sumexp(const T *x, T *e, fl_idx n, T sh, int neg)
             for (fl_idx j = j0; j < j1; j++) acc += fl_t<T>::exp(x[j] - sh);
         }
         tot += (double)acc;
+    }
+    return tot;
+}
+
+/* The row sum of exp again, for a row whose max dominates it (s < 2: L = log s < log 2, and
+ * the loss -- or lse - max -- is then of the size of L, with the error of s as its own).
+ * fl_sumexp adds the max's term, exactly 1, into a float32 lane that then takes up to
+ * FL_BLOCK/16 more terms, each rounded at ulp(1): ~2e-7 absolute in L at C = 3000, 1e-5
+ * relative for a loss of 0.02.  Here the terms equal to 1 are counted apart (exactly, then
+ * added in float64) and the lanes add only the others.  e != NULL: from the stored
+ * exponentials (the gradient path; no exp); else from x, sh the finite row max.  Kept out of
+ * fl_sumexp's loop, where the select and the count cost ~12% on every row; the callers redo
+ * only the rows with s < 2. */
+template <typename T>
+static inline double fl_sumexp_apart(const T *x, const T *e, fl_idx n, T sh)
+{
+    double tot = 0.0;
+    T lo = fl_t<T>::expn_lo;
+    FL_OPAQUE(lo);
+    for (fl_idx j0 = 0; j0 < n; j0 += FL_BLOCK) {
+        const fl_idx j1 = j0 + FL_BLOCK < n ? j0 + FL_BLOCK : n;
+        T acc = 0, ones = 0;
+        if (e) {
+            _Pragma("omp simd reduction(+:acc,ones)")
+            for (fl_idx j = j0; j < j1; j++) {
+                const T v = e[j], f = v == (T)1 ? (T)1 : (T)0; /* NaN: kept in acc */
+                acc += v - f;          /* v - f: one add on the accumulator's chain */
+                ones += f;
+            }
+        } else {
+            _Pragma("omp simd reduction(+:acc,ones)")
+            for (fl_idx j = j0; j < j1; j++) {
+                const T v = fl_t<T>::expn(x[j] - sh, lo), f = v == (T)1 ? (T)1 : (T)0;
+                acc += v - f;
+                ones += f;
+            }
+        }
+        tot += (double)acc + (double)ones;
     }
     return tot;
 }
@@ -454,6 +577,52 @@ static inline void fl_scale_axpy(T *g, fl_idx n, T a, const T *w, T b)
     }
 }
 
+/* The soft cap's first pass over a row (it replaces fl_max there): xc[j] = cap tanh(x[j]/cap)
+ * and, when d != NULL, d[j] = 1 - tanh^2 (see fl_softcap); returns the max of xc, NaN skipped
+ * as in fl_max.  The rest of the row's passes then run on xc (a thread's row buffer, in cache)
+ * instead of x.  d may be x (an in-place gradient: the derivative is kept in the gradient row
+ * until the gradient pass multiplies by it); xc must not alias x or d. */
+template <typename T>
+static inline T fl_cap_max(const T *x, T *xc, T *d, fl_idx n, T cap)
+{
+    T m = -fl_t<T>::inf, lo = fl_t<T>::cap_lo;
+    const T k2 = (T)-2 / cap;
+    FL_OPAQUE(lo);
+    if (d) {
+        FL_SIMD_MAX(m)
+        for (fl_idx j = 0; j < n; j++) {
+            T dj;
+            const T v = fl_t<T>::softcap(x[j], k2, cap, lo, dj);
+            xc[j] = v;
+            d[j] = dj;
+            m = v > m ? v : m;
+        }
+    } else {
+        FL_SIMD_MAX(m)
+        for (fl_idx j = 0; j < n; j++) {
+            T dj;
+            const T v = fl_t<T>::softcap(x[j], k2, cap, lo, dj);
+            xc[j] = v;
+            m = v > m ? v : m;
+        }
+    }
+    return m;
+}
+
+/* the capped gradient: g[j] = (e[j] * a - b * (w ? w[j] : 1)) * g[j], e the stored exponentials
+ * and g the cap's derivative (fl_cap_max): fl_scale_axpy's formula times d x'/d x */
+template <typename T>
+static inline void fl_cap_grad(const T *e, T *g, fl_idx n, T a, const T *w, T b)
+{
+    if (w) {
+        FL_SIMD
+        for (fl_idx j = 0; j < n; j++) g[j] = (e[j] * a - b * w[j]) * g[j];
+    } else {
+        FL_SIMD
+        for (fl_idx j = 0; j < n; j++) g[j] = (e[j] * a - b) * g[j];
+    }
+}
+
 template <typename T>
 static inline void fl_fill(T *g, fl_idx n, T v)
 {
@@ -514,18 +683,33 @@ static inline double fl_soft_terms(const T *x, const T *y, const T *w, fl_idx n,
 }
 
 /* soft-target gradient: out = gs * (exp(x - sh) * pa - yw) with pa = a / sum exp(x - sh);
- * neg: sh is the finite row max (EXPN applies, as in fl_sumexp) */
+ * neg: sh is the finite row max (EXPN applies, as in fl_sumexp).  dc != NULL (soft cap): x
+ * holds the capped logits and the result is multiplied by the cap's derivative dc[j] (dc may
+ * be out: element j is read before it is written) -- separate loops, so the uncapped ones
+ * stay as they were */
 template <typename T>
 static inline void fl_soft_grad(const T *x, const T *y, const T *w, T *out, fl_idx n, T sh,
-                                     T pa, T a1, T a0, T gs, int neg)
+                                     T pa, T a1, T a0, T gs, int neg, const T *dc)
 {
     T lo = fl_t<T>::expn_lo;
     FL_OPAQUE(lo);
-    if (neg) {
+    if (neg && dc) {
+        FL_SIMD
+        for (fl_idx j = 0; j < n; j++) {
+            const T yw = (a1 * y[j] + a0) * w[j];
+            out[j] = gs * (fl_t<T>::expn(x[j] - sh, lo) * pa - yw) * dc[j];
+        }
+    } else if (neg) {
         FL_SIMD
         for (fl_idx j = 0; j < n; j++) {
             const T yw = (a1 * y[j] + a0) * w[j];
             out[j] = gs * (fl_t<T>::expn(x[j] - sh, lo) * pa - yw);
+        }
+    } else if (dc) {
+        FL_SIMD
+        for (fl_idx j = 0; j < n; j++) {
+            const T yw = (a1 * y[j] + a0) * w[j];
+            out[j] = gs * (fl_t<T>::exp(x[j] - sh) * pa - yw) * dc[j];
         }
     } else {
         FL_SIMD
@@ -702,6 +886,11 @@ static inline void fl_vexpn(const T *x, T *out, fl_idx n)
     for (fl_idx j = 0; j < n; j++) out[j] = fl_t<T>::expn(x[j], lo);
 }
 template <typename T>
+static inline void fl_vsoftcap(const T *x, T *out, T *d, fl_idx n, T cap)
+{
+    fl_cap_max<T>(x, out, d, n, cap);
+}
+template <typename T>
 static inline void fl_vlog(const T *x, T *out, fl_idx n)
 {
     FL_SIMD
@@ -846,11 +1035,12 @@ static inline void fl_transpose(const T *src, fl_idx ss, fl_idx R, fl_idx K, T *
 #endif
 
 /* bytes of scratch fl_ce_cols_* and fl_norm_cols_* need for c classes of itemsize isz in blocks
- * of sb rows */
-static inline size_t fl_cols_scratch(fl_idx c, fl_idx sb, size_t isz)
+ * of sb rows; capgrad: fl_ce_cols with a soft cap and a gradient (the cap's derivative block) */
+static inline size_t fl_cols_scratch(fl_idx c, fl_idx sb, size_t isz, int capgrad)
 {
-    /* c columns, 3 float64 row arrays and 12 T row arrays (fl_ce_cols; fl_norm_cols uses less) */
-    size_t b = ((size_t)c + 12) * (size_t)sb * isz + 3 * (size_t)sb * sizeof(double);
+    /* c columns (2 c with capgrad), 3 float64 row arrays and 12 T row arrays (fl_ce_cols;
+     * fl_norm_cols uses less) */
+    size_t b = ((size_t)c * (capgrad ? 2 : 1) + 12) * (size_t)sb * isz + 3 * (size_t)sb * sizeof(double);
     return (b + 63) / 64 * 64;
 }
 
@@ -877,6 +1067,14 @@ static inline size_t fl_cols_scratch(fl_idx c, fl_idx sb, size_t isz)
  * whose max is not finite or that hold a NaN: their gradient is recomputed from the original
  * logits as exp(x - lse) gs a, what the reference's p = exp(x - sh) / s gives there.
  *
+ * Soft cap (cap != 0): right after the layout step the block's logits are replaced by
+ * x' = cap tanh(x / cap) in the scratch (in place of the transposed block, or copied there from
+ * Fortran-order columns read in place), together with the cap's derivative in a second block D
+ * (gradient only), and everything above runs on x'; the gradient is multiplied by D before it
+ * is written out (ignored rows excepted: exact zeros even where D is NaN).  The patch pass caps
+ * the original logits it reads again.  lse != NULL: lse[r*lss] = the row's log-sum-exp of x'
+ * (every row, ignored ones included).
+ *
  * Layout: x[r*xrs + j*xcs].  When the rows are adjacent in memory (xrs == 1: Fortran order,
  * e.g. the transpose of a C-contiguous (C, N) array) the columns are read in place; otherwise
  * they are transposed into the scratch (fl_transpose).  The gradient is built in the scratch
@@ -887,9 +1085,10 @@ static inline size_t fl_cols_scratch(fl_idx c, fl_idx sb, size_t isz)
 template <typename T>
 static inline void fl_ce_cols(fl_idx nr, fl_idx c, const T *x, fl_idx xrs, fl_idx xcs,
                                   const int64_t *tg, fl_idx ts, const T *w, double wsum,
-                                  int64_t ign, double eps, double z, double *loss, fl_idx ls,
-                                  const double *gsa, fl_idx gss, T *g, fl_idx grs, fl_idx gcs,
-                                  fl_idx SB, void *scratch)
+                                  int64_t ign, double eps, double z, T cap, double *loss,
+                                  fl_idx ls, double *lse, fl_idx lss, const double *gsa,
+                                  fl_idx gss, T *g, fl_idx grs, fl_idx gcs, fl_idx SB,
+                                  void *scratch)
 {
     /* Vector loops run over n8 >= nr rows, a multiple of 8: with aligned row arrays they need
      * no peeling or remainder code (a block's loops are short).  Padding rows hold zeros and
@@ -911,14 +1110,17 @@ static inline void fl_ce_cols(fl_idx nr, fl_idx c, const T *x, fl_idx xrs, fl_id
     T *cg = (T *)FL_ALIGNED(sp + SB);  /* gs a / s */
     T *bb = (T *)FL_ALIGNED(cg + SB);  /* gs eps / C */
     T *gt = (T *)FL_ALIGNED(bb + SB);  /* gs (1-eps) w_t */
+    T *D = (T *)FL_ALIGNED(gt + SB);   /* soft cap with a gradient: c columns of d x'/d x */
     const T *X = E;
     fl_idx xs = SB;
     const int grad = gsa != NULL;
     const double ec = eps / (double)c;
-    T lo = fl_t<T>::expn_lo;
+    const T k2 = cap != (T)0 ? (T)-2 / cap : (T)0;
+    T lo = fl_t<T>::expn_lo, clo = fl_t<T>::cap_lo;
     fl_idx r, j;
 
     FL_OPAQUE(lo);
+    FL_OPAQUE(clo);
     if (xrs == 1 && nr == n8) {        /* columns already contiguous: read in place */
         X = x;
         xs = xcs;
@@ -934,6 +1136,28 @@ static inline void fl_ce_cols(fl_idx nr, fl_idx c, const T *x, fl_idx xrs, fl_id
     if (nr < n8)
         for (j = 0; j < c; j++)
             for (r = nr; r < n8; r++) E[j * SB + r] = 0;
+    if (cap != (T)0) {                 /* x' = cap tanh(x / cap) into the scratch (padding: 0) */
+        for (j = 0; j < c; j++) {
+            const T *Xj = X + j * xs;
+            T *Ej = E + j * SB, *Dj = D + j * SB; /* Ej may be Xj: read before written */
+            if (grad) {
+                FL_SIMD
+                for (r = 0; r < n8; r++) {
+                    T dj;
+                    Ej[r] = fl_t<T>::softcap(Xj[r], k2, cap, clo, dj);
+                    Dj[r] = dj;
+                }
+            } else {
+                FL_SIMD
+                for (r = 0; r < n8; r++) {
+                    T dj;
+                    Ej[r] = fl_t<T>::softcap(Xj[r], k2, cap, clo, dj);
+                }
+            }
+        }
+        X = E;
+        xs = SB;
+    }
     FL_SIMD
     for (r = 0; r < nr; r++) {
         const int64_t t = tg[r * ts];
@@ -1100,6 +1324,8 @@ static inline void fl_ce_cols(fl_idx nr, fl_idx c, const T *x, fl_idx xrs, fl_id
         } else {
             for (r = 0; r < nr; r++) loss[r * ls] = row[r];
         }
+        if (lse)                       /* every row's, ignored ones included (as the z-loss' lse) */
+            for (r = 0; r < nr; r++) lse[r * lss] = (double)Lt[r] + (double)m[r];
         if (!grad) return;
         /* Gradient coefficients.  s lies in [1, C] exactly when the row max is finite and the
          * row holds no NaN (the max contributes exp(0) = 1, every other term is <= 1): other
@@ -1145,15 +1371,20 @@ static inline void fl_ce_cols(fl_idx nr, fl_idx c, const T *x, fl_idx xrs, fl_id
                 T *Ej = E + j * SB;
                 const T jf = (T)j;
                 FL_SIMD
-                for (r = 0; r < n8; r++) Ej[r] = Ej[r] * cg[r] - (tj[r] == jf ? gt[r] : (T)0);
+                for (r = 0; r < n8; r++) {
+                    const T gr = gt[r];    /* read in any case: no masked load (AVX2) */
+                    Ej[r] = Ej[r] * cg[r] - (tj[r] == jf ? gr : (T)0);
+                }
             }
         } else {
             for (j = 0; j < c; j++) {
                 T *Ej = E + j * SB;
                 const T wj = w ? w[j] : (T)1, jf = (T)j;
                 FL_SIMD
-                for (r = 0; r < n8; r++)
-                    Ej[r] = Ej[r] * cg[r] - bb[r] * wj - (tj[r] == jf ? gt[r] : (T)0);
+                for (r = 0; r < n8; r++) {
+                    const T gr = gt[r];    /* read in any case: no masked load (AVX2) */
+                    Ej[r] = Ej[r] * cg[r] - bb[r] * wj - (tj[r] == jf ? gr : (T)0);
+                }
             }
         }
         if (nsp != 0)
@@ -1166,12 +1397,25 @@ static inline void fl_ce_cols(fl_idx nr, fl_idx c, const T *x, fl_idx xrs, fl_id
                     const T b = (T)(gs * ec);
                     for (j = 0; j < c; j++) {
                         const T wj = (eps != 0.0 && w) ? w[j] : (T)1;
-                        E[j * SB + r] = fl_t<T>::exp(x[r * xrs + j * xcs] - l) * a - b * wj;
+                        T xv = x[r * xrs + j * xcs], dj;
+                        xv = cap != (T)0 ? fl_t<T>::softcap(xv, k2, cap, clo, dj) : xv;
+                        E[j * SB + r] = fl_t<T>::exp(xv - l) * a - b * wj;
                     }
                     E[(fl_idx)tj[r] * SB + r] -= gt[r];
                 } else {               /* ignored: exact zeros; bad target: NaN */
                     const T v = kind[r] == 1 ? (T)0 : (T)NAN;
                     for (j = 0; j < c; j++) E[j * SB + r] = v;
+                }
+            }
+        if (cap != (T)0)               /* through the cap: times d x'/d x; an ignored row keeps its
+                                        * exact zeros (its D may be NaN) */
+            for (j = 0; j < c; j++) {
+                T *Ej = E + j * SB;
+                const T *Dj = D + j * SB;
+                FL_SIMD
+                for (r = 0; r < n8; r++) {
+                    const T e = Ej[r], dr = Dj[r]; /* both read: no masked load of D */
+                    Ej[r] = kind[r] == 0 ? e * dr : e;
                 }
             }
     }

@@ -193,7 +193,7 @@ def test_cross_entropy_few_classes_bad_target(dt):
         t = rng.integers(0, c, 300)
         t[[0, 299]] = [c, -5]
         loss, grad = np.empty(300), np.empty_like(x)
-        C.cross_entropy(x, t, None, -100, 0.0, 0.0, loss, grad, np.ones(300))
+        C.cross_entropy(x, t, None, -100, 0.0, 0.0, 0.0, loss, None, grad, np.ones(300))
         assert np.isnan(loss[[0, 299]]).all() and np.isnan(grad[[0, 299]]).all()
         assert np.isfinite(loss[1:299]).all() and np.isfinite(grad[1:299]).all()
 
@@ -212,10 +212,10 @@ def test_thread_count_independent_results():
         for nt in (1, 2, 3):
             C.set_num_threads(nt)
             loss, grad = np.empty(256), np.empty_like(x)
-            C.cross_entropy(x, t, None, -100, 0.0, 0.0, loss, grad, np.ones(256))
+            C.cross_entropy(x, t, None, -100, 0.0, 0.0, 0.0, loss, None, grad, np.ones(256))
             s = C.mse(x, x[::-1], None, None, 1.0, None)
             ls, gsm = np.empty(40_000), np.empty_like(xs)
-            C.cross_entropy(xs, ts, None, -100, 0.1, 0.0, ls, gsm, np.ones(40_000))
+            C.cross_entropy(xs, ts, None, -100, 0.1, 0.0, 0.0, ls, None, gsm, np.ones(40_000))
             res.append((loss, grad, s, ls, gsm))
     finally:
         C.set_num_threads(old)

@@ -209,7 +209,7 @@ def test_set_num_threads_and_concurrent_calls():
     x = rng.normal(0, 2, (256, 700)).astype(np.float32)
     t = rng.integers(0, 700, 256).astype(np.int64)
     want_l, want_g = np.zeros(256), np.zeros_like(x)
-    nb.cross_entropy(x, t, None, -100, 0.0, 0.0, want_l, want_g, 1.0)
+    nb.cross_entropy(x, t, None, -100, 0.0, 0.0, 0.0, want_l, None, want_g, 1.0)
     want_s = nb.bce_with_logits(x, np.abs(np.tanh(x)), None, None, None, None, 1.0, None)
     errors = []
 
@@ -217,7 +217,7 @@ def test_set_num_threads_and_concurrent_calls():
         try:
             for _ in range(20):
                 l, g = np.zeros(256), np.zeros_like(x)
-                nb.cross_entropy(x, t, None, -100, 0.0, 0.0, l, g, 1.0)
+                nb.cross_entropy(x, t, None, -100, 0.0, 0.0, 0.0, l, None, g, 1.0)
                 s = nb.bce_with_logits(x, np.abs(np.tanh(x)), None, None, None, None, 1.0, None)
                 if not (np.array_equal(l, want_l) and np.array_equal(g, want_g) and abs(s - want_s) <= 1e-9 * abs(want_s)):
                     errors.append(seed)
@@ -258,12 +258,12 @@ def test_serial_and_parallel_twins_agree_and_huge_logits(dt):
             n, c = x.shape
             t = np.arange(n) % c
             want_l, want_g, want_ls = np.zeros(n), np.zeros_like(x), np.zeros_like(x)
-            ref.cross_entropy(x, t, None, -100, 0.0, 0.0, want_l, want_g, np.ones(n))
+            ref.cross_entropy(x, t, None, -100, 0.0, 0.0, 0.0, want_l, None, want_g, np.ones(n))
             ref.log_softmax(x, want_ls)
             for mode in ("serial", "parallel"):
                 nbj._force_mode = mode
                 l, g, ls = np.zeros(n), np.zeros_like(x), np.zeros_like(x)
-                nb.cross_entropy(x, t, None, -100, 0.0, 0.0, l, g, np.ones(n))
+                nb.cross_entropy(x, t, None, -100, 0.0, 0.0, 0.0, l, None, g, np.ones(n))
                 nb.log_softmax(x, ls)
                 np.testing.assert_allclose(l, want_l, rtol=1e-6, atol=1e-6, err_msg=mode)
                 np.testing.assert_allclose(g, want_g, atol=1e-6, err_msg=mode)

@@ -21,6 +21,12 @@ through typed memoryviews, gathering non-contiguous rows/blocks into thread-loca
   (float32 logits ~1e4 lose ~5e-4; at 3e38 all of it).  The cross-entropy reads a row once
   from memory and writes its gradient once: the exponentials are stored into the gradient
   row while they are summed (the row stays in L2) and then rescaled.
+* Logit soft cap (``softcap > 0``): the row kernels' first pass writes the capped row
+  ``cap tanh(x / cap)`` into a per-thread row buffer (and the cap's derivative into the
+  gradient row) and the other passes run on it; the few-class kernels cap the transposed block
+  and multiply the gradient by the derivative before writing it back.  No extra pass over the
+  logits in memory; ``softcap == 0`` runs the loops as before.  The ``lse`` output (every row,
+  ignored ones included) comes from the same max and sum of exp.
 * Few classes (e.g. 262144 x 10): a 10-element row never fills a vector and its max / sum
   chains are latency bound, so blocks of 16-64 rows are transposed into column layout
   (AVX 8x8 / 4x4 tile transposes) and every loop runs over the rows of the block; the
@@ -241,7 +247,7 @@ def log_softmax_backward(g, y, out):
     _rowwise(_k.log_softmax_backward, g, y, out)
 
 
-def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, loss, grad, gscale):
+def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, loss, lse, grad, gscale):
     x = _ok(x)
     dt = x.dtype
     n = x.shape[0]
@@ -251,17 +257,19 @@ def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, loss
     else:
         w, has_w = np.ascontiguousarray(weight, dtype=dt), True
         wsum = float(np.sum(w, dtype=np.float64))
-    has_g = grad is not None
-    go, lo = _Out(grad, dt), _Out(loss, np.float64)
+    has_g, has_lse = grad is not None, lse is not None
+    go, lo, so = _Out(grad, dt), _Out(loss, np.float64), _Out(lse, np.float64)
     g = go.arr if has_g else _DUMMY2[dt]
     gs = _gscale_rows(gscale, n) if has_g else _DUMMY1[np.dtype(np.float64)]
     _k.cross_entropy(x, target, w, has_w, wsum, int(ignore_index), float(label_smoothing),
-                     float(z_loss), lo.arr, g, has_g, gs)
+                     float(z_loss), float(softcap), lo.arr,
+                     so.arr if has_lse else _DUMMY1[np.dtype(np.float64)], has_lse, g, has_g, gs)
     go.done()
     lo.done()
+    so.done()
 
 
-def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, loss, grad, gscale):
+def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, softcap, loss, lse, grad, gscale):
     x = _ok(x)
     dt = x.dtype
     n = x.shape[0]
@@ -270,14 +278,16 @@ def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, loss, grad, g
         w, has_w = _DUMMY1[dt], False
     else:
         w, has_w = np.ascontiguousarray(weight, dtype=dt), True
-    has_g = grad is not None
-    go, lo = _Out(grad, dt), _Out(loss, np.float64)
+    has_g, has_lse = grad is not None, lse is not None
+    go, lo, so = _Out(grad, dt), _Out(loss, np.float64), _Out(lse, np.float64)
     g = go.arr if has_g else _DUMMY2[dt]
     gs = _gscale_rows(gscale, n) if has_g else _DUMMY1[np.dtype(np.float64)]
-    _k.cross_entropy_soft(x, target, w, has_w, float(label_smoothing), float(z_loss), lo.arr, g,
+    _k.cross_entropy_soft(x, target, w, has_w, float(label_smoothing), float(z_loss), float(softcap),
+                          lo.arr, so.arr if has_lse else _DUMMY1[np.dtype(np.float64)], has_lse, g,
                           has_g, gs)
     go.done()
     lo.done()
+    so.done()
 
 
 # ----------------------------------------------------------------------------- elementwise
