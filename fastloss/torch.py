@@ -24,11 +24,13 @@ loss alone. Each op has a fake implementation (shapes and dtypes only), so
   dtype, as ``torch.nn.functional`` returns it).
 * Gradients: every argument PyTorch differentiates -- the input; a target that requires grad
   (probability targets of ``cross_entropy``, the targets of the other losses); ``var``; the
-  ``weight`` of probability-target ``cross_entropy`` and of ``mse_loss``. The input's (and
-  ``var``'s) gradient comes from the fused pass; the rarer target and weight gradients are
-  formed in the backward from their closed forms. Where PyTorch refuses a derivative (the
-  ``weight`` of index-target ``cross_entropy`` and of the BCE losses, ``pos_weight``), so does
-  this module, with the same ``RuntimeError`` before anything is computed.
+  ``weight`` of probability-target ``cross_entropy`` and of ``mse_loss``; ``linear_weight``
+  and ``linear_bias`` of ``linear_cross_entropy``. The input's (and ``var``'s,
+  ``linear_weight``'s, ``linear_bias``'s) gradient comes from the fused pass; the rarer target
+  and weight gradients are formed in the backward from their closed forms. Where PyTorch
+  refuses a derivative (the ``weight`` of index-target ``cross_entropy``, of
+  ``linear_cross_entropy`` and of the BCE losses, ``pos_weight``), so does this module, with
+  the same ``RuntimeError`` before anything is computed.
 * Double backward (``create_graph=True`` and a second ``grad``) raises a ``RuntimeError``: the
   saved gradient is not itself differentiable.
 * Arguments on a device other than the input's raise ``ValueError`` naming them, before
@@ -40,8 +42,15 @@ Differences from ``torch.nn.functional``, by design: the deprecated ``size_avera
 is no ``weight``) are keyword-only, so a positional call written for the deprecated order
 fails loudly instead of binding wrongly. With ``"mean"`` and every target ignored the loss is
 0 and the gradient 0 (PyTorch: NaN), as everywhere in fastloss. fastloss extras are
-keyword-only: ``z_loss`` and ``backend``.  (``softcap``, ``num_items``, ``return_lse`` and
-``linear_cross_entropy`` come with the large-vocabulary functions of the core API.)
+keyword-only: ``z_loss``, ``softcap``, ``num_items``, ``return_lse`` (``cross_entropy``:
+``(loss, lse)``, the lse not differentiable) and ``backend``; ``linear_cross_entropy`` also
+takes ``chunk_size``.
+
+Large vocabularies: :func:`linear_cross_entropy` (and :class:`LinearCrossEntropyLoss`) never
+hold the N x V logits; its gradients for ``input``, ``linear_weight`` and ``linear_bias`` come
+from the chunked forward pass (with ``reduction="none"``, from one chunked pass in the
+backward, which knows the upstream rows). CPU tensors only (the core's products run on
+PyTorch's BLAS); CUDA tensors raise ``TypeError``.
 """
 from __future__ import annotations
 
@@ -64,7 +73,9 @@ __all__ = [
     "logsumexp",
     "softmax",
     "log_softmax",
+    "linear_cross_entropy",
     "CrossEntropyLoss",
+    "LinearCrossEntropyLoss",
     "BCEWithLogitsLoss",
     "BCELoss",
     "KLDivLoss",
@@ -253,36 +264,56 @@ def _fake_grad(t: Tensor, need_grad: bool) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- cross-entropy
+def _lse_dtype(input: Tensor) -> torch.dtype:
+    """The core's compute dtype, which ``return_lse`` answers in (float32 for float16/bfloat16)."""
+    return torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+
+
+def _lse_tensor(a, input: Tensor) -> Tensor:
+    """The core's row log-sum-exps as a tensor on ``input``'s device, in the dtype the core
+    gave (no rounding to the input's dtype, even for a 0-d result)."""
+    if isinstance(a, Tensor):
+        return a
+    t = torch.from_numpy(np.asarray(a))
+    return t if input.is_cpu else t.to(input.device)
+
+
 def _cross_entropy_impl(
     input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int, label_smoothing: float,
-    z_loss: float, reduction: str, need_grad: bool, backend: Optional[str],
-) -> tuple[Tensor, Tensor]:
+    z_loss: float, softcap: Optional[float], num_items: Optional[float], reduction: str, need_grad: bool,
+    return_lse: bool, backend: Optional[str],
+) -> tuple[Tensor, Tensor, Tensor]:
     r = _fl.cross_entropy(
         _arr(input), _arr(target), axis=_class_dim(input), weight=_arr(weight), ignore_index=ignore_index,
-        label_smoothing=label_smoothing, z_loss=z_loss, reduction=reduction, return_grad=need_grad, backend=backend,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, num_items=num_items, reduction=reduction,
+        return_grad=need_grad, return_lse=return_lse, backend=backend,
     )
-    if need_grad:
-        return _tensor(r[0], input), _tensor(r[1], input)
-    return _tensor(r, input), input.new_empty(_NO_GRAD)
+    r = r if isinstance(r, tuple) else (r,)
+    loss = _tensor(r[0], input)
+    grad = _tensor(r[1], input) if need_grad else input.new_empty(_NO_GRAD)
+    lse = _lse_tensor(r[-1], input) if return_lse else input.new_empty(_NO_GRAD)
+    return loss, grad, lse
 
 
-def _cross_entropy_fake(input, target, weight, ignore_index, label_smoothing, z_loss, reduction, need_grad, backend):
+def _cross_entropy_fake(input, target, weight, ignore_index, label_smoothing, z_loss, softcap, num_items, reduction,
+                        need_grad, return_lse, backend):
     rows = [s for i, s in enumerate(input.shape) if i != _class_dim(input)]
-    return _fake_loss(input, reduction, rows), _fake_grad(input, need_grad)
+    lse = input.new_empty(rows, dtype=_lse_dtype(input)) if return_lse else input.new_empty(_NO_GRAD)
+    return _fake_loss(input, reduction, rows), _fake_grad(input, need_grad), lse
 
 
 def _ce_setup(ctx, inputs, output):
-    input, target, weight, _, eps, _, reduction, _, _ = inputs
-    ctx.reduction, ctx.eps, ctx.dim = reduction, eps, _class_dim(input)
+    input, target, weight, _, eps, _, cap, nitems, reduction, _, _, _ = inputs
+    ctx.reduction, ctx.eps, ctx.dim, ctx.cap, ctx.nitems = reduction, eps, _class_dim(input), cap, nitems
     soft = target.is_floating_point()
     ctx.extra = soft and (target.requires_grad or (weight is not None and weight.requires_grad))
     # the inputs are kept only for the (rare) target/weight gradients of probability targets
-    _keep_grad(ctx, output[1])
+    _keep_grad(ctx, output[1], output[2])  # the gradient and the lse: neither is differentiable
     ctx.save_for_backward(output[1], *((input, target, weight) if ctx.extra else ()))
 
 
 @once_differentiable
-def _ce_backward(ctx, g, _g_grad):
+def _ce_backward(ctx, g, _g_grad, _g_lse):
     d_input = d_target = d_weight = None
     if ctx.needs_input_grad[0]:
         d_input = _scaled(ctx.saved_tensors[0], g, ctx.dim)
@@ -291,8 +322,11 @@ def _ce_backward(ctx, g, _g_grad):
         dim = ctx.dim
         C = x.shape[dim]
         n_rows = x.numel() // C if C else 0
-        f = _factor(g, ctx.reduction, n_rows, dim)
-        nlogp = -torch.log_softmax(x.to(torch.promote_types(x.dtype, torch.float32)), dim)  # lse - x
+        f = _factor(g, ctx.reduction, ctx.nitems if ctx.nitems is not None else n_rows, dim)
+        xc = x.to(torch.promote_types(x.dtype, torch.float32))
+        if ctx.cap:  # the loss is of the capped logits (the z-loss term does not depend on y or w)
+            xc = ctx.cap * torch.tanh(xc / ctx.cap)
+        nlogp = -torch.log_softmax(xc, dim)  # lse - x
         wv = None
         if w is not None:
             shape = [1] * x.dim()
@@ -305,24 +339,43 @@ def _ce_backward(ctx, g, _g_grad):
             ys = (1.0 - ctx.eps) * y + ctx.eps / C
             red = [i for i in range(x.dim()) if i != dim]
             d_weight = (ys * nlogp * f).sum(dim=red).to(w.dtype)
-    return d_input, d_target, d_weight, None, None, None, None, None, None
+    return (d_input, d_target, d_weight) + (None,) * 9
 
 
 _cross_entropy_op = _register("cross_entropy", _cross_entropy_impl, _cross_entropy_fake, _ce_setup, _ce_backward)
 
 
+def _opt_float(v) -> Optional[float]:
+    return None if v is None else float(v)
+
+
 def cross_entropy(
     input: Tensor, target: Tensor, weight: Optional[Tensor] = None, *, ignore_index: int = -100,
-    reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0, backend: Optional[str] = None,
-) -> Tensor:
+    reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: Optional[float] = None,
+    num_items: Optional[float] = None, return_lse: bool = False, backend: Optional[str] = None,
+):
     r"""Softmax cross-entropy, as :func:`torch.nn.functional.cross_entropy` (class dim 1, or 0
     for an unbatched ``(C,)`` input), fused with its gradient; see
     :func:`fastloss.cross_entropy` for the formula, the stability trick and the options.
 
     ``target``: class indices ``(N, d1, ...)`` (any integer dtype), or class probabilities
-    shaped like ``input`` (which may require grad). ``z_loss`` adds PaLM's ``z * lse**2`` per
-    non-ignored row. Differentiable in ``input``; in ``target`` and ``weight`` for probability
-    targets (as in PyTorch). Returns the loss as a tensor in ``input``'s dtype.
+    shaped like ``input`` (which may require grad). Differentiable in ``input``; in ``target``
+    and ``weight`` for probability targets (as in PyTorch). Returns the loss as a tensor in
+    ``input``'s dtype.
+
+    fastloss extras (keyword-only; see :func:`fastloss.cross_entropy`):
+
+    * ``z_loss``: PaLM's ``z * lse**2`` per non-ignored row.
+    * ``softcap``: Gemma 2's cap, the loss of ``softcap * tanh(input / softcap)``; the
+      gradient flows through the cap (fused, no capped copy of the logits).
+    * ``num_items``: the denominator of ``"mean"`` (instead of the summed weight of the
+      non-ignored targets), e.g. the global token count over gradient-accumulation
+      micro-batches, whose summed losses and gradients then equal the full batch's.
+    * ``return_lse``: return ``(loss, lse)``, ``lse`` each row's log-sum-exp of the (capped)
+      logits from the same pass, shaped like the unreduced loss, in float32 for
+      float16/bfloat16 input (else the input's dtype), ignored rows included. ``lse`` is not
+      differentiable: it does not require grad, and no gradient flows through it (use
+      :func:`logsumexp` where one should).
 
     Examples
     --------
@@ -338,9 +391,190 @@ def cross_entropy(
     if not target.is_floating_point():
         _not_differentiable("nll_loss_forward", weight=weight)
     need = _need_grad(input, target, weight)
-    loss, _ = _cross_entropy_op(input, target, weight, int(ignore_index), float(label_smoothing), float(z_loss),
-                                reduction, need, backend)
-    return loss
+    loss, _, lse = _cross_entropy_op(input, target, weight, int(ignore_index), float(label_smoothing), float(z_loss),
+                                     _opt_float(softcap), _opt_float(num_items), reduction, need, bool(return_lse),
+                                     backend)
+    return (loss, lse) if return_lse else loss
+
+
+# ----------------------------------------------------------------------------- fused linear + cross-entropy
+def _det(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A CPU tensor as :func:`fastloss.linear_cross_entropy` takes it: the tensor itself,
+    detached (the core then runs the products on PyTorch's BLAS, on views of the same memory)."""
+    return None if t is None else t.detach()
+
+
+def _linear_ce_impl(
+    input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Optional[Tensor], weight: Optional[Tensor],
+    ignore_index: int, label_smoothing: float, z_loss: float, softcap: Optional[float], num_items: Optional[float],
+    reduction: str, chunk_size: Optional[int], return_grad: bool, backend: Optional[str],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r = _fl.linear_cross_entropy(
+        _det(input), _det(linear_weight), _det(target), linear_bias=_det(linear_bias), weight=_det(weight),
+        ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+        num_items=num_items, reduction=reduction, return_grad=return_grad, chunk_size=chunk_size, backend=backend,
+    )
+    none = input.new_empty(_NO_GRAD)
+    if not return_grad:
+        return _tensor(r, input), none, none.clone(), none.clone()
+    loss, grads = r
+    db = _tensor(grads[2], linear_bias) if linear_bias is not None else none
+    return _tensor(loss, input), _tensor(grads[0], input), _tensor(grads[1], linear_weight), db
+
+
+def _linear_ce_fake(input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing, z_loss, softcap,
+                    num_items, reduction, chunk_size, return_grad, backend):
+    db = _fake_grad(linear_bias, return_grad) if linear_bias is not None else input.new_empty(_NO_GRAD)
+    return (_fake_loss(input, reduction, input.shape[:-1]), _fake_grad(input, return_grad),
+            _fake_grad(linear_weight, return_grad), db)
+
+
+def _linear_ce_grad_impl(
+    grad_output: Tensor, input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Optional[Tensor],
+    weight: Optional[Tensor], ignore_index: int, label_smoothing: float, z_loss: float, softcap: Optional[float],
+    chunk_size: Optional[int], backend: Optional[str],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of ``reduction="none"`` for the upstream rows ``grad_output``: one more
+    fused pass (the weight's gradient sums the rows, so it cannot be rescaled afterwards)."""
+    _, grads = _fl.linear_cross_entropy(
+        _det(input), _det(linear_weight), _det(target), linear_bias=_det(linear_bias), weight=_det(weight),
+        ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+        reduction="none", return_grad=True, grad_output=_det(grad_output), chunk_size=chunk_size, backend=backend,
+    )
+    db = _tensor(grads[2], linear_bias) if linear_bias is not None else input.new_empty(_NO_GRAD)
+    return _tensor(grads[0], input), _tensor(grads[1], linear_weight), db
+
+
+def _linear_ce_grad_fake(grad_output, input, linear_weight, target, linear_bias, weight, ignore_index,
+                         label_smoothing, z_loss, softcap, chunk_size, backend):
+    db = torch.empty_like(linear_bias) if linear_bias is not None else input.new_empty(_NO_GRAD)
+    return torch.empty_like(input), torch.empty_like(linear_weight), db
+
+
+_linear_ce_grad_op = _register("linear_cross_entropy_backward", _linear_ce_grad_impl, _linear_ce_grad_fake)
+
+
+def _linear_ce_setup(ctx, inputs, output):
+    input, W, target, b, w, ii, eps, zl, cap, _, reduction, chunk, _, backend = inputs
+    ctx.reduction = reduction
+    _keep_grad(ctx, *output[1:])
+    if reduction == "none":  # the gradients come from a pass in the backward, with the upstream rows
+        ctx.opts = (ii, eps, zl, cap, chunk, backend)
+        ctx.has_b, ctx.has_w = b is not None, w is not None
+        ctx.save_for_backward(input, W, target, *((b,) if b is not None else ()), *((w,) if w is not None else ()))
+    else:
+        ctx.save_for_backward(*output[1:])
+
+
+@once_differentiable
+def _linear_ce_backward(ctx, g, _g1, _g2, _g3):
+    need = ctx.needs_input_grad
+    if ctx.reduction == "none":
+        saved = list(ctx.saved_tensors)
+        input, W, target = saved[:3]
+        b = saved[3] if ctx.has_b else None
+        w = saved[-1] if ctx.has_w else None
+        # through the dispatcher when traced (a fake or functional upstream gradient, also outside
+        # dynamo, as AOTAutograd's own tracing): the impl runs on real CPU tensors only
+        op = _linear_ce_grad_op if type(g) is Tensor else _linear_ce_grad_op.op
+        dh, dW, db = op(g, input, W, target, b, w, *ctx.opts)
+    else:
+        dh, dW, db = (_scaled(s, g) if n else None for s, n in zip(ctx.saved_tensors, (need[0], need[1], need[3])))
+    return (dh if need[0] else None, dW if need[1] else None, None, db if need[3] else None) + (None,) * 10
+
+
+_linear_ce_op = _register("linear_cross_entropy", _linear_ce_impl, _linear_ce_fake, _linear_ce_setup,
+                          _linear_ce_backward)
+
+
+def _chunk_from_options(options, chunk_size: Optional[int]) -> Optional[int]:
+    """``chunk_size`` with PyTorch's ``options`` (a :class:`torch.nn.LinearCrossEntropyOptions`)
+    mapped: its ``batch_chunk_size`` is the rows per chunk; its other fields (the chunking
+    heuristic, the accumulation policy and dtype, ``allow_retain_graph``) have no counterpart
+    here and are ignored: fastloss always chunks, multiplies float16/bfloat16 in float32, and
+    allows a second backward through a retained graph."""
+    if options is None:
+        return chunk_size
+    cls = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if cls is None or not isinstance(options, cls):
+        raise TypeError(f"options: expected None or a torch.nn.LinearCrossEntropyOptions, found "
+                        f"{type(options).__name__}")
+    bcs = options.batch_chunk_size
+    if bcs is None:
+        return chunk_size
+    if chunk_size is not None and int(chunk_size) != bcs:
+        raise ValueError(f"chunk_size: {chunk_size} disagrees with options.batch_chunk_size={bcs}; give one of them")
+    return bcs
+
+
+def linear_cross_entropy(
+    input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None, reduction: str = "mean", ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0, options=None, z_loss: float = 0.0, softcap: Optional[float] = None,
+    num_items: Optional[float] = None, chunk_size: Optional[int] = None, backend: Optional[str] = None,
+) -> Tensor:
+    r"""Cross-entropy of a linear layer's output, as :func:`torch.nn.functional.linear_cross_entropy`
+    (``cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)``), without ever
+    holding the N x V logits: :func:`fastloss.linear_cross_entropy` processes the rows in
+    chunks (logits by PyTorch's BLAS, the fused cross-entropy kernel writing their gradient in
+    place, two more products for the input's and the weight's gradients).
+
+    Differentiable in ``input``, ``linear_weight`` and ``linear_bias``: with ``"mean"`` or
+    ``"sum"`` the three gradients come from the forward pass and the backward only scales
+    them by the upstream scalar; with ``"none"`` the forward computes the loss alone and the
+    backward one fused pass with the upstream rows (``linear_weight``'s gradient sums over the
+    rows, so it cannot be rescaled afterwards). The class ``weight`` is not differentiable
+    (as in PyTorch, for class-index targets).
+
+    Parameters are PyTorch's: ``input`` ``(H,)`` or ``(N, H)`` -- or any ``(..., H)``, the rows
+    being every index but the last -- ``linear_weight`` ``(V, H)`` (``torch.nn.Linear.weight``),
+    ``target`` class indices shaped like ``input`` without its last dimension, ``linear_bias``
+    ``(V,)``; ``ignore_index=None`` means ``-100``. ``options`` (a
+    :class:`torch.nn.LinearCrossEntropyOptions`): its ``batch_chunk_size`` sets the rows per
+    chunk; its other fields are ignored (fastloss always chunks, multiplies float16/bfloat16 in
+    float32, and keeps its saved gradients, so ``retain_graph=True`` always works).
+    fastloss extras, keyword-only: ``z_loss``, ``softcap``, ``num_items`` (as in
+    :func:`cross_entropy`), ``chunk_size`` (rows per chunk; default: a chunk's logits take at
+    most ``fastloss._api.linear.CHUNK_BYTES``) and ``backend`` (of each chunk's cross-entropy).
+
+    Class-probability targets (floating, shaped like the logits) are PyTorch's reference path:
+    the logits are formed with :func:`torch.nn.functional.linear` and go to :func:`cross_entropy`
+    (all N x V of them). K-dimensional losses (a ``linear_weight`` of more than 2 dimensions)
+    are not supported (``ValueError``). CPU tensors only: CUDA tensors raise ``TypeError``
+    (the products belong on cuBLAS; use :func:`cross_entropy` on the logits there).
+
+    Examples
+    --------
+    >>> import torch, fastloss.torch as flt
+    >>> h = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    >>> W = torch.randn(10, 4, dtype=torch.float64, requires_grad=True)
+    >>> t = torch.tensor([1, 2, 3, -100, 5, 9])
+    >>> loss = flt.linear_cross_entropy(h, W, t)
+    >>> bool(torch.isclose(loss, torch.nn.functional.cross_entropy(h @ W.T, t)))
+    True
+    >>> loss.backward(); h.grad.shape, W.grad.shape
+    (torch.Size([6, 4]), torch.Size([10, 4]))
+    """
+    _check_args(input, linear_weight=linear_weight, target=target, linear_bias=linear_bias, weight=weight)
+    ii = -100 if ignore_index is None else int(ignore_index)
+    chunk = _chunk_from_options(options, chunk_size)
+    if linear_weight.dim() != 2:
+        raise ValueError(f"linear_weight: expected shape (V, H) (the layout of torch.nn.Linear.weight), found "
+                         f"{tuple(linear_weight.shape)}; K-dimensional losses (out_features) are not supported")
+    if not input.is_cpu:
+        raise TypeError(f"input: fastloss.torch.linear_cross_entropy takes CPU tensors, found one on {input.device} "
+                        f"(GPU tensors are not supported yet: use fastloss.torch.cross_entropy on the logits there)")
+    if target.is_floating_point():  # class probabilities: PyTorch's reference path, on the fused cross-entropy
+        logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
+        return cross_entropy(logits, target, weight, ignore_index=ii, reduction=reduction,
+                             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, num_items=num_items,
+                             backend=backend)
+    _not_differentiable("nll_loss_forward", weight=weight)
+    need = _need_grad(input, linear_weight, linear_bias)
+    fused = need and reduction != "none"
+    return _linear_ce_op(input, linear_weight, target, linear_bias, weight, ii, float(label_smoothing), float(z_loss),
+                         _opt_float(softcap), _opt_float(num_items), reduction,
+                         None if chunk is None else int(chunk), fused, backend)[0]
 
 
 # ----------------------------------------------------------------------------- elementwise losses
@@ -754,17 +988,69 @@ class _Loss(torch.nn.Module):
 
 class CrossEntropyLoss(_Loss):
     """:class:`torch.nn.CrossEntropyLoss` on :func:`cross_entropy` (``weight`` a buffer, so it
-    follows ``.to(device)``); extras ``z_loss`` and ``backend``."""
+    follows ``.to(device)``); extras ``z_loss``, ``softcap``, ``num_items``, ``return_lse``
+    (``forward`` then returns ``(loss, lse)``) and ``backend``. ``forward``'s keyword
+    ``num_items``, when given, replaces the constructor's for that call (the token count of
+    the current step)."""
 
     def __init__(self, weight: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
-                 label_smoothing: float = 0.0, *, z_loss: float = 0.0, backend: Optional[str] = None):
+                 label_smoothing: float = 0.0, *, z_loss: float = 0.0, softcap: Optional[float] = None,
+                 num_items: Optional[float] = None, return_lse: bool = False, backend: Optional[str] = None):
         super().__init__(reduction, backend)
         self.register_buffer("weight", weight)
         self.ignore_index, self.label_smoothing, self.z_loss = ignore_index, label_smoothing, z_loss
+        self.softcap, self.num_items, self.return_lse = softcap, num_items, return_lse
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor, *, num_items: Optional[float] = None):
         return cross_entropy(input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
-                             label_smoothing=self.label_smoothing, z_loss=self.z_loss, backend=self.backend)
+                             label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
+                             num_items=self.num_items if num_items is None else num_items,
+                             return_lse=self.return_lse, backend=self.backend)
+
+
+class LinearCrossEntropyLoss(_Loss):
+    """:class:`torch.nn.LinearCrossEntropyLoss` on :func:`linear_cross_entropy`, with its
+    constructor parameters and attribute names: the linear layer is ``self.linear`` (a
+    :class:`torch.nn.Linear` ``in_features -> num_classes``, initialized as PyTorch's, so its
+    parameters are ``linear.weight`` ``(V, H)`` and ``linear.bias`` ``(V,)`` when
+    ``bias=True``), and ``weight`` is the class-weight buffer -- the same ``state_dict`` keys as
+    PyTorch's module, whose states load into this one and back.  ``out_features`` must be
+    ``()`` (K-dimensional losses are not supported: ``ValueError``).  Extras, keyword-only:
+    ``z_loss``, ``softcap``, ``num_items``, ``chunk_size`` and ``backend`` (``forward``'s
+    ``num_items``, when given, replaces the constructor's for that call)."""
+
+    def __init__(self, in_features: int, num_classes: int, *, out_features: tuple = (), bias: bool = False,
+                 device=None, dtype=None, reduction: str = "mean", weight: Optional[Tensor] = None,
+                 ignore_index: Optional[int] = None, label_smoothing: float = 0.0, options=None,
+                 z_loss: float = 0.0, softcap: Optional[float] = None, num_items: Optional[float] = None,
+                 chunk_size: Optional[int] = None, backend: Optional[str] = None):
+        if tuple(out_features) != ():
+            raise ValueError(f"out_features: only () is supported (K-dimensional losses are not), found {out_features!r}")
+        if weight is not None and weight.shape != (num_classes,):  # PyTorch's checks and messages
+            raise RuntimeError(f"expected weight shape to be {(num_classes,)}, got {tuple(weight.shape)}")
+        if label_smoothing < 0 or label_smoothing > 1.0:
+            raise RuntimeError(f"expected label_smoothing to be in range [0, 1], got {label_smoothing}")
+        _chunk_from_options(options, chunk_size)  # a bad options (or a disagreeing chunk_size) fails here
+        super().__init__(reduction, backend)
+        self.register_buffer("weight", weight)
+        self.num_classes, self.out_features = num_classes, ()
+        self.ignore_index, self.label_smoothing, self.options = ignore_index, label_smoothing, options
+        self.z_loss, self.softcap, self.num_items, self.chunk_size = z_loss, softcap, num_items, chunk_size
+        self.linear = torch.nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, input: Tensor, target: Tensor, *, num_items: Optional[float] = None) -> Tensor:
+        return linear_cross_entropy(
+            input, self.linear.weight, target, linear_bias=self.linear.bias, weight=self.weight,
+            reduction=self.reduction, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+            options=self.options, z_loss=self.z_loss, softcap=self.softcap,
+            num_items=self.num_items if num_items is None else num_items, chunk_size=self.chunk_size,
+            backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+                f"bias={self.linear.bias is not None}, reduction={self.reduction!r}, "
+                f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}"
+                + (f", backend={self.backend!r}" if self.backend else ""))
 
 
 class BCEWithLogitsLoss(_Loss):

@@ -53,6 +53,28 @@ def _unit(g, *shape, lo=0.05, hi=0.95):
 
 
 T6 = torch.tensor([0, 4, 2, -100, 1, 3])
+T7 = torch.tensor([0, 8, 2, -100, 1, 3, 8])  # 9 classes (linear_cross_entropy's V)
+
+
+def _cap(x, s):
+    """Gemma 2's logit soft cap, written out."""
+    return s * torch.tanh(x / s)
+
+
+def _lin_ref(h, W, t, b=None, **k):
+    """linear_cross_entropy by hand: F.linear, then F.cross_entropy over the rows (every index
+    of ``h`` but the last)."""
+    z = F.linear(h, W, b)
+    if h.dim() <= 2:
+        return F.cross_entropy(z, t, **k)
+    out = F.cross_entropy(z.reshape(-1, z.shape[-1]), t.reshape(-1), **k)
+    return out.reshape(t.shape) if k.get("reduction") == "none" else out
+
+
+def _lin_ours(**fixed):
+    def f(h, W, t, b=None, **k):
+        return flt.linear_cross_entropy(h, W, t, linear_bias=b, **fixed, **k)
+    return f
 
 CASES = [
     ("ce", flt.cross_entropy, F.cross_entropy, lambda g: ((_x(g, 6, 5), T6), {}, (0,))),
@@ -72,6 +94,41 @@ CASES = [
      lambda g: ((_x(g, 6, 5), T6), {}, (0,))),
     ("ce-zloss-none", lambda x, t, **k: flt.cross_entropy(x, t, z_loss=0.5, **k),
      lambda x, t, **k: _z_ref(x, t, 0.5, **k), lambda g: ((_x(g, 6, 5), T6), dict(reduction="none"), (0,))),
+    ("ce-softcap", lambda x, t, w, **k: flt.cross_entropy(x, t, w, softcap=4.0, **k),
+     lambda x, t, w, **k: F.cross_entropy(_cap(x, 4.0), t, w, **k),
+     lambda g: ((_x(g, 6, 5), T6, _unit(g, 5)), dict(label_smoothing=0.1), (0,))),
+    ("ce-softcap-zloss-none", lambda x, t, **k: flt.cross_entropy(x, t, softcap=2.0, z_loss=0.1, **k),
+     lambda x, t, **k: _z_ref(_cap(x, 2.0), t, 0.1, **k), lambda g: ((_x(g, 6, 5), T6), dict(reduction="none"), (0,))),
+    ("ce-soft-softcap", lambda x, y, w, **k: flt.cross_entropy(x, y, w, softcap=3.0, **k),
+     lambda x, y, w, **k: F.cross_entropy(_cap(x, 3.0), y, w, **k),
+     lambda g: ((_x(g, 6, 5), _probs(g, 6, 5), _unit(g, 5)), dict(label_smoothing=0.1), (0, 1, 2))),
+    ("ce-num-items", lambda x, t, w, **k: flt.cross_entropy(x, t, w, num_items=7.5, **k),
+     lambda x, t, w, **k: F.cross_entropy(x, t, w, reduction="sum", **k) / 7.5,
+     lambda g: ((_x(g, 6, 5), T6, _unit(g, 5)), {}, (0,))),
+    ("ce-soft-num-items", lambda x, y, w, **k: flt.cross_entropy(x, y, w, num_items=2.5, **k),
+     lambda x, y, w, **k: F.cross_entropy(x, y, w, reduction="sum", **k) / 2.5,
+     lambda g: ((_x(g, 6, 5), _probs(g, 6, 5), _unit(g, 5)), {}, (0, 1, 2))),
+    ("lce", _lin_ours(chunk_size=2), _lin_ref,
+     lambda g: ((_x(g, 7, 4, scale=1.0), _x(g, 9, 4, scale=1.0), T7, _x(g, 9, scale=1.0)),
+                dict(weight=_unit(g, 9), label_smoothing=0.1), (0, 1, 3))),
+    ("lce-sum-ignore", _lin_ours(), _lin_ref,
+     lambda g: ((_x(g, 7, 4, scale=1.0), _x(g, 9, 4, scale=1.0), torch.tensor([0, 8, 2, 2, 1, 3, 8])),
+                dict(reduction="sum", ignore_index=2), (0, 1))),
+    ("lce-none", _lin_ours(chunk_size=3), _lin_ref,
+     lambda g: ((_x(g, 7, 4, scale=1.0), _x(g, 9, 4, scale=1.0), T7, _x(g, 9, scale=1.0)),
+                dict(reduction="none", weight=_unit(g, 9), label_smoothing=0.2), (0, 1, 3))),
+    ("lce-softcap-zloss", _lin_ours(softcap=2.0, z_loss=0.05, chunk_size=4),
+     lambda h, W, t, b, **k: _z_ref(_cap(F.linear(h, W, b), 2.0), t, 0.05, **k),
+     lambda g: ((_x(g, 7, 4, scale=1.0), _x(g, 9, 4), T7, _x(g, 9, scale=1.0)), dict(label_smoothing=0.1),
+                (0, 1, 3))),
+    ("lce-num-items", _lin_ours(num_items=4.5),
+     lambda h, W, t, **k: F.cross_entropy(F.linear(h, W), t, reduction="sum", **k) / 4.5,
+     lambda g: ((_x(g, 7, 4, scale=1.0), _x(g, 9, 4, scale=1.0), T7), {}, (0, 1))),
+    ("lce-unbatched", _lin_ours(), _lin_ref,
+     lambda g: ((_x(g, 4, scale=1.0), _x(g, 9, 4, scale=1.0), torch.tensor(5), _x(g, 9, scale=1.0)), {}, (0, 1, 3))),
+    ("lce-rows-3d-none", _lin_ours(chunk_size=4), _lin_ref,
+     lambda g: ((_x(g, 2, 3, 4, scale=1.0), _x(g, 9, 4, scale=1.0), T6.reshape(2, 3).clamp(max=8)),
+                dict(reduction="none"), (0, 1))),
     ("bce-logits", flt.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits,
      lambda g: ((_x(g, 4, 5), _unit(g, 4, 5, lo=0, hi=1)), {}, (0, 1))),
     ("bce-logits-w", flt.binary_cross_entropy_with_logits, F.binary_cross_entropy_with_logits,
@@ -345,14 +402,240 @@ def test_torch_compile_fullgraph_has_no_graph_break():
 
 def test_ops_are_registered_custom_ops():
     for name in ["cross_entropy", "binary_cross_entropy_with_logits", "binary_cross_entropy", "kl_div", "mse_loss",
-                 "gaussian_nll_loss", "logsumexp", "softmax", "softmax_backward"]:
+                 "gaussian_nll_loss", "logsumexp", "softmax", "softmax_backward", "linear_cross_entropy",
+                 "linear_cross_entropy_backward"]:
         assert hasattr(torch.ops.fastloss, name)
     x = torch.randn(4, 3)
-    loss, grad = torch.ops.fastloss.cross_entropy(x, torch.tensor([0, 1, 2, 0]), None, -100, 0.0, 0.0, "mean", True, None)
-    torch.testing.assert_close(grad, torch.autograd.grad(F.cross_entropy(x.requires_grad_(), torch.tensor([0, 1, 2, 0])), x)[0])
+    t = torch.tensor([0, 1, 2, 0])
+    # input, target, weight, ignore_index, label_smoothing, z_loss, softcap, num_items, reduction, need_grad,
+    # return_lse, backend
+    loss, grad, lse = torch.ops.fastloss.cross_entropy(x, t, None, -100, 0.0, 0.0, None, None, "mean", True, True, None)
+    torch.testing.assert_close(grad, torch.autograd.grad(F.cross_entropy(x.requires_grad_(), t), x)[0])
+    torch.testing.assert_close(lse, torch.logsumexp(x.detach(), 1))
     torch.library.opcheck(torch.ops.fastloss.cross_entropy.default,
-                          (torch.randn(4, 3, requires_grad=True), torch.tensor([0, 1, 2, 0]), None, -100, 0.0, 0.0, "mean",
-                           True, None))
+                          (torch.randn(4, 3, requires_grad=True), t, None, -100, 0.0, 0.0, 2.0, None, "mean", True, True,
+                           None))
+    # input, linear_weight, target, linear_bias, weight, ignore_index, label_smoothing, z_loss, softcap, num_items,
+    # reduction, chunk_size, return_grad, backend
+    h, W, b = (torch.randn(4, 5, requires_grad=True), torch.randn(3, 5, requires_grad=True),
+               torch.randn(3, requires_grad=True))
+    for red, fused, bias in [("mean", True, b), ("sum", True, None), ("none", False, b)]:
+        torch.library.opcheck(torch.ops.fastloss.linear_cross_entropy.default,
+                              (h, W, t, bias, None, -100, 0.1, 0.0, None, None, red, 2, fused, None))
+
+
+# ----------------------------------------------------------------------------- large vocabularies
+def _lce_data(seed=0, N=9, H=6, V=11, dtype=F64):
+    """Hidden states, a linear layer's weight and bias (all requiring grad) and class targets
+    with two ignored rows."""
+    g = _gen(seed)
+    h = torch.randn(N, H, generator=g, dtype=dtype).requires_grad_(True)
+    W = (torch.randn(V, H, generator=g, dtype=dtype) * 0.5).requires_grad_(True)
+    b = torch.randn(V, generator=g, dtype=dtype).requires_grad_(True)
+    t = torch.randint(0, V, (N,), generator=g)
+    t[2] = t[N - 2] = -100
+    return h, W, b, t
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["torch-reference", "torch-chunked"])
+@pytest.mark.filterwarnings("error:linear_cross_entropy")  # PyTorch's chunked path really runs
+def test_linear_cross_entropy_matches_torch_linear_cross_entropy(backend, reduction, chunked):
+    """Against PyTorch's own F.linear_cross_entropy (its reference path, options=None, and its
+    chunked one), with a bias, class weights, ignore_index and label_smoothing: the loss and the
+    gradients of input, linear_weight and linear_bias, through the same ``options``."""
+    h, W, b, t = _lce_data()
+    t[t == -100] = 3
+    w = torch.rand(11, generator=_gen(9), dtype=F64) + 0.5
+    # PyTorch's chunked path takes no label_smoothing (it warns and falls back to the reference)
+    kw = dict(linear_bias=b, weight=w, ignore_index=3, label_smoothing=0.0 if chunked else 0.15, reduction=reduction)
+    opts = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=4) if chunked else None
+    out, gs, go = _grads(lambda *a: flt.linear_cross_entropy(*a, options=opts, backend=backend, **kw), [h, W, t], {},
+                         (0, 1))
+    gb = torch.autograd.grad(flt.linear_cross_entropy(h, W, t, options=opts, backend=backend, **kw), b, go)
+    ref, ref_gs, _ = _grads(lambda *a: F.linear_cross_entropy(*a, options=opts, **kw), [h, W, t], {}, (0, 1), go)
+    ref_gb = torch.autograd.grad(F.linear_cross_entropy(h, W, t, options=opts, **kw), b, go)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-13)
+    for a, r in zip(gs + gb, ref_gs + ref_gb):
+        assert a.shape == r.shape and a.dtype == r.dtype
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+
+
+def test_linear_cross_entropy_defaults_are_pytorchs():
+    """ignore_index=None is -100 (PyTorch's mapping), reduction "mean"; probability targets
+    take PyTorch's reference path (F.linear, then the fused cross-entropy)."""
+    h, W, b, t = _lce_data(1)
+    torch.testing.assert_close(flt.linear_cross_entropy(h, W, t, ignore_index=None), F.linear_cross_entropy(h, W, t),
+                               rtol=1e-12, atol=1e-13)
+    y = _probs(_gen(2), 9, 11)
+    a, ga, go = _grads(lambda h, W, b: flt.linear_cross_entropy(h, W, y, linear_bias=b, label_smoothing=0.1,
+                                                                reduction="none"), [h, W, b], {}, (0, 1, 2))
+    r, gr, _ = _grads(lambda h, W, b: F.linear_cross_entropy(h, W, y, linear_bias=b, label_smoothing=0.1,
+                                                             reduction="none"), [h, W, b], {}, (0, 1, 2), go)
+    torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-13)
+    for x, z in zip(ga, gr):
+        torch.testing.assert_close(x, z, rtol=1e-10, atol=1e-12)
+
+
+def test_linear_cross_entropy_options_set_the_chunk(monkeypatch):
+    seen = []
+    real = flt._fl.linear_cross_entropy
+
+    def spy(*a, **k):
+        seen.append(k["chunk_size"])
+        return real(*a, **k)
+
+    monkeypatch.setattr(flt._fl, "linear_cross_entropy", spy)
+    h, W, _, t = _lce_data()
+    Opts = torch.nn.LinearCrossEntropyOptions
+    flt.linear_cross_entropy(h, W, t, options=Opts(batch_chunk_size=3))
+    flt.linear_cross_entropy(h, W, t, options=Opts())  # no batch_chunk_size: fastloss's default chunk
+    flt.linear_cross_entropy(h, W, t, chunk_size=5)
+    assert seen == [3, None, 5]
+    with pytest.raises(ValueError, match="chunk_size: 2 disagrees with options.batch_chunk_size=3"):
+        flt.linear_cross_entropy(h, W, t, options=Opts(batch_chunk_size=3), chunk_size=2)
+    with pytest.raises(TypeError, match="options: expected None or a torch.nn.LinearCrossEntropyOptions"):
+        flt.linear_cross_entropy(h, W, t, options={"batch_chunk_size": 3})
+
+
+def test_linear_cross_entropy_saves_its_gradients_and_scales_them():
+    """"mean"/"sum": the three gradients come from the forward pass; loss.backward() hands them
+    over (no operator touches a tensor shaped like input or linear_weight), a scaled upstream
+    gradient scales them, and a retained graph gives them again."""
+    h, W, b, t = _lce_data(3, N=10, H=7, V=13)
+    h, W, b = (v.detach().float().requires_grad_(True) for v in (h, W, b))
+    loss = flt.linear_cross_entropy(h, W, t, linear_bias=b)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        g1 = torch.autograd.grad(loss, (h, W, b), retain_graph=True)
+    touched = [e.name for e in prof.events() if any(list(s) in ([10, 7], [13, 7]) for s in e.input_shapes)]
+    assert not touched, touched
+    (3.0 * loss).backward()
+    ref = torch.autograd.grad(F.linear_cross_entropy(h, W, t, linear_bias=b), (h, W, b))
+    for v, a, r in zip((h, W, b), g1, ref):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(v.grad, 3 * r, rtol=1e-5, atol=1e-6)
+
+
+def test_num_items_makes_micro_batches_add_up_to_the_full_batch(backend):
+    """Gradient accumulation: micro-batches with num_items = the full batch's kept-token count
+    sum to the full batch's mean loss and gradients (linear_cross_entropy and cross_entropy)."""
+    h, W, b, t = _lce_data(5, N=12)
+    n = int((t != -100).sum())
+    splits = [(0, 5), (5, 6), (6, 12)]
+
+    def check(fn, params):
+        full = fn(h, t)
+        g_full = torch.autograd.grad(full, params)
+        total = sum(fn(h[i:j], t[i:j], num_items=n) for i, j in splits)
+        g_micro = torch.autograd.grad(total, params)
+        torch.testing.assert_close(total, full, rtol=1e-12, atol=1e-13)
+        for a, r in zip(g_micro, g_full):
+            torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+
+    check(lambda x, y, **k: flt.linear_cross_entropy(x, W, y, linear_bias=b, label_smoothing=0.1, backend=backend,
+                                                     **k), (h, W, b))
+    check(lambda x, y, **k: flt.cross_entropy(F.linear(x, W, b), y, z_loss=1e-2, backend=backend, **k), (h, W, b))
+    mod = flt.CrossEntropyLoss(backend=backend)  # the module's forward takes the step's num_items
+    check(lambda x, y, **k: mod(F.linear(x, W, b), y, **k), (h, W, b))
+
+
+@pytest.mark.parametrize("softcap", [None, 2.5])
+def test_return_lse_is_the_row_logsumexp_of_the_capped_logits(backend, softcap):
+    g = _gen(4)
+    x = _x(g, 3, 5, 2).requires_grad_(True)  # (N, C, d): classes on dim 1
+    t = torch.randint(0, 5, (3, 2), generator=g)
+    t[0, 1] = -100
+    for red in ("none", "mean"):
+        xc = x if softcap is None else _cap(x, softcap)
+        loss, lse = flt.cross_entropy(x, t, softcap=softcap, reduction=red, return_lse=True, backend=backend)
+        assert lse.shape == t.shape and lse.dtype == F64 and not lse.requires_grad
+        torch.testing.assert_close(lse, torch.logsumexp(xc, 1).detach(), rtol=1e-12, atol=1e-13)  # ignored row too
+        ref = F.cross_entropy(xc, t, reduction=red)
+        go = _upstream(ref)
+        torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(torch.autograd.grad(loss, x, go)[0], torch.autograd.grad(ref, x, go)[0],
+                                   rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # the loss-only pass answers it too
+        _, lse = flt.cross_entropy(x, t, softcap=softcap, return_lse=True, backend=backend)
+    torch.testing.assert_close(lse, torch.logsumexp(xc, 1).detach(), rtol=1e-12, atol=1e-13)
+    # float16/bfloat16: the loss in the input's dtype, the lse in the compute dtype (float32)
+    for dt in (torch.bfloat16, torch.float16):
+        xl = x.detach()[:, :, 0].to(dt)
+        loss, lse = flt.cross_entropy(xl, t[:, 1].clamp(min=0), softcap=softcap, return_lse=True, backend=backend)
+        assert loss.dtype == dt and lse.dtype == torch.float32 and lse.shape == (3,)
+        xr = xl.double() if softcap is None else _cap(xl.double(), softcap)
+        torch.testing.assert_close(lse.double(), torch.logsumexp(xr, 1), rtol=2e-6, atol=2e-6)
+        loss, lse = flt.cross_entropy(xl[0], torch.tensor(1), return_lse=True, backend=backend)  # unbatched: 0-d
+        assert lse.shape == () and lse.dtype == torch.float32
+        torch.testing.assert_close(lse.double(), torch.logsumexp(xl[0].double(), 0), rtol=2e-6, atol=2e-6)
+    mod = flt.CrossEntropyLoss(softcap=softcap, return_lse=True, backend=backend)
+    loss, lse = mod(x, t)
+    torch.testing.assert_close(lse, torch.logsumexp(xc, 1).detach(), rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_linear_cross_entropy_loss_module_matches_torch_nn(bias):
+    """The module has torch.nn.LinearCrossEntropyLoss's parameters, names and initialization
+    (its linear layer is ``linear``, a torch.nn.Linear; ``weight`` is the class-weight buffer):
+    the same state_dict keys and values for the same seed, the same loss and gradients."""
+    w = torch.rand(11, generator=_gen(3), dtype=F64) + 0.5
+    kw = dict(bias=bias, dtype=F64, weight=w, label_smoothing=0.1, reduction="sum")
+    torch.manual_seed(7)
+    ours = flt.LinearCrossEntropyLoss(6, 11, **kw)
+    torch.manual_seed(7)
+    ref = torch.nn.LinearCrossEntropyLoss(6, 11, **kw)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    for (n, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters()):
+        assert p.dtype == F64 and torch.equal(p, q), n
+    assert ours.linear.weight.shape == (11, 6) and isinstance(ours.linear.weight, torch.nn.Parameter)
+    assert float(ours.linear.weight.detach().abs().max()) <= 6 ** -0.5  # torch.nn.Linear's U(-1/sqrt(H), 1/sqrt(H))
+    if bias:
+        assert ours.linear.bias.shape == (11,) and float(ours.linear.bias.detach().abs().max()) <= 6 ** -0.5
+    else:
+        assert ours.linear.bias is None
+    assert torch.equal(ours.weight, w) and "weight" in dict(ours.named_buffers())
+    h, _, _, t = _lce_data(6, N=9, H=6, V=11)
+    hr = h.detach().clone().requires_grad_(True)
+    a, r = ours(h, t), ref(hr, t)
+    a.backward()
+    r.backward()
+    torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(h.grad, hr.grad, rtol=1e-10, atol=1e-12)
+    for (n, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=n)
+    ours.load_state_dict(ref.state_dict())  # the states interchange
+    ours2 = flt.LinearCrossEntropyLoss(6, 11, bias=True, softcap=3.0, z_loss=1e-3, chunk_size=2, dtype=F64)
+    ours2(h, t, num_items=4.0).backward()  # the extras reach the function
+    with pytest.raises(ValueError, match=r"out_features: only \(\) is supported"):
+        flt.LinearCrossEntropyLoss(6, 11, out_features=(2,))
+    with pytest.raises(RuntimeError, match=r"expected weight shape to be \(11,\)"):
+        flt.LinearCrossEntropyLoss(6, 11, weight=torch.ones(10))
+    with pytest.raises(TypeError, match="options: expected None or a torch.nn.LinearCrossEntropyOptions"):
+        flt.LinearCrossEntropyLoss(6, 11, options="chunked")
+
+
+def test_torch_compile_fullgraph_linear_cross_entropy():
+    """linear_cross_entropy ("mean" with a bias and every option; "none", whose backward is its
+    own op) and cross_entropy's softcap/return_lse traced in one graph; forward and backward
+    equal to eager."""
+    def step(h, W, b, t):
+        loss, lse = flt.cross_entropy(F.linear(h, W, b), t, softcap=5.0, num_items=9.0, return_lse=True)
+        return (flt.linear_cross_entropy(h, W, t, linear_bias=b, label_smoothing=0.1, z_loss=1e-3, softcap=5.0,
+                                         chunk_size=4)
+                + 0.5 * flt.linear_cross_entropy(h, W, t, reduction="none").sum() + loss + 1e-3 * lse.sum())
+
+    h, W, b, t = _lce_data(8, dtype=torch.float32)
+    explanation = torch._dynamo.explain(step)(h, W, b, t)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    a = torch.compile(step, fullgraph=True)(h, W, b, t)
+    ga = torch.autograd.grad(a, (h, W, b))
+    e = step(h, W, b, t)
+    ge = torch.autograd.grad(e, (h, W, b))
+    torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+    for x, y in zip(ga, ge):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -363,6 +646,13 @@ def test_double_backward_raises():
         (g,) = torch.autograd.grad(loss, x, create_graph=True)
         with pytest.raises(RuntimeError, match="double backward"):
             g.pow(2).sum().backward()
+    W = torch.randn(5, 3, dtype=F64, requires_grad=True)
+    for red in ("mean", "none"):
+        loss = flt.linear_cross_entropy(x, W, torch.tensor([0, 1, 4, -100]), reduction=red).sum()
+        gx, gW = torch.autograd.grad(loss, (x, W), create_graph=True)
+        for g in (gx, gW):
+            with pytest.raises(RuntimeError, match="double backward"):
+                g.pow(2).sum().backward(retain_graph=True)
 
 
 def test_arguments_on_another_device_raise_before_any_work():
@@ -381,6 +671,7 @@ def test_arguments_on_another_device_raise_before_any_work():
     lambda x, w: flt.binary_cross_entropy_with_logits(x, torch.zeros(4, 3), w.expand(4, 3)),
     lambda x, w: flt.binary_cross_entropy_with_logits(x, torch.zeros(4, 3), pos_weight=w),
     lambda x, w: flt.binary_cross_entropy(torch.sigmoid(x), torch.zeros(4, 3), w.expand(4, 3)),
+    lambda x, w: flt.linear_cross_entropy(x, torch.randn(3, 3), torch.tensor([0, 1, 2, 0]), weight=w),
 ])
 def test_weights_pytorch_does_not_differentiate_are_refused_like_pytorch(call):
     x = torch.randn(4, 3, requires_grad=True)
@@ -399,6 +690,22 @@ def test_bad_arguments_raise_clear_errors():
         flt.mse_loss(x, torch.zeros(4, 3), reduction="avg")
     with pytest.raises(TypeError, match="dim"):
         flt.softmax(x, None)
+    with pytest.raises(ValueError, match="num_items: expected None with reduction='sum'"):
+        flt.cross_entropy(x, torch.tensor([0, 1, 2, 0]), reduction="sum", num_items=4)
+    with pytest.raises(ValueError, match="softcap"):
+        flt.cross_entropy(x, torch.tensor([0, 1, 2, 0]), softcap=0.0)
+    W = torch.randn(5, 3, requires_grad=True)
+    with pytest.raises(ValueError, match=r"linear_weight: expected shape \(V, H\).*K-dimensional"):
+        flt.linear_cross_entropy(x, W.reshape(5, 1, 3), torch.tensor([0, 1, 2, 0]))
+    with pytest.raises(ValueError, match=r"linear_weight: expected shape \(V, 3\)"):
+        flt.linear_cross_entropy(x, W.t(), torch.tensor([0, 1, 2, 0]))
+    with pytest.raises(IndexError, match="target: expected class indices in"):
+        flt.linear_cross_entropy(x, W, torch.tensor([0, 1, 5, 0]))
+    meta = [torch.empty(4, 3, device="meta"), torch.empty(5, 3, device="meta"), torch.zeros(4, dtype=torch.long,
+                                                                                           device="meta")]
+    with pytest.raises(TypeError, match="linear_cross_entropy takes CPU tensors, found one on meta"):
+        flt.linear_cross_entropy(*meta)  # as CUDA tensors: the core's products run on the host
+    assert x.grad is None and W.grad is None
     with pytest.raises(TypeError):  # the deprecated positional order is refused, not misbound
         flt.cross_entropy(x, torch.tensor([0, 1, 2, 0]), None, None, -100)
 
@@ -466,3 +773,23 @@ def test_cuda_tensors_run_on_the_cuda_backend(case):
     torch.testing.assert_close(out.cpu(), ref_out, rtol=1e-10, atol=1e-12)
     for a, b in zip(gs, ref_gs):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_softcap_and_return_lse_and_linear_cross_entropy_refusal():
+    g = _gen(12)
+    x = _x(g, 6, 5)
+    t = T6
+    xc = x.cuda().requires_grad_(True)
+    loss, lse = flt.cross_entropy(xc, t.cuda(), softcap=2.0, return_lse=True)
+    assert lse.device.type == "cuda" and lse.dtype == F64 and not lse.requires_grad
+    (gx,) = torch.autograd.grad(loss, xc)
+    xr = x.clone().requires_grad_(True)
+    ref = F.cross_entropy(_cap(xr, 2.0), t)
+    torch.testing.assert_close(loss.cpu(), ref.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(lse.cpu(), torch.logsumexp(_cap(x, 2.0), 1), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gx.cpu(), torch.autograd.grad(ref, xr)[0], rtol=1e-10, atol=1e-12)
+    with pytest.raises(TypeError, match="linear_cross_entropy takes CPU tensors"):
+        flt.linear_cross_entropy(torch.randn(4, 3, device="cuda"), torch.randn(5, 3, device="cuda"),
+                                 torch.tensor([0, 1, 2, 0], device="cuda"))
