@@ -53,3 +53,20 @@ def test_adapter_training_loops_run_and_learn(which):
     m = re.fullmatch(rf"{which}: loss (\d+\.\d+)", out.getvalue().strip())
     assert m, out.getvalue()
     assert float(m.group(1)) < 0.8 * 2.302585  # log(10): the loss of a uniform guess
+
+
+def test_large_vocabulary_example_runs_and_prints_the_documented_output(backend):
+    """The README's large-vocabulary example: its own asserts (micro-batches with num_items add
+    up to the batch; the same numbers as the materialized logits) and its printed loss."""
+    import fastloss as fl
+
+    text = README.read_text()
+    section = text[text.index("## Large vocabularies"):text.index("## Semantics")]
+    code, output = re.findall(r"```(?:python)?\n(.*?)```", section, re.S)[:2]
+    out = io.StringIO()
+    with fl.use_backend(backend), contextlib.redirect_stdout(out):
+        exec(compile(code, str(README), "exec"), {})
+    pat = r"loss (\d+\.\d+), (\d+) MB of logits never allocated"
+    got, want = re.fullmatch(pat, out.getvalue().strip()), re.fullmatch(pat, output.strip())
+    assert got and want, (out.getvalue(), output)
+    assert float(got.group(1)) == pytest.approx(float(want.group(1)), abs=2e-4) and got.group(2) == want.group(2)
