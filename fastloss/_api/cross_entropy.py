@@ -31,6 +31,16 @@ def _options(reduction, label_smoothing, z_loss, softcap, num_items, ignore_inde
     return reduction, eps, zl, cap, nitems, ii
 
 
+def _class_weight(xp, weight, C, cdt):
+    """The ``(C,)`` class weights as a contiguous vector of the compute dtype (None: none)."""
+    if weight is None:
+        return None
+    w = xp.operand(weight, "weight", cdt)
+    if tuple(w.shape) != (C,):
+        raise ValueError(f"weight: expected a 1-D array of {C} class weights, found shape {tuple(w.shape)}")
+    return xp.vec(w, C, cdt)
+
+
 def cross_entropy(
     logits,
     target,
@@ -201,12 +211,7 @@ def cross_entropy(
         t2, bad, info = xp.class_indices(t, C, ii)
         if bad:
             raise _index_error(xp, t, C, ii)
-    w = None
-    if weight is not None:
-        w = xp.operand(weight, "weight", cdt)
-        if tuple(w.shape) != (C,):
-            raise ValueError(f"weight: expected a 1-D array of {C} class weights, found shape {tuple(w.shape)}")
-        w = xp.vec(w, C, cdt)
+    w = _class_weight(xp, weight, C, cdt)
     go = _grad_scale_value(xp, grad_output, reduction)
     gout_rows = None
     if go is None:  # an array (reduction="none"): checked even when no gradient is asked for

@@ -16,7 +16,7 @@ import numpy as np
 from .. import _arrays
 from .._validate import _is_torch, check_int
 from ._common import _grad_output_array, _grad_scale_value, _index_error, _scalar
-from .cross_entropy import _options, cross_entropy
+from .cross_entropy import _class_weight, _options, cross_entropy
 
 # a chunk's logits take at most this many bytes by default (8 MB: 1/64 of the 4096 x 32000
 # float32 logits), and at least _MIN_ROWS rows (BLAS needs some rows to reach its speed)
@@ -198,12 +198,7 @@ def linear_cross_entropy(
     t2, bad, info = xp.class_indices(t.reshape(N), V, ii)
     if bad:
         raise _index_error(xp, t, V, ii)
-    w = None
-    if weight is not None:
-        w = xp.operand(weight, "weight", cdt)
-        if tuple(w.shape) != (V,):
-            raise ValueError(f"weight: expected a 1-D array of {V} class weights, found shape {tuple(w.shape)}")
-        w = xp.vec(w, V, cdt)
+    w = _class_weight(xp, weight, V, cdt)
     go = _grad_scale_value(xp, grad_output, reduction)
     gout_rows = None
     if go is None:
