@@ -175,6 +175,55 @@ def test_softmax_backward(K, dt, shape):
         _close(gi, want, dt, f"{fn} in place")
 
 
+# sharded classes: (rows, all classes, the shards' [start, stop) boundaries)
+SHARD_CASES = pick([(37, 50, (0, 20, 50)), (600, 9, (0, 1, 5, 9)), (4, 3000, (0, 1000, 2999, 3000)), (0, 5, (0, 2, 5))],
+                   [(14, 9, (0, 1, 5, 9)), (4, 40, (0, 25, 40))])
+
+
+@pytest.mark.parametrize("dt", CE_DTYPES)
+@pytest.mark.parametrize("n,c,cuts", SHARD_CASES)
+def test_cross_entropy_shard(K, dt, n, c, cuts):
+    """Every shard of the classes (one-class shards, the first, a middle and the last) against
+    the reference's ``cross_entropy_shard``, given the reference's global lse of the capped
+    logits: every option, special rows, both gradient scales, every layout, in place, loss only."""
+    rng = np.random.default_rng(40 + c)
+    x = _special_rows(n, c, dt, rng)
+    w = (rng.random(c) + 0.5).astype(dt)
+    gs_rows = rng.standard_normal(n)
+    for ignore, weight, eps, z, cap in itertools.product((-100, 1), (None, w), (0.0, 0.1), pick((0.0, 1e-3), (1e-3,)),
+                                                         CAPS):
+        t = _special_targets(n, c, rng, ignore)
+        lse = np.empty(n)
+        with np.errstate(all="ignore"):
+            R.cross_entropy(x, t, weight, ignore, eps, z, cap, np.empty(n), lse, None, 1.0)
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            xs = np.ascontiguousarray(x[:, a:b])
+            what = f"shard [{a}, {b}) of {c} ignore={ignore} weight={weight is not None} eps={eps} z={z} cap={cap}"
+            want_l, want_g = np.empty(n), np.empty((n, b - a), dt)
+            with np.errstate(all="ignore"):
+                R.cross_entropy_shard(xs, t, weight, ignore, eps, z, cap, lse, a, c, want_l, want_g, gs_rows)
+            for name, xv in _layouts(xs):
+                for gs in pick((gs_rows, np.broadcast_to(0.5, (n,))), (gs_rows,)):
+                    wl, wg = want_l, want_g
+                    if gs is not gs_rows:
+                        wl, wg = np.empty(n), np.empty((n, b - a), dt)
+                        with np.errstate(all="ignore"):
+                            R.cross_entropy_shard(xs, t, weight, ignore, eps, z, cap, lse, a, c, wl, wg, gs)
+                    got_l, got_g = np.full(n, 7.0), np.full((n, b - a), 7, dt, order="F" if name == "F" else "C")
+                    K.cross_entropy_shard(xv, t, weight, ignore, eps, z, cap, lse, a, c, got_l, got_g, gs)
+                    _close(got_l, wl, dt, f"loss {name} {what}", mag=1 + np.abs(np.nan_to_num(lse)))
+                    _close(got_g, wg, dt, f"grad {name} {what}")
+                    assert np.all(got_g[t == ignore] == 0) and np.all(got_l[t == ignore] == 0)
+                xi = _writable_copy(name, xv)
+                got_l = np.zeros(2 * n)[::2]  # a strided loss output
+                K.cross_entropy_shard(xi, t, weight, ignore, eps, z, cap, lse, a, c, got_l, xi, gs_rows)  # in place
+                _close(got_l, want_l, dt, f"loss in place {name} {what}", mag=1 + np.abs(np.nan_to_num(lse)))
+                _close(xi, want_g, dt, f"grad in place {name} {what}")
+                got_l = np.full(n, 7.0)
+                K.cross_entropy_shard(xv, t, weight, ignore, eps, z, cap, lse, a, c, got_l, None, 1.0)
+                _close(got_l, want_l, dt, f"loss without grad {name} {what}", mag=1 + np.abs(np.nan_to_num(lse)))
+
+
 @pytest.mark.parametrize("dt", CE_DTYPES)
 @pytest.mark.parametrize("shape", pick([(5, 7), (3, 1), (6, 3000), (37, 50)], [(5, 7), (3, 1)]))
 def test_cross_entropy_hard(K, dt, shape):

@@ -41,6 +41,30 @@ def _class_weight(xp, weight, C, cdt):
     return xp.vec(w, C, cdt)
 
 
+def _shard(lse, class_offset, num_classes, C):
+    """``(class_offset, num_classes)`` of a sharded call (``lse`` given), ``(0, None)`` for an
+    unsharded one."""
+    off = check_int(class_offset, "class_offset", int64=True)
+    if lse is None:
+        if off != 0 or num_classes is not None:
+            raise ValueError("lse: expected the global row log-sum-exp with class_offset or num_classes (the "
+                             f"classes are sharded), found None (class_offset={class_offset!r}, "
+                             f"num_classes={num_classes!r})")
+        return 0, None
+    if off < 0:
+        raise ValueError(f"class_offset: expected an integer >= 0, found {class_offset!r}")
+    if num_classes is None:
+        if off != 0:
+            raise ValueError("num_classes: expected the number of classes of all shards with class_offset != 0, "
+                             "found None")
+        return 0, C
+    K = check_int(num_classes, "num_classes", int64=True)
+    if K < off + C:
+        raise ValueError(f"num_classes: expected at least class_offset + C = {off} + {C} = {off + C} (this "
+                         f"shard's classes), found {num_classes!r}")
+    return off, K
+
+
 def cross_entropy(
     logits,
     target,
@@ -52,6 +76,9 @@ def cross_entropy(
     z_loss=0.0,
     softcap=None,
     num_items=None,
+    lse=None,
+    class_offset=0,
+    num_classes=None,
     reduction="mean",
     return_grad=False,
     return_lse=False,
@@ -87,6 +114,27 @@ def cross_entropy(
     gets a small nonzero probability, and a ``-inf`` target logit a finite loss -- the cap's
     mathematics, as in the PyTorch expression ``s * torch.tanh(x / s)``.
 
+    Sharded classes (``lse`` given): ``logits`` hold the classes
+    :math:`[o, o + C)` of :math:`K` (``class_offset``, ``num_classes``) and ``lse`` is the global
+    row log-sum-exp (``fl.logsumexp`` over the shards' own log-sum-exps).  The result is the
+    shard's additive share, one pass over the shard (no max, no sum of exps)::
+
+        share = [o = 0] (((1-eps) w_t + eps/K sum_k w_k) lse + z lse**2)
+                - [t in shard] (1-eps) w_t x_t - eps/K sum_{c in shard} w_c x_c
+
+    so the shards' shares add up to the unsharded loss (the ``lse`` terms and the z-loss are
+    counted by the first shard, as the spec says), and the gradient
+    :math:`p_j A - \ldots` with :math:`p_j = e^{x_j - \operatorname{lse}}` is exactly the
+    shard's slice of the unsharded gradient (every shard carries the z-loss's
+    :math:`2z\operatorname{lse}\,p_j`).  A share is a difference of lse-sized terms, so the
+    sharded loss (and the returned ``lse``) is float64 whatever the logits' dtype, and ``lse``
+    should be float64 too: a float32-rounded lse costs the summed loss ``ulp(lse)``, a relative
+    error of 1e-3 on the small loss of a confident prediction (``fastloss.distributed`` and
+    ``fastloss.dask`` combine each shard's float64 row lse).  The unsharded loss is then
+    recovered to float64 rounding of :math:`|\operatorname{lse}|`: exact for any float32
+    training logits, but not for logits near 1e12 and beyond, where the unsharded kernels
+    (which never add ``lse`` and ``x_t`` apart) stay exact.
+
     Parameters
     ----------
     logits : array_like
@@ -116,15 +164,29 @@ def cross_entropy(
         batch is split into micro-batches, so that the micro-batches' summed losses and
         gradients equal the full batch's.  Only meaningful with ``reduction="mean"``: with
         ``"sum"`` or ``"none"`` it is a ``ValueError`` (it would silently do nothing).
+    lse : array_like, optional
+        The global row log-sum-exp of the (capped) logits of all ``num_classes`` classes,
+        shaped like the unreduced loss (any floating dtype; used in float64): the classes are
+        sharded (see above).  Index targets only: a probability target's share would need the
+        global sum of its weighted mass too (``ValueError``).
+    class_offset : int >= 0, default 0
+        The global index of this shard's first class (with ``lse``).
+    num_classes : int, optional
+        The number of classes of all shards (with ``lse``); default ``class_offset + C`` when
+        ``class_offset`` is 0, required otherwise.  Targets are global indices in
+        ``[0, num_classes)``; ``weight`` is the whole ``(num_classes,)`` vector; the smoothing
+        mass is spread over ``num_classes`` classes.
     reduction : {"mean", "sum", "none"}, default "mean"
         ``"mean"`` divides the total by the summed weight ``w_t`` of the non-ignored targets
-        (index targets) or by the number of rows (probability targets).
+        (index targets) or by the number of rows (probability targets); sharded, every shard
+        divides by the same global denominator (it has every target and the whole weight).
     return_grad : bool, default False
         Also return d(reduced loss)/d(logits).
     return_lse : bool, default False
         Also return each row's log-sum-exp of the (capped) logits, shaped like the unreduced
         loss, in the compute dtype (float32 for float16/bfloat16 logits), for every row --
         ignored rows included.  It comes from the same pass (no extra read of the logits).
+        Sharded, it is the given ``lse`` (float64).
     grad_output : float or array_like, optional
         The upstream gradient: a scalar, or with ``reduction="none"`` an array shaped like
         the unreduced loss. Default 1.
@@ -187,7 +249,7 @@ def cross_entropy(
     >>> bool(np.allclose(lse, np.log(np.exp(np.tanh(logits)).sum(axis=1))))
     True
     """
-    xp = _arrays.for_call(backend, logits, target, weight, grad_output, grad_out)
+    xp = _arrays.for_call(backend, logits, target, weight, grad_output, grad_out, lse)
     x, cdt = xp.float_array(logits, "logits")
     xshape = tuple(x.shape)
     if not xshape:
@@ -198,6 +260,7 @@ def cross_entropy(
         raise ValueError(f"logits: expected at least one class along axis {axis}, found shape {xshape}")
     reduction, eps, zl, cap, nitems, ii = _options(reduction, label_smoothing, z_loss, softcap, num_items,
                                                    ignore_index)
+    off, K = _shard(lse, class_offset, num_classes, C)
     return_grad = bool(return_grad)
     return_lse = bool(return_lse)
     lay = xp.layout(x, (ax,))
@@ -207,11 +270,17 @@ def cross_entropy(
     if np.dtype(t.dtype).kind in "fV":
         float_dtype_or_raise(t.dtype, "target")
     soft = check_class_target(t.dtype, t.shape, xshape, ax, axis)
+    if soft and K is not None:
+        raise ValueError("lse: expected None with probability targets (sharded classes take class indices: a "
+                         "probability target's share needs its global weighted mass too), found an array")
     if not soft:  # the class indices are checked before anything else is judged or written
-        t2, bad, info = xp.class_indices(t, C, ii)
+        t2, bad, info = xp.class_indices(t, K or C, ii)
         if bad:
-            raise _index_error(xp, t, C, ii)
-    w = _class_weight(xp, weight, C, cdt)
+            raise _index_error(xp, t, K or C, ii)
+    w = _class_weight(xp, weight, K or C, cdt)
+    if K is not None:
+        lse_in = xp.vec(_grad_output_array(xp, lse, row_shape, np.dtype(np.float64), name="lse"), lay.N,
+                        np.float64)
     go = _grad_scale_value(xp, grad_output, reduction)
     gout_rows = None
     if go is None:  # an array (reduction="none"): checked even when no gradient is asked for
@@ -231,7 +300,7 @@ def cross_entropy(
     scale = 1.0 / denom if reduction == "mean" and denom != 0 else (0.0 if reduction == "mean" else 1.0)
 
     loss_rows = xp.empty(N, np.float64)
-    lse_rows = xp.empty(N, np.float64) if return_lse else None
+    lse_rows = xp.empty(N, np.float64) if return_lse and K is None else None
     g2 = gscale = finish = None
     if return_grad:
         g2, finish = lay.output(grad_out, x.dtype, cdt)
@@ -239,16 +308,54 @@ def cross_entropy(
             gscale = xp.vec(gout_rows, N, np.float64)
         else:
             gscale = float(go * scale)  # a scalar: no (N,) array to fill on every call
-    if soft:
+    if K is not None:
+        be.cross_entropy_shard(x2, t2, w, ii, eps, zl, cap, lse_in, off, K, loss_rows, g2, gscale)
+        lse_rows = xp.copy(lse_in) if return_lse else None  # a new array, never a view of the caller's
+    elif soft:
         be.cross_entropy_soft(x2, t2, w, eps, zl, cap, loss_rows, lse_rows, g2, gscale)
     else:
         be.cross_entropy(x2, t2, w, ii, eps, zl, cap, loss_rows, lse_rows, g2, gscale)
 
+    # sharded: float64 results -- a share is a difference of lse-sized terms, and rounding it to
+    # float32 would lose a small loss (a confident prediction) in the shards' sum
+    ldt, rdt = (np.dtype(np.float64),) * 2 if K is not None else (x.dtype, cdt)
     if reduction == "none":
-        loss = xp.result(loss_rows, row_shape, x.dtype)
+        loss = xp.result(loss_rows, row_shape, ldt)
     else:
-        loss = _scalar(xp.sum(loss_rows) * scale, cdt)
+        loss = _scalar(xp.sum(loss_rows) * scale, rdt)
     out = (loss, finish()) if return_grad else (loss,)
     if return_lse:
-        out += (xp.result(lse_rows, row_shape, cdt),)
+        out += (xp.result(lse_rows, row_shape, rdt),)
     return out if len(out) > 1 else loss
+
+
+def row_lse(logits, axis=-1, softcap=None, backend=None):
+    r"""The float64 row log-sum-exp of the (capped) logits: a shard's own lse for sharded calls.
+
+    :math:`\operatorname{lse}_i = m_i + \log \sum_j e^{x'_{ij} - m_i}` with
+    :math:`x' = s \tanh(x / s)` under ``softcap`` :math:`s` and :math:`m_i` the row max, from the
+    cross-entropy kernel's own pass (every row ignored, so no loss or gradient is formed),
+    kept in float64: :func:`fastloss.logsumexp` and ``return_lse`` round to the compute dtype,
+    and a float32-rounded lse would cost a sharded loss ``ulp(lse)`` -- a relative error of
+    1e-3 on the small loss of a confident prediction.  Combine the shards' values with
+    ``fastloss.logsumexp(np.stack(values), axis=0)``.  (Private: the building block of
+    :mod:`fastloss.distributed` and :mod:`fastloss.dask`.)
+    """
+    xp = _arrays.for_call(backend, logits)
+    x, cdt = xp.float_array(logits, "logits")
+    xshape = tuple(x.shape)
+    if not xshape:
+        raise ValueError("logits: expected an array with at least 1 dimension (the class axis), found a 0-d array")
+    ax = normalize_axis(axis, len(xshape))
+    if xshape[ax] == 0:
+        raise ValueError(f"logits: expected at least one class along axis {axis}, found shape {xshape}")
+    cap = 0.0 if softcap is None else check_real(softcap, "softcap", 0.0, lo_open=True)
+    lay = xp.layout(x, (ax,))
+    row_shape = tuple(s for i, s in enumerate(xshape) if i != ax)
+    ignore = -1  # every row ignored: no class index is read
+    t2 = xp.empty(lay.N, np.int64)
+    xp.fill(t2, ignore)
+    loss_rows, lse_rows = xp.empty(lay.N, np.float64), xp.empty(lay.N, np.float64)
+    xp.kernels(backend).cross_entropy(lay.view_in(x, cdt), t2, None, ignore, 0.0, 0.0, cap, loss_rows, lse_rows,
+                                      None, 1.0)
+    return xp.result(lse_rows, row_shape, np.dtype(np.float64))

@@ -68,6 +68,27 @@ class KernelSet(Protocol):
         ``1 - tanh(x / softcap)**2`` -- with exact zeros for an ignored row, even one holding
         inf/NaN.  The cap is applied in the same passes over the row (no N x C temporary)."""
 
+    def cross_entropy_shard(self, x: Array, target: Array, weight: Optional[Array], ignore_index: int,
+                            label_smoothing: float, z_loss: float, softcap: float, lse: Array,
+                            class_offset: int, num_classes: int, loss: Array, grad: Optional[Array],
+                            gscale: Scale) -> None:
+        """Hard targets, classes sharded: ``x`` ``(N, C)`` holds the classes
+        ``[class_offset, class_offset + C)`` of ``K = num_classes``; ``target`` ``(N,)`` int64
+        holds global class indices in ``[0, K)`` or ``ignore_index``; ``weight`` is the whole
+        ``(K,)`` vector or None; ``lse`` ``(N,)`` float64 is the given global row log-sum-exp of
+        the (capped) logits, read only.  One pass over the shard, no max or sum of exps.
+        Writes the shard's additive share of the row loss (0 for an ignored row)::
+
+            loss[i] = [first] ((1-eps) w[t] + eps/K sum_k w[k]) lse + [first] z lse**2
+                      - [t in shard] (1-eps) w[t] x'[t - class_offset]
+                      - eps/K sum_{c in shard} w[class_offset + c] x'[c]
+
+        (``first``: ``class_offset == 0``), and when ``grad`` is not None the shard's slice of
+        the unsharded gradient, ``grad[i, c] = gscale[i] (p[c] A - eps/K w[class_offset + c]
+        - [c = t - class_offset] (1-eps) w[t]) d x'/d x`` with ``p[c] = exp(x'[c] - lse)`` and
+        ``A = (1-eps) w[t] + eps/K sum_k w[k] + 2 z lse`` (the eps terms only with ``eps != 0``),
+        exact zeros for an ignored row.  ``softcap`` as in :meth:`cross_entropy`."""
+
     def cross_entropy_soft(self, x: Array, target: Array, weight: Optional[Array], label_smoothing: float,
                            z_loss: float, softcap: float, loss: Array, lse: Optional[Array],
                            grad: Optional[Array], gscale: Scale) -> None:

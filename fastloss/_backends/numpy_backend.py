@@ -148,6 +148,60 @@ def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, soft
     grad[...] = g
 
 
+def cross_entropy_shard(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, lse, class_offset,
+                        num_classes, loss, grad, gscale):
+    """One shard of the classes, ``x`` holding ``[class_offset, class_offset + C)`` of
+    ``num_classes``, with the global row lse given (see the protocol)."""
+    n, c = x.shape
+    if n == 0:
+        return
+    x, dcap = _capped(x, softcap)
+    dt = x.dtype
+    K = num_classes
+    keep = target != ignore_index
+    t = np.where(keep, target, 0)
+    tl = t - class_offset
+    mine = keep & (tl >= 0) & (tl < c)  # the rows whose target class is in this shard
+    tl = np.where(mine, tl, 0)
+    w = np.ones(K, dt) if weight is None else weight
+    ws = w[class_offset:class_offset + c].astype(np.float64)  # this shard's class weights
+    wt = w[t].astype(np.float64)
+    eps = label_smoothing
+    L = np.asarray(lse, np.float64)
+    first = class_offset == 0
+    with np.errstate(invalid="ignore", over="ignore"):
+        xt = np.take_along_axis(x, tl[:, None], axis=1)[:, 0].astype(np.float64)
+        row = np.where(mine, -(1.0 - eps) * wt * xt, 0.0)
+        if eps:  # this shard's classes' -x part of the smoothing term; a -inf logit gives +inf
+            row = row - eps / K * np.sum(ws * x.astype(np.float64), axis=1)
+        if first:  # the lse terms (and the z-loss), counted once: by the first shard
+            coef = (1.0 - eps) * wt
+            if eps:
+                coef = coef + eps / K * float(np.sum(w, dtype=np.float64))
+            row = row + coef * L
+            if z_loss:
+                row = row + z_loss * L * L
+    loss[...] = np.where(keep, row, 0.0)
+    if grad is None:
+        return
+    with np.errstate(invalid="ignore", over="ignore"):
+        a = (1.0 - eps) * wt + 2.0 * z_loss * L
+        if eps:  # not 0 * sum(w): a NaN weight of a class no target uses must not leak
+            a = a + (eps / K) * float(np.sum(w, dtype=np.float64))
+        gs = np.where(keep, gscale, 0.0)
+        p = np.exp(x.astype(np.float64) - L[:, None])  # the global softmax of this shard's classes
+        g = p * (gs * a)[:, None]
+        if eps:
+            g -= gs[:, None] * (eps / K) * ws[None, :]
+        rows = np.nonzero(mine)[0]
+        g[rows, tl[rows]] -= gs[rows] * (1.0 - eps) * wt[rows]
+        g = g.astype(dt)
+        if dcap is not None:
+            g *= dcap  # through the cap: d x' / d x
+        g[~keep] = 0  # an ignored row contributes nothing: exactly 0, even if it holds inf/NaN
+    grad[...] = g
+
+
 def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, softcap, loss, lse, grad, gscale):
     n, c = x.shape
     if n == 0:
