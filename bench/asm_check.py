@@ -82,6 +82,11 @@ def _hot_calls():
                  (x, t, np.ones(300, dt), -100, 0.1, 0.0, 3.0, n4, n4, g, np.ones(4))),
                 ("cross_entropy C=8", nb.cross_entropy,
                  (xs, t, None, -100, 0.0, 0.0, 0.0, n4, None, np.zeros_like(xs), np.ones(4))),
+                # a middle shard [300, 600) of 900 classes, given the global lse: the one-pass kernel
+                ("cross_entropy_shard", nb.cross_entropy_shard,
+                 (x, t + 300, None, -100, 0.0, 0.0, 0.0, n4, 300, 900, n4, g, np.ones(4))),
+                ("cross_entropy_shard weight smoothing softcap", nb.cross_entropy_shard,
+                 (x, t + 300, np.ones(900, dt), -100, 0.1, 1e-4, 3.0, n4, 300, 900, n4, g, np.ones(4))),
                 ("cross_entropy_soft", nb.cross_entropy_soft, (x, y, None, 0.0, 0.0, 0.0, n4, None, g, np.ones(4))),
                 ("bce_with_logits", nb.bce_with_logits, (e, e, None, None, None, eo, 1.0, None)),
                 ("bce", nb.bce, (e, e, None, None, eo, 1.0, None)),

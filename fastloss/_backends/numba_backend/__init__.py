@@ -34,6 +34,17 @@ Design
   blocks of 256 rows are transposed into a ``(C, 256)`` buffer and every step runs across
   rows (see ``_ce_cols_block``).  On 262144 x 10 float32 (one thread, forward + gradient)
   it takes about a quarter of the row-wise kernel's time.
+* **Sharded classes** (``cross_entropy_shard``, ``_rows._k_cross_entropy_shard``).  With the
+  global row lse given, a shard needs no max and no sum: one pass per row reads the logits
+  and writes ``p = exp(x - lse)`` scaled into the gradient (two more short passes over the
+  cached row for the label-smoothing sum and, with a cap, the capped row).  ``x - lse`` is
+  taken as ``(x - hi) - lo`` with ``lse = hi + lo`` split in the dtype of ``x``
+  (``_split_lse``): a float32-rounded ``lse`` would put a relative error of ``6e-8 |lse|``
+  into every ``p``.  Every shard width takes this row kernel, few classes included: with no
+  row max or sum there is no per-row dependency chain for a column-block path to break up
+  (on 262144 x 8 float32, one thread, it still takes 1.2x the few-class unsharded kernel's
+  time, 2x with smoothing and a cap: shards that narrow come from no vocabulary split).  Written in place, the row is read through the
+  gradient row (``_jit._src``), never through ``x``: see ``_k_cross_entropy_shard``.
 * **Stability.**  ``lse = m + log(sum(exp(x - m)))`` with ``m`` replaced by 0 when it is not
   finite: a row with ``+inf`` gives ``+inf``, a row of only ``-inf`` gives ``-inf``, never
   ``inf - inf``.  Row sums and losses are accumulated in float64.
@@ -101,15 +112,15 @@ from ._jit import NAME, _call, _nblocks, _tasks, get_num_threads, numba, set_num
 __all__ = [
     "NAME", "unavailable_reason", "set_num_threads", "get_num_threads", "warmup", "cache_info",
     "logsumexp", "softmax", "log_softmax", "softmax_backward", "log_softmax_backward",
-    "cross_entropy", "cross_entropy_soft", "bce_with_logits", "bce", "kl_div", "mse",
+    "cross_entropy", "cross_entropy_shard", "cross_entropy_soft", "bce_with_logits", "bce", "kl_div", "mse",
     "gaussian_nll",
 ]
 
 if numba is not None:  # without numba only the reason below is asked for
     from ._cols import _k_cross_entropy_small
     from ._elementwise import _k_bce, _k_bce_with_logits, _k_gaussian_nll, _k_kl_div, _k_kl_div_log, _k_mse
-    from ._rows import (_k_cross_entropy, _k_cross_entropy_soft, _k_log_softmax, _k_logsumexp, _k_softmax,
-                        _k_softmax_backward)
+    from ._rows import (_k_cross_entropy, _k_cross_entropy_shard, _k_cross_entropy_soft, _k_log_softmax,
+                        _k_logsumexp, _k_softmax, _k_softmax_backward)
 from ._warmup import warmup  # noqa: E402
 
 
@@ -165,6 +176,13 @@ def _gscale_rows(gscale, n):
     return 1.0, _vec(np.broadcast_to(g, (n,)))
 
 
+def _same_memory(a, b):
+    """Whether ``b`` is ``a`` in memory: the same first element and the same strides (a
+    gradient written in place, over the logits)."""
+    return (b is not None and a.shape == b.shape and a.strides == b.strides
+            and a.__array_interface__["data"][0] == b.__array_interface__["data"][0])
+
+
 def _elementwise_layout(first, *arrays):
     """Transpose every operand when the first is Fortran-ordered (the kernels prefer C rows).
 
@@ -216,6 +234,25 @@ def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, soft
     args = (_ro(x), _vec(target, np.int64), _vec(weight), sumw, int(ignore_index), float(label_smoothing),
             float(z_loss), float(softcap))
     _rows_out(loss, lambda lo, ls: _call(kern, x.size, *args, lo, ls, grad, gsc, gsa, _nblocks(n, x.size)), lse)
+
+
+def cross_entropy_shard(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, lse, class_offset,
+                        num_classes, loss, grad, gscale):
+    """One shard of the classes, given the global row lse (see the protocol): one pass per row.
+
+    Every shard width takes the row kernel, few classes included: with no row max and no row
+    sum there is no per-row dependency chain for the column-block path to break up."""
+    n, c = x.shape
+    if n == 0:
+        return
+    off, nk = int(class_offset), int(num_classes)
+    sumw = float(nk) if weight is None else float(np.sum(weight, dtype=np.float64))
+    gsc, gsa = _gscale_rows(gscale if grad is not None else 1.0, n)
+    ws = None if weight is None else weight[off:off + c]  # this shard's class weights
+    args = (_ro(x), _vec(target, np.int64), _vec(weight), _vec(ws), sumw, int(ignore_index), float(label_smoothing),
+            float(z_loss), float(softcap), _vec(lse, np.float64), off, nk)
+    _rows_out(loss, lambda lo, _: _call(_k_cross_entropy_shard, x.size, *args, lo, grad, gsc, gsa,
+                                        _same_memory(x, grad), _nblocks(n, x.size)))
 
 
 def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, softcap, loss, lse, grad, gscale):

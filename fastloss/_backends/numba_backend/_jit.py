@@ -240,6 +240,12 @@ def _seg1(a, r0, r1):
     return None if a is None else a[r0:r1]
 
 
+def _src(xr, gr):
+    """The row to read: ``xr``, or ``gr`` (the gradient row, written in place over the
+    logits) when ``xr`` is None (plain-Python twin of the overload)."""
+    return gr if xr is None else xr
+
+
 if numba is not None and not _NOJIT:
     from numba.extending import overload as _overload
     from numba.core import types as _types
@@ -261,4 +267,12 @@ if numba is not None and not _NOJIT:
             return lambda a, r0, r1: None
         return lambda a, r0, r1: a[r0:r1]
 
-
+    @_overload(_src, inline="always")
+    def _ov_src(xr, gr):
+        # Chosen by type, not at run time: ``src = gr if xr is None else xr`` would not type
+        # (a read-only and a writable array).  In place the loop then reads and writes one
+        # array value, so LLVM sees one pointer and vectorizes without a run-time overlap test
+        # (two arguments pointing at the same memory fail that test: the scalar loop, 10x).
+        if isinstance(xr, _types.NoneType):
+            return lambda xr, gr: gr
+        return lambda xr, gr: xr

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._jit import _JIT, _SUMBLK, _kernel, njit, prange
+from ._jit import _JIT, _SUMBLK, _kernel, _src, njit, prange
 from ._math import cast_like, key_value, neg_log_p, order_key, sub_sub, vexp, vexpn
 
 # ----------------------------------------------------------------------------- row helpers
@@ -425,3 +425,151 @@ def _k_cross_entropy_soft(x, y, w, eps, z, cap, loss, lse, grad, gsc, gsa, nb):
                 lse[i] = rl
 
 
+
+
+# ============================================================================= sharded classes
+@njit(**_JIT)
+def _split_lse(lse, like):
+    """``(hi, lo)`` in the dtype of ``like`` with ``hi + lo = lse`` to twice that dtype's
+    precision (``hi`` the rounded ``lse``, ``lo`` the rounding error; ``lo = 0`` where ``lse``
+    or ``hi`` is not finite, so that ``inf - inf`` never enters it).
+
+    Why: ``p = exp(x - lse)`` is taken in the dtype of ``x``.  A float32 ``lse`` of 100 is off
+    by up to 4e-6, which would be a relative error of 4e-6 in every ``p`` of the row;
+    ``(x - hi) - lo`` (:func:`._math.sub_sub`, kept in this order under ``reassoc``) is as
+    accurate as the unsharded kernel's ``x - max``."""
+    hi = cast_like(lse, like)
+    lo = lse - np.float64(hi)
+    return hi, cast_like(lo if _finite(lo) else 0.0, like)
+
+
+@njit(**_JIT)
+def _ce_shard_row(xr, c, tl, mine, wt, ws, sumw, eps, u, z, first, lse, gr, d, gs):
+    """The loss share of one non-ignored row of a class shard and, with ``gr``, its gradient
+    slice written into ``gr``, times the cap's derivative ``d`` when ``d`` is not None.
+
+    ``xr`` is the row of logits (the capped row with a cap), or None when the gradient is
+    written in place: the row is then read from ``gr`` itself (see ``_jit._src``).  ``tl`` is
+    the target's index in the shard (read only when ``mine``), ``wt`` the target's weight,
+    ``ws`` the shard's class weights (None: all 1), ``sumw`` the sum of all ``K`` weights,
+    ``u = eps / K``, ``first`` whether the shard starts at class 0, ``lse`` the given global
+    row lse (float64)::
+
+        share  = [first] ((1-eps) w_t + u sumw) lse + [first] z lse**2
+                 - [mine] (1-eps) w_t x[tl] - u sum_c ws_c x_c
+        grad_c = gs (p_c A - u ws_c - [c = tl] (1-eps) w_t) d_c,   p_c = exp(x_c - lse),
+        A      = (1-eps) w_t + u sumw + 2 z lse
+
+    (the ``u`` terms only with ``eps != 0``: ``0 * sumw`` is NaN for a NaN weight of a class
+    no target uses).  Every read the loss needs happens before the first write of ``gr``, and
+    the gradient pass reads element ``j`` before it writes it: in place is safe.
+    """
+    src = _src(xr, gr)
+    xt = np.float64(src[tl]) if mine else 0.0  # read before gr (which may be this row) is written
+    row = -(1.0 - eps) * wt * xt if mine else 0.0
+    if eps != 0.0:
+        # float64 sum in a loop of its own: mixed with the exp pass LLVM keeps a loop scalar;
+        # and it must precede that pass, which may overwrite the row
+        sw = 0.0
+        if ws is None:
+            for j in range(c):
+                sw += np.float64(src[j])
+        else:
+            for j in range(c):
+                sw += np.float64(ws[j]) * np.float64(src[j])
+        row -= u * sw
+    if first:  # the lse terms and the z-loss: counted once, by the shard holding class 0
+        coef = (1.0 - eps) * wt
+        if eps != 0.0:
+            coef += u * sumw
+        row += coef * lse
+        if z != 0.0:
+            row += z * lse * lse
+    if gr is not None:
+        a = (1.0 - eps) * wt + 2.0 * z * lse
+        if eps != 0.0:
+            a += u * sumw
+        cg = cast_like(gs * a, gr)
+        ce = cast_like(gs * u, gr)
+        tc = cast_like(gs * (1.0 - eps) * wt, gr)
+        hi, lo = _split_lse(lse, gr)
+        # the one pass: p = exp(x - lse) straight from the given lse (no max, no sum).  vexp,
+        # not vexpn: x - lse <= 0 only for a consistent lse (a float32-rounded one can be a
+        # hair below the max), and vexpn is wrong for large positive arguments
+        if d is None:
+            if eps == 0.0:
+                for j in range(c):
+                    gr[j] = vexp(sub_sub(src[j], hi, lo)) * cg
+            elif ws is None:
+                for j in range(c):
+                    gr[j] = vexp(sub_sub(src[j], hi, lo)) * cg - ce
+            else:
+                for j in range(c):
+                    gr[j] = vexp(sub_sub(src[j], hi, lo)) * cg - ce * ws[j]
+            if mine:
+                gr[tl] -= tc
+        else:  # through the cap, in the same pass (d = 1 - tanh**2 from _cap_row)
+            if eps == 0.0:
+                for j in range(c):
+                    gr[j] = vexp(sub_sub(src[j], hi, lo)) * cg * d[j]
+            elif ws is None:
+                for j in range(c):
+                    gr[j] = (vexp(sub_sub(src[j], hi, lo)) * cg - ce) * d[j]
+            else:
+                for j in range(c):
+                    gr[j] = (vexp(sub_sub(src[j], hi, lo)) * cg - ce * ws[j]) * d[j]
+            if mine:
+                gr[tl] -= tc * d[tl]
+    return row
+
+
+@_kernel
+def _k_cross_entropy_shard(x, target, w, ws, sumw, ignore, eps, z, cap, lse, off, nk, loss, grad, gsc, gsa,
+                           inplace, nb):
+    """One shard ``[off, off + C)`` of ``nk`` classes, row by row, one pass over each row (see
+    :func:`_ce_shard_row`).  ``w`` is the whole ``(nk,)`` weight vector (for the targets'
+    weights) and ``ws`` its shard slice, both or neither None.  With a cap, each row is capped
+    into task-local scratch first (``_cap_row``, as in :func:`_k_cross_entropy`): the logits
+    are read from memory once and the gradient written once, through the cap's derivative.
+
+    ``inplace``: ``grad`` is ``x`` (the same memory, the same strides), and the row is read
+    through the gradient row (``_jit._src``): read through ``x``, the gradient pass would
+    read one array and write another, which LLVM guards with a run-time overlap test that
+    same memory fails -- its scalar loop took 10x the time on 2048 x 32000 float32."""
+    n, c = x.shape
+    capx = cast_like(cap, x)
+    inv = cast_like(1.0 / cap if cap != 0.0 else 0.0, x)
+    first = off == 0
+    u = eps / nk
+    for b in prange(nb):
+        cb, _cg, cd = _cap_scratch(x, c, cap)
+        for i in range(b * n // nb, (b + 1) * n // nb):
+            t = target[i]
+            if t == ignore:  # exact zeros, whatever the row holds
+                loss[i] = 0.0
+                if grad is not None:
+                    zero = cast_like(0.0, x)
+                    for j in range(c):
+                        grad[i, j] = zero
+                continue
+            tl = t - off
+            mine = tl >= 0 and tl < c
+            wt = 1.0 if w is None else np.float64(w[t])
+            gs = gsc if gsa is None else gsc * gsa[i]
+            if cap != 0.0:
+                _cap_row(x[i], c, capx, inv, cb, cd)
+            # (the tests on grad, an argument, are settled when the kernel is typed; a local
+            # None is not pruned, so the row views are taken inside them)
+            if grad is None:
+                if cap != 0.0:
+                    loss[i] = _ce_shard_row(cb[0], c, tl, mine, wt, ws, sumw, eps, u, z, first, lse[i], None, cd, gs)
+                else:
+                    loss[i] = _ce_shard_row(x[i], c, tl, mine, wt, ws, sumw, eps, u, z, first, lse[i], None, None,
+                                            gs)
+            elif cap != 0.0:
+                loss[i] = _ce_shard_row(cb[0], c, tl, mine, wt, ws, sumw, eps, u, z, first, lse[i], grad[i], cd, gs)
+            elif inplace:
+                loss[i] = _ce_shard_row(None, c, tl, mine, wt, ws, sumw, eps, u, z, first, lse[i], grad[i], None, gs)
+            else:
+                loss[i] = _ce_shard_row(x[i], c, tl, mine, wt, ws, sumw, eps, u, z, first, lse[i], grad[i], None,
+                                        gs)

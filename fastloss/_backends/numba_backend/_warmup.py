@@ -13,9 +13,10 @@ def warmup(dtypes=("float32", "float64"), layouts=("C", "A"), progress=None, pro
     (strided views, which also stand for Fortran order) -- every entry point is called on a
     tiny input with the argument types the public layer produces: for the row-wise kernels
     with and without class weights and gradient (the cross-entropy on its general and its
-    few-classes path, and in place); for the elementwise kernels each reduction's
-    (loss, grad, grad_output) pattern, with the optional operands (weight, pos_weight, var)
-    absent or broadcast (stride-0).  Rarer mixtures (say a C-contiguous input with a
+    few-classes path, and in place; the class-sharded cross-entropy, one path, with both
+    gradient scales); for the elementwise kernels each reduction's (loss, grad, grad_output)
+    pattern, with the optional operands (weight, pos_weight, var) absent or broadcast
+    (stride-0).  Rarer mixtures (say a C-contiguous input with a
     Fortran-ordered ``grad_out``) compile on first use.
     Each kernel has a parallel and a serial twin (small calls run serially, see ``_call``);
     both are compiled.  Later processes load the machine code from Numba's cache instead of
@@ -50,8 +51,8 @@ def _jobs(dtypes, layouts) -> list:
     """The warm-up's kernel calls, ``[(label, entry point, args)]`` (see :func:`warmup`)."""
     import itertools
 
-    from . import (bce, bce_with_logits, cross_entropy, cross_entropy_soft, gaussian_nll, kl_div, log_softmax,
-                   log_softmax_backward, logsumexp, mse, softmax, softmax_backward)
+    from . import (bce, bce_with_logits, cross_entropy, cross_entropy_shard, cross_entropy_soft, gaussian_nll,
+                   kl_div, log_softmax, log_softmax_backward, logsumexp, mse, softmax, softmax_backward)
 
     jobs = []
 
@@ -86,6 +87,20 @@ def _jobs(dtypes, layouts) -> list:
                                  (xi, t, w, -100, 0.1, 0.0, 0.0, np.zeros(n), None, xi, gs)))
                 jobs.append((f"cross_entropy_soft {dname} {lay}", cross_entropy_soft,
                              (x, y, w, 0.1, 0.0, 0.0, np.zeros(n), None, g, gs)))
+                if c == 40:  # one row kernel for every shard width: a second C adds no type
+                    # a middle shard [c, 2c) of 3c classes with the whole (3c,) weight vector;
+                    # with a gradient, both scales the public layer passes: a scalar
+                    # ("mean"/"sum") and per-row ("none" with grad_output)
+                    wk = None if w is None else np.ones(3 * c, dt)
+                    for gsh in ((1.0,) if g is None else (1.0, np.ones(n))):
+                        jobs.append((f"cross_entropy_shard {dname} {lay}", cross_entropy_shard,
+                                     (x, t + c, wk, -100, 0.1, 0.0, 0.0, np.zeros(n), c, 3 * c, np.zeros(n), g,
+                                      gsh)))
+                        if lay == "A" and g is not None:  # in place on a strided view
+                            xi = arr((n, c), dt, lay)
+                            jobs.append((f"cross_entropy_shard {dname} {lay} in place", cross_entropy_shard,
+                                         (xi, t + c, wk, -100, 0.1, 0.0, 0.0, np.zeros(n), c, 3 * c,
+                                          np.zeros(n), xi, gsh)))
         shape = (2, 16)
         a = arr(shape, dt, lay)
         bcast = np.broadcast_to(np.full(shape[1], 0.5, dt), shape)  # stride-0 rows
