@@ -68,6 +68,8 @@ cdef extern from "fl_math.hpp" nogil:
     void fl_scatter_panel[T](const T *buf, T *p, fl_idx rs, fl_idx cs, fl_idx P, fl_idx n)
     void fl_gather[T](const T *p, fl_idx s, T *buf, fl_idx n)
     void fl_scatter[T](const T *buf, T *p, fl_idx s, fl_idx n)
+    double fl_ce_shard_row[T](const T *x, T *g, fl_idx n, fl_idx tl, const T *ws, double wt, double wsum,
+                              double eps, double ec, double z, T cap, double L, int first, double gs)
     void fl_vexp[T](const T *x, T *out, fl_idx n)
     void fl_vexpn[T](const T *x, T *out, fl_idx n)
     void fl_vsoftcap[T](const T *x, T *out, T *d, fl_idx n, T cap)
@@ -673,6 +675,73 @@ def cross_entropy(const floating[:, :] x, const int64_t[:] target, const floatin
                                           gscale[i] if has_grad else 0.0, gr, S, &rl)
                         if has_lse:
                             lsep[i * lss] = rl
+                _pscatter(og, i0, pn, c, A)
+        free(A)
+    if perr[0]:
+        raise MemoryError("fastloss cython backend: cannot allocate a row buffer")
+
+
+def cross_entropy_shard(const floating[:, :] x, const int64_t[:] target, const floating[::1] weight,
+                        bint has_weight, double wsum, int64_t ignore_index, double label_smoothing,
+                        double z_loss, double softcap, const double[:] lse, int64_t class_offset,
+                        int64_t num_classes, double[:] loss, floating[:, :] grad, bint has_grad,
+                        const double[:] gscale):
+    """Hard-target cross-entropy over a shard of the classes: ``x`` holds the classes
+    ``[class_offset, class_offset + C)`` of ``num_classes`` and ``lse`` is the given global row
+    log-sum-exp.  One pass per row (``fl_ce_shard_row``: ``exp(x' - lse)``, no max, no sum of
+    exps), rows in parallel; ``weight`` is the whole ``(num_classes,)`` vector (``has_weight``)
+    and ``wsum`` its float64 sum (``num_classes`` without weights).  Ignored rows: loss 0 and a
+    gradient of exact zeros; a target outside ``[0, num_classes)`` that is not ``ignore_index``
+    (which the public layer rejects first): a NaN row, never an out-of-bounds read."""
+    cdef Py_ssize_t n = x.shape[0], c = x.shape[1], ip, i0, pn, r, i
+    if n == 0:
+        return
+    cdef Py_ssize_t isz = sizeof(floating)
+    cdef floating cap = <floating>softcap  # rounded to the compute dtype, as the reference
+    cdef Opnd ox = _opnd(_base2(x), x.strides[0], x.strides[1], isz, c > 0)
+    cdef Opnd og = _opnd(_base2(grad) if has_grad else NULL, grad.strides[0] if has_grad else 0,
+                         grad.strides[1] if has_grad else isz, isz, has_grad and c > 0)
+    cdef const floating *w = &weight[0] if has_weight else NULL
+    cdef const floating *ws = w + class_offset if has_weight else NULL  # this shard's weights
+    cdef double ec = label_smoothing / <double>num_classes
+    cdef int first = class_offset == 0
+    cdef Opnd none = _opnd(NULL, 0, 0, isz, False)
+    cdef Py_ssize_t P = _panel_rows(ox, none, og, c, isz, 1), npan = (n + P - 1) // P
+    # per thread: the x panel when an operand is strided (a strided gradient is built in place
+    # of x there); no capped-row buffer: the pass caps each element where it reads it
+    cdef bint need = _strided(ox) or _strided(og)
+    cdef int nt = _team(n * c)
+    cdef floating *A = NULL
+    cdef floating *gr
+    cdef const floating *xr
+    cdef int64_t t, tl
+    cdef double wt
+    cdef int errflag = 0
+    cdef int *perr = &errflag
+    with nogil, parallel(num_threads=nt):
+        A = <floating *>_panel_alloc(need, P * c * isz, perr)
+        if not need or A != NULL:
+            for ip in prange(npan, schedule="static"):
+                i0 = ip * P
+                pn = P if n - i0 > P else n - i0
+                _pgather(ox, i0, pn, c, A)
+                for r in range(pn):
+                    i = i0 + r
+                    t = target[i]
+                    xr = _prow(ox, i, r, c, A)
+                    gr = _prow(og, i, r, c, A) if og.present else NULL
+                    if t == ignore_index or t < 0 or t >= num_classes:
+                        loss[i] = 0.0 if t == ignore_index else NAN
+                        if gr != NULL:
+                            f_fill_strided(gr, 1, c, <floating>0 if t == ignore_index else <floating>NAN)
+                    else:
+                        tl = t - class_offset
+                        if tl < 0 or tl >= c:
+                            tl = -1  # the target lies in another shard
+                        wt = w[t] if w != NULL else 1.0
+                        loss[i] = fl_ce_shard_row(xr, gr, c, tl, ws, wt, wsum, label_smoothing, ec,
+                                                  z_loss, cap, lse[i], first,
+                                                  gscale[i] if has_grad else 0.0)
                 _pscatter(og, i0, pn, c, A)
         free(A)
     if perr[0]:

@@ -27,6 +27,13 @@ through typed memoryviews, gathering non-contiguous rows/blocks into thread-loca
   and multiply the gradient by the derivative before writing it back.  No extra pass over the
   logits in memory; ``softcap == 0`` runs the loops as before.  The ``lse`` output (every row,
   ignored ones included) comes from the same max and sum of exp.
+* Class-sharded cross-entropy (``cross_entropy_shard``, the global row ``lse`` given): one
+  pass per row, ``p = exp(x' - lse)`` with no max and no sum of exps, the gradient written
+  once (in place over ``x`` allowed) and the smoothing sum ``sum_c w_c x'_c`` accumulated in
+  float64 in the same loop; float32 subtracts ``lse`` split into two floats (its low digits
+  matter once ``|lse|`` is large).  With the soft cap each block of 1024 classes is capped
+  into an L1 buffer first (a fused loop was ~1.45x slower).  No column-block path: a shard
+  pass has no max/sum chains to vectorize across rows.
 * Few classes (e.g. 262144 x 10): a 10-element row never fills a vector and its max / sum
   chains are latency bound, so blocks of 16-64 rows are transposed into column layout
   (AVX 8x8 / 4x4 tile transposes) and every loop runs over the rows of the block; the
@@ -267,6 +274,31 @@ def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, soft
     go.done()
     lo.done()
     so.done()
+
+
+def cross_entropy_shard(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, lse, class_offset,
+                        num_classes, loss, grad, gscale):
+    """One shard of the classes (``x`` holds ``[class_offset, class_offset + C)`` of
+    ``num_classes``) with the global row ``lse`` given: one pass per row over the shard,
+    ``p = exp(x' - lse)``, no max and no sum of exps (see the protocol)."""
+    x = _ok(x)
+    dt = x.dtype
+    n = x.shape[0]
+    target = _ok(np.asarray(target, dtype=np.int64))
+    lse = _ok(np.asarray(lse, dtype=np.float64))  # read only: any strides
+    if weight is None:
+        w, has_w, wsum = _DUMMY1[dt], False, float(num_classes)
+    else:  # the whole (num_classes,) vector: the kernel reads w[t] and this shard's slice
+        w, has_w = np.ascontiguousarray(weight, dtype=dt), True
+        wsum = float(np.sum(w, dtype=np.float64))
+    has_g = grad is not None
+    go, lo = _Out(grad, dt), _Out(loss, np.float64)
+    g = go.arr if has_g else _DUMMY2[dt]
+    gs = _gscale_rows(gscale, n) if has_g else _DUMMY1[np.dtype(np.float64)]
+    _k.cross_entropy_shard(x, target, w, has_w, wsum, int(ignore_index), float(label_smoothing), float(z_loss),
+                           float(softcap), lse, int(class_offset), int(num_classes), lo.arr, g, has_g, gs)
+    go.done()
+    lo.done()
 
 
 def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, softcap, loss, lse, grad, gscale):
