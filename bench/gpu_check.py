@@ -4,7 +4,9 @@
    the ``numpy`` reference on small random inputs (float32 and float64), and bfloat16
    device arrays (torch.bfloat16 tensors) through the public API.
 2. Times, with CUDA events on device-resident data (no host transfers):
-   cross-entropy forward+gradient 16384x32768 and 4096x131072 float32, and logsumexp and
+   cross-entropy forward+gradient 16384x32768 and 4096x131072 float32, the class-sharded
+   cross-entropy kernel (one pass, the global lse given) against the unsharded one on the
+   same 4096x32000 float32 logits, and logsumexp and
    bce_with_logits forward+gradient on 256M float32 elements; each as GB/s of its
    compulsory traffic next to a device-to-device copy of the same bytes, and -- when PyTorch
    with CUDA is installed -- next to torch.nn.functional forward+backward (and the first
@@ -38,6 +40,7 @@ from fastloss._backends import numpy_backend as R  # noqa: E402
 from fastloss import _bench  # noqa: E402
 from fastloss._bench.timing import time_calls  # noqa: E402
 
+NOTES: list[str] = []  # lines printed after the timing table
 BF16 = _validate._BF16  # ml_dtypes.bfloat16 (None without ml_dtypes)
 # bfloat16 results: both paths compute in float32 and round once, so one bfloat16 ulp
 TOL = {np.float32: dict(rtol=2e-6, atol=1e-6), np.float64: dict(rtol=1e-12, atol=1e-12), BF16: dict(rtol=8e-3, atol=1e-6)}
@@ -125,6 +128,23 @@ def verify(shapes=((64, 1000), (8, 262_144)), ew=(256, 1000), dc=(50, 40)) -> li
             R.cross_entropy_soft(xs, p, w, 0.1, 1e-4, 30.0, la, ea, ga, gs)
             C.cross_entropy_soft(xs, p, w, 0.1, 1e-4, 30.0, lb, eb, gb, gs)
             rec(f"cross_entropy_soft softcap C={c}", dt, np.r_[la, ea, ga.ravel()], np.r_[lb, eb, gb.ravel()])
+            # class-sharded (two shards, the first one in place), given the reference's global
+            # float64 lse of the capped rows: each shard against the reference's shard, and
+            # the shares' sum and the gradients side by side against the unsharded reference
+            ea = np.empty(n)
+            R.cross_entropy(xs, t, w, -100, 0.1, 1e-4, 30.0, la, ea, ga, gs)
+            shares, parts = [], []
+            for lo, hi in ((0, c // 3), (c // 3, c)):
+                xk = np.ascontiguousarray(xs[:, lo:hi])
+                sa, sb = np.empty(n), np.empty(n)
+                gka, gkb = np.empty_like(xk), (xk.copy() if lo == 0 else np.empty_like(xk))
+                R.cross_entropy_shard(xk, t, w, -100, 0.1, 1e-4, 30.0, ea, lo, c, sa, gka, gs)
+                C.cross_entropy_shard(gkb if lo == 0 else xk, t, w, -100, 0.1, 1e-4, 30.0, ea, lo, c, sb, gkb, gs)
+                rec(f"cross_entropy_shard [{lo},{hi}) C={c}", dt, np.r_[sa, gka.ravel()], np.r_[sb, gkb.ravel()])
+                shares.append(sb)
+                parts.append(gkb)
+            rec(f"cross_entropy_shard shards = unsharded C={c}", dt, np.r_[la, ga.ravel()],
+                np.r_[shares[0] + shares[1], np.concatenate(parts, axis=1).ravel()])
         z = (rng.standard_normal(ew) * 20).astype(dt)
         yv = rng.random(z.shape).astype(dt)
         pv = rng.random(z.shape).astype(dt)
@@ -156,6 +176,20 @@ def verify(shapes=((64, 1000), (8, 262_144)), ew=(256, 1000), dc=(50, 40)) -> li
         R.cross_entropy(np.ascontiguousarray(x.T), t, None, -100, 0.0, 0.0, 0.0, la, None, ga, np.full(dc[1], 1 / dc[1]))
         rec("device cross_entropy axis=0", dt, np.r_[la.mean(), ga.T.ravel()],
             np.r_[lv, g.copy_to_host().ravel()])
+        # the same, class-sharded through the public device path (device lse): the shards'
+        # summed loss and side-by-side gradients against the unsharded numpy backend
+        x64 = x.astype(np.float64)
+        m = x64.max(axis=0)
+        lse = m + np.log(np.exp(x64 - m).sum(axis=0))
+        dl = cuda.to_device(lse)
+        cut = dc[0] // 2
+        l0, g0 = fl.cross_entropy(cuda.to_device(np.ascontiguousarray(x[:cut])), cuda.to_device(t), axis=0,
+                                  lse=dl, class_offset=0, num_classes=dc[0], return_grad=True)
+        l1, g1 = fl.cross_entropy(cuda.to_device(np.ascontiguousarray(x[cut:])), cuda.to_device(t), axis=0,
+                                  lse=dl, class_offset=cut, num_classes=dc[0], return_grad=True)
+        hl, hg = fl.cross_entropy(x, t, axis=0, return_grad=True, backend="numpy")
+        rec("device cross_entropy sharded axis=0", dt, np.r_[hl, hg.ravel()],
+            np.r_[float(l0) + float(l1), np.concatenate([g0.copy_to_host(), g1.copy_to_host()]).ravel()])
     # bfloat16 device arrays through the public API (computed in float32, answered in bfloat16)
     # against the numpy backend on the same bfloat16 values
     bf = _bf16_device()
@@ -265,6 +299,27 @@ def bench(quick: bool, sim: bool = False):
             rows.append((f"cross_entropy fwd+grad {n}x{c} bf16", ms, n * c * 4, _copy_ms(n * c * 2), _time(bstep)))
             del bx, gb
         x = grad = None  # free this shape's device buffers before the next one's
+    # class-sharded cross-entropy: the shard kernel (one pass: p = exp(x - lse) with the global
+    # lse given) against the unsharded kernel (max, sum of exps, gradient) on the same logits,
+    # here one shard holding every class, so both move the same compulsory bytes
+    n, c = (4, 16) if sim else (4096 // scale, 32000)
+    x, t = _device_inputs("cross_entropy", "fwd+grad", (n, c), seed=2)
+    loss = cuda.device_array(n, np.float64)
+    lse = cuda.device_array(n, np.float64)
+    grad = cuda.device_array((n, c), np.float32)
+    gs = cuda.to_device(np.full(n, 1.0 / n))
+    C._d_cross_entropy(x, t, None, float(c), -100, 0.0, 0.0, 0.0, loss, lse, None, None, s)  # the global lse
+    nbytes = 2 * n * c * 4
+    ums = _time(lambda: C._d_cross_entropy(x, t, None, float(c), -100, 0.0, 0.0, 0.0, loss, None, grad, gs, s))
+    sms = _time(lambda: C._d_cross_entropy_shard(x, t, None, 0.0, -100, 0.0, 0.0, 0.0, lse, 0, c, loss, grad, gs, s))
+    cms = _time(lambda: C._d_cross_entropy_shard(x, t, None, 0.0, -100, 0.0, 0.0, 30.0, lse, 0, c, loss, grad, gs, s))
+    copy_ms = _copy_ms(nbytes // 2)
+    rows.append((f"cross_entropy fwd+grad {n}x{c} f32", ums, nbytes, copy_ms, None))
+    rows.append((f"ce_shard fwd+grad {n}x{c} f32", sms, nbytes, copy_ms, None))
+    rows.append((f"ce_shard softcap fwd+grad {n}x{c} f32", cms, nbytes, copy_ms, None))
+    NOTES.append(f"cross_entropy_shard / cross_entropy time on {n}x{c} f32 (lse given vs computed): "
+                 f"{sms / ums:.2f}")
+    x = grad = None
     m = 256 if sim else (256 << 20) // scale
     c = 64 if sim else 32768
     n = m // c
@@ -324,6 +379,8 @@ def main(argv=None):
         cgbs = nbytes / copy_ms / 1e6
         tcol = f"{tms:9.3f} {tms / ms:8.2f}x" if tms else f"{'-':>9s} {'-':>9s}"
         print(f"{name:44s} {ms:8.3f} {gbs:8.0f} {cgbs:10.0f} {100 * gbs / cgbs:6.0f}% {tcol}")
+    for line in NOTES:
+        print(line)
     print(f"\ntotal {time.time() - t0:.1f} s")
     return 0 if all(r[3] for r in ver) else 1
 

@@ -53,7 +53,7 @@ def test_available_and_lazy():
     from fastloss._backends import _cuda_kernels as K
 
     # nothing is compiled at import: kernels are built per (name, dtype) on first use
-    assert set(K._FACTORIES) >= {"row_lse", "ce_hard", "ce_soft", "bce_with_logits", "gaussian_nll"}
+    assert set(K._FACTORIES) >= {"row_lse", "ce_hard", "ce_shard", "ce_soft", "bce_with_logits", "gaussian_nll"}
 
 
 def test_unavailable_reason_without_numba_cuda(monkeypatch):
@@ -779,6 +779,104 @@ def test_device_strided_and_mixed_operands(routes_device_arrays):
     l_d, g_d = fl.mse_loss(dev(y).T, y.T[::-1].copy(), return_grad=True, reduction="none")
     l_h, g_h = fl.mse_loss(y.T, y.T[::-1].copy(), return_grad=True, reduction="none", backend="numpy")
     _agree((l_h, g_h), (l_d, g_d))
+
+
+# ----------------------------------------------------------------------------- class-sharded cross-entropy
+def _capped_lse(x, cap=None):
+    """The global row lse of the (capped) logits, in float64 (NumPy, not fastloss)."""
+    xc = np.asarray(x, np.float64)
+    if cap is not None:
+        xc = cap * np.tanh(xc / cap)
+    m = xc.max(axis=-1, keepdims=True)
+    return (m + np.log(np.exp(xc - m).sum(axis=-1, keepdims=True)))[..., 0]
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_device_sharded_cross_entropy_adds_up(routes_device_arrays, dt, reduction):
+    """Class-sharded cross-entropy on Numba device arrays through the public API (``lse``,
+    ``class_offset``, ``num_classes``): every shard -- a one-class first shard, a middle and
+    a last one -- equals the NumPy backend's shard, the shards' losses add up to the NumPy
+    backend's unsharded loss, and their gradients, side by side, are its gradient; with
+    weights, an ignored row, smoothing, z-loss, a cap, 3-D logits and a per-row grad_output."""
+    rng = np.random.default_rng(22)
+    x = (rng.standard_normal((2, 3, 7)) * 3).astype(dt)
+    t = np.array([[0, 6, -100], [3, 4, 2]])  # targets in the first, last and middle shards
+    w = (rng.random(7) + 0.5).astype(dt)
+    cap = 4.0
+    lse = _capped_lse(x, cap)
+    gout = rng.random((2, 3)) if reduction == "none" else 0.5
+    kw = dict(weight=w, ignore_index=-100, label_smoothing=0.1, z_loss=1e-3, softcap=cap, reduction=reduction,
+              grad_output=gout)
+    want_l, want_g = fl.cross_entropy(x, t, return_grad=True, backend="numpy", **kw)
+    shares, grads = [], []
+    for a, b in ((0, 1), (1, 4), (4, 7)):
+        xs = np.ascontiguousarray(x[..., a:b])
+        shard = dict(kw, lse=lse, class_offset=a, num_classes=7)
+        ref_l, ref_g = fl.cross_entropy(xs, t, return_grad=True, backend="numpy", **shard)
+        dkw = dict(shard, weight=dev(w), lse=dev(lse), grad_output=dev(gout) if reduction == "none" else gout)
+        got_l, got_g, got_lse = fl.cross_entropy(dev(xs), dev(t), return_grad=True, return_lse=True, **dkw)
+        # a share (a difference of lse-sized terms) and the lse come back in float64
+        if reduction == "none":
+            assert hasattr(got_l, "copy_to_host") and got_l.shape == (2, 3) and got_l.dtype == np.float64
+        else:
+            assert isinstance(got_l, np.float64)
+        assert got_g.shape == xs.shape and got_g.dtype == dt
+        assert host(got_lse).dtype == np.float64
+        close(host(got_l), ref_l, dt)
+        close(host(got_g), ref_g, dt)
+        np.testing.assert_array_equal(host(got_lse), lse)  # the given lse, as it was given
+        assert not host(got_g)[0, 2].any()  # the ignored row: exact zeros
+        shares.append(np.asarray(host(got_l), np.float64))
+        grads.append(host(got_g))
+    # the shares of float32 logits are float64 sums of float32-accurate terms: their sum is
+    # exact to the compute dtype's tolerance of the shares' magnitudes
+    mag = sum(np.abs(s) for s in shares)
+    np.testing.assert_allclose(sum(shares), np.asarray(want_l, np.float64), rtol=0,
+                               atol=TOL[dt]["rtol"] * float(np.max(mag)) + TOL[dt]["atol"])
+    close(np.concatenate(grads, axis=-1), want_g, dt)
+
+
+def test_device_sharded_cross_entropy_operand_forms(routes_device_arrays):
+    """The sharded call's other operand forms on the device path, each against the NumPy
+    backend given the same values: a float32 device ``lse`` for float64 logits (cast on the
+    device), a host ``lse`` with device logits, a broadcast ``(1,)`` lse, the gradient in place
+    over the logits, loss only (no smoothing: the target-logit gather), the class axis 0 and
+    ``num_classes`` defaulted on the first shard."""
+    rng = np.random.default_rng(23)
+    x = rng.standard_normal((4, 9))
+    t = np.array([8, 2, -100, 5])
+    lse = _capped_lse(x)
+    lse32 = lse.astype(np.float32)
+    xs = np.ascontiguousarray(x[:, 3:9])
+    # float32 device lse (the kernel sees its float64 cast) and loss + gradient
+    ref = fl.cross_entropy(xs, t, lse=lse32, class_offset=3, num_classes=9, label_smoothing=0.2,
+                           return_grad=True, backend="numpy")
+    got = fl.cross_entropy(dev(xs), dev(t), lse=dev(lse32), class_offset=3, num_classes=9, label_smoothing=0.2,
+                           return_grad=True)
+    _agree(ref, got)
+    # a host lse with device logits; the gradient in place over the logits
+    dx = dev(xs)
+    ref = fl.cross_entropy(xs, t, lse=lse, class_offset=3, num_classes=9, z_loss=1e-2, return_grad=True,
+                           backend="numpy")
+    got = fl.cross_entropy(dx, t, lse=lse, class_offset=3, num_classes=9, z_loss=1e-2, return_grad=True,
+                           grad_out=dx)
+    assert got[1] is dx
+    _agree(ref, got)
+    # a (1,) lse broadcast over the rows, loss only without smoothing, reduction="none"
+    one = np.array([2.5])
+    ref = fl.cross_entropy(xs, t, lse=one, class_offset=3, num_classes=9, reduction="none", backend="numpy")
+    got = fl.cross_entropy(dev(xs), dev(t), lse=dev(one), class_offset=3, num_classes=9, reduction="none")
+    _agree(ref, got)
+    # the class axis 0, the first shard with num_classes defaulted to its own C
+    xt = np.ascontiguousarray(x[:, :5].T)  # (5 classes, 4 rows)
+    t5 = np.array([4, 2, -100, 0])
+    l5 = _capped_lse(x[:, :5])
+    ref = fl.cross_entropy(xt, t5, axis=0, lse=l5, label_smoothing=0.1, return_grad=True, backend="numpy")
+    got = fl.cross_entropy(dev(xt), dev(t5), axis=0, lse=dev(l5), label_smoothing=0.1, return_grad=True)
+    _agree(ref, got)
+    # and that is the unsharded loss (one shard holding every class)
+    _agree(fl.cross_entropy(xt, t5, axis=0, label_smoothing=0.1, return_grad=True, backend="numpy"), got)
 
 
 # ----------------------------------------------------------------------------- streams / other libraries

@@ -26,7 +26,9 @@ Layout conventions
   next to a large ``m`` (float32 logits ~1e4 lose ~5e-4; at 3e38 all of ``log s``), whereas
   ``x_c - m`` is exact near the max and ``log s`` is at most ``log C``.  ``lse`` itself is
   used only where it is the quantity asked for (``logsumexp``, the z-loss) or where the row
-  max is not finite (then ``lse = m`` is exact).
+  max is not finite (then ``lse = m`` is exact).  The class-sharded kernel (``ce_shard``) is
+  the exception: it is given only the global float64 ``lse`` (no row max of the other
+  shards), so it forms ``x_c - lse`` -- in float64 (see :func:`_make_ce_shard`).
 * ``math.log``/``math.exp`` are guarded where their argument can be 0, negative or huge: on
   the GPU they would return -inf/nan/inf, but the simulator runs Python's ``math`` which
   raises instead.
@@ -427,6 +429,143 @@ def _make_ce_hard(ftype, capped=False):
     return k
 
 
+def _make_ce_shard(ftype, capped=False):
+    """One shard of a class-sharded cross-entropy (hard targets), given the global row lse.
+
+    ``x`` ``(N, C)`` holds the classes ``[offset, offset + C)`` of ``nk``; ``target`` holds
+    global class indices; ``w`` is the whole ``(nk,)`` weight vector (``has_w`` 0: unit
+    weights, ``w`` a dummy) and ``wsum`` its float64 sum; ``lse`` ``(N,)`` float64 is the
+    global log-sum-exp of the capped row, read only.  Per row it writes the shard's additive
+    share of the loss (``eps/K`` written ``epsk``, ``first``: ``offset == 0``)::
+
+        loss = [first] (((1-eps) w_t + epsk sum_k w_k) lse + z lse**2)
+               - [t in shard] (1-eps) w_t x'_t - epsk sum_{c in shard} w_{offset+c} x'_c
+
+    and (``want_grad`` 1) the shard's slice of the unsharded gradient::
+
+        grad_c = gs (p_c a - epsk w_{offset+c} - [c = t - offset] (1-eps) w_t) dx'_c/dx_c
+        p_c = exp(x'_c - lse),   a = (1-eps) w_t + epsk sum_k w_k + 2 z lse
+
+    One pass over the row, no max and no sum of exps: the global softmax is known through
+    ``lse``.  ``x'_c - lse`` is formed in float64 (the float32 ``x'_c`` is exact there, and a
+    float32 ``lse`` would carry an absolute error of an ulp of ``lse``: ~1e-3 at 1e4) and only
+    then rounded for the exponential, so ``p_c`` keeps the compute dtype's relative accuracy;
+    the shift-by-the-max of the unsharded kernels is not available here, which is why the
+    public layer documents the share as exact to float64 rounding of ``|lse|``.
+
+    The only block reduction is the smoothing sum (``eps != 0``, uniform over the block):
+    without smoothing, the loss term ``x'_t`` is taken by the thread whose columns hold the
+    target (``tl % blockDim.x``), which reads it before it writes that gradient element, so
+    the gradient may be written over ``x`` (in place) without a barrier; loss only and no
+    smoothing reads just ``x[i, t - offset]`` (no pass over the row).  The smoothing terms
+    are left out entirely without smoothing (a NaN weight of a class no target uses must
+    not leak in as ``0 * nan``).  Ignored rows get loss 0 and an exact-zero gradient, whatever
+    they hold.  ``capped`` (compile time: ``ce_shard_cap``) applies ``x' = cap tanh(x / cap)``
+    as in :func:`_make_ce_hard`.  The float64 expression order follows the NumPy reference
+    (``numpy_backend.cross_entropy_shard``) term for term.
+    """
+    cap_val, cap_grad = _make_softcap(ftype)
+    big = _FMAX[ftype]
+
+    @cuda.jit
+    def k(x, target, w, has_w, wsum, ignore_index, eps, zl, cap, lse, offset, nk, loss, grad, want_grad,
+          gscale):
+        sh = cuda.shared.array(MAX_THREADS, float64)
+        n = x.shape[0]
+        c = x.shape[1]
+        tx = cuda.threadIdx.x
+        bdx = cuda.blockDim.x
+        capf = ftype(cap)
+        rcapf = ftype(1.0 / cap if 1.0 / cap < big else big) if capped else ftype(0)  # finite: 0 stays 0
+        first = offset == 0
+        epsk = eps / nk
+        full = want_grad or eps != 0  # a pass over the whole row (uniform over the block)
+        step = cuda.gridDim.x * cuda.blockDim.y
+        r0 = cuda.blockIdx.x * cuda.blockDim.y
+        while r0 < n:  # uniform over the block: every thread meets every syncthreads
+            i = r0 + cuda.threadIdx.y
+            ok = i < n
+            keep = False
+            t = 0
+            if ok:
+                t = target[i]
+                keep = t != ignore_index
+            if not keep:
+                t = 0
+            tl = t - offset  # the target's column in this shard
+            mine = keep and tl >= 0 and tl < c
+            if not mine:
+                tl = -1  # matches no column
+            L = lse[i] if keep else 0.0
+            wt = float64(w[t]) if has_w and keep else 1.0
+            xt = 0.0  # x'[tl] (float64), held by the writer thread
+            sm = 0.0  # this thread's part of sum_c w_{offset+c} x'_c
+            if keep and full:
+                gs = gscale[i] if want_grad else 0.0  # gscale is a dummy without a gradient
+                a = (1.0 - eps) * wt + 2.0 * zl * L
+                if eps != 0:
+                    a += epsk * wsum
+                pa = ftype(gs * a)
+                b = ftype(gs * epsk)
+                at_t = ftype(gs * (1.0 - eps) * wt)
+                for j in range(tx, c, bdx):
+                    v = x[i, j]  # read before the write: grad may be x
+                    dc = ftype(1)
+                    if capped:
+                        if want_grad:
+                            v, dc = cap_grad(v, capf, rcapf)  # x'_j and d x'_j / d x_j
+                        else:
+                            v = cap_val(v, capf, rcapf)
+                    if j == tl:
+                        xt = float64(v)
+                    wj = w[offset + j] if has_w else ftype(1.0)
+                    if eps != 0:
+                        # per element, as the reference: an infinite weight or logit gives
+                        # +-inf (nan for inf * 0), never a factored inf - inf
+                        sm += float64(wj) * float64(v)
+                    if want_grad:
+                        d = float64(v) - L  # in float64 (see above); nan stays nan
+                        if d > 709.0:  # only for an lse below the row's max (not a true lse):
+                            d = 709.0  # inf on a GPU anyway; the simulator's math.exp would raise
+                        gv = math.exp(ftype(d)) * pa
+                        if eps != 0:
+                            gv -= b * wj
+                        if j == tl:
+                            gv -= at_t
+                        if capped:
+                            gv *= dc  # through the cap
+                        grad[i, j] = gv
+            elif ok and want_grad:
+                for j in range(tx, c, bdx):
+                    grad[i, j] = 0
+            elif mine and tx == 0:  # loss only, no smoothing: the target logit is all it reads
+                v = x[i, tl]
+                if capped:
+                    v = cap_val(v, capf, rcapf)
+                xt = float64(v)
+            if eps != 0:
+                sm = _block_sum(sh, sm)
+            writer = tl % bdx if mine and full else 0
+            if ok and tx == writer:
+                if keep:
+                    row = -(1.0 - eps) * wt * xt if mine else 0.0
+                    if eps != 0:
+                        row -= epsk * sm
+                    if first:  # the lse terms and the z-loss: counted once, by the first shard
+                        coef = (1.0 - eps) * wt
+                        if eps != 0:
+                            coef += epsk * wsum
+                        row += coef * L
+                        if zl != 0:
+                            row += zl * L * L
+                    loss[i] = row
+                else:
+                    loss[i] = 0.0
+            r0 += step
+
+    return k
+
+
 def _make_ce_soft(ftype, capped=False):
     """Cross-entropy with probability targets ``y`` (N, C) and optional class weights.
 
@@ -634,6 +773,8 @@ _FACTORIES = {
     "softmax_bwd": _make_softmax_bwd,
     "ce_hard": _make_ce_hard,
     "ce_hard_cap": partial(_make_ce_hard, capped=True),
+    "ce_shard": _make_ce_shard,
+    "ce_shard_cap": partial(_make_ce_shard, capped=True),
     "ce_soft": _make_ce_soft,
     "ce_soft_cap": partial(_make_ce_soft, capped=True),
     "bce_with_logits": _make_bce_with_logits,

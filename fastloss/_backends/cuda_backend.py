@@ -21,7 +21,9 @@ partial per block, and the few partials are added on the host.  Absent operands 
 kernel as small dummies with a flag (a kernel takes arrays, never None).  A cross-entropy
 ``softcap > 0`` launches the capped twin of its kernel (``ce_hard_cap``/``ce_soft_cap``,
 compiled apart: the tanh and its derivative in the same passes), so ``softcap == 0`` runs the
-uncapped kernels as before.
+uncapped kernels as before.  A class shard (``cross_entropy_shard``: the global row lse given)
+runs ``ce_shard``/``ce_shard_cap`` in the same launch shape: one pass over the shard, a block
+reduction only for the label-smoothing sum.
 """
 from __future__ import annotations
 
@@ -116,6 +118,17 @@ def _d_cross_entropy(x, target, weight, wsum, ignore_index, eps, zl, softcap, lo
       ls, lse is not None, gr, grad is not None, gs)
 
 
+def _d_cross_entropy_shard(x, target, weight, wsum, ignore_index, eps, zl, softcap, lse, class_offset, num_classes,
+                           loss, grad, gscale, stream):
+    """One shard of the classes (``ce_shard``): ``lse`` is the given global float64 row lse."""
+    if x.shape[0] == 0:
+        return
+    cap = float(softcap or 0.0)
+    k, (w, ls, gr, gs) = _ce_launch("ce_shard", x, cap, weight, lse, grad, gscale, stream)
+    k(x, target, w, weight is not None, float(wsum), int(ignore_index), float(eps), float(zl), cap, ls,
+      int(class_offset), int(num_classes), loss, gr, grad is not None, gs)
+
+
 def _d_cross_entropy_soft(x, y, weight, eps, zl, softcap, loss, lse, grad, gscale, stream):
     if x.shape[0] == 0:
         return
@@ -204,6 +217,18 @@ class OnStream:
         wsum = float(x.shape[1]) if weight is None else _device_sum(weight, self.stream)
         _d_cross_entropy(x, target, weight, wsum, ignore_index, label_smoothing, z_loss, softcap, loss, lse, grad,
                          None if grad is None else self._rows_scale(gscale, x.shape[0]), self.stream)
+
+    def cross_entropy_shard(self, x, target, weight, ignore_index, label_smoothing, z_loss, softcap, lse,
+                            class_offset, num_classes, loss, grad, gscale):
+        # the sum of all num_classes weights enters only the smoothing terms: without
+        # smoothing no device sum (which waits for the stream) is taken
+        if not label_smoothing:
+            wsum = 0.0
+        else:
+            wsum = float(num_classes) if weight is None else _device_sum(weight, self.stream)
+        _d_cross_entropy_shard(x, target, weight, wsum, ignore_index, label_smoothing, z_loss, softcap, lse,
+                               class_offset, num_classes, loss, grad,
+                               None if grad is None else self._rows_scale(gscale, x.shape[0]), self.stream)
 
     def cross_entropy_soft(self, x, target, weight, label_smoothing, z_loss, softcap, loss, lse, grad, gscale):
         _d_cross_entropy_soft(x, target, weight, label_smoothing, z_loss, softcap, loss, lse, grad,
@@ -306,6 +331,16 @@ def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, soft
     dx = h.up(x)
     h.k.cross_entropy(dx, h.up(np.asarray(target, dtype=np.int64)), h.up(weight), ignore_index, label_smoothing,
                       z_loss, softcap, h.out(loss), h.out(lse), h.out(grad, _inplace(dx, x, grad)), h.up(gscale))
+    h.finish()
+
+
+def cross_entropy_shard(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, lse, class_offset,
+                        num_classes, loss, grad, gscale):
+    h = _Offload()
+    dx = h.up(x)
+    h.k.cross_entropy_shard(dx, h.up(np.asarray(target, dtype=np.int64)), h.up(weight), ignore_index,
+                            label_smoothing, z_loss, softcap, h.up(np.asarray(lse, dtype=np.float64)), class_offset,
+                            num_classes, h.out(loss), h.out(grad, _inplace(dx, x, grad)), h.up(gscale))
     h.finish()
 
 
