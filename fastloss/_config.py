@@ -28,6 +28,12 @@ NUMBA_SMALL_C = 32
 # Elements per elementwise task: big enough to amortize a task, small enough for L1/L2.
 NUMBA_CHUNK = 16384
 
+# ----------------------------------------------------------------------------- linear_cross_entropy, read at each call
+# The BLAS of linear_cross_entropy's products for NumPy arrays: "auto" (PyTorch's when torch is
+# already imported -- faster on chunk-sized products, see _api/linear.py::_blas -- else NumPy's),
+# "torch" (always; imports it) or "numpy".  PyTorch tensors always use PyTorch's.
+LINEAR_BLAS = "auto"
+
 # ----------------------------------------------------------------------------- numba, compiled in
 # Row sums of exp: blocks of this many terms are summed in the compute dtype (8 float32 lanes
 # per ymm instead of 4 float64 ones; each lane adds <= 64 terms in [0, 1], relative error

@@ -534,8 +534,8 @@ def linear_cross_entropy(
     chunk; its other fields are ignored (fastloss always chunks, multiplies float16/bfloat16 in
     float32, and keeps its saved gradients, so ``retain_graph=True`` always works).
     fastloss extras, keyword-only: ``z_loss``, ``softcap``, ``num_items`` (as in
-    :func:`cross_entropy`), ``chunk_size`` (rows per chunk; default: a chunk's logits take at
-    most ``fastloss._api.linear.CHUNK_BYTES``) and ``backend`` (of each chunk's cross-entropy).
+    :func:`cross_entropy`), ``chunk_size`` (rows per chunk; default: a chunk's logits take
+    1/16 of the N x V logits, within 8-64 MB) and ``backend`` (of each chunk's cross-entropy).
 
     Class-probability targets (floating, shaped like the logits) are PyTorch's reference path:
     the logits are formed with :func:`torch.nn.functional.linear` and go to :func:`cross_entropy`
