@@ -29,6 +29,14 @@ Design
   32k float32 is 128 KiB).  The logits are read from memory once and the gradient written once,
   and ``exp`` is evaluated once per element.  Everything the loss needs from ``x`` (the target
   logit, the label-smoothing sum) is read before step (2), so ``grad`` may be ``x`` itself.
+  Written in place (``grad_out=logits``; also ``softmax``/``log_softmax`` with ``out=x``),
+  the kernel reads the row through the output array (a run-time ``inplace`` flag, from
+  ``_same_memory``; the row helpers then get None for ``x`` and read through ``_jit._src``):
+  read through ``x`` and written through ``grad``, the same memory fails the run-time overlap
+  test LLVM guards each vector loop with, and the row runs the scalar loop -- 7x the time on
+  2048 x 32000 float32 (hard-target cross-entropy; 5x soft targets, 7x softmax).  The flag is
+  a value, not a type: no specialization more.  ``bench/asm_check.py`` checks that no
+  in-place path keeps such a test.
 * **Few classes (C <= 32).**  Rows that short never vectorize and their max and sum are
   latency-bound chains, so the hard-target cross-entropy takes a column-block path instead:
   blocks of 256 rows are transposed into a ``(C, 256)`` buffer and every step runs across
@@ -202,13 +210,13 @@ def logsumexp(x, out):
 def softmax(x, out):
     if x.size == 0:
         return
-    _call(_k_softmax, x.size, _ro(x), out, _nblocks(x.shape[0], x.size))
+    _call(_k_softmax, x.size, _ro(x), out, _same_memory(x, out), _nblocks(x.shape[0], x.size))
 
 
 def log_softmax(x, out):
     if x.size == 0:
         return
-    _call(_k_log_softmax, x.size, _ro(x), out, _nblocks(x.shape[0], x.size))
+    _call(_k_log_softmax, x.size, _ro(x), out, _same_memory(x, out), _nblocks(x.shape[0], x.size))
 
 
 def softmax_backward(g, y, out):
@@ -229,11 +237,18 @@ def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, soft
         return
     sumw = float(c) if weight is None else float(np.sum(weight, dtype=np.float64))
     gsc, gsa = _gscale_rows(gscale if grad is not None else 1.0, n)
-    # few classes: the column-block kernel, in any layout (it transposes blocks of rows itself)
-    kern = _k_cross_entropy_small if c <= cfg.NUMBA_SMALL_C else _k_cross_entropy
     args = (_ro(x), _vec(target, np.int64), _vec(weight), sumw, int(ignore_index), float(label_smoothing),
             float(z_loss), float(softcap))
-    _rows_out(loss, lambda lo, ls: _call(kern, x.size, *args, lo, ls, grad, gsc, gsa, _nblocks(n, x.size)), lse)
+    nb = _nblocks(n, x.size)
+    if c <= cfg.NUMBA_SMALL_C:
+        # few classes: the column-block kernel, in any layout (it transposes blocks of rows
+        # itself).  It needs no in-place flag: its vector loops read its scratch blocks, never
+        # x and grad together, so LLVM's overlap tests pass in place too.
+        _rows_out(loss, lambda lo, ls: _call(_k_cross_entropy_small, x.size, *args, lo, ls, grad, gsc, gsa, nb),
+                  lse)
+    else:
+        _rows_out(loss, lambda lo, ls: _call(_k_cross_entropy, x.size, *args, lo, ls, grad, gsc, gsa,
+                                             _same_memory(x, grad), nb), lse)
 
 
 def cross_entropy_shard(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, lse, class_offset,
@@ -262,7 +277,7 @@ def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, softcap, loss
     gsc, gsa = _gscale_rows(gscale if grad is not None else 1.0, n)
     args = (_ro(x), _ro(target), _vec(weight), float(label_smoothing), float(z_loss), float(softcap))
     _rows_out(loss, lambda lo, ls: _call(_k_cross_entropy_soft, x.size, *args, lo, ls, grad, gsc, gsa,
-                                         _nblocks(n, x.size)), lse)
+                                         _same_memory(x, grad), _nblocks(n, x.size)), lse)
 
 
 def _run_elementwise(kern, a, b, p, q, c1, c2, loss, grad, grad2, gscale, gout):

@@ -75,18 +75,24 @@ def _sumexp(x, i, c, shift, neg):
 
 @njit(**_JIT)
 def _sumexp_store(x, i, c, shift, neg, out):
-    """Like :func:`_sumexp`, also storing ``out[i, j] = exp(x[i, j] - shift)``."""
+    """Like :func:`_sumexp`, also storing ``out[i, j] = exp(x[i, j] - shift)``.
+
+    ``x`` None: in place, the row is read from ``out`` itself (``_jit._src``).  Given as two
+    arguments, the same memory would fail LLVM's run-time overlap test (this function is
+    compiled on its own, not inlined: it cannot see that they are one array) and the loop
+    would run scalar."""
+    src = _src(x, out)
     s = 0.0
     for j0 in range(0, c, _SUMBLK):
-        bs = cast_like(0.0, x)
+        bs = cast_like(0.0, out)
         if neg:
             for j in _ublock(j0, c):
-                e = vexpn(x[i, j] - shift)
+                e = vexpn(src[i, j] - shift)
                 out[i, j] = e
                 bs += e
         else:
             for j in _ublock(j0, c):
-                e = vexp(x[i, j] - shift)
+                e = vexp(src[i, j] - shift)
                 out[i, j] = e
                 bs += e
         s += bs
@@ -114,7 +120,10 @@ def _k_logsumexp(x, out, nb):
 
 
 @_kernel
-def _k_softmax(x, out, nb):
+def _k_softmax(x, out, inplace, nb):
+    """Row by row: the max, ``e = exp(x - m)`` stored into ``out`` while summed, then ``out *=
+    1 / s``.  ``inplace``: ``out`` is ``x`` (``softmax(x, out=x)``) and the exp pass reads the
+    row through ``out`` (see :func:`_k_cross_entropy`, ``inplace``)."""
     n, c = x.shape
     for b in prange(nb):
         for i in range(b * n // nb, (b + 1) * n // nb):
@@ -127,7 +136,10 @@ def _k_softmax(x, out, nb):
                 continue
             fin = _finite(m)
             sh = m if fin else cast_like(0.0, x)
-            s = _sumexp_store(x, i, c, sh, fin, out)
+            if inplace:
+                s = _sumexp_store(None, i, c, sh, fin, out)
+            else:
+                s = _sumexp_store(x, i, c, sh, fin, out)
             # e / s as e * (1/s): one rounding more than a division, far inside the contract
             r = cast_like(1.0 / s, x)
             for j in range(c):
@@ -135,7 +147,10 @@ def _k_softmax(x, out, nb):
 
 
 @_kernel
-def _k_log_softmax(x, out, nb):
+def _k_log_softmax(x, out, inplace, nb):
+    """Row by row: the lse (two reads of the row), then ``out = (x - shift) - log s``.
+    ``inplace``: ``out`` is ``x`` and the last pass reads the row through ``out`` (see
+    :func:`_k_cross_entropy`, ``inplace``)."""
     n, c = x.shape
     for b in prange(nb):
         for i in range(b * n // nb, (b + 1) * n // nb):
@@ -146,8 +161,12 @@ def _k_log_softmax(x, out, nb):
             lsd = cast_like(ls, x)
             if ls == np.inf:
                 lsd = cast_like(np.nan, x)
-            for j in range(c):
-                out[i, j] = sub_sub(x[i, j], sh, lsd)
+            if inplace:
+                for j in range(c):
+                    out[i, j] = sub_sub(out[i, j], sh, lsd)
+            else:
+                for j in range(c):
+                    out[i, j] = sub_sub(x[i, j], sh, lsd)
 
 
 @_kernel
@@ -235,11 +254,17 @@ def _lse_row(x, i, c, cap, inv, cb, cd):
 @njit(**_JIT)
 def _ce_row(x, i, c, t, w, sumw, eps, z, grad, gs):
     """``(loss, lse)`` (and the gradient) of one non-ignored row of the hard-target
-    cross-entropy."""
-    m = _rowmax(x, i, c)
+    cross-entropy.
+
+    ``x`` None: in place, the logits are read from ``grad`` (``_jit._src``), which then holds
+    them.  Given as two arguments, the same memory would fail LLVM's run-time overlap tests
+    (this function is compiled on its own and called, not inlined) and every loop that reads
+    the row and writes the gradient would run scalar: 7x the time."""
+    xs = _src(x, grad)  # the logits (grad itself in place): every read below goes through it
+    m = _rowmax(xs, i, c)
     fin = _finite(m)
-    sh = m if fin else cast_like(0.0, x)
-    xt = x[i, t]  # read before grad (which may be x) is written
+    sh = m if fin else cast_like(0.0, xs)
+    xt = xs[i, t]  # read before grad (which may be the logits) is written
     wt = 1.0 if w is None else np.float64(w[t])
     # pass 2: s = sum exp(x - sh) (stored as e into grad when that buffer will be rescaled),
     # and for label smoothing sw = sum_c w_c (x_c - sh); all reads of x happen here.
@@ -250,13 +275,13 @@ def _ce_row(x, i, c, t, w, sumw, eps, z, grad, gs):
         # scalar), before the exp pass, which may overwrite x
         # x - sh through sub_sub (no reassoc): LLVM would otherwise distribute the sum into
         # sum(x) - c sh, the garbage difference of two huge sums for logits near the max
-        zero = cast_like(0.0, x)
+        zero = cast_like(0.0, xs)
         if w is None:
             for j in range(c):
-                sw += np.float64(sub_sub(x[i, j], sh, zero))
+                sw += np.float64(sub_sub(xs[i, j], sh, zero))
         else:
             for j in range(c):
-                v = np.float64(sub_sub(x[i, j], sh, zero))
+                v = np.float64(sub_sub(xs[i, j], sh, zero))
                 # 0 where x_c is the max: an infinite weight there must give inf (through
                 # sumw * log s), not inf * 0 = nan.  The product is formed whatever v is: a
                 # w[j] read only where v != 0 becomes a masked load (AVX2 vmaskmovps, slow on AMD)
@@ -265,7 +290,7 @@ def _ce_row(x, i, c, t, w, sumw, eps, z, grad, gs):
     if store:
         s = _sumexp_store(x, i, c, sh, fin, grad)
     else:
-        s = _sumexp(x, i, c, sh, fin)
+        s = _sumexp(xs, i, c, sh, fin)
     ls = np.log(s)
     lse = np.float64(sh) + ls
     # -log p[t] = log s - (x[t] - shift), not lse - x[t]: huge logits (3e38) keep their O(1)
@@ -283,9 +308,9 @@ def _ce_row(x, i, c, t, w, sumw, eps, z, grad, gs):
         a = (1.0 - eps) * wt + 2.0 * z * lse
         if eps != 0.0:
             a += eps / c * sumw
-        ce = cast_like(gs * eps / c, x)
+        ce = cast_like(gs * eps / c, xs)
         if fin:
-            cg = cast_like(gs * a / s, x)  # grad holds e = exp(x - m); p = e / s
+            cg = cast_like(gs * a / s, xs)  # grad holds e = exp(x - m); p = e / s
             if eps == 0.0:
                 for j in range(c):
                     grad[i, j] = grad[i, j] * cg
@@ -298,22 +323,31 @@ def _ce_row(x, i, c, t, w, sumw, eps, z, grad, gs):
         else:
             # +inf (or nan) in the row: p = exp(x - lse) as the reference computes it (0 for
             # finite x, nan at the inf); x is still intact here, it was not overwritten
-            cg = cast_like(gs * a, x)
-            lsed = cast_like(lse, x)
+            cg = cast_like(gs * a, xs)
+            lsed = cast_like(lse, xs)
             for j in range(c):
-                p = vexp(x[i, j] - lsed)
-                wj = cast_like(1.0, x) if w is None else w[j]
+                p = vexp(xs[i, j] - lsed)
+                wj = cast_like(1.0, xs) if w is None else w[j]
                 grad[i, j] = p * cg - ce * wj
-        grad[i, t] -= cast_like(gs * (1.0 - eps) * wt, x)
+        grad[i, t] -= cast_like(gs * (1.0 - eps) * wt, xs)
     return row, lse
 
 
 @_kernel
-def _k_cross_entropy(x, target, w, sumw, ignore, eps, z, cap, loss, lse, grad, gsc, gsa, nb):
+def _k_cross_entropy(x, target, w, sumw, ignore, eps, z, cap, loss, lse, grad, gsc, gsa, inplace, nb):
     """Row by row.  ``lse`` is ``(N,)`` or ``(0,)`` (not wanted: one type for both).  With a
     cap, each row is capped into a task-local ``(1, C)`` scratch row first (``_cap_row``), the
     row function runs on it (its gradient into a second scratch row) and ``_chain_cap`` writes
-    the gradient through the cap: the logits are still read once, the scratch stays in cache."""
+    the gradient through the cap: the logits are still read once, the scratch stays in cache.
+
+    ``inplace``: ``grad`` is ``x`` (the same memory, the same strides: ``grad_out=logits``,
+    and every chunk of ``linear_cross_entropy``), and the row function is handed None for the
+    logits, which it then reads from ``grad`` (``_jit._src``).  Handed both, its exp pass would
+    read one array and write another, which LLVM guards with a run-time overlap test that the
+    same memory fails: the scalar loop took 7x the time on 2048 x 32000 float32 (the row
+    function is compiled on its own and called: it cannot see that they are one array).  A
+    run-time flag, not a type: no specialization more (the kernel holds both calls).
+    ``_rows`` helpers that read the row and write the gradient all take this None form."""
     n, c = x.shape
     capx = cast_like(cap, x)
     inv = cast_like(1.0 / cap if cap != 0.0 else 0.0, x)
@@ -334,8 +368,15 @@ def _k_cross_entropy(x, target, w, sumw, ignore, eps, z, cap, loss, lse, grad, g
                 continue
             gs = gsc if gsa is None else gsc * gsa[i]
             if cap == 0.0:
-                row, rl = _ce_row(x, i, c, t, w, sumw, eps, z, grad, gs)
-            else:
+                # (the tests on grad, an argument, are settled when the kernel is typed: with
+                # grad None only the first call is compiled)
+                if grad is None:
+                    row, rl = _ce_row(x, i, c, t, w, sumw, eps, z, None, gs)
+                elif inplace:  # x None: the row function reads the logits from grad
+                    row, rl = _ce_row(None, i, c, t, w, sumw, eps, z, grad, gs)
+                else:
+                    row, rl = _ce_row(x, i, c, t, w, sumw, eps, z, grad, gs)
+            else:  # the cap's scratch rows: never the same memory as x or grad
                 _cap_row(x[i], c, capx, inv, cb, cd)
                 if grad is None:
                     row, rl = _ce_row(cb, 0, c, t, w, sumw, eps, z, None, gs)
@@ -350,10 +391,12 @@ def _k_cross_entropy(x, target, w, sumw, ignore, eps, z, cap, loss, lse, grad, g
 @njit(**_JIT)
 def _ce_soft_row(x, i, y, iy, c, w, eps, z, grad, gs):
     """``(loss, lse)`` (and the gradient) of row ``i`` of ``x`` and ``grad`` (row ``iy`` of the
-    targets ``y``) of the probability-target cross-entropy."""
-    m = _rowmax(x, i, c)
+    targets ``y``) of the probability-target cross-entropy; ``x`` None: in place, the logits
+    read from ``grad`` (see :func:`_ce_row`)."""
+    xs = _src(x, grad)  # the logits (grad itself in place): every read below goes through it
+    m = _rowmax(xs, i, c)
     fin = _finite(m)
-    sh = m if fin else cast_like(0.0, x)
+    sh = m if fin else cast_like(0.0, xs)
     store = grad is not None and fin
     u = eps / c
     keep = 1.0 - eps
@@ -363,14 +406,14 @@ def _ce_soft_row(x, i, y, iy, c, w, eps, z, grad, gs):
     # one loop LLVM keeps it scalar.  The target pass comes first because the exp pass may
     # overwrite x (grad is x when in place); the row is in L2 for the second read.
     for j in range(c):
-        v = np.float64(x[i, j] - sh)
+        v = np.float64(xs[i, j] - sh)
         yw = keep * np.float64(y[iy, j]) + u
         if w is not None:
             yw *= np.float64(w[j])
         sy += yw
         # also 0 at the row max (v = 0): an infinite y'w there gives inf through sy * log s
         syx += yw * v if yw != 0.0 and v != 0.0 else 0.0
-    s = _sumexp_store(x, i, c, sh, fin, grad) if store else _sumexp(x, i, c, sh, fin)
+    s = _sumexp_store(x, i, c, sh, fin, grad) if store else _sumexp(xs, i, c, sh, fin)
     ls = np.log(s)
     lse = np.float64(sh) + ls
     # sum_c y'w (lse - x_c) = sy * log s - sum_c y'w (x_c - sh)
@@ -379,30 +422,30 @@ def _ce_soft_row(x, i, y, iy, c, w, eps, z, grad, gs):
         row += z * lse * lse
     if grad is not None:
         a = sy + 2.0 * z * lse
-        uu = cast_like(u, x)
-        kk = cast_like(keep, x)
-        gsd = cast_like(gs, x)
+        uu = cast_like(u, xs)
+        kk = cast_like(keep, xs)
+        gsd = cast_like(gs, xs)
         if fin:
-            cg = cast_like(gs * a / s, x)
+            cg = cast_like(gs * a / s, xs)
             for j in range(c):
                 yw = kk * y[iy, j] + uu
                 if w is not None:
                     yw *= w[j]
                 grad[i, j] = grad[i, j] * cg - gsd * yw
         else:
-            cg = cast_like(gs * a, x)
-            lsed = cast_like(lse, x)
+            cg = cast_like(gs * a, xs)
+            lsed = cast_like(lse, xs)
             for j in range(c):
                 yw = kk * y[iy, j] + uu
                 if w is not None:
                     yw *= w[j]
-                grad[i, j] = vexp(x[i, j] - lsed) * cg - gsd * yw
+                grad[i, j] = vexp(xs[i, j] - lsed) * cg - gsd * yw
     return row, lse
 
 
 @_kernel
-def _k_cross_entropy_soft(x, y, w, eps, z, cap, loss, lse, grad, gsc, gsa, nb):
-    """Row by row; ``lse`` and the cap as in :func:`_k_cross_entropy`."""
+def _k_cross_entropy_soft(x, y, w, eps, z, cap, loss, lse, grad, gsc, gsa, inplace, nb):
+    """Row by row; ``lse``, the cap and ``inplace`` as in :func:`_k_cross_entropy`."""
     n, c = x.shape
     capx = cast_like(cap, x)
     inv = cast_like(1.0 / cap if cap != 0.0 else 0.0, x)
@@ -412,7 +455,12 @@ def _k_cross_entropy_soft(x, y, w, eps, z, cap, loss, lse, grad, gsc, gsa, nb):
         for i in range(b * n // nb, (b + 1) * n // nb):
             gs = gsc if gsa is None else gsc * gsa[i]
             if cap == 0.0:
-                row, rl = _ce_soft_row(x, i, y, i, c, w, eps, z, grad, gs)
+                if grad is None:
+                    row, rl = _ce_soft_row(x, i, y, i, c, w, eps, z, None, gs)
+                elif inplace:  # x None: the row function reads the logits from grad
+                    row, rl = _ce_soft_row(None, i, y, i, c, w, eps, z, grad, gs)
+                else:
+                    row, rl = _ce_soft_row(x, i, y, i, c, w, eps, z, grad, gs)
             else:
                 _cap_row(x[i], c, capx, inv, cb, cd)
                 if grad is None:

@@ -12,9 +12,14 @@ def warmup(dtypes=("float32", "float64"), layouts=("C", "A"), progress=None, pro
     For each compute dtype and each layout -- ``"C"`` (C-contiguous operands) and ``"A"``
     (strided views, which also stand for Fortran order) -- every entry point is called on a
     tiny input with the argument types the public layer produces: for the row-wise kernels
-    with and without class weights and gradient (the cross-entropy on its general and its
-    few-classes path, and in place; the class-sharded cross-entropy, one path, with both
-    gradient scales); for the elementwise kernels each reduction's (loss, grad, grad_output)
+    with and without class weights and gradient; every gradient of the cross-entropies (hard
+    targets on the general and the few-classes path, probability targets, class-sharded) with
+    both gradient scales the public layer passes -- a scalar (``reduction="mean"``/``"sum"``,
+    and ``"none"`` with a scalar ``grad_output``) and per-row (``"none"`` with an array) --
+    and also written in place over a strided input (``grad_out=logits``: the gradient is then
+    strided too; in place over a C-contiguous input has the separate buffer's types);
+    ``softmax``/``log_softmax`` with ``out`` a new array and, strided, ``out=x``; for the
+    elementwise kernels each reduction's (loss, grad, grad_output)
     pattern, with the optional operands (weight, pos_weight, var) absent or broadcast
     (stride-0).  Rarer mixtures (say a C-contiguous input with a
     Fortran-ordered ``grad_out``) compile on first use.
@@ -74,33 +79,39 @@ def _jobs(dtypes, layouts) -> list:
             for fn in (logsumexp, softmax, log_softmax):
                 out = np.zeros(n if fn is logsumexp else (n, c), dt)
                 jobs.append((f"{fn.__name__} {dname} {lay}", fn, (x, out)))
+                if lay == "A" and fn is not logsumexp:  # out=x on a strided view: 'A' out
+                    xi = arr((n, c), dt, lay)
+                    jobs.append((f"{fn.__name__} {dname} {lay} in place", fn, (xi, xi)))
             for fn in (softmax_backward, log_softmax_backward):
                 jobs.append((f"{fn.__name__} {dname} {lay}", fn, (x, y, np.zeros((n, c), dt))))
             for w, g in itertools.product((None, w1), (None, np.zeros((n, c), dt))):
-                # the public layer passes a per-row float64 gscale exactly when it wants a grad
-                gs = 1.0 if g is None else np.ones(n)
-                jobs.append((f"cross_entropy {dname} {lay} C={c}", cross_entropy,
-                             (x, t, w, -100, 0.1, 0.0, 0.0, np.zeros(n), None, g, gs)))
-                if lay == "A" and g is not None:  # in place on a strided view: grad is 'A' too
-                    xi = arr((n, c), dt, lay)
-                    jobs.append((f"cross_entropy {dname} {lay} in place", cross_entropy,
-                                 (xi, t, w, -100, 0.1, 0.0, 0.0, np.zeros(n), None, xi, gs)))
-                jobs.append((f"cross_entropy_soft {dname} {lay}", cross_entropy_soft,
-                             (x, y, w, 0.1, 0.0, 0.0, np.zeros(n), None, g, gs)))
-                if c == 40:  # one row kernel for every shard width: a second C adds no type
-                    # a middle shard [c, 2c) of 3c classes with the whole (3c,) weight vector;
-                    # with a gradient, both scales the public layer passes: a scalar
-                    # ("mean"/"sum") and per-row ("none" with grad_output)
-                    wk = None if w is None else np.ones(3 * c, dt)
-                    for gsh in ((1.0,) if g is None else (1.0, np.ones(n))):
+                # the gradient scale: 1.0 without a gradient (the public layer passes no other);
+                # with one, both kinds -- a scalar (a None per-row operand in the kernel) and a
+                # per-row float64 array -- each a specialization of its own
+                for gs in ((1.0,) if g is None else (1.0, np.ones(n))):
+                    jobs.append((f"cross_entropy {dname} {lay} C={c}", cross_entropy,
+                                 (x, t, w, -100, 0.1, 0.0, 0.0, np.zeros(n), None, g, gs)))
+                    if lay == "A" and g is not None:  # in place on a strided view: grad is 'A' too
+                        xi = arr((n, c), dt, lay)
+                        jobs.append((f"cross_entropy {dname} {lay} C={c} in place", cross_entropy,
+                                     (xi, t, w, -100, 0.1, 0.0, 0.0, np.zeros(n), None, xi, gs)))
+                    if c == 40:  # one row kernel for every C: C=8 would add no type
+                        jobs.append((f"cross_entropy_soft {dname} {lay}", cross_entropy_soft,
+                                     (x, y, w, 0.1, 0.0, 0.0, np.zeros(n), None, g, gs)))
+                        if lay == "A" and g is not None:
+                            xi = arr((n, c), dt, lay)
+                            jobs.append((f"cross_entropy_soft {dname} {lay} in place", cross_entropy_soft,
+                                         (xi, y, w, 0.1, 0.0, 0.0, np.zeros(n), None, xi, gs)))
+                        # a middle shard [c, 2c) of 3c classes with the whole (3c,) weight vector
+                        wk = None if w is None else np.ones(3 * c, dt)
                         jobs.append((f"cross_entropy_shard {dname} {lay}", cross_entropy_shard,
                                      (x, t + c, wk, -100, 0.1, 0.0, 0.0, np.zeros(n), c, 3 * c, np.zeros(n), g,
-                                      gsh)))
+                                      gs)))
                         if lay == "A" and g is not None:  # in place on a strided view
                             xi = arr((n, c), dt, lay)
                             jobs.append((f"cross_entropy_shard {dname} {lay} in place", cross_entropy_shard,
                                          (xi, t + c, wk, -100, 0.1, 0.0, 0.0, np.zeros(n), c, 3 * c,
-                                          np.zeros(n), xi, gsh)))
+                                          np.zeros(n), xi, gs)))
         shape = (2, 16)
         a = arr(shape, dt, lay)
         bcast = np.broadcast_to(np.full(shape[1], 0.5, dt), shape)  # stride-0 rows
