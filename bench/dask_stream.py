@@ -29,6 +29,7 @@ Usage::
 """
 from __future__ import annotations
 
+
 import argparse
 import os
 import platform
@@ -39,16 +40,7 @@ import time
 
 import numpy as np
 
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from fastloss._cli import _cpu_model  # the model name `fastloss info` prints
 
 
 def write_logits(path, n, c, chunk_rows, seed):
@@ -120,7 +112,7 @@ def main(argv=None):
     default = fl.get_backend()
     if default == "auto":
         default = fl._dispatch.resolve(None).__name__.rsplit(".", 1)[-1].replace("_backend", "")
-    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); Python {platform.python_version()}, "
+    print(f"CPU: {_cpu_model()} ({os.cpu_count()} logical CPUs); Python {platform.python_version()}, "
           f"fastloss {fl.__version__}, default backend {default}")
     print(f"logits: {n} x {c} float32 = {gb:.2f} GB in {path} ({-(-n // args.chunk_rows)} .npy chunks of "
           f"{args.chunk_rows} rows); workers: {args.workers} processes x 1 thread, memory_limit={args.memory_limit}")

@@ -24,6 +24,7 @@ Usage::
 """
 from __future__ import annotations
 
+
 import argparse
 import json
 import os
@@ -33,25 +34,14 @@ import sys
 import tempfile
 import time
 
+from fastloss._cli import _cpu_model  # the model name `fastloss info` prints
+
 
 def _cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         return os.cpu_count() or 1
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def _blocks(V: int, P: int):
