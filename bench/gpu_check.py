@@ -2,7 +2,9 @@
 
 1. Verifies every kernel entry point (offload path) and a few device-array paths of the public API against
    the ``numpy`` reference on small random inputs (float32 and float64), and bfloat16
-   device arrays (torch.bfloat16 tensors) through the public API.
+   device arrays (torch.bfloat16 tensors) through the public API, and the fused linear +
+   cross-entropy with every argument on the device (Numba device arrays: fastloss's GEMM
+   kernel; PyTorch CUDA tensors: cuBLAS).
 2. Times, with CUDA events on device-resident data (no host transfers):
    cross-entropy forward+gradient 16384x32768 and 4096x131072 float32, the class-sharded
    cross-entropy kernel (one pass, the global lse given) against the unsharded one on the
@@ -10,7 +12,9 @@
    bce_with_logits forward+gradient on 256M float32 elements; each as GB/s of its
    compulsory traffic next to a device-to-device copy of the same bytes, and -- when PyTorch
    with CUDA is installed -- next to torch.nn.functional forward+backward (and the first
-   cross-entropy shape once more with torch.bfloat16 logits, against torch in bfloat16).
+   cross-entropy shape once more with torch.bfloat16 logits, against torch in bfloat16);
+   with PyTorch, linear_cross_entropy 4096x512x32000 on CUDA tensors against the three matrix
+   products alone and F.linear + F.cross_entropy, time and peak allocated memory.
 
 Usage: ``python bench/gpu_check.py [--quick]`` (``--quick`` quarters the big shapes).
 
@@ -206,6 +210,29 @@ def verify(shapes=((64, 1000), (8, 262_144)), ew=(256, 1000), dc=(50, 40)) -> li
                 to_host(getattr(fl, f)(to_dev(x))).astype(np.float64))
     else:
         print("bfloat16 device checks skipped: they need ml_dtypes and PyTorch with CUDA")
+    # fused linear + cross-entropy with every argument on the device, in float64 (the products'
+    # summation order differs; float64 keeps the comparison tight): Numba device arrays (the
+    # loop's own GEMM kernel) and PyTorch CUDA tensors (cuBLAS), against the host NumPy path;
+    # ignored rows (gathered and scattered back), a bias, label smoothing, several chunks
+    n, h, v = (dc[0] + 3, 4, dc[1] + 4)
+    x = rng.standard_normal((n, h))
+    W = rng.standard_normal((v, h)) * 0.5
+    b = rng.standard_normal(v)
+    t = rng.integers(0, v, n)
+    t[::4] = -100
+    kw = dict(label_smoothing=0.1, return_grad=True, chunk_size=max(2, n // 3))
+    hl, hg = fl.linear_cross_entropy(x, W, t, linear_bias=b, backend="numpy", **kw)
+    want = np.r_[hl, np.concatenate([g.ravel() for g in hg])]
+    dl, dg = fl.linear_cross_entropy(cuda.to_device(x), cuda.to_device(W), cuda.to_device(t),
+                                     linear_bias=cuda.to_device(b), **kw)
+    rec("device linear_cross_entropy (GEMM kernel)", np.float64, want,
+        np.r_[dl, np.concatenate([g.copy_to_host().ravel() for g in dg])])
+    torch = _torch_cuda()
+    if torch is not None:
+        tl, tg = fl.linear_cross_entropy(*(torch.from_numpy(a).cuda() for a in (x, W, t)),
+                                         linear_bias=torch.from_numpy(b).cuda(), **kw)
+        rec("device linear_cross_entropy (torch cuBLAS)", np.float64, want,
+            np.r_[float(tl), np.concatenate([g.cpu().numpy().ravel() for g in tg])])
     return rows
 
 
@@ -346,7 +373,48 @@ def bench(quick: bool, sim: bool = False):
 
         tms = _time(tstep)
     rows.append((f"bce_with_logits fwd+grad {m >> 20}M el f32", ms, nbytes, _copy_ms(nbytes // 2), tms))
+    if torch is not None and not sim:
+        _bench_linear(torch, (4096 // scale, 512, 32000))
     return rows
+
+
+def _bench_linear(torch, shape):
+    """fastloss.linear_cross_entropy on PyTorch CUDA tensors (cuBLAS products) against the three
+    matrix products alone and F.linear + F.cross_entropy, with the peak of allocated memory
+    beyond the inputs (the goal: within 1.2x the products' time, at most 1/16 of the logits)."""
+    import torch.nn.functional as F
+
+    n, h, v = shape
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(n, h, device="cuda", generator=g)
+    W = torch.randn(v, h, device="cuda", generator=g) * 0.05
+    t = torch.randint(0, v, (n,), device="cuda", generator=g)
+
+    def products():
+        z = x @ W.T
+        return z @ W, z.T @ x
+
+    def fused():
+        return fl.linear_cross_entropy(x, W, t, return_grad=True)
+
+    xr, Wr = x.clone().requires_grad_(True), W.clone().requires_grad_(True)
+
+    def eager():
+        xr.grad = Wr.grad = None
+        F.cross_entropy(F.linear(xr, Wr), t).backward()
+
+    logits_bytes = n * v * 4
+    res = {}
+    for name, fn in (("products", products), ("fastloss", fused), ("eager", eager)):
+        fn()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        res[name] = (_time(fn), torch.cuda.max_memory_allocated() - base)
+    pms = res["products"][0]
+    for name, (ms, peak) in res.items():  # (notes, not table rows: a GEMM has no copy-speed yardstick)
+        NOTES.append(f"linear_cross_entropy {n}x{h}x{v}: {name} {ms:.2f} ms = {ms / pms:.2f}x the products, "
+                     f"peak extra memory {peak / 2**20:.0f} MiB ({peak / logits_bytes:.3f} of the logits)")
 
 
 def main(argv=None):

@@ -49,8 +49,8 @@ takes ``chunk_size``.
 Large vocabularies: :func:`linear_cross_entropy` (and :class:`LinearCrossEntropyLoss`) never
 hold the N x V logits; its gradients for ``input``, ``linear_weight`` and ``linear_bias`` come
 from the chunked forward pass (with ``reduction="none"``, from one chunked pass in the
-backward, which knows the upstream rows). CPU tensors only (the core's products run on
-PyTorch's BLAS); CUDA tensors raise ``TypeError``.
+backward, which knows the upstream rows). The products run on PyTorch's BLAS for CPU
+tensors and on cuBLAS for CUDA tensors.
 """
 from __future__ import annotations
 
@@ -399,8 +399,9 @@ def cross_entropy(
 
 # ----------------------------------------------------------------------------- fused linear + cross-entropy
 def _det(t: Optional[Tensor]) -> Optional[Tensor]:
-    """A CPU tensor as :func:`fastloss.linear_cross_entropy` takes it: the tensor itself,
-    detached (the core then runs the products on PyTorch's BLAS, on views of the same memory)."""
+    """A tensor as :func:`fastloss.linear_cross_entropy` takes it: the tensor itself, detached
+    (the core then runs the products on PyTorch's BLAS -- cuBLAS for CUDA tensors -- on views
+    of the same memory)."""
     return None if t is None else t.detach()
 
 
@@ -540,8 +541,9 @@ def linear_cross_entropy(
     Class-probability targets (floating, shaped like the logits) are PyTorch's reference path:
     the logits are formed with :func:`torch.nn.functional.linear` and go to :func:`cross_entropy`
     (all N x V of them). K-dimensional losses (a ``linear_weight`` of more than 2 dimensions)
-    are not supported (``ValueError``). CPU tensors only: CUDA tensors raise ``TypeError``
-    (the products belong on cuBLAS; use :func:`cross_entropy` on the logits there).
+    are not supported (``ValueError``). CPU tensors run the products on PyTorch's BLAS, CUDA
+    tensors on cuBLAS (the whole chunk loop on the device, the ``cuda`` backend); tensors on
+    other devices raise ``TypeError``.
 
     Examples
     --------
@@ -561,9 +563,9 @@ def linear_cross_entropy(
     if linear_weight.dim() != 2:
         raise ValueError(f"linear_weight: expected shape (V, H) (the layout of torch.nn.Linear.weight), found "
                          f"{tuple(linear_weight.shape)}; K-dimensional losses (out_features) are not supported")
-    if not input.is_cpu:
-        raise TypeError(f"input: fastloss.torch.linear_cross_entropy takes CPU tensors, found one on {input.device} "
-                        f"(GPU tensors are not supported yet: use fastloss.torch.cross_entropy on the logits there)")
+    if not (input.is_cpu or input.is_cuda):
+        raise TypeError(f"input: fastloss.torch.linear_cross_entropy takes CPU or CUDA tensors, found one on "
+                        f"{input.device}")
     if target.is_floating_point():  # class probabilities: PyTorch's reference path, on the fused cross-entropy
         logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
         return cross_entropy(logits, target, weight, ignore_index=ii, reduction=reduction,

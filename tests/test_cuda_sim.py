@@ -1091,3 +1091,125 @@ def test_dlpack_only_without_torch_or_cupy(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)  # import cupy -> ImportError
     with pytest.raises(TypeError, match="x: a CUDA array without __cuda_array_interface__ .* needs PyTorch"):
         dcall("softmax", dict(x=_DLPackOnly()))
+
+
+# ----------------------------------------------------------------------------- fused linear + cross-entropy
+LIN_CASES = {
+    "plain": {},
+    "bias_weight_ignore": {"_bias": True, "_weight": True, "_ignore": True},
+    "all": {"_bias": True, "_weight": True, "_ignore": True, "label_smoothing": 0.1, "z_loss": 1e-3,
+            "softcap": 3.0},
+    "num_items": {"_ignore": True, "num_items": 9.0},
+}
+LIN_TOL = {np.float32: dict(rtol=2e-5, atol=2e-6), np.float64: dict(rtol=1e-11, atol=1e-12)}
+
+
+def is_dev(a):
+    from fastloss._dispatch import is_device_array
+
+    return is_device_array(a)
+
+
+def _lin_inputs(case, dt, n=7, h=3, v=5, seed=0):
+    opts = dict(LIN_CASES[case])
+    r = np.random.default_rng(seed)
+    x = r.standard_normal((n, h)).astype(dt)
+    W = (r.standard_normal((v, h)) * 0.8).astype(dt)
+    t = r.integers(0, v, n)
+    if opts.pop("_ignore", False):
+        t[1::3] = -100
+    if opts.pop("_weight", False):
+        opts["weight"] = (r.random(v) + 0.5).astype(dt)
+    b = r.standard_normal(v).astype(dt) if opts.pop("_bias", False) else None
+    return x, W, b, t, opts
+
+
+def _lin_reference(x, W, b, t, reduction, go, opts):
+    """The loss and its gradients through cross_entropy on the materialized float64 logits
+    (the NumPy reference backend) -- not the chunked code under test."""
+    x64, W64 = x.astype(np.float64), W.astype(np.float64)
+    z = x64 @ W64.T + (0.0 if b is None else b.astype(np.float64))
+    o = {k: (np.asarray(v, np.float64) if k == "weight" else v) for k, v in opts.items()}
+    loss, g = fl.cross_entropy(z, t, reduction=reduction, return_grad=True, grad_output=go, backend="numpy", **o)
+    return loss, g @ W64, g.T @ x64, g.sum(axis=0)
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", list(LIN_CASES))
+def test_device_linear_cross_entropy(dt, reduction, case):
+    """Device arrays in, device arrays out: the whole chunk loop on the device (the products on
+    the GEMM kernel here), every option, several chunks with a short last one, ignored rows
+    gathered and scattered back; against the materialized float64 reference."""
+    x, W, b, t, opts = _lin_inputs(case, dt)
+    if reduction != "mean":
+        opts.pop("num_items", None)  # (the "mean" denominator only)
+    go = np.linspace(0.5, 2.0, x.shape[0]) if reduction == "none" else 0.7
+    kw = {k: (dev(v) if k == "weight" else v) for k, v in opts.items()}
+    loss, grads = fl.linear_cross_entropy(
+        dev(x), dev(W), dev(t), linear_bias=None if b is None else dev(b), reduction=reduction,
+        return_grad=True, grad_output=dev(go) if reduction == "none" else go, chunk_size=3, **kw)
+    want = _lin_reference(x, W, b, t, reduction, go, opts)
+    assert len(grads) == (3 if b is not None else 2)
+    for g in grads:
+        assert is_dev(g) and np.dtype(g.dtype) == np.dtype(dt)
+    if reduction == "none":
+        assert is_dev(loss) and loss.shape == x.shape[:1]
+    np.testing.assert_allclose(np.asarray(host(loss), np.float64), want[0], **LIN_TOL[dt])
+    for got, ref in zip(grads, want[1:]):
+        np.testing.assert_allclose(host(got).astype(np.float64), ref, **LIN_TOL[dt])
+    # the rows of ignored targets get exact zeros
+    dh = host(grads[0])
+    assert np.all(dh[t == -100] == 0)
+
+
+def test_device_linear_cross_entropy_nd_float16_default_chunk_and_all_ignored():
+    """(2, 3, H) float16 input (products in float32, gradients rounded back once), the default
+    chunk (one chunk here), and a batch whose every target is ignored (zero loss and grads)."""
+    r = np.random.default_rng(3)
+    x = r.standard_normal((2, 3, 4)).astype(np.float16)
+    W = (r.standard_normal((6, 4)) * 0.5).astype(np.float16)
+    t = r.integers(0, 6, (2, 3))
+    loss, (dh, dW) = fl.linear_cross_entropy(dev(x), dev(W), dev(t), return_grad=True)
+    ref = _lin_reference(x.reshape(6, 4).astype(np.float32), W.astype(np.float32), None, t.reshape(6), "mean", 1.0, {})
+    assert np.dtype(dh.dtype) == np.float16 and dh.shape == (2, 3, 4) and dW.shape == (6, 4)
+    np.testing.assert_allclose(float(loss), ref[0], rtol=1e-5)
+    np.testing.assert_allclose(host(dh).reshape(6, 4), ref[1].astype(np.float16).astype(np.float64), rtol=2e-3, atol=1e-4)
+    np.testing.assert_allclose(host(dW), ref[2].astype(np.float16).astype(np.float64), rtol=2e-3, atol=1e-4)
+    t[...] = -100
+    loss, (dh, dW) = fl.linear_cross_entropy(dev(x), dev(W), dev(t), return_grad=True, reduction="sum")
+    assert float(loss) == 0.0 and not host(dh).any() and not host(dW).any()
+
+
+def test_device_linear_cross_entropy_bad_target_raises_before_any_work():
+    x, W, _, t, _ = _lin_inputs("plain", np.float32)
+    t[4] = 5  # V = 5 classes: out of range
+    with pytest.raises(IndexError, match="target"):
+        fl.linear_cross_entropy(dev(x), dev(W), dev(t), return_grad=True)
+    with pytest.raises(TypeError, match="linear_weight"):
+        fl.linear_cross_entropy(dev(x), dev(W.astype(np.float64)), dev(np.zeros(7, np.int64)))
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("m, k, n", [(5, 3, 6), (9, 0, 2), (1, 7, 1), (6, 5, 9)])
+def test_device_gemm_kernel_any_strides(dt, m, k, n):
+    """The GEMM kernel that Numba device arrays use (tile 4 under the simulator, so these
+    shapes leave partial tiles): c = a @ b and c += a @ b on transposed and strided views,
+    against NumPy's product."""
+    from fastloss._backends import _cuda_linear as L
+
+    r = np.random.default_rng(m * 100 + k * 10 + n)
+    a = r.standard_normal((k, m)).astype(dt)  # passed transposed
+    b2 = r.standard_normal((k, 2 * n)).astype(dt)
+    b = b2[:, ::2]
+    c0 = r.standard_normal((m, n)).astype(dt)
+    ops = L._KernelProducts(cuda.default_stream())
+    d2 = dev(b2)
+    da, db = dev(a), D._view(d2, b.shape, (d2.strides[0], 2 * d2.strides[1]))  # a strided device view
+    out = cuda.to_device(np.full((m, n), np.nan, dt))
+    ops.mm(L.transpose(da), db, out)
+    tol = dict(rtol=1e-5, atol=1e-5) if dt == np.float32 else dict(rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(host(out), a.T.astype(np.float64) @ b, **tol)
+    acc = dev(c0)
+    ops.mm_add(acc, L.transpose(da), db)
+    np.testing.assert_allclose(host(acc), c0 + a.T.astype(np.float64) @ b, **tol)

@@ -703,8 +703,8 @@ def test_bad_arguments_raise_clear_errors():
         flt.linear_cross_entropy(x, W, torch.tensor([0, 1, 5, 0]))
     meta = [torch.empty(4, 3, device="meta"), torch.empty(5, 3, device="meta"), torch.zeros(4, dtype=torch.long,
                                                                                            device="meta")]
-    with pytest.raises(TypeError, match="linear_cross_entropy takes CPU tensors, found one on meta"):
-        flt.linear_cross_entropy(*meta)  # as CUDA tensors: the core's products run on the host
+    with pytest.raises(TypeError, match="linear_cross_entropy takes CPU or CUDA tensors, found one on meta"):
+        flt.linear_cross_entropy(*meta)
     assert x.grad is None and W.grad is None
     with pytest.raises(TypeError):  # the deprecated positional order is refused, not misbound
         flt.cross_entropy(x, torch.tensor([0, 1, 2, 0]), None, None, -100)
@@ -777,7 +777,7 @@ def test_cuda_tensors_run_on_the_cuda_backend(case):
 
 @pytest.mark.gpu
 @needs_cuda
-def test_cuda_softcap_and_return_lse_and_linear_cross_entropy_refusal():
+def test_cuda_softcap_return_lse_and_linear_cross_entropy():
     g = _gen(12)
     x = _x(g, 6, 5)
     t = T6
@@ -790,6 +790,19 @@ def test_cuda_softcap_and_return_lse_and_linear_cross_entropy_refusal():
     torch.testing.assert_close(loss.cpu(), ref.detach(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(lse.cpu(), torch.logsumexp(_cap(x, 2.0), 1), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(gx.cpu(), torch.autograd.grad(ref, xr)[0], rtol=1e-10, atol=1e-12)
-    with pytest.raises(TypeError, match="linear_cross_entropy takes CPU tensors"):
-        flt.linear_cross_entropy(torch.randn(4, 3, device="cuda"), torch.randn(5, 3, device="cuda"),
-                                 torch.tensor([0, 1, 2, 0], device="cuda"))
+    # linear_cross_entropy on CUDA tensors: the loop on the device, the products on cuBLAS;
+    # loss and every gradient against PyTorch autograd in float64 on the CPU
+    h, W, b = (torch.randn(*s, dtype=F64, generator=g) for s in ((9, 3), (5, 3), (5,)))
+    tt = torch.tensor([0, 1, 2, 0, -100, 4, 3, 1, 2])
+    leaves = [a.cuda().requires_grad_(True) for a in (h, W, b)]
+    loss = flt.linear_cross_entropy(leaves[0], leaves[1], tt.cuda(), linear_bias=leaves[2], label_smoothing=0.1,
+                                    chunk_size=4)
+    loss.backward()
+    refs = [a.clone().requires_grad_(True) for a in (h, W, b)]
+    ref = F.cross_entropy(F.linear(*refs), tt, label_smoothing=0.1)
+    ref.backward()
+    assert loss.device.type == "cuda"
+    torch.testing.assert_close(loss.detach().cpu(), ref.detach(), rtol=1e-10, atol=1e-12)
+    for a, r in zip(leaves, refs):
+        assert a.grad.device.type == "cuda"
+        torch.testing.assert_close(a.grad.cpu(), r.grad, rtol=1e-10, atol=1e-12)

@@ -93,6 +93,48 @@ class _TorchBlas:
         self.t(c).addmm_(self.t(a), self.t(b))
 
 
+class _HostOps:
+    """The host half of the chunk loop: NumPy buffers, row gathers and scatters, the bias and
+    its gradient's column sums, and the products on ``blas`` (:class:`_NumpyBlas` or
+    :class:`_TorchBlas`).  The device half, with the same methods, is
+    :class:`fastloss._backends._cuda_linear.DeviceLinearOps`."""
+
+    zeros = staticmethod(np.zeros)
+    empty = staticmethod(np.empty)
+    transpose = staticmethod(np.transpose)
+
+    def __init__(self, blas):
+        self.mm, self.mm_add = blas.mm, blas.mm_add
+
+    @staticmethod
+    def kept_rows(t2, ignore_index):
+        """The indices of the rows whose target is not ignored, and their count."""
+        keep = np.flatnonzero(t2 != ignore_index)
+        return keep, int(keep.shape[0])
+
+    @staticmethod
+    def rows(a, k0, k1, idx, buf):
+        """Rows ``k0:k1`` of ``a`` (a view), or the rows ``idx[k0:k1]`` gathered into ``buf``."""
+        if idx is None:
+            return a[k0:k1]
+        # (mode="clip": the indices are valid, and "raise" would buffer the output)
+        return np.take(a, idx[k0:k1], axis=0, out=buf[: k1 - k0], mode="clip")
+
+    @staticmethod
+    def put_rows(dst, k0, k1, idx, src):
+        """``dst[k0:k1] = src``, or ``dst[idx[k0:k1]] = src``."""
+        dst[slice(k0, k1) if idx is None else idx[k0:k1]] = src
+
+    @staticmethod
+    def add_bias(z, b):
+        z += b
+
+    @staticmethod
+    def colsum_add(acc, z):
+        """``acc += z.sum(axis=0)`` in float64 (the bias gradient)."""
+        acc += np.sum(z, axis=0, dtype=np.float64)
+
+
 def _blas(torch_input, *arrays):
     """The BLAS of a call: PyTorch's for PyTorch tensors (the caller's library); for NumPy
     arrays by ``_config.LINEAR_BLAS``: ``"auto"`` takes PyTorch's when it is already imported
@@ -182,9 +224,12 @@ def linear_cross_entropy(
     Notes
     -----
     float16 and bfloat16 arguments are multiplied in float32 (copies of ``input`` and
-    ``linear_weight`` in float32) and the gradients rounded back once.  Arrays that live on a
-    GPU are not taken yet (``TypeError``): the products would belong on the caller's cuBLAS;
-    ``backend="cuda"`` with host arrays runs each chunk's cross-entropy on the GPU.
+    ``linear_weight`` in float32) and the gradients rounded back once.  Arrays on a GPU run
+    the whole loop there (the ``cuda`` backend): the products on the caller's cuBLAS --
+    PyTorch's for CUDA tensors, CuPy's for CuPy arrays -- and, for Numba device arrays, on a
+    tiled GEMM kernel of fastloss's own (correct, but several times slower than cuBLAS);
+    results come back in the caller's library.  ``backend="cuda"`` with host arrays runs each
+    chunk's cross-entropy on the GPU and the products on the host.
 
     Examples
     --------
@@ -199,9 +244,6 @@ def linear_cross_entropy(
     ((6, 4), (10, 4), True)
     """
     xp = _arrays.for_call(backend, input, linear_weight, target, linear_bias, weight, grad_output)
-    if xp is not _arrays.HOST:
-        raise TypeError("input: linear_cross_entropy takes host (NumPy / CPU) arrays; arrays on a GPU are not "
-                        "supported yet (use fastloss.cross_entropy on the logits there)")
     h, cdt = xp.float_array(input, "input")
     W, wdt = xp.float_array(linear_weight, "linear_weight")
     hshape, wshape = tuple(h.shape), tuple(W.shape)
@@ -234,7 +276,7 @@ def linear_cross_entropy(
                         f"probabilities: use cross_entropy on the logits)")
     if tuple(t.shape) != row_shape:
         raise ValueError(f"target: expected shape {row_shape} (input without its last axis), found {tuple(t.shape)}")
-    t2, bad, info = xp.class_indices(t.reshape(N), V, ii)
+    t2, bad, info = xp.class_indices(t, V, ii)
     if bad:
         raise _index_error(xp, t, V, ii)
     w = _class_weight(xp, weight, V, cdt)
@@ -249,14 +291,17 @@ def linear_cross_entropy(
         scale = 1.0 / denom if denom != 0 else 0.0
     else:
         scale = 1.0
-    # the compute dtype's copies of float16/bfloat16 arguments (BLAS multiplies float32/float64)
-    h2 = xp.cast(h, cdt).reshape(N, H)
+    # (N, H) rows in the compute dtype (copies of float16/bfloat16 arguments: BLAS multiplies
+    # float32/float64), viewed without a copy where the strides allow
+    h2 = xp.layout(h, (len(hshape) - 1,)).view_in(h, cdt)
     W2 = xp.cast(W, cdt)
     b2 = None if b is None else xp.cast(b, cdt)
-    blas = _blas(_is_torch(input), h2, W2)
+    ops = _HostOps(_blas(_is_torch(input), h2, W2)) if xp is _arrays.HOST else xp.linear_ops()
 
-    keep = None if info else np.flatnonzero(t2 != ii)  # info: no target is ignored
-    K = N if keep is None else int(keep.shape[0])
+    # the rows that are not ignored (None: all of them; the host knows it from the check)
+    keep, K = (None, N) if (xp is _arrays.HOST and info) else ops.kept_rows(t2, ii)
+    if K == N:
+        keep = None
     itemsize = np.dtype(cdt).itemsize
     chunk = chunk_size or _default_chunk(K, V, H, itemsize)
     chunk = max(1, min(chunk, K))
@@ -267,43 +312,48 @@ def linear_cross_entropy(
     total = 0.0
     dh = dW = db = None
     if return_grad:
-        dh = np.zeros((N, H), cdt) if keep is not None else np.empty((N, H), cdt)
-        dW = np.zeros((V, H), cdt)
+        dh = ops.zeros((N, H), cdt) if keep is not None else ops.empty((N, H), cdt)
+        dW = ops.zeros((V, H), cdt)
         if b2 is not None:
-            db = np.zeros(V)
-    logits = np.empty((chunk, V), cdt)
-    dh_tmp = np.empty((chunk, H), cdt) if (return_grad and keep is not None) else None
-    WT = W2.T
+            db = ops.zeros((V,), np.float64)
+    # reused buffers: the chunk's logits (then its gradient), and where rows are gathered,
+    # their input rows, targets, gradient scales and d_input rows
+    logits = ops.empty((chunk, V), cdt)
+    gathered = keep is not None
+    hbuf = ops.empty((chunk, H), cdt) if gathered else None
+    tbuf = ops.empty((chunk,), np.int64) if gathered else None
+    gbuf = ops.empty((chunk,), np.float64) if gathered and gout_rows is not None else None
+    dh_tmp = ops.empty((chunk, H), cdt) if return_grad and gathered else None
+    WT = ops.transpose(W2)
     for k0 in range(0, K, chunk):
         k1 = min(K, k0 + chunk)
         n = k1 - k0
-        idx = slice(k0, k1) if keep is None else keep[k0:k1]
-        hk = h2[idx]  # a gather of the kept rows (a copy) when some are ignored
-        tk = t2[idx]
+        hk = ops.rows(h2, k0, k1, keep, hbuf)
+        tk = ops.rows(t2, k0, k1, keep, tbuf)
         z = logits[:n]
-        blas.mm(hk, WT, z)
+        ops.mm(hk, WT, z)
         if b2 is not None:
-            z += b2
-        gs = scale * go if go is not None else gout_rows[idx]
+            ops.add_bias(z, b2)
+        gs = scale * go if go is not None else ops.rows(gout_rows, k0, k1, keep, gbuf)
         r = cross_entropy(z, tk, weight=w, ignore_index=ii, label_smoothing=eps, z_loss=zl,
                           softcap=cap if cap else None, reduction="none", return_grad=return_grad,
                           grad_output=gs, grad_out=z if return_grad else None, backend=backend)
         rows = r[0] if return_grad else r
         if loss_rows is not None:
-            loss_rows[idx] = rows
+            ops.put_rows(loss_rows, k0, k1, keep, rows)
         else:
             total += xp.sum(rows)
         if not return_grad:
             continue
         # z now holds G = d loss / d logits of the chunk (scaled)
-        if keep is None:
-            blas.mm(z, W2, dh[idx])
+        if not gathered:
+            ops.mm(z, W2, dh[k0:k1])
         else:
-            blas.mm(z, W2, dh_tmp[:n])
-            dh[idx] = dh_tmp[:n]
-        blas.mm_add(dW, z.T, hk)
+            ops.mm(z, W2, dh_tmp[:n])
+            ops.put_rows(dh, k0, k1, keep, dh_tmp[:n])
+        ops.mm_add(dW, ops.transpose(z), hk)
         if db is not None:
-            db += np.sum(z, axis=0, dtype=np.float64)
+            ops.colsum_add(db, z)
 
     if reduction == "none":
         loss = xp.result(loss_rows, row_shape, h.dtype)
@@ -311,12 +361,8 @@ def linear_cross_entropy(
         loss = _scalar(total * scale, cdt)
     if not return_grad:
         return loss
-    grads = (_cast_back(xp, dh, h.dtype).reshape(hshape), _cast_back(xp, dW, W.dtype))
+    # each gradient in its argument's dtype (rounded once), in the caller's library
+    grads = (xp.result(dh, hshape, h.dtype), xp.result(dW, wshape, W.dtype))
     if db is not None:
-        grads += (_cast_back(xp, db, h.dtype),)
+        grads += (xp.result(db, (V,), h.dtype),)
     return loss, grads
-
-
-def _cast_back(xp, a, dtype):
-    """A gradient in the argument's dtype (rounded once from the compute dtype / float64)."""
-    return a if np.dtype(a.dtype) == np.dtype(dtype) else xp.cast(a, dtype)

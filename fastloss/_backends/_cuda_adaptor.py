@@ -388,3 +388,9 @@ class DeviceArrays:
 
     def kernels(self, backend):
         return self._kernels(self.stream)
+
+    def linear_ops(self):
+        """The device half of ``linear_cross_entropy``'s chunk loop (:mod:`._cuda_linear`)."""
+        from ._cuda_linear import DeviceLinearOps
+
+        return DeviceLinearOps(self)
