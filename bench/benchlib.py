@@ -26,11 +26,21 @@ ELEMENTWISE = {
     "medium": (2048, 2048),
     "large": (4096, 4096),  # 16M elements
 }
+# (N, H, V) for the fused linear + cross-entropy: tokens, hidden size, vocabulary
+LINEAR = {
+    "small": (64, 32, 1000),
+    "medium": (1024, 256, 32000),
+    "llm": (4096, 512, 32000),  # the large-vocabulary goal shape (500 MB of logits never held)
+    "large": (1024, 512, 128256),  # a 128k vocabulary
+}
+TABLES = {"rowwise": ROWWISE, "elementwise": ELEMENTWISE, "linear": LINEAR}
 SHAPE_SETS = ("small", "medium", "narrow", "large", "llm")
 LARGE = {"large", "llm"}
 BACKENDS = ("numpy", "numba", "cython")
 PEERS = peers.PEERS
-IMPLS = BACKENDS + PEERS
+# yardsticks: the work a fused kernel cannot avoid, timed beside it (``Case.yardstick``)
+YARDSTICKS = ("products",)
+IMPLS = BACKENDS + PEERS + YARDSTICKS
 
 _MODE_ID = {"fwd": "fwd", "fwd+grad": "fwd_grad", "bwd": "bwd"}
 
@@ -66,7 +76,7 @@ def specs(kernels, shape_sets, dtypes, impls):
     out = []
     for fn in kernels:
         k = _bench.KERNELS[fn]
-        table = ROWWISE if k.kind == "rowwise" else ELEMENTWISE
+        table = TABLES[k.kind]
         for mode in k.modes:
             for sname in shape_sets:
                 if sname not in table:
@@ -74,6 +84,8 @@ def specs(kernels, shape_sets, dtypes, impls):
                 for dt in dtypes:
                     for impl in impls:
                         if impl in PEERS and fn not in PEER_KERNELS[impl]:
+                            continue
+                        if impl in YARDSTICKS and k.kind != "linear":  # (the only kind with one)
                             continue
                         s = Spec(fn, mode, sname, table[sname], dt, impl)
                         marks = [pytest.mark.large] if sname in LARGE else []
@@ -127,6 +139,8 @@ def callable_for(spec, case):
         if not st.available:
             pytest.skip(f"backend {spec.impl} unavailable: {st.reason}")
         return lambda: case.call(spec.impl)
+    if spec.impl in YARDSTICKS:
+        return case.yardstick[1]
     return _peer(spec.impl, case)
 
 
@@ -141,6 +155,8 @@ def run(benchmark, spec):
     if not benchmark.disabled:
         fn()  # warm-up outside the timing: JIT compilation, page faults of fresh outputs
     result = benchmark(fn)
+    if spec.impl in YARDSTICKS:  # not the workload's result: nothing to check
+        return
     ok, err = _bench.compare(ref, _bench.outputs(_to_numpy(result)), case.dtype)
     assert ok, f"{spec.impl} disagrees with the numpy backend on {spec.group}: max relative error {err:.3g}"
     stats = getattr(benchmark, "stats", None)

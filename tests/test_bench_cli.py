@@ -95,6 +95,10 @@ def test_tiny_json_schema_and_numbers(tiny_run):
     ce = next(r for r in rows if r["workload"] == "cross_entropy fwd+grad 16x50 float32")
     assert ce["bytes_moved"] == 16 * 50 * 4 * 2 + 16 * 8 + 4
     assert ce["note"] == "grad_out reused"
+    # the fused linear + cross-entropy has its yardstick row, the three matrix products alone
+    lin = [r for r in rows if r["function"] == "linear_cross_entropy"]
+    assert {r["backend"] for r in lin} == set(backends) | {"products"}
+    assert lin[0]["shape"] == [16, 8, 50] and lin[0]["bytes_moved"] == 2 * (16 * 8 + 50 * 8) * 4 + 16 * 8 + 4
     # a NumPy call that allocates its result is seen by tracemalloc
     sb = next(r for r in rows if r["function"] == "softmax_backward" and r["backend"] == "numpy")
     assert sb["alloc_bytes"] >= 16 * 50 * 4

@@ -327,6 +327,12 @@ def run(args) -> int:
                 row.pop("_outputs", None)
                 rows.append(row)
                 progress.step()
+            if case.yardstick is not None:  # e.g. the matrix products of a linear layer, not checked
+                yname, ycall = case.yardstick
+                progress.update(f"{label}: {yname}")
+                row = _row(header, yname, ycall, case, None, base, timing, t_copy)
+                row.pop("_outputs", None)
+                rows.append(row)
             for p in peer_names:
                 progress.update(f"{label}: {p}")
                 try:
@@ -353,6 +359,9 @@ def run(args) -> int:
     print("time: best of k after warm-up | GB/s: inputs read + outputs written once | copy GB/s: np.copyto "
           "moving the same bytes | memcpy: GB/s / copy GB/s | alloc: tracemalloc peak of one call\n"
           "gradients go to a reused grad_out (softmax: out=) except rows marked (new grad)")
+    if any(r["backend"] == "products" for r in rows):
+        print("linear_cross_entropy (N x H x V): 'products' is the three matrix products alone on NumPy's BLAS "
+              "(no cross-entropy, logits preallocated): the goal is fastloss within 1.10x of it")
     if "cuda" in backends:
         print("cuda: NumPy inputs are offloaded, so its times include the host<->device copies")
     if peer_names:

@@ -27,6 +27,9 @@ class Case:
     nbytes: int
     call: Callable[[str], Any]
     note: str = ""
+    # a yardstick timed next to the backends (no fastloss in it), e.g. the matrix products a
+    # fused linear + cross-entropy cannot avoid: ``(name, callable)``
+    yardstick: Any = None
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,29 @@ def _b_gaussian_nll(rng, shape, dt, mode, reuse):
     return _loss_case("gaussian_nll_loss", mode, shape, dt, inputs, reuse, n_grad_outputs=2, grad_out_ok=False)
 
 
+def _b_linear_ce(rng, shape, dt, mode, reuse):
+    """``fl.linear_cross_entropy`` on ``(N, H, V)``: hidden states ``(N, H)``, a weight
+    ``(V, H)``, ``N`` targets; loss and both gradients.  Its yardstick: the three matrix
+    products alone (``h @ W.T``, ``g @ W``, ``g.T @ h``) on NumPy's BLAS into preallocated
+    outputs -- the work no fused kernel avoids (the logits are never held by fastloss)."""
+    n, h, v = shape
+    x = _normal(rng, (n, h), dt)
+    W = _normal(rng, (v, h), dt, 0.05)
+    t = rng.integers(0, v, n, dtype=np.int64)
+    fl = _fl()
+    nbytes = 2 * (x.nbytes + W.nbytes) + t.nbytes + dt.itemsize  # inputs read, gradients written
+    z, dh, dW = np.empty((n, v), dt), np.empty_like(x), np.empty_like(W)
+
+    def products():
+        np.matmul(x, W.T, out=z)
+        np.matmul(z, W, out=dh)
+        np.matmul(z.T, x, out=dW)
+
+    return Case("linear_cross_entropy", mode, shape, dt, {"input": x, "linear_weight": W, "target": t}, nbytes,
+                lambda b: fl.linear_cross_entropy(x, W, t, return_grad=True, backend=b),
+                "time vs products: the 3 matrix products alone", ("products", products))
+
+
 KERNELS: dict[str, Kernel] = {k.function: k for k in (
     Kernel("logsumexp", "rowwise", ("fwd",), _b_logsumexp),
     Kernel("softmax", "rowwise", ("fwd",), _b_softmax_like("softmax")),
@@ -164,6 +190,8 @@ KERNELS: dict[str, Kernel] = {k.function: k for k in (
     Kernel("kl_div", "elementwise", ("fwd", "fwd+grad"), _b_kl_div),
     Kernel("mse_loss", "elementwise", ("fwd", "fwd+grad"), _b_mse),
     Kernel("gaussian_nll_loss", "elementwise", ("fwd", "fwd+grad"), _b_gaussian_nll),
+    # (N, H, V): the fused linear layer + cross-entropy of a large vocabulary
+    Kernel("linear_cross_entropy", "linear", ("fwd+grad",), _b_linear_ce),
 )}
 
 
@@ -220,6 +248,7 @@ def compare(ref: list, got: list, dtype) -> tuple[bool, float]:
 f32, f64 = np.dtype(np.float32), np.dtype(np.float64)
 CE, LSE = "cross_entropy", "logsumexp"
 BCEL, BCE = "binary_cross_entropy_with_logits", "binary_cross_entropy"
+LIN = "linear_cross_entropy"
 
 # (function, mode, shape, dtype, reuse)
 _FULL = [
@@ -244,6 +273,8 @@ _FULL = [
     ("mse_loss", "fwd+grad", (4096, 4096), f32, True),
     ("mse_loss", "fwd+grad", (2048, 2048), f64, True),
     ("gaussian_nll_loss", "fwd+grad", (2048, 2048), f32, True),
+    (LIN, "fwd+grad", (4096, 512, 32000), f32, True),  # the large-vocabulary goal shape
+    (LIN, "fwd+grad", (1024, 512, 128256), f32, True),  # a 128k vocabulary
 ]
 
 _QUICK = [
@@ -260,10 +291,12 @@ _QUICK = [
     ("mse_loss", "fwd+grad", (2048, 2048), f32, True),
     ("mse_loss", "fwd+grad", (1024, 1024), f64, True),
     ("gaussian_nll_loss", "fwd+grad", (1024, 1024), f32, True),
+    (LIN, "fwd+grad", (1024, 256, 32000), f32, True),
 ]
 
 # every kernel and mode once, on shapes small enough for a test suite
-_TINY = [(fn, mode, (16, 50) if k.kind == "rowwise" else (24, 40), f32, True)
+_TINY_SHAPE = {"rowwise": (16, 50), "elementwise": (24, 40), "linear": (16, 8, 50)}
+_TINY = [(fn, mode, _TINY_SHAPE[k.kind], f32, True)
          for fn, k in KERNELS.items() for mode in k.modes] + [
     (CE, "fwd+grad", (16, 50), f64, True),
     (CE, "fwd+grad", (16, 50), f32, False),

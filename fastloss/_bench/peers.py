@@ -25,18 +25,21 @@ class Unavailable(Exception):
 # (a loss and its gradient by autograd / jax.value_and_grad), so the adapters' overhead shows.
 _TORCH_LOSSES = frozenset({"logsumexp", "softmax", "log_softmax", "cross_entropy", "binary_cross_entropy_with_logits",
                            "binary_cross_entropy", "kl_div", "mse_loss", "gaussian_nll_loss"})
+# linear_cross_entropy: the frameworks' idiomatic form is the linear layer then the
+# cross-entropy (the logits materialized); fastloss.jax has no fused linear form
+_LIN = "linear_cross_entropy"
 PEER_FUNCTIONS = {
     "scipy": frozenset({"logsumexp", "softmax", "log_softmax"}),
-    "torch": _TORCH_LOSSES | {"softmax_backward", "log_softmax_backward"},
-    "torch.compile": _TORCH_LOSSES,
-    "jax": _TORCH_LOSSES,
-    "fastloss.torch": _TORCH_LOSSES,
+    "torch": _TORCH_LOSSES | {"softmax_backward", "log_softmax_backward", _LIN},
+    "torch.compile": _TORCH_LOSSES | {_LIN},
+    "jax": _TORCH_LOSSES | {_LIN},
+    "fastloss.torch": _TORCH_LOSSES | {_LIN},
     "fastloss.jax": _TORCH_LOSSES,
 }
 PEERS = tuple(PEER_FUNCTIONS)
 
 # the inputs a fwd+grad peer differentiates (positions), where it is not the first alone
-_WRT = {"gaussian_nll_loss": (0, 2)}
+_WRT = {"gaussian_nll_loss": (0, 2), _LIN: (0, 1)}
 
 
 def _need(peer, function):
@@ -81,6 +84,7 @@ def jax_losses(jax):
         "kl_div": kl,
         "mse_loss": mse,
         "gaussian_nll_loss": gnll,
+        _LIN: lambda h, W, t: cross_entropy(h @ W.T, t),
     }
 
 
@@ -157,6 +161,8 @@ def torch_callable(function, mode, inputs, impl="torch") -> Callable[[], Any]:
         "kl_div": lambda x, t: ns.kl_div(x, t, reduction="batchmean"),
         "mse_loss": ns.mse_loss,
         "gaussian_nll_loss": ns.gaussian_nll_loss,
+        _LIN: (ns.linear_cross_entropy if impl == "fastloss.torch"
+               else lambda h, W, t: ns.cross_entropy(ns.linear(h, W), t)),
     }[function]
     if impl == "torch.compile":
         loss = torch.compile(loss, dynamic=False)
