@@ -86,8 +86,9 @@ def _jobs(dtypes, layouts) -> list:
                 jobs.append((f"{fn.__name__} {dname} {lay}", fn, (x, y, np.zeros((n, c), dt))))
             for w, g in itertools.product((None, w1), (None, np.zeros((n, c), dt))):
                 # the gradient scale: 1.0 without a gradient (the public layer passes no other);
-                # with one, both kinds -- a scalar (a None per-row operand in the kernel) and a
-                # per-row float64 array -- each a specialization of its own
+                # with one, both kinds -- a scalar and a per-row float64 array -- which the
+                # entry point turns into one operand type (so does it for a missing weight):
+                # the second of each pair compiles nothing, it checks that no type is missed
                 for gs in ((1.0,) if g is None else (1.0, np.ones(n))):
                     jobs.append((f"cross_entropy {dname} {lay} C={c}", cross_entropy,
                                  (x, t, w, -100, 0.1, 0.0, 0.0, np.zeros(n), None, g, gs)))
