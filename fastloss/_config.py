@@ -29,9 +29,8 @@ NUMBA_SMALL_C = 32
 NUMBA_CHUNK = 16384
 
 # ----------------------------------------------------------------------------- linear_cross_entropy, read at each call
-# The BLAS of linear_cross_entropy's products for NumPy arrays: "auto" (PyTorch's when torch is
-# already imported -- faster on chunk-sized products, see _api/linear.py::_blas -- else NumPy's),
-# "torch" (always; imports it) or "numpy".  PyTorch tensors always use PyTorch's.
+# The BLAS of linear_cross_entropy's products for NumPy arrays: "auto" or "numpy" (NumPy's, the
+# caller's library) or "torch" (PyTorch's; imports it).  PyTorch tensors always use PyTorch's.
 LINEAR_BLAS = "auto"
 
 # ----------------------------------------------------------------------------- numba, compiled in

@@ -2,17 +2,15 @@
 gradients, chunk by chunk of rows, never holding the N x V logits.
 
 The matrix products run on the BLAS of the caller's array library -- NumPy's for NumPy arrays
-(``np.matmul(..., out=)`` into reused buffers, and SciPy's ``gemm`` with ``beta = 1`` to
-accumulate the weight gradient in place), PyTorch's for PyTorch CPU tensors (``torch.matmul``
-and ``addmm_`` on views of the same buffers), and for NumPy arrays too when PyTorch is already
-imported (``_config.LINEAR_BLAS``: faster on chunk-sized products) -- and each
+(``np.matmul(..., out=)`` into reused buffers, the weight gradient accumulated in blocks),
+PyTorch's for PyTorch CPU tensors (``torch.matmul``
+and ``addmm_`` on views of the same buffers; for NumPy arrays too with
+``_config.LINEAR_BLAS = "torch"``) -- and each
 chunk's cross-entropy and its gradient -- written in place over the chunk's logits -- is the
 fused kernel of the chosen backend, through :func:`fastloss.cross_entropy` (so every backend,
 the CUDA one offloading each chunk, and every option of the cross-entropy).
 """
 from __future__ import annotations
-
-import sys
 
 import numpy as np
 
@@ -37,42 +35,44 @@ def _default_chunk(K, V, H, itemsize):
     1/16 of the ``K x V`` logits, clamped to ``[CHUNK_MIN_BYTES, CHUNK_BYTES]`` (a small batch
     still gets BLAS-sized chunks; a huge one a bounded buffer), at least ``_MIN_ROWS`` rows."""
     row = (V + 2 * H) * itemsize
-    nbytes = min(CHUNK_BYTES, max(CHUNK_MIN_BYTES, K * V * itemsize // 16 - 8 * V))
+    nbytes = min(CHUNK_BYTES, max(CHUNK_MIN_BYTES, K * V * itemsize // 16 - 8 * V - _ACC_ROWS * H * itemsize))
     return max(_MIN_ROWS, nbytes // row)
 
 
+# rows of d_linear_weight per block of the accumulation on NumPy's BLAS (its temporary:
+# _ACC_ROWS x H, counted in the default chunk's budget)
+_ACC_ROWS = 1024
+
+
 class _NumpyBlas:
-    """The products on NumPy's BLAS: ``np.matmul(..., out=)``, and ``gemm`` with ``beta = 1``
-    (SciPy's) for the accumulation."""
+    """The products on NumPy's BLAS: ``np.matmul(..., out=)``; the accumulation ``c += a @ b``
+    in blocks of ``_ACC_ROWS`` rows of ``c`` through one reused temporary.
+
+    Not SciPy's ``gemm`` with ``beta = 1`` (an accumulation without the temporary): SciPy
+    bundles an OpenBLAS of its own, whose threads, spinning after each call, took the cores
+    from NumPy's -- at 4096 x 512 x 32000 float32 in 246-row chunks (AMD EPYC Zen 5, 2
+    threads) the three products took 4.0 s with SciPy's accumulation against 2.9 s with this
+    one (2.8 s for the full-size products)."""
+
+    def __init__(self):
+        self.tmp = None
 
     @staticmethod
     def mm(a, b, out):
         """``out = a @ b``."""
         np.matmul(a, b, out=out)
 
-    @staticmethod
-    def mm_add(c, a, b):
-        """``c += a @ b`` without a temporary the size of ``c`` (``c`` is the weight gradient,
-        ``V x H``): BLAS ``gemm`` with ``beta = 1`` writes ``c`` in place (``c`` C-contiguous
-        is ``c.T`` Fortran-contiguous: ``c.T += b.T @ a.T``, ``a.T`` passed as the transpose of
-        an F-order operand, so no operand is copied either); without SciPy, blocks of 256
-        rows of ``c`` through a small temporary."""
-        try:
-            from scipy.linalg import blas
-        except ImportError:  # pragma: no cover - scipy comes with numba's BLAS support
-            blas = None
-        if blas is not None and c.flags.c_contiguous:
-            gemm = blas.sgemm if c.dtype == np.float32 else blas.dgemm
-            r = gemm(1.0, b.T, a, beta=1.0, c=c.T, trans_b=1, overwrite_c=1)
-            if not np.shares_memory(r, c):  # pragma: no cover - gemm copied c (not for C order)
-                c[...] = r.T
-            return
-        blk = 256
-        tmp = np.empty((min(blk, c.shape[0]), c.shape[1]), c.dtype)
-        for r0 in range(0, c.shape[0], blk):
-            r1 = min(c.shape[0], r0 + blk)
-            np.matmul(a[r0:r1], b, out=tmp[: r1 - r0])
-            c[r0:r1] += tmp[: r1 - r0]
+    def mm_add(self, c, a, b):
+        """``c += a @ b`` (``c`` is the weight gradient, ``V x H``) without a temporary the
+        size of ``c``."""
+        rows = min(_ACC_ROWS, c.shape[0])
+        if self.tmp is None or self.tmp.shape != (rows, c.shape[1]) or self.tmp.dtype != c.dtype:
+            self.tmp = np.empty((rows, c.shape[1]), c.dtype)
+        for r0 in range(0, c.shape[0], rows):
+            r1 = min(c.shape[0], r0 + rows)
+            t = self.tmp[: r1 - r0]
+            np.matmul(a[r0:r1], b, out=t)
+            c[r0:r1] += t
 
 
 class _TorchBlas:
@@ -136,23 +136,20 @@ class _HostOps:
 
 
 def _blas(torch_input, *arrays):
-    """The BLAS of a call: PyTorch's for PyTorch tensors (the caller's library); for NumPy
-    arrays by ``_config.LINEAR_BLAS``: ``"auto"`` takes PyTorch's when it is already imported
-    (never importing it), ``"torch"`` always (importing it), ``"numpy"`` never.  PyTorch's BLAS
-    runs the chunk-sized products faster than NumPy's OpenBLAS: on 4096 x 512 x 32000 float32
-    chunks of 246 rows (AMD EPYC Zen 5, 2 threads) 2.6 s against 3.6 s for the three products,
-    about the time of NumPy's full-size products (2.5 s).  Both views share the buffers
-    (``torch.from_numpy``: no copy); a negatively strided operand stays on NumPy's."""
+    """The BLAS of a call: the caller's library's -- PyTorch's for PyTorch tensors, NumPy's for
+    NumPy arrays (``_config.LINEAR_BLAS = "auto"`` or ``"numpy"``); ``"torch"`` puts NumPy
+    arrays on PyTorch's too (importing it; zero-copy ``torch.from_numpy`` views, a negatively
+    strided operand staying on NumPy's).  Measured at 4096 x 512 x 32000 float32 in 246-row
+    chunks (AMD EPYC Zen 5, 2 threads): NumPy arrays 2.49 s on NumPy's BLAS, 2.89 s on
+    PyTorch's (NumPy's full-size products 2.00 s, PyTorch's 2.25 s)."""
     if torch_input:
         return _TorchBlas()
-    choice = _config.LINEAR_BLAS
-    if choice == "torch" or (choice == "auto" and "torch" in sys.modules):
-        if all(min(a.strides, default=0) >= 0 for a in arrays):
-            try:
-                return _TorchBlas()
-            except ImportError:  # pragma: no cover - "torch" asked for but not installed
-                pass
-    return _NumpyBlas
+    if _config.LINEAR_BLAS == "torch" and all(min(a.strides, default=0) >= 0 for a in arrays):
+        try:
+            return _TorchBlas()
+        except ImportError:  # pragma: no cover - "torch" asked for but not installed
+            pass
+    return _NumpyBlas()
 
 
 def linear_cross_entropy(
@@ -181,7 +178,8 @@ def linear_cross_entropy(
     the fused cross-entropy kernel (:func:`cross_entropy`, every option) writes
     :math:`G = \partial\ell/\partial Z` in place over them, and two more products give
     :math:`\partial\ell/\partial H_k = G W` and accumulate :math:`\partial\ell/\partial W
-    \mathrel{+}= G^T H_k` (BLAS ``gemm`` with ``beta = 1``, no ``V x H`` temporary);
+    \mathrel{+}= G^T H_k` (``addmm_`` on PyTorch's BLAS, blocks of rows through a small
+    temporary on NumPy's: no ``V x H`` temporary);
     :math:`\partial\ell/\partial b = \sum_k \sum_{rows} G`.  Rows whose target is
     ``ignore_index`` are dropped before the products (their ``d_input`` is 0).  Extra memory:
     one chunk of logits plus two ``(chunk, H)`` buffers -- the default chunk's logits are 1/16
@@ -191,8 +189,7 @@ def linear_cross_entropy(
     Stability and accuracy are those of :func:`cross_entropy` on the same logits (whose
     values depend on the chunking only through BLAS rounding).  The products run on the BLAS
     of the caller's library: NumPy's for NumPy arrays, PyTorch's for PyTorch CPU tensors
-    (which :mod:`fastloss.torch` passes) -- their speeds differ by CPU (on the Zen 5 of the
-    README's measurements PyTorch's float32 ``gemm`` is about twice NumPy's OpenBLAS).
+    (which :mod:`fastloss.torch` passes) -- their speeds differ by CPU.
 
     Parameters
     ----------
