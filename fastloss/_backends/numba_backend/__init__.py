@@ -147,10 +147,11 @@ def unavailable_reason() -> str:
 # therefore hand the kernels few types: every input as a read-only view (a kernel never
 # writes its inputs; the flag changes no machine code) and every 1-D operand (class
 # weights, targets, per-row losses) C-contiguous -- copying C or N values costs nothing
-# next to the N x C pass.  The cross-entropies' class weights and gradient scales always
-# arrive as arrays (ones for no weight, a scalar scale broadcast over the rows): one type
-# instead of four per kernel -- `fastloss warmup` (float32 + float64, C order, 2 processes,
-# Zen 5) compiled 169 kernels in 144 s instead of 233 in 199 s.  (Not for the elementwise
+# next to the N x C pass.  The cross-entropies' gradient scales always arrive as arrays (a
+# scalar scale broadcast over the rows), and so do the class weights of the hard-target and
+# sharded ones (ones for no weight): one type instead of four per kernel -- `fastloss warmup`
+# (float32 + float64, C order, 2 processes, Zen 5) compiled 169 kernels in 144 s instead of 233
+# in 199 s with the soft-target weights merged too (taken back, see cross_entropy_soft).  (Not for the elementwise
 # losses: there a missing operand saves a load and a multiply per element.)
 def _ro(a):
     """``a`` as a read-only view (``None`` stays ``None``): one type for every input."""
@@ -297,8 +298,9 @@ def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, softcap, loss
     if n == 0:
         return
     gsc, gsa = _gscale_rows(gscale if grad is not None else 1.0, n)
-    args = (_ro(x), _ro(target), _class_weights(weight, c, x.dtype), float(label_smoothing), float(z_loss),
-            float(softcap))
+    # (the weight stays optional here: with ones in place of None the loss without return_lse
+    # differed from the loss with it in the last bit, tests/test_cross_entropy.py::test_return_lse)
+    args = (_ro(x), _ro(target), _vec(weight), float(label_smoothing), float(z_loss), float(softcap))
     _rows_out(loss, lambda lo, ls: _call(_k_cross_entropy_soft, x.size, *args, lo, ls, grad, gsc, gsa,
                                          _same_memory(x, grad), _nblocks(n, x.size)), lse)
 
