@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda, float32, float64
 
-from ._cuda_arrays import _copy, _empty, _fill, _grid2, _simulated, _view
+from ._cuda_arrays import _block_shape, _copy, _empty, _fill, _grid2, _simulated, _view
 
 # GEMM tile edge: 16 x 16 threads per block on a GPU; 4 x 4 under the simulator (every thread
 # is a Python thread there)
@@ -125,7 +125,7 @@ class _KernelProducts:
         if m == 0 or n == 0:
             return
         k, tile = _gemm(c.dtype)  # (an empty inner dimension gives zeros: no k0 step runs)
-        cap = 4 if _simulated() else 65535
+        cap = _block_shape(65535)[1]  # the simulator's block bound from _config, as every launch
         grid = (min(-(-n // tile), cap), min(-(-m // tile), cap))
         k[grid, (tile, tile), self.stream](a, b, c, add)
 
