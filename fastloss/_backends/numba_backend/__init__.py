@@ -40,8 +40,10 @@ Design
 * **Few classes (C <= 32).**  Rows that short never vectorize and their max and sum are
   latency-bound chains, so the hard-target cross-entropy takes a column-block path instead:
   blocks of 256 rows are transposed into a ``(C, 256)`` buffer and every step runs across
-  rows (see ``_ce_cols_block``).  On 262144 x 10 float32 (one thread, forward + gradient)
-  it takes about a quarter of the row-wise kernel's time.
+  rows, a few classes per pass (see ``_ce_cols_block``).  On 262144 x 10 float32 (one
+  thread, forward + gradient) it takes about a quarter of the row-wise kernel's time.  The
+  next block's rows are prefetched while a block is transposed (``_cols._prefetch``): the
+  blocks are read in bursts, which the hardware prefetchers alone left waiting on DRAM.
 * **Sharded classes** (``cross_entropy_shard``, ``_rows._k_cross_entropy_shard``).  With the
   global row lse given, a shard needs no max and no sum: one pass per row reads the logits
   and writes ``p = exp(x - lse)`` scaled into the gradient (two more short passes over the
@@ -172,14 +174,20 @@ def _vec(a, dtype=None):
 _NO_ROWS = np.empty(0)  # a per-row output not wanted: (0,), the same kernel type as a wanted one
 
 
-def _rows_out(loss, run, lse=None):
+def _rows_out(loss, run, lse=None, lse_rows=0):
     """Run ``run(loss_buf, lse_buf)`` on C-contiguous per-row output buffers and copy them
     into ``loss`` / ``lse`` where those are strided; an ``lse`` not wanted (None) is
-    ``_NO_ROWS``."""
+    ``_NO_ROWS``, or a scratch ``(lse_rows,)`` when ``lse_rows`` is given: the row kernels
+    store every row's lse whether it is wanted or not.  (With a store under a run-time
+    ``if wanted``, LLVM compiled the row loop twice -- unswitched on the flag -- and the two
+    copies rounded the soft-target gradient differently in the last bit: a loss or gradient
+    changed with ``return_lse``, tests/test_cross_entropy.py::test_return_lse.)"""
     bufs = [o if o is None or o.flags.c_contiguous else np.empty(o.shape, o.dtype) for o in (loss, lse)]
-    run(bufs[0], _NO_ROWS if bufs[1] is None else bufs[1])
+    if bufs[1] is None:
+        bufs[1] = np.empty(lse_rows) if lse_rows else _NO_ROWS
+    run(bufs[0], bufs[1])
     for o, b in zip((loss, lse), bufs):
-        if b is not o:
+        if o is not None and b is not o:
             o[...] = b
 
 
@@ -269,8 +277,8 @@ def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, soft
         _rows_out(loss, lambda lo, ls: _call(_k_cross_entropy_small, x.size, *args, lo, ls, grad, gsc, gsa, nb),
                   lse)
     else:
-        _rows_out(loss, lambda lo, ls: _call(_k_cross_entropy, x.size, *args, lo, ls, grad, gsc, gsa,
-                                             _same_memory(x, grad), nb), lse)
+        _rows_out(loss, lambda lo, ls: _call(_k_cross_entropy, x.size, *args, lo, ls, lse is not None, grad, gsc,
+                                             gsa, _same_memory(x, grad), nb), lse, n)
 
 
 def cross_entropy_shard(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, lse, class_offset,
@@ -298,11 +306,11 @@ def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, softcap, loss
     if n == 0:
         return
     gsc, gsa = _gscale_rows(gscale if grad is not None else 1.0, n)
-    # (the weight stays optional here: with ones in place of None the loss without return_lse
-    # differed from the loss with it in the last bit, tests/test_cross_entropy.py::test_return_lse)
-    args = (_ro(x), _ro(target), _vec(weight), float(label_smoothing), float(z_loss), float(softcap))
+    # a missing weight as ones: one kernel type for both (exact: every use multiplies by it)
+    args = (_ro(x), _ro(target), _class_weights(weight, c, x.dtype), float(label_smoothing), float(z_loss),
+            float(softcap))
     _rows_out(loss, lambda lo, ls: _call(_k_cross_entropy_soft, x.size, *args, lo, ls, grad, gsc, gsa,
-                                         _same_memory(x, grad), _nblocks(n, x.size)), lse)
+                                         _same_memory(x, grad), _nblocks(n, x.size)), lse, n)
 
 
 def _run_elementwise(kern, a, b, p, q, c1, c2, loss, grad, grad2, gscale, gout):
