@@ -13,6 +13,9 @@ from ._rows import _finite, _mx, _softcap
 # rows per block (fastloss/_config.py: NUMBA_COL_ROWS): its (C, _SB) buffers stay in L1/L2;
 # a global, so compiled into the kernel
 _SB = cfg.NUMBA_COL_ROWS
+# most exponentials a row sums in the dtype of x before adding the partial sum in float64
+# (the Cython kernel's FL_CB_SUMC): at most 32 terms in [0, 1]
+_SUMC = 32
 
 
 # ----------------------------------------------------------------------------- tile transpose
@@ -36,6 +39,20 @@ def _tile(src, i, j, dst, p, q):
     """
     w = _tile_w(src)
     dst[p:p + w, q:q + w] = src[i:i + w, j:j + w].T
+
+
+def _prefetch(a, i, off, write):
+    """Hint that the byte ``off`` past ``a[i, 0]`` will be read (``write`` False) or written
+    soon: into L2 (the plain-Python twin does nothing).  Compiled, one ``prefetcht1`` /
+    ``prefetchw`` that never faults (any address is allowed) and changes no result.
+
+    Why: the column-block kernel reads its block of ``x`` and writes its block of ``grad``
+    in bursts (the two transposes) between long stretches of arithmetic on the L1 scratch.
+    The hardware prefetchers follow a stream only while it is being read, so each burst
+    waited on DRAM: both transposes took twice the Cython kernel's time, whose blocks are
+    a sixth as long (32 rows) -- a block size Numba's per-block overhead makes slow.  Asked
+    for a block ahead, the next block's lines are in L2 by the time its transposes run."""
+    return None
 
 
 if numba is not None and not _NOJIT:
@@ -95,6 +112,34 @@ if numba is not None and not _NOJIT:
 
         return sig, codegen
 
+    @_intrinsic
+    def _prefetch_ir(typingctx, a, i, off, write):
+        if not (isinstance(a, _types.Array) and a.ndim == 2 and isinstance(write, _types.BooleanLiteral)):
+            return None
+        sig = _types.void(a, i, off, write)
+        rw = 1 if write.literal_value else 0
+
+        def codegen(context, builder, signature, args):
+            aty, ity, oty, _ = signature.args
+            ary = context.make_array(aty)(context, builder, args[0])
+            strides = _cgutils.unpack_tuple(builder, ary.strides, 2)
+            row = builder.mul(context.cast(builder, args[1], ity, _types.intp), strides[0])
+            byte = builder.add(row, context.cast(builder, args[2], oty, _types.intp))
+            base = builder.bitcast(ary.data, _ir.IntType(8).as_pointer())
+            ptr = builder.gep(base, [byte], source_etype=_ir.IntType(8))
+            i32 = _ir.IntType(32)
+            fnty = _ir.FunctionType(_ir.VoidType(), [ptr.type, i32, i32, i32])
+            fn = builder.module.declare_intrinsic("llvm.prefetch", [ptr.type], fnty)
+            # (address, rw, locality 2: keep in L2 and up, data cache)
+            builder.call(fn, [ptr, i32(rw), i32(2), i32(1)])
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @_overload(_prefetch, inline="always")
+    def _ov_prefetch(a, i, off, write):
+        return lambda a, i, off, write: _prefetch_ir(a, i, off, write)
+
     @_overload(_tile_w, inline="always")
     def _ov_tile_w(a):
         return lambda a: 8 if a.itemsize == 4 else 4
@@ -106,18 +151,21 @@ if numba is not None and not _NOJIT:
 
 @njit(**_JIT)
 def _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad, gsc, gsa, r0, r1,
-                   xt, et, dc, sh, sh2, cg, xtt, tj, bt, gt, s, dd, wt, lse):
+                   xt, et, dc, sh, sh2, cg, xtt, tj, bt, gt, st, wt, s, dd, lse):
     """Rows ``[r0, r1)`` of a hard-target cross-entropy with few classes, vectorized across rows.
 
     With C <= 32 a per-row loop is too short to vectorize, and its row max and row sum are
     dependency chains (a ``select`` or an ``add`` per class, each waiting on the previous one):
     per-row latency, not arithmetic, would set the speed.  So the block is turned on its side,
     ``xt[j, r] = x[r0 + r, j]`` (a transpose in L1, by vector tiles: :func:`_tile`), and every
-    step after that is a loop over the *rows* of the block for one class at a time --
+    step after that is a loop over the *rows* of the block, a few classes per pass --
     independent lanes, which LLVM vectorizes: the running max and, with it, the target's logit
-    (selected by class, not gathered), ``et[j, r] = exp(xt[j, r] - shift[r])``, the float64 row
-    sums and their logs, the label-smoothing sums, the per-row loss and gradient coefficients,
-    and the gradient itself, written over ``et``.  Only its transpose back into ``grad`` rows
+    and weight (selected by class, not gathered), ``et[j, r] = exp(xt[j, r] - shift[r])`` with
+    the row sums (in the dtype of ``x``, as the Cython kernel: at most ``_SUMC`` terms in
+    [0, 1]) and their logs, the label-smoothing sums, the per-row loss and gradient
+    coefficients (float64), and the gradient itself, written over ``et``.  Several classes per
+    pass because a one-class pass over the rows loads and stores the per-row arrays once per
+    class: bound by its loads and stores, not by its arithmetic.  Only its transpose back into ``grad`` rows
     remains, by tiles again.  Every read of this block of ``x`` happens before the first write
     of its gradient rows, so ``grad`` may be ``x`` (in place).  (Scalar, the two transposes
     were 60% of the time on 262144 x 10 float32, Zen 5.)
@@ -130,7 +178,8 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad,
     Scratch: ``xt``, ``et`` (and ``dc``, with a cap) are ``(C, _SB)``; the rest ``(_SB,)``: in
     the dtype of ``x`` the shift, a second buffer for the max, the gradient coefficient, the
     target logit, the target class (-1: ignored), the smoothing and target terms of the
-    gradient; in float64 the row sum, the smoothing sum, the target weight and lse.  Separate
+    gradient, the row sum and the target weight; in float64 the row sum across partial sums
+    (more than ``_SUMC`` classes), the smoothing sum and lse.  Separate
     arrays, not rows of one: LLVM then needs no run-time alias checks.
     """
     c = x.shape[1]
@@ -142,6 +191,10 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad,
     lb = loss[r0:r1]
     gb = _seg1(gsa, r0, r1)
     tw = _tile_w(x)
+    n = x.shape[0]
+    # the next block's rows [r1, r1 + nn) of x, prefetched a tile row at a time (see _prefetch;
+    # prefetching its gradient rows as well measured no faster)
+    nn = min(n, r1 + _SB) - r1
     if c >= tw and nr >= tw and x.strides[1] == x.itemsize:
         # tiles of tw x tw; the last one of each row and column of tiles overlaps the one
         # before (rewriting a few elements with the same values): no scalar remainder
@@ -150,6 +203,9 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad,
             for kk in range(0, c, tw):
                 k = min(kk, c - tw)
                 _tile(x, r0 + r, k, xt, k, r)
+            if rr < nn:  # this tile row's part of the next block: its rows' bytes, per line
+                for off in range(0, min(tw, nn - rr) * x.strides[0], 64):
+                    _prefetch(x, r1 + rr, off, False)
     else:  # too few classes or rows for a tile, or classes not adjacent in memory
         for r in range(nr):
             xr = x[r0 + r]  # a row view: j from range(c) indexes it without wrap-around tests
@@ -163,63 +219,95 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad,
                 v, dv = _softcap(xt[j, r], capx, inv)
                 xt[j, r] = v
                 dc[j, r] = dv
-    # Row max, NaN skipped as in _rowmax (a NaN reaches the result through the sum of exp).
-    # Two buffers in turn, not ``sh[r] = max(sh[r], ...)``: LLVM turns that read-modify-write
-    # into a masked store (only where the max changes), and AVX2 masked stores are microcoded
-    # on AMD cores -- five times slower than this loop.
-    # With it, the target's logit: added up over the classes, each term selected by the class
-    # (x_t, as 0 + ... + x_t + ... + 0 is exact), not gathered -- a scalar loop.  tj: the
-    # target class in the dtype of x, -1 for an ignored row (no class selected: 0).
+    # tj: the target class in the dtype of x, -1 for an ignored row
     m1 = cast_like(-1.0, x)
+    nig = 0  # ignored rows in the block
     for r in range(nr):
         t = tg[r]
         tj[r] = m1 if t == ignore else cast_like(t, x)
+        nig += 1 if t == ignore else 0
+    # Row max (NaN skipped as in _rowmax: a NaN reaches the result through the sum of exp),
+    # the target's logit and the target's weight, four columns per pass over the block's rows:
+    # the row arrays are loaded and stored once per four columns, not once per column (a
+    # one-column pass is bound by its loads and stores).  The max goes between two buffers
+    # in turn, not ``sh[r] = max(sh[r], ...)``: LLVM turns that read-modify-write into a
+    # masked store (only where the max changes), and AVX2 masked stores are microcoded on AMD
+    # cores.  The target's logit and weight are added up over the classes, each term selected
+    # by the class (x_t, as 0 + ... + x_t + ... + 0 is exact), not gathered -- a scalar loop;
+    # an ignored row (tj = -1) selects nothing: 0.  A weight no target selects, NaN or inf,
+    # reaches no row.
+    ninf = cast_like(-np.inf, x)
     for r in range(nr):
-        v = xt[0, r]
-        sh[r] = v
-        xtt[r] = v if tj[r] == zero else zero
+        sh[r] = ninf
+        xtt[r] = zero
+        wt[r] = zero
     src = sh
     dst = sh2
-    for j in range(1, c):
-        jf = cast_like(j, x)
+    j = 0
+    while j + 4 <= c:
+        f0, f1, f2, f3 = cast_like(j, x), cast_like(j + 1, x), cast_like(j + 2, x), cast_like(j + 3, x)
+        w0, w1, w2, w3 = w[j], w[j + 1], w[j + 2], w[j + 3]
         for r in range(nr):
-            v = xt[j, r]
-            dst[r] = _mx(src[r], v)
-            xtt[r] += v if tj[r] == jf else zero
+            v0, v1, v2, v3, tr = xt[j, r], xt[j + 1, r], xt[j + 2, r], xt[j + 3, r], tj[r]
+            dst[r] = _mx(_mx(_mx(_mx(src[r], v0), v1), v2), v3)
+            xtt[r] += ((v0 if tr == f0 else zero) + (v1 if tr == f1 else zero)) + \
+                ((v2 if tr == f2 else zero) + (v3 if tr == f3 else zero))
+            wt[r] += ((w0 if tr == f0 else zero) + (w1 if tr == f1 else zero)) + \
+                ((w2 if tr == f2 else zero) + (w3 if tr == f3 else zero))
         src, dst = dst, src
-    # the target's weight likewise (float64; 0 for an ignored row, whose loss and gradient are
-    # zeros): a weight no target selects, NaN or inf, reaches no row
-    if w is None:
+        j += 4
+    while j < c:
+        jf = cast_like(j, x)
+        wj = w[j]
         for r in range(nr):
-            wt[r] = 1.0
-    else:
-        for r in range(nr):
-            wt[r] = 0.0
-        for j in range(c):
-            jf = cast_like(j, x)
-            wj = np.float64(w[j])
-            for r in range(nr):
-                wt[r] += wj if tj[r] == jf else 0.0
+            v, tr = xt[j, r], tj[r]
+            dst[r] = _mx(src[r], v)
+            xtt[r] += v if tr == jf else zero
+            wt[r] += wj if tr == jf else zero
+        src, dst = dst, src
+        j += 1
     # the shift is 0 for a row whose max is not finite, so inf - inf never happens
     for r in range(nr):
         m = src[r]
         sh[r] = m if _finite(m) else zero
-        s[r] = 0.0
-    # exp, then the float64 row sums in a loop of their own: a float32 exp and a float64
-    # accumulation in one loop do not vectorize (LLVM keeps it scalar)
-    for j in range(c):
+    # e = exp(x - shift) and its row sums, in the dtype of x: a sum of at most _SUMC terms in
+    # [0, 1] (the max's is 1), two columns per pass; more columns (a patched
+    # fastloss._config.NUMBA_SMALL_C) add such partial sums in float64.  The Cython kernel's
+    # sums, term for term.  x - shift <= 0 where the max is finite; the other rows (shift 0)
+    # get a row sum that is still right (inf, nan or 0) and are recomputed below.
+    for j0 in range(0, c, _SUMC):
+        j1 = min(c, j0 + _SUMC)
         for r in range(nr):
-            # x - shift <= 0 where the max is finite; the other rows (shift 0) get a row sum
-            # that is still right (inf, nan or 0) and are recomputed below
-            et[j, r] = vexpn(xt[j, r] - sh[r])
-    for j in range(c):
+            st[r] = zero
+        j = j0
+        while j + 2 <= j1:
+            for r in range(nr):
+                m = sh[r]
+                va = vexpn(xt[j, r] - m)
+                vb = vexpn(xt[j + 1, r] - m)
+                et[j, r] = va
+                et[j + 1, r] = vb
+                st[r] = (st[r] + va) + vb
+            j += 2
+        if j < j1:
+            for r in range(nr):
+                va = vexpn(xt[j, r] - sh[r])
+                et[j, r] = va
+                st[r] += va
+        if c > _SUMC:
+            if j0 == 0:
+                for r in range(nr):
+                    s[r] = 0.0
+            for r in range(nr):
+                s[r] += st[r]
+    if c > _SUMC:
         for r in range(nr):
-            s[r] += et[j, r]
+            st[r] = cast_like(s[r], x)
     if eps != 0.0:  # sum_j w_j (x_j - shift)
         for r in range(nr):
             dd[r] = 0.0
         for j in range(c):
-            wj = 1.0 if w is None else np.float64(w[j])
+            wj = np.float64(w[j])
             for r in range(nr):
                 # x - shift as an instruction of its own (sub_sub, compiled without reassoc):
                 # under reassoc LLVM distributes the sum into sum(w x) - shift sum(w), which
@@ -228,14 +316,17 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad,
                 dd[r] += wj * v if v != 0.0 else 0.0  # no inf * 0 at the max (see _ce_row)
     u = eps / c
     us = u * sumw if eps != 0.0 else 0.0  # no 0 * nan from a nan weight of an unused class
-    chk = 0.0
-    # per-row loss and gradient coefficients: one loop across rows, vectorized
+    chk = zero
+    # per-row loss and gradient coefficients: one loop across rows, vectorized.  log s in the
+    # dtype of x (s in [1, C] for a finite max: within an ulp or two), the rest in float64
     for r in range(nr):
-        lsr = vlog(s[r])
+        sr = st[r]
+        lsr = np.float64(vlog(sr))
         lser = np.float64(sh[r]) + lsr
         lse[r] = lser
+        wtr = np.float64(wt[r])
         # -log p[t] = log s - (x[t] - shift): huge logits keep their O(1) part (see _ce_row)
-        row = (1.0 - eps) * wt[r] * neg_log_p(lsr, xtt[r], sh[r])
+        row = (1.0 - eps) * wtr * neg_log_p(lsr, xtt[r], sh[r])
         # dd[r] read whatever eps is (unused scratch when 0): read only under the condition,
         # LLVM loads it with a masked load, which AVX2 spells vmaskmovpd (slow on AMD)
         ddr = dd[r]
@@ -247,57 +338,70 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad,
         if grad is not None:
             # d row / d x_j = a p_j - eps/C w_j - (1-eps) w_t [j = t]
             gs = gsc if gsa is None else gsc * gb[r]
-            a = (1.0 - eps) * wt[r] + us + 2.0 * z * lser
-            cg[r] = cast_like(gs * a / s[r], x)  # p = e / s
+            a = (1.0 - eps) * wtr + us + 2.0 * z * lser
+            cg[r] = cast_like(gs * a, x) / sr  # p = e / s
             bt[r] = cast_like(gs * u, x)
-            gt[r] = cast_like(gs * (1.0 - eps) * wt[r], x)
-            chk += s[r] - s[r]  # 0, or nan once a row sum is inf/nan
+            gt[r] = cast_like(gs * (1.0 - eps) * wtr, x)
+            chk += sr - sr  # 0, or nan once a row sum is inf/nan
     if lse_out.shape[0] != 0:
         lo = lse_out[r0:r1]
         for r in range(nr):
             lo[r] = lse[r]
     if grad is None:
         return
-    if chk != 0.0:  # i.e. nan: some row holds +inf or nan
+    if chk != zero:  # i.e. nan: some row holds +inf or nan
         for r in range(nr):
-            if not _finite(s[r]) and tg[r] != ignore:
+            if not _finite(st[r]) and tg[r] != ignore:
                 # p = exp(x - lse) as the reference computes it (0 for finite x, nan at the
                 # inf), not e / s = inf / inf
                 gs = gsc if gsa is None else gsc * gb[r]
                 lsed = cast_like(lse[r], x)
                 for j in range(c):
                     et[j, r] = vexp(xt[j, r] - lsed)
-                cg[r] = cast_like(gs * ((1.0 - eps) * wt[r] + us + 2.0 * z * lse[r]), x)
+                cg[r] = cast_like(gs * ((1.0 - eps) * np.float64(wt[r]) + us + 2.0 * z * lse[r]), x)
     # The gradient, in place of et and still across rows: g_j = e_j cg - bt w_j, less gt in the
-    # target's column (selected, not gathered), through the cap's derivative; an ignored row
-    # (tj < 0) gets exact zeros, whatever its e holds.  The operations in the order of the
-    # row kernel's.  Every term is read whatever the selects pick: a load under a condition
-    # would be a masked load (AVX2 vmaskmov, microcoded on AMD).
-    for j in range(c):
+    # target's column (selected, not gathered), through the cap's derivative.  The operations
+    # in the order of the row kernel's.  Ignored rows are zeroed after (below), not selected
+    # here: a select on "row not ignored" let LLVM sink the loads of cg and gt under it, which
+    # AVX2 spells as masked loads (vmaskmovps: microcoded on AMD).
+    j = 0
+    if eps == 0.0 and cap == 0.0:  # the common case: four columns per pass
+        while j + 4 <= c:
+            f0, f1, f2, f3 = cast_like(j, x), cast_like(j + 1, x), cast_like(j + 2, x), cast_like(j + 3, x)
+            for r in range(nr):
+                cr, gtr, tr = cg[r], gt[r], tj[r]
+                et[j, r] = et[j, r] * cr - (gtr if tr == f0 else zero)
+                et[j + 1, r] = et[j + 1, r] * cr - (gtr if tr == f1 else zero)
+                et[j + 2, r] = et[j + 2, r] * cr - (gtr if tr == f2 else zero)
+                et[j + 3, r] = et[j + 3, r] * cr - (gtr if tr == f3 else zero)
+            j += 4
+    while j < c:
         jf = cast_like(j, x)
-        wj = cast_like(1.0, x) if w is None else w[j]
+        wj = w[j]
         if eps == 0.0 and cap == 0.0:
             for r in range(nr):
                 gtr = gt[r]
-                v = et[j, r] * cg[r] - (gtr if tj[r] == jf else zero)
-                et[j, r] = v if tj[r] >= zero else zero
+                et[j, r] = et[j, r] * cg[r] - (gtr if tj[r] == jf else zero)
         elif cap == 0.0:
             for r in range(nr):
                 gtr = gt[r]
-                v = (et[j, r] * cg[r] - bt[r] * wj) - (gtr if tj[r] == jf else zero)
-                et[j, r] = v if tj[r] >= zero else zero
+                et[j, r] = (et[j, r] * cg[r] - bt[r] * wj) - (gtr if tj[r] == jf else zero)
         elif eps == 0.0:  # through the cap
             for r in range(nr):
                 gtr = gt[r]
                 d = dc[j, r]
-                v = et[j, r] * cg[r] * d - (gtr if tj[r] == jf else zero) * d
-                et[j, r] = v if tj[r] >= zero else zero
+                et[j, r] = et[j, r] * cg[r] * d - (gtr if tj[r] == jf else zero) * d
         else:
             for r in range(nr):
                 gtr = gt[r]
                 d = dc[j, r]
-                v = (et[j, r] * cg[r] - bt[r] * wj) * d - (gtr if tj[r] == jf else zero) * d
-                et[j, r] = v if tj[r] >= zero else zero
+                et[j, r] = (et[j, r] * cg[r] - bt[r] * wj) * d - (gtr if tj[r] == jf else zero) * d
+        j += 1
+    if nig != 0:  # ignored rows: exact zeros, whatever their e, coefficients or cap derivative
+        for r in range(nr):
+            if tj[r] < zero:
+                for j in range(c):
+                    et[j, r] = zero
     # back into row layout (every read of this block of x is done: grad may be x)
     if c >= tw and nr >= tw and grad.strides[1] == grad.itemsize:
         for rr in range(0, nr, tw):
@@ -325,9 +429,10 @@ def _k_cross_entropy_small(x, target, w, sumw, ignore, eps, z, cap, loss, lse_ou
         tj = np.empty(_SB, x.dtype)
         bt = np.empty(_SB, x.dtype)
         gt = np.empty(_SB, x.dtype)
+        st = np.empty(_SB, x.dtype)
+        wt = np.empty(_SB, x.dtype)
         s = np.empty(_SB, np.float64)
         dd = np.empty(_SB, np.float64)
-        wt = np.empty(_SB, np.float64)
         lse = np.empty(_SB, np.float64)
         # blocks of _SB rows at fixed offsets (multiples of _SB), dealt out to the tasks: a
         # row's lane in the vectorized loops -- and so its rounding -- does not depend on
@@ -336,6 +441,6 @@ def _k_cross_entropy_small(x, target, w, sumw, ignore, eps, z, cap, loss, lse_ou
         for k in range(b * nblk // nb, (b + 1) * nblk // nb):
             r0 = k * _SB
             _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad, gsc, gsa, r0,
-                           min(n, r0 + _SB), xt, et, dc, sh, sh2, cg, xtt, tj, bt, gt, s, dd, wt, lse)
+                           min(n, r0 + _SB), xt, et, dc, sh, sh2, cg, xtt, tj, bt, gt, st, wt, s, dd, lse)
 
 
