@@ -88,7 +88,7 @@ def test_soft_values(backend, case, reduction, dtype):
 
 
 # ----------------------------------------------------------------------------- gradients
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", pick(["mean", "sum", "none"], ["mean", "none"]))
 @pytest.mark.parametrize("case", pick(HARD, ["plain", "all"]))
 def test_hard_grad_fd(backend, case, reduction):
     x, t, opts = _case(case, seed=1)
@@ -113,7 +113,7 @@ def test_soft_grad_fd(backend, case, reduction, rowsum):
 
 
 @pytest.mark.parametrize("soft", [False, True])
-@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("reduction", pick(["mean", "none"], ["none"]))
 def test_axis1_of_3d(backend, soft, reduction):
     n, c, d = sizes((2, 4, 3), sim=(2, 3, 2))
     r = rng(3)
@@ -444,7 +444,7 @@ def _capped64(x, cap):
     return cap * np.tanh(np.asarray(x, np.float64) / cap)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", pick(["mean", "sum", "none"], ["mean", "none"]))
 @pytest.mark.parametrize("case", pick(HARD, ["plain", "all"]))
 def test_softcap_hard_values_and_grad_fd(backend, case, reduction):
     """Values: the reference cross-entropy (SciPy) of the capped logits; gradients: finite
@@ -516,7 +516,7 @@ def test_softcap_float32_grad_vs_float64(backend, soft):
     from scipy.special import softmax
 
     r = rng(6)
-    n, c = 64, 300
+    n, c = sizes((64, 300), (8, 40))
     x = (r.standard_normal((n, c)) * 20).astype(np.float32)
     cap = 15.0
     if soft:
@@ -547,7 +547,7 @@ def test_return_lse(backend, dtype, soft, cap):
         t[0, 0] = -100
     xc = np.asarray(x, np.float64) if cap is None else _capped64(x, cap)
     want = sp.logsumexp(xc, axis=1)
-    for reduction in ("mean", "none"):
+    for reduction in pick(("mean", "none"), ("none",)):
         l0, g0 = fl.cross_entropy(x, t, axis=1, softcap=cap, reduction=reduction, return_grad=True,
                                   backend=backend)
         l1, g1, lse = fl.cross_entropy(x, t, axis=1, softcap=cap, reduction=reduction, return_grad=True,
