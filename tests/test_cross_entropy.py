@@ -7,7 +7,7 @@ import pytest
 import scipy.special as sp
 
 import fastloss as fl
-from conftest import SIM, check_grad, close, pick, ref_ce, ref_ce_soft, rng, sizes
+from conftest import check_grad, close, pick, ref_ce, ref_ce_soft, rng, sizes
 
 W5 = np.array([0.5, 2.0, 1.0, 0.25, 1.5])
 N, C = sizes((4, 5), sim=(2, 3))
