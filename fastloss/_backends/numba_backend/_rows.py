@@ -229,15 +229,28 @@ def _chain_cap(src, d, gr, c):
         gr[j] = s0[j] * d[j]
 
 
+# elements between the cap scratch rows (see _cap_scratch): 2 KB and more apart
+_CAP_GAP = 512
+
+
 @njit(**_JIT)
 def _cap_scratch(x, c, cap):
     """One task's scratch for a capped row (empty without a cap): the capped row ``(1, C)``,
     its gradient ``(1, C)`` and the cap's derivative ``(C,)``.  The gradient has a buffer of
     its own, not the capped row's: LLVM guards each vectorized loop that reads one array and
     writes another with a run-time overlap test, and takes the scalar loop when they are
-    the same memory (7x slower here)."""
+    the same memory (7x slower here).
+
+    The three are slices of one allocation, ``_CAP_GAP`` elements apart, never separate
+    allocations: the overlap test is a distance test (``0 <= dst - src < vector step`` takes
+    the scalar loop), and two short rows allocated apart could land within a vector step of
+    each other or not, depending on the heap -- the scalar and vector loops round a sum
+    differently, so the same call gave gradients differing in the last bit from one call to
+    the next (tests/test_cross_entropy.py::test_return_lse, soft targets, C = 6)."""
     k = c if cap != 0.0 else 0
-    return np.empty((1, k), x.dtype), np.empty((1, k), x.dtype), np.empty(k, x.dtype)
+    s = k + _CAP_GAP if k else 0
+    buf = np.empty(3 * s, x.dtype)
+    return buf[0:k].reshape((1, k)), buf[s:s + k].reshape((1, k)), buf[2 * s:2 * s + k]
 
 
 @njit(**_JIT)
