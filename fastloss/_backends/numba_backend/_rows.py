@@ -229,8 +229,8 @@ def _chain_cap(src, d, gr, c):
         gr[j] = s0[j] * d[j]
 
 
-# elements between the cap scratch rows (see _cap_scratch): 2 KB and more apart
-_CAP_GAP = 512
+# bytes between the cap scratch rows (see _cap_scratch)
+_CAP_GAP = 2048
 
 
 @njit(**_JIT)
@@ -241,16 +241,16 @@ def _cap_scratch(x, c, cap):
     writes another with a run-time overlap test, and takes the scalar loop when they are
     the same memory (7x slower here).
 
-    The three are slices of one allocation, ``_CAP_GAP`` elements apart, never separate
+    The three are rows of one allocation, more than ``_CAP_GAP`` bytes apart, never separate
     allocations: the overlap test is a distance test (``0 <= dst - src < vector step`` takes
     the scalar loop), and two short rows allocated apart could land within a vector step of
     each other or not, depending on the heap -- the scalar and vector loops round a sum
     differently, so the same call gave gradients differing in the last bit from one call to
     the next (tests/test_cross_entropy.py::test_return_lse, soft targets, C = 6)."""
     k = c if cap != 0.0 else 0
-    s = k + _CAP_GAP if k else 0
-    buf = np.empty(3 * s, x.dtype)
-    return buf[0:k].reshape((1, k)), buf[s:s + k].reshape((1, k)), buf[2 * s:2 * s + k]
+    g = 1 + _CAP_GAP // (max(k, 1) * x.itemsize)  # rows between two used ones
+    buf = np.empty((2 * g + 1, k), x.dtype)
+    return buf[0:1], buf[g:g + 1], buf[2 * g]
 
 
 @njit(**_JIT)
