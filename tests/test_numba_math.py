@@ -156,6 +156,33 @@ def test_log1p_and_softplus(dt):
     assert np.isnan(_apply(_map_softplus, np.array([np.nan], dtype=dt))[0])
 
 
+@numba.njit(fastmath=_FM, error_model="numpy")
+def _map_log1p_unit_recip(x, o, r):
+    for i in range(x.size):
+        o[i], r[i] = nm.vlog1p_unit_recip(x[i])
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+def test_log1p_on_the_unit_interval(dt):
+    """``vlog1p_unit_recip`` (BCE with logits' softplus, on ``e = exp(-|z|)`` in [0, 1]): within
+    2 ulp of log1p over [0, 1] -- tiny, subnormal and 1 included -- and ``1 / (1 + x)``
+    within 1.5 ulp (1 + x is rounded before the division); 0 gives exactly (0, 1), NaN NaN."""
+    fi = np.finfo(dt)
+    rng = np.random.default_rng(4)
+    x = np.concatenate([rng.uniform(0, 1, 300_000), np.exp(rng.uniform(np.log(float(fi.smallest_subnormal)), 0,
+                                                                       100_000)),
+                        [0.0, 1.0, float(fi.smallest_subnormal), float(fi.tiny), float(fi.eps)]]).astype(dt)
+    o, r = np.empty_like(x), np.empty_like(x)
+    _map_log1p_unit_recip(x, o, r)
+    xl = x.astype(np.longdouble)
+    assert _max_ulp(o, np.log1p(xl), dt) <= 2.0
+    assert _max_ulp(r, 1 / (1 + xl), dt) <= 1.5
+    s = np.array([0.0, np.nan], dtype=dt)
+    o, r = np.empty_like(s), np.empty_like(s)
+    _map_log1p_unit_recip(s, o, r)
+    assert o[0] == 0.0 and r[0] == 1.0 and np.isnan(o[1]) and np.isnan(r[1])
+
+
 # ----------------------------------------------------------------------------- vectorization
 def _packed_ops(disp):
     asm = "\n".join(disp.inspect_asm(sig) for sig in disp.signatures)

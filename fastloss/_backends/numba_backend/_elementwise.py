@@ -9,7 +9,7 @@ import math
 import numpy as np
 
 from ._jit import _EBLK, _JIT, _NOJIT, _kernel, _seg, njit, numba, prange
-from ._math import bce_mix, cast_like, vexp, vexpn, vlog, vlog1p, vlog1p_recip
+from ._math import bce_mix, cast_like, vexp, vexpn, vlog, vlog1p, vlog1p_unit_recip
 
 if numba is not None and not _NOJIT:
     from numba.core import types as _types
@@ -158,7 +158,7 @@ def _bcel_elem(z, y, w, pw, c1, c2):
     na = -z if z > zero else z
     e = vexpn(na)
     mz = -z if -z > zero else zero
-    lp, r = vlog1p_recip(e)  # r = 1 / (1 + e), reused by the gradient
+    lp, r = vlog1p_unit_recip(e)  # e in [0, 1]; r = 1 / (1 + e), reused by the gradient
     sp = mz + lp
     er = e * r
     pos = z >= zero
