@@ -174,20 +174,14 @@ def _vec(a, dtype=None):
 _NO_ROWS = np.empty(0)  # a per-row output not wanted: (0,), the same kernel type as a wanted one
 
 
-def _rows_out(loss, run, lse=None, lse_rows=0):
+def _rows_out(loss, run, lse=None):
     """Run ``run(loss_buf, lse_buf)`` on C-contiguous per-row output buffers and copy them
     into ``loss`` / ``lse`` where those are strided; an ``lse`` not wanted (None) is
-    ``_NO_ROWS``, or a scratch ``(lse_rows,)`` when ``lse_rows`` is given: the row kernels
-    store every row's lse whether it is wanted or not.  (With a store under a run-time
-    ``if wanted``, LLVM compiled the row loop twice -- unswitched on the flag -- and the two
-    copies rounded the soft-target gradient differently in the last bit: a loss or gradient
-    changed with ``return_lse``, tests/test_cross_entropy.py::test_return_lse.)"""
+    ``_NO_ROWS``."""
     bufs = [o if o is None or o.flags.c_contiguous else np.empty(o.shape, o.dtype) for o in (loss, lse)]
-    if bufs[1] is None:
-        bufs[1] = np.empty(lse_rows) if lse_rows else _NO_ROWS
-    run(bufs[0], bufs[1])
+    run(bufs[0], _NO_ROWS if bufs[1] is None else bufs[1])
     for o, b in zip((loss, lse), bufs):
-        if o is not None and b is not o:
+        if b is not o:
             o[...] = b
 
 
@@ -277,8 +271,8 @@ def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, soft
         _rows_out(loss, lambda lo, ls: _call(_k_cross_entropy_small, x.size, *args, lo, ls, grad, gsc, gsa, nb),
                   lse)
     else:
-        _rows_out(loss, lambda lo, ls: _call(_k_cross_entropy, x.size, *args, lo, ls, lse is not None, grad, gsc,
-                                             gsa, _same_memory(x, grad), nb), lse, n)
+        _rows_out(loss, lambda lo, ls: _call(_k_cross_entropy, x.size, *args, lo, ls, grad, gsc, gsa,
+                                             _same_memory(x, grad), nb), lse)
 
 
 def cross_entropy_shard(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, lse, class_offset,
@@ -310,7 +304,7 @@ def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, softcap, loss
     args = (_ro(x), _ro(target), _class_weights(weight, c, x.dtype), float(label_smoothing), float(z_loss),
             float(softcap))
     _rows_out(loss, lambda lo, ls: _call(_k_cross_entropy_soft, x.size, *args, lo, ls, grad, gsc, gsa,
-                                         _same_memory(x, grad), _nblocks(n, x.size)), lse, n)
+                                         _same_memory(x, grad), _nblocks(n, x.size)), lse)
 
 
 def _run_elementwise(kern, a, b, p, q, c1, c2, loss, grad, grad2, gscale, gout):

@@ -347,10 +347,8 @@ def _ce_row(x, i, c, t, w, sumw, eps, z, grad, gs):
 
 
 @_kernel
-def _k_cross_entropy(x, target, w, sumw, ignore, eps, z, cap, loss, lse, want_lse, grad, gsc, gsa, inplace, nb):
-    """Row by row.  ``lse`` is ``(N,)``, written for every row that is not ignored whether it
-    is wanted or not (see ``_rows_out``); ``want_lse``: the caller wants it, and ignored rows
-    get theirs too (an extra pass over such a row).  With a
+def _k_cross_entropy(x, target, w, sumw, ignore, eps, z, cap, loss, lse, grad, gsc, gsa, inplace, nb):
+    """Row by row.  ``lse`` is ``(N,)`` or ``(0,)`` (not wanted: one type for both).  With a
     cap, each row is capped into a task-local ``(1, C)`` scratch row first (``_cap_row``), the
     row function runs on it (its gradient into a second scratch row) and ``_chain_cap`` writes
     the gradient through the cap: the logits are still read once, the scratch stays in cache.
@@ -366,6 +364,7 @@ def _k_cross_entropy(x, target, w, sumw, ignore, eps, z, cap, loss, lse, want_ls
     n, c = x.shape
     capx = cast_like(cap, x)
     inv = cast_like(1.0 / cap if cap != 0.0 else 0.0, x)
+    want_lse = lse.shape[0] != 0
     for b in prange(nb):
         cb, cg, cd = _cap_scratch(x, c, cap)
         for i in range(b * n // nb, (b + 1) * n // nb):
@@ -398,7 +397,8 @@ def _k_cross_entropy(x, target, w, sumw, ignore, eps, z, cap, loss, lse, want_ls
                     row, rl = _ce_row(cb, 0, c, t, w, sumw, eps, z, cg, gs)
                     _chain_cap(cg, cd, grad[i], c)
             loss[i] = row
-            lse[i] = rl
+            if want_lse:
+                lse[i] = rl
 
 
 @njit(**_JIT)
@@ -458,11 +458,11 @@ def _ce_soft_row(x, i, y, iy, c, w, eps, z, grad, gs):
 
 @_kernel
 def _k_cross_entropy_soft(x, y, w, eps, z, cap, loss, lse, grad, gsc, gsa, inplace, nb):
-    """Row by row; ``lse`` (always ``(N,)``: written for every row), the cap and ``inplace``
-    as in :func:`_k_cross_entropy`."""
+    """Row by row; ``lse``, the cap and ``inplace`` as in :func:`_k_cross_entropy`."""
     n, c = x.shape
     capx = cast_like(cap, x)
     inv = cast_like(1.0 / cap if cap != 0.0 else 0.0, x)
+    want_lse = lse.shape[0] != 0
     for b in prange(nb):
         cb, cg, cd = _cap_scratch(x, c, cap)
         for i in range(b * n // nb, (b + 1) * n // nb):
@@ -482,7 +482,8 @@ def _k_cross_entropy_soft(x, y, w, eps, z, cap, loss, lse, grad, gsc, gsa, inpla
                     row, rl = _ce_soft_row(cb, 0, y, i, c, w, eps, z, cg, gs)
                     _chain_cap(cg, cd, grad[i], c)
             loss[i] = row
-            lse[i] = rl
+            if want_lse:
+                lse[i] = rl
 
 
 
