@@ -1163,6 +1163,30 @@ def test_device_linear_cross_entropy(dt, reduction, case):
     assert np.all(dh[t == -100] == 0)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_device_linear_cross_entropy_class_chunks(reduction, monkeypatch):
+    """Classes chunked too (what a huge vocabulary gets, forced by ``_config.LINEAR_CLASS_CHUNK``):
+    two passes over the class chunks on the device -- the chunks' lse combined, the sharded
+    kernel's loss shares added on the device, d_input accumulated over class chunks and
+    d_linear_weight over row chunks; every option, against the float64 reference."""
+    import fastloss._config as cfg
+
+    monkeypatch.setattr(cfg, "LINEAR_CLASS_CHUNK", 2)  # V = 5: chunks of 2, 2 and 1 classes
+    x, W, b, t, opts = _lin_inputs("all", np.float64)
+    if reduction != "mean":
+        opts.pop("num_items", None)
+    go = np.linspace(0.5, 2.0, x.shape[0]) if reduction == "none" else 0.7
+    kw = {k: (dev(v) if k == "weight" else v) for k, v in opts.items()}
+    loss, grads = fl.linear_cross_entropy(
+        dev(x), dev(W), dev(t), linear_bias=None if b is None else dev(b), reduction=reduction,
+        return_grad=True, grad_output=dev(go) if reduction == "none" else go, chunk_size=3, **kw)
+    want = _lin_reference(x, W, b, t, reduction, go, opts)
+    np.testing.assert_allclose(np.asarray(host(loss), np.float64), want[0], **LIN_TOL[np.float64])
+    for got, ref in zip(grads, want[1:]):
+        assert is_dev(got)
+        np.testing.assert_allclose(host(got).astype(np.float64), ref, **LIN_TOL[np.float64])
+
+
 def test_device_linear_cross_entropy_nd_float16_default_chunk_and_all_ignored():
     """(2, 3, H) float16 input (products in float32, gradients rounded back once), the default
     chunk (one chunk here), and a batch whose every target is ignored (zero loss and grads)."""

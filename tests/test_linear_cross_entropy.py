@@ -71,6 +71,52 @@ def test_against_materialized_logits(backend, case, reduction):
         close(loss_only, want[0])
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", pick(OPTS, ["all"]))
+def test_class_chunks_against_materialized_logits(backend, case, reduction, monkeypatch):
+    """Classes chunked too (``_config.LINEAR_CLASS_CHUNK``, what a huge vocabulary gets): the
+    loss and every gradient as on the materialized logits, with a narrower last class chunk,
+    one class per chunk, and several row chunks (d_linear_weight accumulated across them)."""
+    import fastloss._config as cfg
+
+    if case == "num_items" and reduction != "mean":
+        return
+    x, W, b, t, opts = _inputs(case, seed=7)
+    go = rng(8).standard_normal(N) if reduction == "none" else 0.7
+    want = _materialized(x, W, b, t, reduction, go, opts)
+    for classes, chunk in pick([(V - 2, None), (1, 4), (3, 2), (V, N)], [(3, 2)]):
+        monkeypatch.setattr(cfg, "LINEAR_CLASS_CHUNK", classes)
+        loss, grads = fl.linear_cross_entropy(x, W, t, linear_bias=b, reduction=reduction, return_grad=True,
+                                              grad_output=go, chunk_size=chunk, backend=backend, **opts)
+        msg = f"classes={classes} chunk={chunk}"
+        close(loss, want[0], err_msg="loss " + msg)
+        for got, w, name in zip(grads, want[1:], ("d_input", "d_linear_weight", "d_linear_bias")):
+            close(got, w, kind="grad", err_msg=f"{name} {msg}")
+        if "_ignore" in OPTS[case]:
+            assert np.all(grads[0][::3] == 0), "ignored rows get a zero d_input"
+        loss_only = fl.linear_cross_entropy(x, W, t, linear_bias=b, reduction=reduction, chunk_size=chunk,
+                                            grad_output=go, backend=backend, **opts)
+        close(loss_only, want[0], err_msg="loss only " + msg)
+
+
+def test_huge_vocabularies_chunk_the_classes():
+    """The default chunks: whole rows while a row chunk holds LINEAR_MIN_ROWS rows, else
+    LINEAR_CLASS_ROWS rows by the classes that the same memory holds; a chunk_size given keeps
+    whole rows."""
+    import fastloss._config as cfg
+    from fastloss._api import linear
+
+    rows, classes = linear._chunks(4096, 32000, 512, 4, None)
+    assert classes == 32000 and rows >= cfg.LINEAR_MIN_ROWS
+    assert rows * 32000 * 4 <= 4096 * 32000 * 4 / 16
+    rows, classes = linear._chunks(1024, 128256, 512, 4, None)
+    assert rows == min(1024, cfg.LINEAR_CLASS_ROWS) and classes < 128256
+    budget = linear._budget(1024, 128256, 512, 4)
+    assert rows * (classes + 2 * 512) * 4 <= budget <= 1024 * 128256 * 4 / 16
+    assert linear._chunks(1024, 128256, 512, 4, 64) == (64, 128256)
+    assert linear._chunks(10, 128256, 512, 4, None) == (10, 128256)  # few rows: whole rows
+
+
 @pytest.mark.parametrize("case", pick(["plain", "all", "bias", "smoothing_z"], ["all"]))
 def test_against_pytorch_float64(backend, case):
     """Every gradient against PyTorch autograd in float64: ``F.linear`` + ``F.cross_entropy``
@@ -167,13 +213,18 @@ def test_nd_input_float16_and_all_ignored(backend):
 
 
 @pytest.mark.skipif(SIM, reason="the memory bound is a host property (numpy buffers); not a simulator test")
-def test_peak_memory_is_a_fraction_of_the_logits(backend):
+@pytest.mark.parametrize("shape", [(4096, 64, 16000), (1024, 64, 64000)], ids=["row_chunks", "class_chunks"])
+def test_peak_memory_is_a_fraction_of_the_logits(backend, shape):
     """Extra memory beyond the inputs and gradients stays under 1/16 of the N x V logits
-    (tracemalloc sees NumPy's allocations): 4096 x 64 x 16000 float32, logits 262 MB.  The
+    (tracemalloc sees NumPy's allocations): 4096 x 64 x 16000 float32 (chunks of whole rows) and
+    1024 x 64 x 64000 (chunks of classes too), logits 262 MB.  The
     NumPy reference's kernel makes about six chunk-sized temporaries per chunk (its array
     expressions), with chunks of 1/16 of the logits: half of the logits for it."""
+    from fastloss._api import linear
+
     r = rng(6)
-    n, h, v = 4096, 64, 16000
+    n, h, v = shape
+    assert (linear._chunks(n, v, h, 4, None)[1] < v) == (n == 1024)
     x = r.standard_normal((n, h)).astype(np.float32)
     W = (r.standard_normal((v, h)) * 0.1).astype(np.float32)
     t = r.integers(0, v, n)

@@ -17,7 +17,8 @@ import numpy as np
 from .. import _arrays, _config
 from .._validate import _is_torch, check_int
 from ._common import _grad_output_array, _grad_scale_value, _index_error, _scalar
-from .cross_entropy import _class_weight, _options, cross_entropy
+from .cross_entropy import _class_weight, _options, cross_entropy, row_lse
+from .normalizers import logsumexp
 
 # The default chunk: 1/16 of the N x V logits, within [CHUNK_MIN_BYTES, CHUNK_BYTES], and at
 # least _MIN_ROWS rows.  Large chunks matter: the three products run on (chunk, .) operands, and
@@ -29,14 +30,36 @@ CHUNK_MIN_BYTES = 8 << 20
 _MIN_ROWS = 16
 
 
+def _budget(K, V, H, itemsize):
+    """Bytes for a chunk's buffers: 1/16 of the ``K x V`` logits less the float64 bias gradient
+    ``(V,)`` and the accumulation's temporary, clamped to ``[CHUNK_MIN_BYTES, CHUNK_BYTES]`` (a
+    small batch still gets BLAS-sized chunks; a huge one a bounded buffer)."""
+    return min(CHUNK_BYTES, max(CHUNK_MIN_BYTES, K * V * itemsize // 16 - 8 * V - _ACC_ROWS * H * itemsize))
+
+
 def _default_chunk(K, V, H, itemsize):
-    """Rows per chunk: the chunk's buffers -- its logits ``(rows, V)``, the gathered input rows
-    and the ``d_input`` rows ``(rows, H)`` each, and the float64 bias gradient ``(V,)`` -- take
-    1/16 of the ``K x V`` logits, clamped to ``[CHUNK_MIN_BYTES, CHUNK_BYTES]`` (a small batch
-    still gets BLAS-sized chunks; a huge one a bounded buffer), at least ``_MIN_ROWS`` rows."""
-    row = (V + 2 * H) * itemsize
-    nbytes = min(CHUNK_BYTES, max(CHUNK_MIN_BYTES, K * V * itemsize // 16 - 8 * V - _ACC_ROWS * H * itemsize))
-    return max(_MIN_ROWS, nbytes // row)
+    """Rows per chunk of whole rows: the chunk's buffers -- its logits ``(rows, V)``, the
+    gathered input rows and the ``d_input`` rows ``(rows, H)`` each -- within :func:`_budget`,
+    at least ``_MIN_ROWS`` rows."""
+    return max(_MIN_ROWS, _budget(K, V, H, itemsize) // ((V + 2 * H) * itemsize))
+
+
+def _chunks(K, V, H, itemsize, chunk_size):
+    """``(rows, classes)`` per chunk.  Whole rows (``classes == V``) unless the default row
+    chunk would be shorter than ``_config.LINEAR_MIN_ROWS`` rows (a huge vocabulary): then
+    ``LINEAR_CLASS_ROWS`` rows by as many classes as :func:`_budget` holds.  A ``chunk_size``
+    given by the caller keeps whole rows; ``_config.LINEAR_CLASS_CHUNK`` forces the classes."""
+    forced = _config.LINEAR_CLASS_CHUNK
+    if forced is not None:
+        return max(1, min(K, chunk_size or _config.LINEAR_CLASS_ROWS)), max(1, min(V, int(forced)))
+    if chunk_size is not None:
+        return max(1, min(K, chunk_size)), V
+    rows = _default_chunk(K, V, H, itemsize)
+    if rows >= min(K, _config.LINEAR_MIN_ROWS):
+        return max(1, min(K, rows)), V
+    rows = max(1, min(K, _config.LINEAR_CLASS_ROWS))
+    classes = (_budget(K, V, H, itemsize) - 2 * rows * H * itemsize) // (rows * itemsize)
+    return rows, max(1, min(V, classes))
 
 
 # rows of d_linear_weight per block of the accumulation on NumPy's BLAS (its temporary:
@@ -130,6 +153,16 @@ class _HostOps:
         z += b
 
     @staticmethod
+    def matrix(buf, n, m):
+        """The first ``n * m`` elements of the flat ``buf`` as a C-contiguous ``(n, m)`` view."""
+        return buf[: n * m].reshape(n, m)
+
+    @staticmethod
+    def add_to(acc, v):
+        """``acc += v`` (float64 ``acc``)."""
+        acc += v
+
+    @staticmethod
     def colsum_add(acc, z):
         """``acc += z.sum(axis=0)`` in float64 (the bias gradient)."""
         acc += np.sum(z, axis=0, dtype=np.float64)
@@ -186,6 +219,18 @@ def linear_cross_entropy(
     of the N x V logits (32 MB at 4096 x 32000 float32), at least 8 MB and at most 64 MB
     (``CHUNK_MIN_BYTES``, ``CHUNK_BYTES``): the products reach BLAS speed only on chunks of a
     few hundred rows.
+
+    Huge vocabularies: where that memory holds fewer than ``_config.LINEAR_MIN_ROWS`` whole
+    rows (1024 x 128256 float32: ~60), the classes are chunked too -- ``LINEAR_CLASS_ROWS`` rows
+    by as many classes as the same memory holds -- in two passes over the class chunks: the
+    first forms each chunk's logits :math:`Z_c = H_k W_c^T + b_c` for its rows' log-sum-exp
+    (float64, combined over the chunks as :func:`fastloss.logsumexp` combines shards'), the
+    second forms them again for the sharded cross-entropy (``lse=``, ``class_offset=``: each
+    chunk's share of the loss, its slice of :math:`G` in place), then
+    :math:`\partial\ell/\partial H_k \mathrel{+}= G_c W_c` and
+    :math:`\partial\ell/\partial W_c \mathrel{+}= G_c^T H_k`.  Four products instead of three,
+    on BLAS-sized operands, and ``d_linear_weight`` is written once per row chunk rather than
+    once per few dozen rows.  A ``chunk_size`` given keeps whole rows.
     Stability and accuracy are those of :func:`cross_entropy` on the same logits (whose
     values depend on the chunking only through BLAS rounding).  The products run on the BLAS
     of the caller's library: NumPy's for NumPy arrays, PyTorch's for PyTorch CPU tensors
@@ -208,8 +253,8 @@ def linear_cross_entropy(
         Also return the gradients ``(d_input, d_linear_weight)``, and ``d_linear_bias`` third
         when a bias is given, each shaped and typed like its argument.
     chunk_size : int, optional
-        Rows per chunk (default: logits of 1/16 of the N x V logits, within 8-64 MB, at least
-        16 rows).
+        Rows per chunk, whole rows (default: logits of 1/16 of the N x V logits, within 8-64 MB,
+        at least 16 rows; classes chunked too for huge vocabularies, see above).
 
     Returns
     -------
@@ -299,9 +344,7 @@ def linear_cross_entropy(
     keep, K = (None, N) if (xp is _arrays.HOST and info) else ops.kept_rows(t2, ii)
     if K == N:
         keep = None
-    itemsize = np.dtype(cdt).itemsize
-    chunk = chunk_size or _default_chunk(K, V, H, itemsize)
-    chunk = max(1, min(chunk, K))
+    chunk, vchunk = _chunks(K, V, H, np.dtype(cdt).itemsize, chunk_size)
 
     loss_rows = None if reduction != "none" else xp.empty(N, np.float64)
     if loss_rows is not None:
@@ -310,47 +353,90 @@ def linear_cross_entropy(
     dh = dW = db = None
     if return_grad:
         dh = ops.zeros((N, H), cdt) if keep is not None else ops.empty((N, H), cdt)
-        dW = ops.zeros((V, H), cdt)
+        # (every class of d_linear_weight is set by the first row chunk: zeros only without one)
+        dW = ops.zeros((V, H), cdt) if K == 0 else ops.empty((V, H), cdt)
         if b2 is not None:
             db = ops.zeros((V,), np.float64)
-    # reused buffers: the chunk's logits (then its gradient), and where rows are gathered,
-    # their input rows, targets, gradient scales and d_input rows
-    logits = ops.empty((chunk, V), cdt)
+    # reused buffers: the chunk's logits (then its gradient; flat, so that a narrower last class
+    # chunk is C-contiguous too), and where rows are gathered, their input rows, targets,
+    # gradient scales and d_input rows
+    logits = ops.empty((chunk * vchunk,), cdt)
     gathered = keep is not None
     hbuf = ops.empty((chunk, H), cdt) if gathered else None
     tbuf = ops.empty((chunk,), np.int64) if gathered else None
     gbuf = ops.empty((chunk,), np.float64) if gathered and gout_rows is not None else None
     dh_tmp = ops.empty((chunk, H), cdt) if return_grad and gathered else None
-    WT = ops.transpose(W2)
+    share = ops.empty((chunk,), np.float64) if vchunk < V and loss_rows is not None else None
+    opts = dict(weight=w, ignore_index=ii, label_smoothing=eps, z_loss=zl, softcap=cap if cap else None,
+                reduction="none", return_grad=return_grad, backend=backend)
     for k0 in range(0, K, chunk):
         k1 = min(K, k0 + chunk)
         n = k1 - k0
         hk = ops.rows(h2, k0, k1, keep, hbuf)
         tk = ops.rows(t2, k0, k1, keep, tbuf)
-        z = logits[:n]
-        ops.mm(hk, WT, z)
-        if b2 is not None:
-            ops.add_bias(z, b2)
         gs = scale * go if go is not None else ops.rows(gout_rows, k0, k1, keep, gbuf)
-        r = cross_entropy(z, tk, weight=w, ignore_index=ii, label_smoothing=eps, z_loss=zl,
-                          softcap=cap if cap else None, reduction="none", return_grad=return_grad,
-                          grad_output=gs, grad_out=z if return_grad else None, backend=backend)
-        rows = r[0] if return_grad else r
+        dhk = None if not return_grad else (dh[k0:k1] if not gathered else dh_tmp[:n])
+
+        def logits_of(c0, c1):
+            """The chunk's logits of classes ``c0:c1`` (into the reused buffer)."""
+            z = ops.matrix(logits, n, c1 - c0)
+            ops.mm(hk, ops.transpose(W2[c0:c1]), z)
+            if b2 is not None:
+                ops.add_bias(z, b2[c0:c1])
+            return z
+
+        def backward(z, c0, c1):
+            """The products of the gradient ``z`` of classes ``c0:c1``: ``d_input`` (set by the
+            first class chunk, accumulated by the others) and ``d_linear_weight`` (set by the
+            first row chunk, accumulated by the others), and the bias gradient."""
+            if c0 == 0:
+                ops.mm(z, W2[c0:c1], dhk)
+            else:
+                ops.mm_add(dhk, z, W2[c0:c1])
+            if k0 == 0:
+                ops.mm(ops.transpose(z), hk, dW[c0:c1])
+            else:
+                ops.mm_add(dW[c0:c1], ops.transpose(z), hk)
+            if db is not None:
+                ops.colsum_add(db[c0:c1], z)
+
+        if vchunk >= V:  # whole rows: one pass
+            z = logits_of(0, V)
+            r = cross_entropy(z, tk, grad_output=gs, grad_out=z if return_grad else None, **opts)
+            rows = r[0] if return_grad else r
+            if return_grad:  # z now holds G = d loss / d logits of the chunk (scaled)
+                backward(z, 0, V)
+        else:
+            # class chunks, two passes: the rows' log-sum-exp from each chunk's own (float64,
+            # combined as fastloss.logsumexp combines shards'), then each chunk's share of the
+            # loss and its slice of the gradient -- the sharded cross-entropy, whose shares add
+            # up to the unsharded loss and whose gradient slices are the unsharded gradient's
+            bounds = [(c0, min(V, c0 + vchunk)) for c0 in range(0, V, vchunk)]
+            parts = ops.empty((len(bounds), n), np.float64)
+            for i, (c0, c1) in enumerate(bounds):
+                ops.put_rows(parts[i], 0, n, None, row_lse(logits_of(c0, c1), softcap=opts["softcap"],
+                                                           backend=backend))
+            lse = logsumexp(parts, axis=0, backend=backend)
+            rows = share[:n] if share is not None else None
+            if rows is not None:
+                xp.fill(rows, 0.0)
+            for c0, c1 in bounds:
+                z = logits_of(c0, c1)
+                r = cross_entropy(z, tk, lse=lse, class_offset=c0, num_classes=V, grad_output=gs,
+                                  grad_out=z if return_grad else None, **opts)
+                part = r[0] if return_grad else r
+                if rows is not None:
+                    ops.add_to(rows, part)
+                else:
+                    total += xp.sum(part)
+                if return_grad:
+                    backward(z, c0, c1)
         if loss_rows is not None:
             ops.put_rows(loss_rows, k0, k1, keep, rows)
-        else:
+        elif vchunk >= V:
             total += xp.sum(rows)
-        if not return_grad:
-            continue
-        # z now holds G = d loss / d logits of the chunk (scaled)
-        if not gathered:
-            ops.mm(z, W2, dh[k0:k1])
-        else:
-            ops.mm(z, W2, dh_tmp[:n])
-            ops.put_rows(dh, k0, k1, keep, dh_tmp[:n])
-        ops.mm_add(dW, ops.transpose(z), hk)
-        if db is not None:
-            ops.colsum_add(db, z)
+        if gathered and return_grad:
+            ops.put_rows(dh, k0, k1, keep, dhk)
 
     if reduction == "none":
         loss = xp.result(loss_rows, row_shape, h.dtype)

@@ -236,6 +236,19 @@ class DeviceLinearOps:
             grid, block = _grid2(*z.shape)
             _add_row[grid, block, self.stream](z, b)
 
+    @staticmethod
+    def matrix(buf, n, m):
+        """The first ``n * m`` elements of the flat device ``buf`` as a C-contiguous ``(n, m)``
+        view."""
+        item = np.dtype(buf.dtype).itemsize
+        return _view(buf, (n, m), (m * item, item))
+
+    def add_to(self, acc, v):
+        """``acc += v`` (float64 ``acc``; ``v`` 1-D), as the column sums of ``v`` seen as one row."""
+        if v.shape[0]:
+            item = np.dtype(v.dtype).itemsize
+            self.colsum_add(acc, _view(v, (1, v.shape[0]), (v.shape[0] * item, item)))
+
     def colsum_add(self, acc, z):
         if z.size:
             grid, block = _grid2(1, z.shape[1])
