@@ -272,7 +272,10 @@ _DRIVER = """
 def {name}(a, b, p, q, c1, c2, loss, grad, grad2, gs, gout, part, ck, rpt):
     r, k = a.shape
     for task in prange(part.shape[0]):
-        r0, r1, j0, j1 = _task_range(task, r, k, ck, rpt)
+        # int64(task): prange's index is unsigned in the parallel twin and signed in the serial
+        # one; as it came, the two twins would compile the block function twice (r0 int64 in
+        # one, float64 -- int64 mixed with uint64 -- in the other)
+        r0, r1, j0, j1 = _task_range(np.int64(task), r, k, ck, rpt)
         part[task] = {block}(a, b, p, q, c1, c2, loss, grad, grad2, gs, gout, r0, r1, j0, j1)
 """
 
