@@ -246,9 +246,36 @@ def _src(xr, gr):
     return gr if xr is None else xr
 
 
+def _readonly(a):
+    """``a`` as a read-only array (plain-Python twin of the overload: a read-only view)."""
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
 if numba is not None and not _NOJIT:
+    from numba.core.imputils import impl_ret_borrowed as _borrowed
+    from numba.extending import intrinsic as _intrinsic
     from numba.extending import overload as _overload
     from numba.core import types as _types
+
+    @_intrinsic
+    def _readonly_ir(typingctx, a):
+        # the same array value, typed read-only (the two types share one data model).  Why:
+        # the row helpers are compiled once per argument type, and the logits arrive read-only
+        # (``_ro``) while a kernel's scratch row (a capped row) is writable -- read through
+        # this, the scratch row calls the helpers' read-only specializations instead of
+        # compiling each helper a second time (``fastloss warmup``'s time)
+        rt = a.copy(readonly=True)
+
+        def codegen(context, builder, sig, args):
+            return _borrowed(context, builder, sig.return_type, args[0])
+
+        return rt(a), codegen
+
+    @_overload(_readonly, inline="always")
+    def _ov_readonly(a):
+        return lambda a: _readonly_ir(a)
 
     @_overload(_seg, inline="always")
     def _ov_seg(a, i, j0, j1):

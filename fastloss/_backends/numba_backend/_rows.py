@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._jit import _JIT, _SUMBLK, _kernel, _src, njit, prange
+from ._jit import _JIT, _SUMBLK, _kernel, _readonly, _src, njit, prange
 from ._math import cast_like, key_value, neg_log_p, order_key, sub_sub, vexp, vexpn
 
 # ----------------------------------------------------------------------------- row helpers
@@ -258,7 +258,7 @@ def _lse_row(x, i, c, cap, inv, cb, cd):
     """The log-sum-exp of row ``i`` (capped with ``cap != 0``): an ignored row's ``lse``."""
     if cap != 0.0:
         _cap_row(x[i], c, cap, inv, cb, cd)
-        sh, ls = _row_lse(cb, 0, c)
+        sh, ls = _row_lse(_readonly(cb), np.int64(0), c)
     else:
         sh, ls = _row_lse(x, i, c)
     return np.float64(sh) + ls
@@ -274,7 +274,8 @@ def _ce_row(x, i, c, t, w, sumw, eps, z, grad, gs):
     (this function is compiled on its own and called, not inlined) and every loop that reads
     the row and writes the gradient would run scalar: 7x the time."""
     xs = _src(x, grad)  # the logits (grad itself in place): every read below goes through it
-    m = _rowmax(xs, i, c)
+    # (the read-only helpers get xs typed read-only: in place, grad would compile them again)
+    m = _rowmax(_readonly(xs), i, c)
     fin = _finite(m)
     sh = m if fin else cast_like(0.0, xs)
     xt = xs[i, t]  # read before grad (which may be the logits) is written
@@ -303,7 +304,7 @@ def _ce_row(x, i, c, t, w, sumw, eps, z, grad, gs):
     if store:
         s = _sumexp_store(x, i, c, sh, fin, grad)
     else:
-        s = _sumexp(xs, i, c, sh, fin)
+        s = _sumexp(_readonly(xs), i, c, sh, fin)
     ls = np.log(s)
     lse = np.float64(sh) + ls
     # -log p[t] = log s - (x[t] - shift), not lse - x[t]: huge logits (3e38) keep their O(1)
@@ -367,6 +368,7 @@ def _k_cross_entropy(x, target, w, sumw, ignore, eps, z, cap, loss, lse, grad, g
     want_lse = lse.shape[0] != 0
     for b in prange(nb):
         cb, cg, cd = _cap_scratch(x, c, cap)
+        cbr, row0 = _readonly(cb), np.int64(0)  # the capped row, read as the logits are (one helper type)
         for i in range(b * n // nb, (b + 1) * n // nb):
             t = target[i]
             if t == ignore:
@@ -392,9 +394,9 @@ def _k_cross_entropy(x, target, w, sumw, ignore, eps, z, cap, loss, lse, grad, g
             else:  # the cap's scratch rows: never the same memory as x or grad
                 _cap_row(x[i], c, capx, inv, cb, cd)
                 if grad is None:
-                    row, rl = _ce_row(cb, 0, c, t, w, sumw, eps, z, None, gs)
+                    row, rl = _ce_row(cbr, row0, c, t, w, sumw, eps, z, None, gs)
                 else:
-                    row, rl = _ce_row(cb, 0, c, t, w, sumw, eps, z, cg, gs)
+                    row, rl = _ce_row(cbr, row0, c, t, w, sumw, eps, z, cg, gs)
                     _chain_cap(cg, cd, grad[i], c)
             loss[i] = row
             if want_lse:
@@ -407,7 +409,8 @@ def _ce_soft_row(x, i, y, iy, c, w, eps, z, grad, gs):
     targets ``y``) of the probability-target cross-entropy; ``x`` None: in place, the logits
     read from ``grad`` (see :func:`_ce_row`)."""
     xs = _src(x, grad)  # the logits (grad itself in place): every read below goes through it
-    m = _rowmax(xs, i, c)
+    # (the read-only helpers get xs typed read-only: in place, grad would compile them again)
+    m = _rowmax(_readonly(xs), i, c)
     fin = _finite(m)
     sh = m if fin else cast_like(0.0, xs)
     store = grad is not None and fin
@@ -426,7 +429,7 @@ def _ce_soft_row(x, i, y, iy, c, w, eps, z, grad, gs):
         sy += yw
         # also 0 at the row max (v = 0): an infinite y'w there gives inf through sy * log s
         syx += yw * v if yw != 0.0 and v != 0.0 else 0.0
-    s = _sumexp_store(x, i, c, sh, fin, grad) if store else _sumexp(xs, i, c, sh, fin)
+    s = _sumexp_store(x, i, c, sh, fin, grad) if store else _sumexp(_readonly(xs), i, c, sh, fin)
     ls = np.log(s)
     lse = np.float64(sh) + ls
     # sum_c y'w (lse - x_c) = sy * log s - sum_c y'w (x_c - sh)
@@ -465,6 +468,7 @@ def _k_cross_entropy_soft(x, y, w, eps, z, cap, loss, lse, grad, gsc, gsa, inpla
     want_lse = lse.shape[0] != 0
     for b in prange(nb):
         cb, cg, cd = _cap_scratch(x, c, cap)
+        cbr, row0 = _readonly(cb), np.int64(0)  # the capped row, read as the logits are (one helper type)
         for i in range(b * n // nb, (b + 1) * n // nb):
             gs = gsc if gsa is None else gsc * gsa[i]
             if cap == 0.0:
@@ -477,9 +481,9 @@ def _k_cross_entropy_soft(x, y, w, eps, z, cap, loss, lse, grad, gsc, gsa, inpla
             else:
                 _cap_row(x[i], c, capx, inv, cb, cd)
                 if grad is None:
-                    row, rl = _ce_soft_row(cb, 0, y, i, c, w, eps, z, None, gs)
+                    row, rl = _ce_soft_row(cbr, row0, y, i, c, w, eps, z, None, gs)
                 else:
-                    row, rl = _ce_soft_row(cb, 0, y, i, c, w, eps, z, cg, gs)
+                    row, rl = _ce_soft_row(cbr, row0, y, i, c, w, eps, z, cg, gs)
                     _chain_cap(cg, cd, grad[i], c)
             loss[i] = row
             if want_lse:
@@ -604,6 +608,7 @@ def _k_cross_entropy_shard(x, target, w, ws, sumw, ignore, eps, z, cap, lse, off
     u = eps / nk
     for b in prange(nb):
         cb, _cg, cd = _cap_scratch(x, c, cap)
+        cbr = _readonly(cb)  # the capped row, read as the logits are (one helper type)
         for i in range(b * n // nb, (b + 1) * n // nb):
             t = target[i]
             if t == ignore:  # exact zeros, whatever the row holds
@@ -623,12 +628,12 @@ def _k_cross_entropy_shard(x, target, w, ws, sumw, ignore, eps, z, cap, lse, off
             # None is not pruned, so the row views are taken inside them)
             if grad is None:
                 if cap != 0.0:
-                    loss[i] = _ce_shard_row(cb[0], c, tl, mine, wt, ws, sumw, eps, u, z, first, lse[i], None, cd, gs)
+                    loss[i] = _ce_shard_row(cbr[0], c, tl, mine, wt, ws, sumw, eps, u, z, first, lse[i], None, cd, gs)
                 else:
                     loss[i] = _ce_shard_row(x[i], c, tl, mine, wt, ws, sumw, eps, u, z, first, lse[i], None, None,
                                             gs)
             elif cap != 0.0:
-                loss[i] = _ce_shard_row(cb[0], c, tl, mine, wt, ws, sumw, eps, u, z, first, lse[i], grad[i], cd, gs)
+                loss[i] = _ce_shard_row(cbr[0], c, tl, mine, wt, ws, sumw, eps, u, z, first, lse[i], grad[i], cd, gs)
             elif inplace:
                 loss[i] = _ce_shard_row(None, c, tl, mine, wt, ws, sumw, eps, u, z, first, lse[i], grad[i], None, gs)
             else:
