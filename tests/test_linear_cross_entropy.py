@@ -4,6 +4,7 @@ logits (the NumPy reference) and against PyTorch autograd in float64 (``F.linear
 ``chunk_size``; the memory bound (tracemalloc); errors."""
 from __future__ import annotations
 
+import itertools
 import tracemalloc
 
 import numpy as np
@@ -173,8 +174,8 @@ def test_chunk_size_independence_float32(backend):
 @pytest.mark.parametrize("which", ["numpy", "torch"])
 def test_numpy_arrays_on_either_blas(which, monkeypatch):
     """NumPy arrays on NumPy's BLAS and on PyTorch's (``_config.LINEAR_BLAS``): every gradient
-    against cross_entropy on the materialized logits (the NumPy reference), several chunks, a
-    negatively strided weight (kept on NumPy's BLAS: torch.from_numpy refuses it)."""
+    against cross_entropy on the materialized logits (the NumPy reference), several chunks (of
+    whole rows, and of classes too), a negatively strided weight (kept on NumPy's BLAS: torch.from_numpy refuses it)."""
     import fastloss._config as cfg
     from fastloss._api import linear
 
@@ -182,7 +183,8 @@ def test_numpy_arrays_on_either_blas(which, monkeypatch):
     monkeypatch.setattr(linear, "_ACC_ROWS", 4)  # NumPy's accumulation in blocks, a short last one
     x, W, b, t, opts = _inputs("all")
     want, want_g = fl.cross_entropy(x @ W.T + b, t, return_grad=True, backend="numpy", **opts)
-    for Wv in (W, np.asfortranarray(W), np.flipud(np.flipud(W).copy())):
+    for Wv, classes in itertools.product((W, np.asfortranarray(W), np.flipud(np.flipud(W).copy())), (None, 4)):
+        monkeypatch.setattr(cfg, "LINEAR_CLASS_CHUNK", classes)  # whole rows; classes chunked too
         loss, (dh, dW, db) = fl.linear_cross_entropy(x, Wv, t, linear_bias=b, return_grad=True, chunk_size=4, **opts)
         close(loss, want)
         close(dh, want_g @ W, kind="grad")
