@@ -1,5 +1,6 @@
 """Fused linear + cross-entropy: the loss of ``input @ linear_weight.T + linear_bias`` and its
-gradients, chunk by chunk of rows, never holding the N x V logits.
+gradients, chunk by chunk of rows (and, for huge vocabularies, of classes too: two passes over
+the class chunks, the sharded cross-entropy of each), never holding the N x V logits.
 
 The matrix products run on the BLAS of the caller's array library -- NumPy's for NumPy arrays
 (``np.matmul(..., out=)`` into reused buffers, the weight gradient accumulated in blocks),
@@ -8,7 +9,8 @@ and ``addmm_`` on views of the same buffers; for NumPy arrays too with
 ``_config.LINEAR_BLAS = "torch"``) -- and each
 chunk's cross-entropy and its gradient -- written in place over the chunk's logits -- is the
 fused kernel of the chosen backend, through :func:`fastloss.cross_entropy` (so every backend,
-the CUDA one offloading each chunk, and every option of the cross-entropy).
+the CUDA one offloading each chunk, and every option of the cross-entropy; class chunks through
+its sharded form, ``lse=`` / ``class_offset=``, with each chunk's lse from ``row_lse``).
 """
 from __future__ import annotations
 
