@@ -40,8 +40,8 @@ LINEAR_BLAS = "auto"
 # once per row chunk instead of once per few dozen rows).  LINEAR_CLASS_CHUNK forces classes
 # per chunk (None: chosen as above); a chunk_size given by the caller keeps whole rows.
 # Measured (H = 512, float32, numba, 2 threads, AMD EPYC Zen 4), time / the three products:
-# row chunks of 63 rows (1024 x 128256) 2.41x, class chunks 1.72x; 95 rows (1536 x 96000) 1.95x
-# vs 1.69x; 126 rows (2048 x 64000) 1.46x vs 1.56x; 230 rows (4096 x 32000) 1.28x vs 1.56x.
+# row chunks of 57 rows (1024 x 128256) 2.41x, class chunks 1.72x; 87 rows (1536 x 96000) 1.95x
+# vs 1.69x; 115 rows (2048 x 64000) 1.46x vs 1.56x; 230 rows (4096 x 32000) 1.28x vs 1.56x.
 # Class chunks of 512 or 1024 rows: 1.72x at 1024 x 128256; of 1024 or 2048: 1.56x or 1.67x at the others.
 LINEAR_MIN_ROWS = 112
 LINEAR_CLASS_ROWS = 1024
