@@ -1134,13 +1134,10 @@ def _lin_reference(x, W, b, t, reduction, go, opts):
     return loss, g @ W64, g.T @ x64, g.sum(axis=0)
 
 
-@pytest.mark.parametrize("dt", DTYPES)
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("case", list(LIN_CASES))
-def test_device_linear_cross_entropy(dt, reduction, case):
-    """Device arrays in, device arrays out: the whole chunk loop on the device (the products on
-    the GEMM kernel here), every option, several chunks with a short last one, ignored rows
-    gathered and scattered back; against the materialized float64 reference."""
+def _check_device_linear(case, dt, reduction):
+    """``linear_cross_entropy`` on device arrays (chunks of 3 rows, a short last one) against
+    the materialized float64 reference: the loss and every gradient, on the device in the
+    input's dtype, the rows of ignored targets exact zeros."""
     x, W, b, t, opts = _lin_inputs(case, dt)
     if reduction != "mean":
         opts.pop("num_items", None)  # (the "mean" denominator only)
@@ -1163,6 +1160,16 @@ def test_device_linear_cross_entropy(dt, reduction, case):
     assert np.all(dh[t == -100] == 0)
 
 
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", list(LIN_CASES))
+def test_device_linear_cross_entropy(dt, reduction, case):
+    """Device arrays in, device arrays out: the whole chunk loop on the device (the products on
+    the GEMM kernel here), every option, several chunks with a short last one, ignored rows
+    gathered and scattered back; against the materialized float64 reference."""
+    _check_device_linear(case, dt, reduction)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_device_linear_cross_entropy_class_chunks(reduction, monkeypatch):
     """Classes chunked too (what a huge vocabulary gets, forced by ``_config.LINEAR_CLASS_CHUNK``):
@@ -1172,19 +1179,7 @@ def test_device_linear_cross_entropy_class_chunks(reduction, monkeypatch):
     import fastloss._config as cfg
 
     monkeypatch.setattr(cfg, "LINEAR_CLASS_CHUNK", 2)  # V = 5: chunks of 2, 2 and 1 classes
-    x, W, b, t, opts = _lin_inputs("all", np.float64)
-    if reduction != "mean":
-        opts.pop("num_items", None)
-    go = np.linspace(0.5, 2.0, x.shape[0]) if reduction == "none" else 0.7
-    kw = {k: (dev(v) if k == "weight" else v) for k, v in opts.items()}
-    loss, grads = fl.linear_cross_entropy(
-        dev(x), dev(W), dev(t), linear_bias=None if b is None else dev(b), reduction=reduction,
-        return_grad=True, grad_output=dev(go) if reduction == "none" else go, chunk_size=3, **kw)
-    want = _lin_reference(x, W, b, t, reduction, go, opts)
-    np.testing.assert_allclose(np.asarray(host(loss), np.float64), want[0], **LIN_TOL[np.float64])
-    for got, ref in zip(grads, want[1:]):
-        assert is_dev(got)
-        np.testing.assert_allclose(host(got).astype(np.float64), ref, **LIN_TOL[np.float64])
+    _check_device_linear("all", np.float64, reduction)
 
 
 def test_device_linear_cross_entropy_nd_float16_default_chunk_and_all_ignored():
