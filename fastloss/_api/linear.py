@@ -406,6 +406,8 @@ def linear_cross_entropy(
             z = logits_of(0, V)
             r = cross_entropy(z, tk, grad_output=gs, grad_out=z if return_grad else None, **opts)
             rows = r[0] if return_grad else r
+            if loss_rows is None:
+                total += xp.sum(rows)
             if return_grad:  # z now holds G = d loss / d logits of the chunk (scaled)
                 backward(z, 0, V)
         else:
@@ -435,8 +437,6 @@ def linear_cross_entropy(
                     backward(z, c0, c1)
         if loss_rows is not None:
             ops.put_rows(loss_rows, k0, k1, keep, rows)
-        elif vchunk >= V:
-            total += xp.sum(rows)
         if gathered and return_grad:
             ops.put_rows(dh, k0, k1, keep, dhk)
 
