@@ -46,7 +46,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-__all__ = ["order_key", "key_value", "vexp", "vexpn", "vlog", "vlog1p", "vsoftplus", "vlog1p_unit_recip", "sub_sub", "neg_log_p", "bce_mix", "cast_like",
+__all__ = ["order_key", "key_value", "vexp", "vexpn", "vlog", "vlog1p", "vsoftplus", "vsoftcap", "vlog1p_unit_recip", "sub_sub", "neg_log_p", "bce_mix", "cast_like",
            "HELPER_FASTMATH"]
 
 # The helpers must keep IEEE evaluation order (Cody-Waite split, log1p correction); FMA
@@ -142,6 +142,27 @@ def _ldexp_bias(typingctx, y, kf, kb):
     return kf(kf, kf, kb), codegen
 
 
+@intrinsic
+def _pow2_shifted(typingctx, t0):
+    """``2**k`` from ``t0 = y / ln2 + 1.5 * 2**23`` (float32; ``1.5 * 2**52`` float64), whose
+    low mantissa bits hold ``k = rint(y / ln2)``: ``(bits(t0) + bias) << mantissa bits`` --
+    an integer add and a shift, the bits above the exponent field shifted out.  The caller
+    keeps ``k + bias`` inside the normal range; a NaN ``t0`` gives garbage (the caller's
+    final select discards it)."""
+    if t0 not in (types.float32, types.float64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        if sig.return_type == types.float32:
+            it, ft, bias, sh = ir.IntType(32), ir.FloatType(), 127, 23
+        else:
+            it, ft, bias, sh = ir.IntType(64), ir.DoubleType(), 1023, 52
+        b = builder.add(builder.bitcast(args[0], it), ir.Constant(it, bias))
+        return builder.bitcast(builder.shl(b, ir.Constant(it, sh)), ft)
+
+    return t0(t0), codegen
+
+
 _SQRTH_BITS = 0x3F3504F3  # bits of float32 sqrt(1/2)
 
 
@@ -193,6 +214,13 @@ if numba.config.DISABLE_JIT:
         ix = (int(np.float32(x).view(np.int32)) + (0x3F800000 - _SQRTH_BITS)) & 0xFFFFFFFF
         m = np.uint32(((ix & 0x007FFFFF) + _SQRTH_BITS) & 0xFFFFFFFF).view(np.float32)
         return m, np.float32(((ix >> 23) & 0x1FF) - 127)
+
+    def _pow2_shifted(t0):
+        if isinstance(t0, np.float32):
+            b = (int(np.float32(t0).view(np.uint32)) + 127) << 23
+            return np.uint32(b & 0xFFFFFFFF).view(np.float32)
+        b = (int(np.float64(t0).view(np.uint64)) + 1023) << 52
+        return np.uint64(b & 0xFFFFFFFFFFFFFFFF).view(np.float64)
 
     def _ldexp_split(y, kf):
         dt = np.float32 if isinstance(y, np.float32) else np.float64
@@ -497,6 +525,99 @@ def softplus64(x):
     return mx + log1p64(expn64(a))
 
 
+# ----------------------------------------------------------------------------- softcap
+# The logit soft cap ``x' = cap tanh(x / cap)`` and its derivative ``1 - tanh^2(x / cap)``, as
+# the Cython kernels' ``fl_softcap_f`` / ``fl_softcap_d`` (kernels/fl_math.hpp) compute them:
+# from ``y = -2|x| / cap <= 0`` and ONE range reduction ``y = k ln2 + r``, ``s = 2**k``,
+#   e^y - 1 = s (e^r - 1) + (s - 1)   (e^r - 1 = r h(r): the exp polynomial without its + 1),
+#   t = e^y,  tanh|u| = -(e^y - 1) / (2 + (e^y - 1)),  1 - tanh^2 = 4 t / (1 + t)^2,
+# and near the cap (t < 0.2) x' = cap - 2 cap t / (1 + t).
+# Why not ``(1 - t) / (1 + t)`` from an exp alone: ``1 - t`` cancels for |x| << cap, leaving
+# an absolute error of ~cap ulp(1) in x' (float32, cap 30: ~2e-6, millions of ulp of a small
+# x').  Why not ``1 - tanh^2`` from the rounded tanh: it cancels where tanh is near 1.  Both
+# results are within a few ulp for every x; nothing overflows.  The clamp at ``lo`` keeps
+# ``s = 2**k`` a normal number (k >= -126 / -1022); below it t is 0: x = +-inf gives +-cap and
+# a derivative of exactly 0.  A NaN x gives NaN for both through the arithmetic alone: ``2**k``
+# is taken from the bits of ``t0`` by integer operations (``_pow2_shifted``, no float -> int
+# conversion, whose result for NaN is unspecified), so it is some float and ``q`` is NaN.  No
+# final ``x if x != x`` select: in a loop that writes the result over ``x`` (the few-classes
+# kernel's tile), LLVM turns "store select(c, v, load p) to p" into a masked store
+# (AVX2 vmaskmovps, microcoded on AMD).
+_CAP_LO_32 = _F32(-87.0)
+_CAP_LO_64 = -708.0
+_CAP_C1_32 = _F32(0.693145751953125)  # ln2 split as Cython's: k * C1 exact for |k| < 2**8
+_CAP_C2_32 = _F32(1.42860682030941723212e-6)
+_H_32 = [_F32(1.0 / f) for f in (5040.0, 720.0, 120.0, 24.0, 6.0, 2.0)]
+_H7_32, _H6_32, _H5_32, _H4_32, _H3_32, _H2_32 = _H_32
+_FIFTH_32 = _F32(0.2)
+_SHIFT_32 = _F32(1.5 * 2.0**23)
+_SHIFT_64 = 1.5 * 2.0**52
+_TWO_32 = _F32(2.0)
+_FOUR_32 = _F32(4.0)
+_M2_32 = _F32(-2.0)
+_I = [1.0 / np.prod(np.arange(1, n + 1, dtype=np.float64)) for n in range(2, 14)]
+_I2, _I3, _I4, _I5, _I6, _I7, _I8, _I9, _I10, _I11, _I12, _I13 = _I
+
+
+@njit(**_JIT)
+def softcap32(x, cap, inv):
+    """float32 ``(cap tanh(x / cap), 1 - tanh^2(x / cap))`` for ``inv = 1 / cap`` (rounded);
+    see the comment above."""
+    k2 = _M2_32 * inv  # -2 / cap: exact scaling of the rounded 1 / cap
+    y = np.abs(x) * k2
+    yc = _CAP_LO_32 if _CAP_LO_32 > y else y
+    t0 = yc * _LOG2E_32 + _SHIFT_32  # k = rint(yc / ln2) in the low bits, as Cython's
+    k = t0 - _SHIFT_32
+    r = yc - k * _CAP_C1_32
+    r = r - k * _CAP_C2_32
+    h = _H7_32 * r + _H6_32
+    h = h * r + _H5_32
+    h = h * r + _H4_32
+    h = h * r + _H3_32
+    h = h * r + _H2_32
+    h = h * r + _ONE_32
+    q = h * r  # e^r - 1
+    s = _pow2_shifted(t0)
+    em = s * q + (s - _ONE_32)  # e^y - 1 in [-1, 0]
+    t = _ZERO_32 if y < _CAP_LO_32 else s * q + s
+    rd = _ONE_32 / (_TWO_32 + em)  # 1 / (1 + t)
+    dc = _FOUR_32 * t * rd * rd
+    xm = cap - ((cap + cap) * t) * rd if t < _FIFTH_32 else cap * (-em * rd)
+    return np.copysign(xm, x), dc
+
+
+@njit(**_JIT)
+def softcap64(x, cap, inv):
+    """float64 :func:`softcap32` (degree-13 Taylor ``e^r - 1``)."""
+    k2 = -2.0 * inv
+    y = np.abs(x) * k2
+    yc = _CAP_LO_64 if _CAP_LO_64 > y else y
+    t0 = yc * _LOG2E_64 + _SHIFT_64
+    k = t0 - _SHIFT_64
+    r = yc - k * _LN2HI_64
+    r = r - k * _LN2LO_64
+    h = _I13 * r + _I12
+    h = h * r + _I11
+    h = h * r + _I10
+    h = h * r + _I9
+    h = h * r + _I8
+    h = h * r + _I7
+    h = h * r + _I6
+    h = h * r + _I5
+    h = h * r + _I4
+    h = h * r + _I3
+    h = h * r + _I2
+    h = h * r + 1.0
+    q = h * r
+    s = _pow2_shifted(t0)
+    em = s * q + (s - 1.0)
+    t = 0.0 if y < _CAP_LO_64 else s * q + s
+    rd = 1.0 / (2.0 + em)
+    dc = 4.0 * t * rd * rd
+    xm = cap - ((cap + cap) * t) * rd if t < 0.2 else cap * (-em * rd)
+    return np.copysign(xm, x), dc
+
+
 # ----------------------------------------------------------------------------- order keys
 # A row's maximum, NaN skipped, as an INTEGER max reduction.  The float form (``b if b > a
 # else a``) vectorizes only under ``nnan``, which the library cannot allow; an integer
@@ -615,31 +736,40 @@ def neg_log_p(log_s, x, shift):
 
 
 # ----------------------------------------------------------------------------- dispatch
-def _make_dispatch(name, f32, f64, doc):
+def _make_dispatch(name, f32, f64, doc, nargs=1):
+    """A function of ``nargs`` scalars that calls ``f32`` or ``f64`` by the type of its first."""
     if numba.config.DISABLE_JIT:
         # plain-Python mode: dispatch on the NumPy scalar type as the overload below does
         # on the Numba type (anything not float32 -- float64, Python float, int -- is float64)
-        def stub(x):
-            return f32(x) if isinstance(x, np.float32) else f64(np.float64(x))
+        def stub(x, *rest):
+            return f32(x, *rest) if isinstance(x, np.float32) else f64(np.float64(x), *rest)
     else:
-        def stub(x):  # pragma: no cover - only ever called from jitted code
+        def stub(x, *rest):  # pragma: no cover - only ever called from jitted code
             raise NotImplementedError(f"{name} is callable from Numba-compiled code only")
 
     stub.__name__ = name
     stub.__doc__ = doc
 
-    # inline="always": the dispatch layer itself disappears, leaving the call to the typed
-    # helper in the caller, which LLVM inlines (one level of nesting less to fit its budget)
-    @overload(stub, inline="always")
-    def _ov(x):
+    def impl(f, integer=False):
+        # Numba's overload wants the implementation's signature spelled out: one per arity
+        if nargs == 1:
+            return (lambda x: f(np.float64(x))) if integer else (lambda x: f(x))
+        assert nargs == 3
+        return None if integer else (lambda x, a, b: f(x, a, b))
+
+    def pick(x):
         if x == types.float32:
-            return lambda x: f32(x)
+            return impl(f32)
         if x == types.float64:
-            return lambda x: f64(x)
+            return impl(f64)
         if isinstance(x, types.Integer):
-            return lambda x: f64(np.float64(x))
+            return impl(f64, integer=True)
         return None
 
+    # inline="always": the dispatch layer itself disappears, leaving the call to the typed
+    # helper in the caller, which LLVM inlines (one level of nesting less to fit its budget).
+    # The typing function's signature must be the implementation's too (no *args).
+    overload(stub, inline="always")((lambda x: pick(x)) if nargs == 1 else (lambda x, a, b: pick(x)))
     return stub
 
 
@@ -653,6 +783,9 @@ vlog1p_unit_recip = _make_dispatch("vlog1p_unit_recip", log1p_unit_recip32, log1
                                    "polynomial; float64: :func:`log1p_recip64`).")
 vsoftplus = _make_dispatch("vsoftplus", softplus32, softplus64,
                            "Vectorizable ``softplus(x) = log(1 + exp(x))`` (float32/float64).")
+vsoftcap = _make_dispatch("vsoftcap", softcap32, softcap64,
+                          "Vectorizable ``(cap tanh(x / cap), 1 - tanh(x / cap)**2)`` of ``(x, cap, "
+                          "1 / cap)``, both in the type of ``x``.", nargs=3)
 
 
 def cast_like(v, like):

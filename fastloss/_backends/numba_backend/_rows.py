@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._jit import _JIT, _SUMBLK, _kernel, _readonly, _src, njit, prange
-from ._math import cast_like, key_value, neg_log_p, order_key, sub_sub, vexp, vexpn
+from ._math import cast_like, key_value, neg_log_p, order_key, sub_sub, vexp, vexpn, vsoftcap
 
 # ----------------------------------------------------------------------------- row helpers
 @njit(**_JIT)
@@ -196,18 +196,10 @@ def _k_softmax_backward(g, y, out, logsm, nb):
 # ============================================================================= cross-entropy
 @njit(**_JIT)
 def _softcap(v, cap, inv):
-    """``(cap * tanh(v / cap), 1 - tanh(v / cap)**2)``, vectorizable (``inv = 1 / cap``).
-
-    From ``e = exp(-2|u|)`` in (0, 1] (never overflows): ``tanh|u| = (1 - e) / (1 + e)`` and
-    ``1 - tanh**2 = 4 e / (1 + e)**2`` -- accurate where tanh is near 1 (``1 - tanh**2`` from
-    the rounded tanh would not be), one division for both.  ``v = +-inf`` gives ``+-cap`` and
-    an exact 0 derivative; NaN stays NaN."""
-    u = v * inv
-    au = -u if u < 0 else u
-    e = vexpn(cast_like(-2.0, v) * au)
-    r = cast_like(1.0, v) / (cast_like(1.0, v) + e)
-    th = (cast_like(1.0, v) - e) * r
-    return (-th if u < 0 else th) * cap, cast_like(4.0, v) * e * r * r
+    """``(cap * tanh(v / cap), 1 - tanh(v / cap)**2)`` (``inv = 1 / cap``): :func:`._math.vsoftcap`,
+    the same algorithm as the Cython kernels' (a few ulp for every ``v``, no cancellation for
+    ``|v| << cap``).  ``v = +-inf`` gives ``+-cap`` and an exact 0 derivative; NaN stays NaN."""
+    return vsoftcap(v, cap, inv)
 
 
 @njit(**_JIT)
@@ -223,10 +215,14 @@ def _cap_row(xr, c, cap, inv, out, d):
 
 @njit(**_JIT)
 def _chain_cap(src, d, gr, c):
-    """``gr[j] = src[0, j] * d[j]``: a gradient with respect to the capped logits, through the cap."""
+    """``gr[j] = src[0, j] * d[j]``: a gradient with respect to the capped logits, through the
+    cap.  ``d`` None: the derivative is in ``gr`` itself (see :func:`_k_cross_entropy`), read
+    through the same variable (``_jit._src``): as two arguments, one memory would fail LLVM's
+    run-time overlap test and the loop would run scalar."""
+    dd = _src(d, gr)
     s0 = src[0]
     for j in range(c):
-        gr[j] = s0[j] * d[j]
+        gr[j] = s0[j] * dd[j]
 
 
 # bytes between the cap scratch rows (see _cap_scratch)
@@ -353,6 +349,12 @@ def _k_cross_entropy(x, target, w, sumw, ignore, eps, z, cap, loss, lse, grad, g
     cap, each row is capped into a task-local ``(1, C)`` scratch row first (``_cap_row``), the
     row function runs on it (its gradient into a second scratch row) and ``_chain_cap`` writes
     the gradient through the cap: the logits are still read once, the scratch stays in cache.
+    Not in place, the cap's derivative is written straight into the row of ``grad`` (to be
+    multiplied there by ``_chain_cap``), not into a third scratch row: the gradient row's
+    first touch (a write-allocate from memory) then overlaps the cap's arithmetic, as in
+    Cython's ``fl_cap_max``, instead of making ``_chain_cap`` a pass of its own bound by
+    memory.  In place the row being read is the one that would be written: the derivative
+    stays in scratch there.
 
     ``inplace``: ``grad`` is ``x`` (the same memory, the same strides: ``grad_out=logits``,
     and every chunk of ``linear_cross_entropy``), and the row function is handed None for the
@@ -392,12 +394,17 @@ def _k_cross_entropy(x, target, w, sumw, ignore, eps, z, cap, loss, lse, grad, g
                 else:
                     row, rl = _ce_row(x, i, c, t, w, sumw, eps, z, grad, gs)
             else:  # the cap's scratch rows: never the same memory as x or grad
-                _cap_row(x[i], c, capx, inv, cb, cd)
                 if grad is None:
+                    _cap_row(x[i], c, capx, inv, cb, cd)
                     row, rl = _ce_row(cbr, row0, c, t, w, sumw, eps, z, None, gs)
-                else:
+                elif inplace:
+                    _cap_row(x[i], c, capx, inv, cb, cd)
                     row, rl = _ce_row(cbr, row0, c, t, w, sumw, eps, z, cg, gs)
                     _chain_cap(cg, cd, grad[i], c)
+                else:  # the derivative kept in the gradient row (see the docstring)
+                    _cap_row(x[i], c, capx, inv, cb, grad[i])
+                    row, rl = _ce_row(cbr, row0, c, t, w, sumw, eps, z, cg, gs)
+                    _chain_cap(cg, None, grad[i], c)
             loss[i] = row
             if want_lse:
                 lse[i] = rl
@@ -478,13 +485,17 @@ def _k_cross_entropy_soft(x, y, w, eps, z, cap, loss, lse, grad, gsc, gsa, inpla
                     row, rl = _ce_soft_row(None, i, y, i, c, w, eps, z, grad, gs)
                 else:
                     row, rl = _ce_soft_row(x, i, y, i, c, w, eps, z, grad, gs)
-            else:
+            elif grad is None:
                 _cap_row(x[i], c, capx, inv, cb, cd)
-                if grad is None:
-                    row, rl = _ce_soft_row(cbr, row0, y, i, c, w, eps, z, None, gs)
-                else:
-                    row, rl = _ce_soft_row(cbr, row0, y, i, c, w, eps, z, cg, gs)
-                    _chain_cap(cg, cd, grad[i], c)
+                row, rl = _ce_soft_row(cbr, row0, y, i, c, w, eps, z, None, gs)
+            elif inplace:
+                _cap_row(x[i], c, capx, inv, cb, cd)
+                row, rl = _ce_soft_row(cbr, row0, y, i, c, w, eps, z, cg, gs)
+                _chain_cap(cg, cd, grad[i], c)
+            else:  # the derivative kept in the gradient row (see _k_cross_entropy)
+                _cap_row(x[i], c, capx, inv, cb, grad[i])
+                row, rl = _ce_soft_row(cbr, row0, y, i, c, w, eps, z, cg, gs)
+                _chain_cap(cg, None, grad[i], c)
             loss[i] = row
             if want_lse:
                 lse[i] = rl
