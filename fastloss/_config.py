@@ -57,7 +57,7 @@ NUMBA_SUM_BLOCK = 512
 # 0.15 G el/s instead of ~1 G el/s for BCE), block sums added in float64.
 NUMBA_LOSS_BLOCK = 256
 # Rows per block of the few-classes cross-entropy: its (C, rows) buffers stay in L1/L2.
-NUMBA_COL_ROWS = 256
+NUMBA_COL_ROWS = 128
 
 # ----------------------------------------------------------------------------- cuda launch shapes, read at each call
 # Threads per block of the 1-D and 2-D elementwise/copy/check kernels, and the most blocks of
