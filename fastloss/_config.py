@@ -44,6 +44,16 @@ LINEAR_BLAS = "auto"
 # vs 1.69x; 115 rows (2048 x 64000) 1.46x vs 1.56x; 230 rows (4096 x 32000) 1.28x vs 1.56x.
 # Class chunks of 512 or 1024 rows: 1.72x at 1024 x 128256; of 1024 or 2048: 1.56x or 1.67x at the others.
 LINEAR_MIN_ROWS = 112
+# Threads of the cross-entropy kernels inside linear_cross_entropy on the host (None: fastloss's
+# thread count, fl.set_num_threads).  One, because they alternate with the BLAS products: an
+# OpenMP team keeps spinning for milliseconds after each parallel region (libgomp's default
+# GOMP_SPINCOUNT), on the cores the BLAS threads want next, and the BLAS's own threads spin on
+# ours -- while the kernels are a few percent of the products' time.  Measured (numba, NumPy's
+# BLAS, float32, 2 threads, Zen 4; time / the three products, one process each):
+# 1024 x 256 x 32000: 2.09-2.51x on two threads, 1.44x on one; 4096 x 512 x 32000: 1.08-1.11x vs
+# 1.00x; 1024 x 512 x 128256: 1.31x vs 1.18x.  (OMP_WAIT_POLICY=passive for the whole process
+# gives the same there, but costs every small call ~50 us of waking the team.)
+LINEAR_CE_THREADS = 1
 LINEAR_CLASS_ROWS = 1024
 LINEAR_CLASS_CHUNK = None
 

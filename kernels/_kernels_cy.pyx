@@ -99,6 +99,22 @@ cdef int _nthreads = max(1, fl_max_threads())
 cdef Py_ssize_t _PAR_MIN = 262144
 
 
+cdef extern from *:
+    """
+    /* the calling thread's cap on the team size (0: none): fastloss._backends.thread_cap */
+    static thread_local int fl_thread_cap = 0;
+    """
+    int fl_thread_cap
+
+
+def set_thread_cap(int n):
+    """Cap the OpenMP team of the kernels *the calling thread* runs at ``n`` (0: no cap)."""
+    global fl_thread_cap
+    if n < 0:
+        raise ValueError(f"n: expected a number of threads >= 0 (0: no cap), found {n}")
+    fl_thread_cap = n
+
+
 def set_num_threads(int n):
     """Use ``n`` (>= 1) OpenMP threads in every following kernel call."""
     global _nthreads
@@ -135,9 +151,12 @@ def openmp_team_started():
 
 cdef inline int _team(Py_ssize_t work) noexcept nogil:
     global _team_started
-    if work >= _PAR_MIN and _nthreads > 1:
+    cdef int n = _nthreads
+    if 0 < fl_thread_cap < n:
+        n = fl_thread_cap
+    if work >= _PAR_MIN and n > 1:
         _team_started = 1
-        return _nthreads
+        return n
     return 1
 
 

@@ -86,6 +86,74 @@ def test_numba_elementwise_tasks_do_not_depend_on_threads():
         fl.set_num_threads(before)
 
 
+@pytest.mark.skipif(SIM, reason="host thread counts: not the CUDA simulator")
+def test_thread_cap_is_per_thread_and_changes_no_result(backend):
+    """``_backends.thread_cap(1)`` (what linear_cross_entropy puts around its kernels): the
+    results are bitwise those of the uncapped calls; on numba the calling thread's team is 1
+    inside the block and back to fastloss's count after it; another Python thread's calls
+    inside the block are not capped."""
+    import threading
+
+    from fastloss._backends import thread_cap
+
+    g = rng(5)
+    x = g.normal(0, 3, (400, 1000))  # above both compiled backends' serial thresholds
+    t = g.integers(0, 1000, 400)
+    call = lambda: fl.cross_entropy(x, t, label_smoothing=0.1, return_grad=True, backend=backend)  # noqa: E731
+    l0, g0 = call()
+    seen = {}
+
+    def other():
+        fl.cross_entropy(x, t, backend=backend)
+        if backend == "numba":
+            import numba
+            seen["other"] = numba.get_num_threads()
+
+    with thread_cap(1):
+        l1, g1 = call()
+        if backend == "numba":
+            import numba
+            seen["inside"] = numba.get_num_threads()
+        th = threading.Thread(target=other)
+        th.start()
+        th.join()
+    l2, g2 = call()
+    assert _same(l0, l1) and _same(g0, g1) and _same(l0, l2) and _same(g0, g2)
+    if backend == "numba":
+        import numba
+        assert seen["inside"] == 1
+        assert seen["other"] == numba.get_num_threads() == fl.get_num_threads()
+    with pytest.raises(ValueError, match="n: expected"):
+        with thread_cap(-1):
+            pass
+
+
+@pytest.mark.skipif(SIM, reason="host OpenMP teams: not the CUDA simulator")
+def test_thread_cap_starts_no_openmp_team():
+    """Under ``thread_cap(1)`` the cython backend's large calls start no OpenMP team (in a
+    fresh process: ``openmp_team_started`` is process state); without it they do (2+ cores)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("fastloss._kernels_cy")
+    code = """
+import numpy as np, fastloss as fl, fastloss._kernels_cy as k
+from fastloss._backends import thread_cap
+x = np.random.default_rng(0).normal(size=(600, 1000)); t = np.zeros(600, np.int64)
+with thread_cap(1):
+    fl.cross_entropy(x, t, return_grad=True, backend="cython")
+print(k.openmp_team_started())
+fl.cross_entropy(x, t, return_grad=True, backend="cython")
+print(k.openmp_team_started())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    capped, free = out.stdout.split()
+    assert capped == "False"
+    if fl._backends.get("cython").get_num_threads() > 1 and fl._backends.get("cython")._k.openmp_enabled():
+        assert free == "True"
+
+
 @pytest.mark.parametrize("soft", [False, True])
 def test_small_capped_rows_are_bitwise_the_same_whatever_the_heap(backend, soft):
     """The same call gives the same bits however the heap lies around it.  The numba row

@@ -171,6 +171,26 @@ def test_chunk_size_independence_float32(backend):
         np.testing.assert_allclose(got[1][1], base[1][1], atol=2e-6, rtol=0)
 
 
+@pytest.mark.skipif(SIM, reason="host threads: not the CUDA simulator")
+@pytest.mark.parametrize("class_chunks", [False, True])
+def test_kernel_threads_change_no_result(backend, class_chunks, monkeypatch):
+    """``_config.LINEAR_CE_THREADS`` (the kernels between the BLAS products capped at one
+    thread, the default) against no cap: bitwise the same loss and gradients, whole-row and
+    class chunks, with the kernels' parallel paths in use (rows x classes above their serial
+    thresholds)."""
+    x, W, _, t, _ = _inputs("plain", n=600, h=16, v=1200)
+    if class_chunks:  # 600 x 500 logits per chunk
+        monkeypatch.setattr(fl._config, "LINEAR_CLASS_CHUNK", 500)
+    res = []
+    for cap in (None, 1):
+        monkeypatch.setattr(fl._config, "LINEAR_CE_THREADS", cap)
+        res.append(fl.linear_cross_entropy(x, W, t, label_smoothing=0.1, return_grad=True, backend=backend,
+                                           chunk_size=None if class_chunks else 600))
+    (l0, (dh0, dw0)), (l1, (dh1, dw1)) = res
+    assert np.asarray(l0).tobytes() == np.asarray(l1).tobytes()
+    assert dh0.tobytes() == dh1.tobytes() and dw0.tobytes() == dw1.tobytes()
+
+
 @pytest.mark.parametrize("which", ["numpy", "torch"])
 def test_numpy_arrays_on_either_blas(which, monkeypatch):
     """NumPy arrays on NumPy's BLAS and on PyTorch's (``_config.LINEAR_BLAS``): every gradient

@@ -14,9 +14,12 @@ its sharded form, ``lse=`` / ``class_offset=``, with each chunk's lse from ``row
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from .. import _arrays, _config
+from .._backends import thread_cap
 from .._validate import _is_torch, check_int
 from ._common import _grad_output_array, _grad_scale_value, _index_error, _scalar
 from .cross_entropy import _class_weight, _options, cross_entropy, row_lse
@@ -371,74 +374,77 @@ def linear_cross_entropy(
     share = ops.empty((chunk,), np.float64) if vchunk < V and loss_rows is not None else None
     opts = dict(weight=w, ignore_index=ii, label_smoothing=eps, z_loss=zl, softcap=cap if cap else None,
                 reduction="none", return_grad=return_grad, backend=backend)
-    for k0 in range(0, K, chunk):
-        k1 = min(K, k0 + chunk)
-        n = k1 - k0
-        hk = ops.rows(h2, k0, k1, keep, hbuf)
-        tk = ops.rows(t2, k0, k1, keep, tbuf)
-        gs = scale * go if go is not None else ops.rows(gout_rows, k0, k1, keep, gbuf)
-        dhk = None if not return_grad else (dh[k0:k1] if not gathered else dh_tmp[:n])
+    # the kernels between the host's BLAS products on _config.LINEAR_CE_THREADS threads (see there)
+    capped = xp is _arrays.HOST and _config.LINEAR_CE_THREADS
+    with thread_cap(_config.LINEAR_CE_THREADS) if capped else contextlib.nullcontext():
+        for k0 in range(0, K, chunk):
+            k1 = min(K, k0 + chunk)
+            n = k1 - k0
+            hk = ops.rows(h2, k0, k1, keep, hbuf)
+            tk = ops.rows(t2, k0, k1, keep, tbuf)
+            gs = scale * go if go is not None else ops.rows(gout_rows, k0, k1, keep, gbuf)
+            dhk = None if not return_grad else (dh[k0:k1] if not gathered else dh_tmp[:n])
 
-        def logits_of(c0, c1):
-            """The chunk's logits of classes ``c0:c1`` (into the reused buffer)."""
-            z = ops.matrix(logits, n, c1 - c0)
-            ops.mm(hk, ops.transpose(W2[c0:c1]), z)
-            if b2 is not None:
-                ops.add_bias(z, b2[c0:c1])
-            return z
+            def logits_of(c0, c1):
+                """The chunk's logits of classes ``c0:c1`` (into the reused buffer)."""
+                z = ops.matrix(logits, n, c1 - c0)
+                ops.mm(hk, ops.transpose(W2[c0:c1]), z)
+                if b2 is not None:
+                    ops.add_bias(z, b2[c0:c1])
+                return z
 
-        def backward(z, c0, c1):
-            """The products of the gradient ``z`` of classes ``c0:c1``: ``d_input`` (set by the
-            first class chunk, accumulated by the others) and ``d_linear_weight`` (set by the
-            first row chunk, accumulated by the others), and the bias gradient."""
-            if c0 == 0:
-                ops.mm(z, W2[c0:c1], dhk)
-            else:
-                ops.mm_add(dhk, z, W2[c0:c1])
-            if k0 == 0:
-                ops.mm(ops.transpose(z), hk, dW[c0:c1])
-            else:
-                ops.mm_add(dW[c0:c1], ops.transpose(z), hk)
-            if db is not None:
-                ops.colsum_add(db[c0:c1], z)
-
-        if vchunk >= V:  # whole rows: one pass
-            z = logits_of(0, V)
-            r = cross_entropy(z, tk, grad_output=gs, grad_out=z if return_grad else None, **opts)
-            rows = r[0] if return_grad else r
-            if loss_rows is None:
-                total += xp.sum(rows)
-            if return_grad:  # z now holds G = d loss / d logits of the chunk (scaled)
-                backward(z, 0, V)
-        else:
-            # class chunks, two passes: the rows' log-sum-exp from each chunk's own (float64,
-            # combined as fastloss.logsumexp combines shards'), then each chunk's share of the
-            # loss and its slice of the gradient -- the sharded cross-entropy, whose shares add
-            # up to the unsharded loss and whose gradient slices are the unsharded gradient's
-            bounds = [(c0, min(V, c0 + vchunk)) for c0 in range(0, V, vchunk)]
-            parts = ops.empty((len(bounds), n), np.float64)
-            for i, (c0, c1) in enumerate(bounds):
-                ops.put_rows(parts[i], 0, n, None, row_lse(logits_of(c0, c1), softcap=opts["softcap"],
-                                                           backend=backend))
-            lse = logsumexp(parts, axis=0, backend=backend)
-            rows = share[:n] if share is not None else None
-            if rows is not None:
-                xp.fill(rows, 0.0)
-            for c0, c1 in bounds:
-                z = logits_of(c0, c1)
-                r = cross_entropy(z, tk, lse=lse, class_offset=c0, num_classes=V, grad_output=gs,
-                                  grad_out=z if return_grad else None, **opts)
-                part = r[0] if return_grad else r
-                if rows is not None:
-                    ops.add_to(rows, part)
+            def backward(z, c0, c1):
+                """The products of the gradient ``z`` of classes ``c0:c1``: ``d_input`` (set by the
+                first class chunk, accumulated by the others) and ``d_linear_weight`` (set by the
+                first row chunk, accumulated by the others), and the bias gradient."""
+                if c0 == 0:
+                    ops.mm(z, W2[c0:c1], dhk)
                 else:
-                    total += xp.sum(part)
-                if return_grad:
-                    backward(z, c0, c1)
-        if loss_rows is not None:
-            ops.put_rows(loss_rows, k0, k1, keep, rows)
-        if gathered and return_grad:
-            ops.put_rows(dh, k0, k1, keep, dhk)
+                    ops.mm_add(dhk, z, W2[c0:c1])
+                if k0 == 0:
+                    ops.mm(ops.transpose(z), hk, dW[c0:c1])
+                else:
+                    ops.mm_add(dW[c0:c1], ops.transpose(z), hk)
+                if db is not None:
+                    ops.colsum_add(db[c0:c1], z)
+
+            if vchunk >= V:  # whole rows: one pass
+                z = logits_of(0, V)
+                r = cross_entropy(z, tk, grad_output=gs, grad_out=z if return_grad else None, **opts)
+                rows = r[0] if return_grad else r
+                if loss_rows is None:
+                    total += xp.sum(rows)
+                if return_grad:  # z now holds G = d loss / d logits of the chunk (scaled)
+                    backward(z, 0, V)
+            else:
+                # class chunks, two passes: the rows' log-sum-exp from each chunk's own (float64,
+                # combined as fastloss.logsumexp combines shards'), then each chunk's share of the
+                # loss and its slice of the gradient -- the sharded cross-entropy, whose shares add
+                # up to the unsharded loss and whose gradient slices are the unsharded gradient's
+                bounds = [(c0, min(V, c0 + vchunk)) for c0 in range(0, V, vchunk)]
+                parts = ops.empty((len(bounds), n), np.float64)
+                for i, (c0, c1) in enumerate(bounds):
+                    ops.put_rows(parts[i], 0, n, None, row_lse(logits_of(c0, c1), softcap=opts["softcap"],
+                                                               backend=backend))
+                lse = logsumexp(parts, axis=0, backend=backend)
+                rows = share[:n] if share is not None else None
+                if rows is not None:
+                    xp.fill(rows, 0.0)
+                for c0, c1 in bounds:
+                    z = logits_of(c0, c1)
+                    r = cross_entropy(z, tk, lse=lse, class_offset=c0, num_classes=V, grad_output=gs,
+                                      grad_out=z if return_grad else None, **opts)
+                    part = r[0] if return_grad else r
+                    if rows is not None:
+                        ops.add_to(rows, part)
+                    else:
+                        total += xp.sum(part)
+                    if return_grad:
+                        backward(z, c0, c1)
+            if loss_rows is not None:
+                ops.put_rows(loss_rows, k0, k1, keep, rows)
+            if gathered and return_grad:
+                ops.put_rows(dh, k0, k1, keep, dhk)
 
     if reduction == "none":
         loss = xp.result(loss_rows, row_shape, h.dtype)

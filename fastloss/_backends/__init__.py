@@ -5,11 +5,13 @@ Each backend is a module implementing the kernel entry points of the backend pro
 Nothing is imported (and nothing compiled) until a backend is first asked for; a backend
 that cannot load raises :class:`BackendUnavailable` saying why and how to install it.
 
-It also keeps the one piece of process state the compiled backends share: whether this
-process is a child forked after a parallel call (see :func:`forked_serial`).
+It also keeps the state the compiled backends share: whether this process is a child
+forked after a parallel call (see :func:`forked_serial`), and the calling thread's cap on
+kernel threads (see :func:`thread_cap`).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -17,7 +19,7 @@ import threading
 from dataclasses import dataclass
 
 __all__ = ["BackendUnavailable", "BackendStatus", "NumbaCacheWarning", "KNOWN", "get", "status",
-           "backends", "forked_serial", "is_device_array"]
+           "backends", "forked_serial", "is_device_array", "thread_cap"]
 
 _DLPACK_CUDA = (2, 13)  # kDLCUDA, kDLCUDAManaged (kDLCUDAHost, pinned host memory, is not device memory)
 
@@ -83,6 +85,7 @@ KNOWN = {
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}
 _failed: dict[str, str] = {}
+_cap = threading.local()  # .n: this Python thread's cap on kernel threads (see thread_cap)
 
 
 def usable_cores() -> int:
@@ -138,6 +141,10 @@ def get(name: str):
                 _failed[name] = why
             else:
                 _loaded[name] = mod
+                cap = getattr(_cap, "n", 0)
+                hook = getattr(mod, "set_thread_cap", None)
+                if cap and hook is not None:  # loaded inside a thread_cap block of this thread
+                    hook(cap)
                 return mod
     raise BackendUnavailable(
         f"backend {name!r} is unavailable: {why}. To install it: {KNOWN[name][1]}. "
@@ -220,3 +227,37 @@ def forked_serial(name: str) -> bool:
     unaffected.
     """
     return name in _forked_serial
+
+
+# ----------------------------------------------------------------------------- thread cap
+def _apply_cap(n: int) -> None:
+    _cap.n = n
+    for mod in list(_loaded.values()):
+        hook = getattr(mod, "set_thread_cap", None)
+        if hook is not None:
+            hook(n)
+
+
+@contextlib.contextmanager
+def thread_cap(n):
+    """Within the block, kernels called *by this Python thread* run on at most ``n`` threads
+    (``None`` or 0: no cap).  Other threads' calls and :func:`fastloss.set_num_threads` are
+    untouched; results do not change (no kernel's result depends on its thread count).
+
+    What it is for: a loop that alternates the kernels with another library's multithreaded
+    calls -- ``linear_cross_entropy``'s BLAS products.  Each OpenMP team keeps spinning for a
+    while after its parallel region (libgomp's default ``GOMP_SPINCOUNT``: milliseconds), on
+    the cores the BLAS threads want next, and the BLAS threads then spin on ours; capped at
+    one thread, the kernels start no team that could spin (see ``_config.LINEAR_CE_THREADS``
+    for the measurements).  Applies to the backends loaded when the block starts or loaded in
+    it by this thread (the compiled ones expose ``set_thread_cap``, thread-local on their side
+    too); it is a matter of speed only, never of results."""
+    n = int(n or 0)
+    if n < 0:
+        raise ValueError(f"n: expected a number of threads >= 0 (0: no cap), found {n}")
+    prev = getattr(_cap, "n", 0)
+    _apply_cap(n)
+    try:
+        yield
+    finally:
+        _apply_cap(prev)

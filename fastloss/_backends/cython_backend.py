@@ -126,6 +126,14 @@ def set_num_threads(n: int) -> None:
     _k.set_num_threads(n)
 
 
+def set_thread_cap(n: int) -> None:
+    """Cap the OpenMP team of the kernels the calling thread runs at ``n`` (0: no cap); see
+    :func:`fastloss._backends.thread_cap`.  An extension built without the cap ignores it."""
+    hook = getattr(_k, "set_thread_cap", None)
+    if hook is not None:
+        hook(int(n))
+
+
 def get_num_threads() -> int:
     """Threads the kernels use (1 in a child forked after a parallel call)."""
     return 1 if _k is None else _k.get_num_threads()

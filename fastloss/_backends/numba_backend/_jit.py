@@ -166,6 +166,16 @@ def get_num_threads() -> int:
     return _nthreads or numba.config.NUMBA_NUM_THREADS
 
 
+_cap = threading.local()  # this Python thread's cap on kernel threads (0: none)
+
+
+def set_thread_cap(n: int) -> None:
+    """Cap the threads of the kernels this Python thread calls at ``n`` (0: no cap); see
+    :func:`fastloss._backends.thread_cap`.  Numba's own thread count is per calling thread
+    too, so ``_Guard`` applying it affects no other thread's calls."""
+    _cap.n = int(n)
+
+
 @njit(**_PJIT)
 def _launch_pool(a):  # tiny parallel kernel: makes Numba start its threading layer
     for i in prange(a.shape[0]):
@@ -195,6 +205,9 @@ class _Guard:
         if self.locked:
             _call_lock.acquire()
         n = _nthreads or numba.config.NUMBA_NUM_THREADS
+        cap = getattr(_cap, "n", 0)
+        if 0 < cap < n:
+            n = cap
         if numba.get_num_threads() != n:
             numba.set_num_threads(n)
         return self
