@@ -2,7 +2,9 @@
 rows (the only mode below ``_config.LINEAR_MIN_ROWS`` rows per chunk before the class chunks)
 and chunks of rows by classes (two passes), each as time / the three matrix products alone
 (``h @ W.T``, ``g @ W``, ``g.T @ h`` into preallocated outputs, NumPy's BLAS), interleaved,
-best of ``--reps``.  What sets ``_config.LINEAR_MIN_ROWS``.
+best of ``--reps``.  What sets ``_config.LINEAR_MIN_ROWS``.  Also the default chunks with the
+kernels on fastloss's thread count instead of ``_config.LINEAR_CE_THREADS`` (one): what sets
+that.
 
 Usage::
 
@@ -34,18 +36,20 @@ def run(shape, backend, rows_list, reps, blas):
         np.matmul(z, W, out=dh)
         np.matmul(z.T, h, out=dW)
 
-    def call(min_rows=None, classes=None, rows=None):
-        saved = (_config.LINEAR_MIN_ROWS, _config.LINEAR_CLASS_CHUNK, _config.LINEAR_CLASS_ROWS, _config.LINEAR_BLAS)
+    def call(min_rows=None, classes=None, rows=None, ce_threads=_config.LINEAR_CE_THREADS):
+        saved = (_config.LINEAR_MIN_ROWS, _config.LINEAR_CLASS_CHUNK, _config.LINEAR_CLASS_ROWS, _config.LINEAR_BLAS,
+                 _config.LINEAR_CE_THREADS)
         try:
             if min_rows is not None:
                 _config.LINEAR_MIN_ROWS = min_rows
             if classes is not None:
                 _config.LINEAR_CLASS_CHUNK, _config.LINEAR_CLASS_ROWS = classes, rows
             _config.LINEAR_BLAS = blas
+            _config.LINEAR_CE_THREADS = ce_threads
             fl.linear_cross_entropy(h, W, t, return_grad=True, backend=backend)
         finally:
             (_config.LINEAR_MIN_ROWS, _config.LINEAR_CLASS_CHUNK, _config.LINEAR_CLASS_ROWS,
-             _config.LINEAR_BLAS) = saved
+             _config.LINEAR_BLAS, _config.LINEAR_CE_THREADS) = saved
 
     whole = linear._default_chunk(N, V, H, 4)
     cands = {"products": products, f"whole rows ({min(whole, N)} per chunk)": lambda: call(min_rows=0)}
@@ -55,6 +59,7 @@ def run(shape, backend, rows_list, reps, blas):
         classes = (budget - 2 * rows * H * 4) // (rows * 4)
         if 0 < classes < V:
             cands[f"class chunks {rows} x {classes}"] = (lambda r=rows, c=classes: call(classes=c, rows=r))
+    cands[f"default, kernels on {fl.get_num_threads()} threads"] = lambda: call(ce_threads=None)
     print(f"{N}x{H}x{V}: the default chunks {linear._chunks(N, V, H, 4, None)} (rows, classes)")
     for f in cands.values():  # warm-up (compiles)
         f()
