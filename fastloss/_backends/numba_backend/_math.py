@@ -122,27 +122,6 @@ def _ldexp_split(typingctx, y, kf):
 
 
 @intrinsic
-def _ldexp_bias(typingctx, y, kf, kb):
-    """``y * 2**(k + kb)`` for an integral float ``kf`` and an integer literal-like ``kb``;
-    the caller guarantees ``k + kb`` is inside the normal exponent range (one factor)."""
-    if kf not in (types.float32, types.float64) or y != kf or not isinstance(kb, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        i32 = ir.IntType(32)
-        yv, kv, bv = args
-        k = builder.add(builder.fptosi(kv, i32), builder.trunc(bv, i32) if bv.type.width > 32 else bv)
-        if sig.return_type == types.float32:
-            b = builder.shl(builder.add(k, ir.Constant(i32, 127)), ir.Constant(i32, 23))
-            return builder.fmul(yv, builder.bitcast(b, ir.FloatType()))
-        i64 = ir.IntType(64)
-        b = builder.shl(builder.sext(builder.add(k, ir.Constant(i32, 1023)), i64), ir.Constant(i64, 52))
-        return builder.fmul(yv, builder.bitcast(b, ir.DoubleType()))
-
-    return kf(kf, kf, kb), codegen
-
-
-@intrinsic
 def _pow2_shifted(typingctx, t0, kb):
     """``2**(k + kb)`` from ``t0 = y / ln2 + 1.5 * 2**23`` (float32; ``1.5 * 2**52`` float64),
     whose low mantissa bits hold ``k = rint(y / ln2)``: ``(bits(t0) + bias + kb) << mantissa
@@ -207,12 +186,6 @@ if numba.config.DISABLE_JIT:
     def _bits_f64(i):
         return np.uint64(int(i) & 0xFFFFFFFFFFFFFFFF).view(np.float64)
 
-    def _ldexp_bias(y, kf, kb):
-        dt = np.float32 if isinstance(y, np.float32) else np.float64
-        if not np.isfinite(kf):  # a NaN/inf argument: the compiled code's lane is discarded
-            return dt(np.nan)     # by the caller's final select; so is this value
-        return dt(y * np.ldexp(dt(1.0), int(kf) + int(kb)))
-
     def _frexp32(x):
         ix = (int(np.float32(x).view(np.int32)) + (0x3F800000 - _SQRTH_BITS)) & 0xFFFFFFFF
         m = np.uint32(((ix & 0x007FFFFF) + _SQRTH_BITS) & 0xFFFFFFFF).view(np.float32)
@@ -227,7 +200,7 @@ if numba.config.DISABLE_JIT:
 
     def _ldexp_split(y, kf):
         dt = np.float32 if isinstance(y, np.float32) else np.float64
-        if not np.isfinite(kf):  # see _ldexp_bias
+        if not np.isfinite(kf):  # a NaN/inf argument: the compiled code's lane is discarded
             return dt(np.nan)
         k = int(kf)
         k1 = k >> 1
