@@ -52,7 +52,10 @@ LINEAR_MIN_ROWS = 112
 # BLAS, float32, 2 threads, Zen 4; time / the three products, one process each):
 # 1024 x 256 x 32000: 2.09-2.51x on two threads, 1.44x on one; 4096 x 512 x 32000: 1.08-1.11x vs
 # 1.00x; 1024 x 512 x 128256: 1.31x vs 1.18x.  (OMP_WAIT_POLICY=passive for the whole process
-# gives the same there, but costs every small call ~50 us of waking the team.)
+# gives the same there, but costs every small call ~50 us of waking the team.)  On many cores
+# (not measured here) the trade is closer: the one-thread kernels cost ~(1 - 1/T) of their
+# single-core time (~70 ms at 4096 x 32000 float32), the spinning some milliseconds per chunk
+# whatever T is; set None to compare.
 LINEAR_CE_THREADS = 1
 LINEAR_CLASS_ROWS = 1024
 LINEAR_CLASS_CHUNK = None
