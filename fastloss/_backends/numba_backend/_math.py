@@ -251,8 +251,8 @@ _LN2HI_64 = 6.93147180369123816490e-01
 _LN2LO_64 = 1.90821492927058770002e-10
 _LO_64 = -746.0
 _HI_64 = 710.0
-_T = [1.0 / np.prod(np.arange(1, n + 1, dtype=np.float64)) for n in range(13)]
-_T2, _T3, _T4, _T5, _T6, _T7, _T8, _T9, _T10, _T11, _T12 = _T[2:]
+_T = [1.0 / np.prod(np.arange(1, n + 1, dtype=np.float64)) for n in range(14)]  # 1 / n!
+_T2, _T3, _T4, _T5, _T6, _T7, _T8, _T9, _T10, _T11, _T12, _T13 = _T[2:]
 
 
 @njit(**_JIT)
@@ -291,7 +291,7 @@ _SHIFT_64 = 1.5 * 2.0**52
 _Q0_32, _Q1_32, _Q2_32, _Q3_32, _Q4_32, _Q5_32 = (_F32(float(c) * 2.0**-64) for c in (
     _P0_32, _P1_32, _P2_32, _P3_32, _P4_32, _P5_32))
 _SN_64 = 2.0**-512
-_TN = [t * 2.0**-512 for t in _T]
+_TN = [t * 2.0**-512 for t in _T[:13]]
 _N2, _N3, _N4, _N5, _N6, _N7, _N8, _N9, _N10, _N11, _N12 = _TN[2:]
 
 
@@ -533,14 +533,11 @@ _CAP_LO_32 = _F32(-87.0)
 _CAP_LO_64 = -708.0
 _CAP_C1_32 = _F32(0.693145751953125)  # ln2 split as Cython's: k * C1 exact for |k| < 2**8
 _CAP_C2_32 = _F32(1.42860682030941723212e-6)
-_H_32 = [_F32(1.0 / f) for f in (5040.0, 720.0, 120.0, 24.0, 6.0, 2.0)]
-_H7_32, _H6_32, _H5_32, _H4_32, _H3_32, _H2_32 = _H_32
+_H7_32, _H6_32, _H5_32, _H4_32, _H3_32, _H2_32 = (_F32(_T[n]) for n in range(7, 1, -1))  # 1 / n!
 _FIFTH_32 = _F32(0.2)
 _TWO_32 = _F32(2.0)
 _FOUR_32 = _F32(4.0)
 _M2_32 = _F32(-2.0)
-_I = [1.0 / np.prod(np.arange(1, n + 1, dtype=np.float64)) for n in range(2, 14)]
-_I2, _I3, _I4, _I5, _I6, _I7, _I8, _I9, _I10, _I11, _I12, _I13 = _I
 
 
 @njit(**_JIT)
@@ -580,17 +577,17 @@ def softcap64(x, cap, inv):
     k = t0 - _SHIFT_64
     r = yc - k * _LN2HI_64
     r = r - k * _LN2LO_64
-    h = _I13 * r + _I12
-    h = h * r + _I11
-    h = h * r + _I10
-    h = h * r + _I9
-    h = h * r + _I8
-    h = h * r + _I7
-    h = h * r + _I6
-    h = h * r + _I5
-    h = h * r + _I4
-    h = h * r + _I3
-    h = h * r + _I2
+    h = _T13 * r + _T12
+    h = h * r + _T11
+    h = h * r + _T10
+    h = h * r + _T9
+    h = h * r + _T8
+    h = h * r + _T7
+    h = h * r + _T6
+    h = h * r + _T5
+    h = h * r + _T4
+    h = h * r + _T3
+    h = h * r + _T2
     h = h * r + 1.0
     q = h * r
     s = _pow2_shifted(t0, 0)
