@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass
 
 __all__ = ["BackendUnavailable", "BackendStatus", "NumbaCacheWarning", "KNOWN", "get", "status",
-           "backends", "forked_serial", "is_device_array", "thread_cap"]
+           "backends", "forked_serial", "is_device_array", "thread_cap", "thread_cap_now"]
 
 _DLPACK_CUDA = (2, 13)  # kDLCUDA, kDLCUDAManaged (kDLCUDAHost, pinned host memory, is not device memory)
 
@@ -141,7 +141,7 @@ def get(name: str):
                 _failed[name] = why
             else:
                 _loaded[name] = mod
-                cap = getattr(_cap, "n", 0)
+                cap = thread_cap_now()
                 hook = getattr(mod, "set_thread_cap", None)
                 if cap and hook is not None:  # loaded inside a thread_cap block of this thread
                     hook(cap)
@@ -230,6 +230,11 @@ def forked_serial(name: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- thread cap
+def thread_cap_now() -> int:
+    """The calling Python thread's cap on kernel threads (0: none); see :func:`thread_cap`."""
+    return getattr(_cap, "n", 0)
+
+
 def _apply_cap(n: int) -> None:
     _cap.n = n
     for mod in list(_loaded.values()):
@@ -250,12 +255,13 @@ def thread_cap(n):
     the cores the BLAS threads want next, and the BLAS threads then spin on ours; capped at
     one thread, the kernels start no team that could spin (see ``_config.LINEAR_CE_THREADS``
     for the measurements).  Applies to the backends loaded when the block starts or loaded in
-    it by this thread (the compiled ones expose ``set_thread_cap``, thread-local on their side
-    too); it is a matter of speed only, never of results."""
+    it by this thread (the numba backend reads :func:`thread_cap_now` at each call; the cython
+    extension keeps a C++ ``thread_local`` copy, set through its ``set_thread_cap``); it is a
+    matter of speed only, never of results."""
     n = int(n or 0)
     if n < 0:
         raise ValueError(f"n: expected a number of threads >= 0 (0: no cap), found {n}")
-    prev = getattr(_cap, "n", 0)
+    prev = thread_cap_now()
     _apply_cap(n)
     try:
         yield

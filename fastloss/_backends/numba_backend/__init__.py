@@ -119,10 +119,10 @@ import numpy as np
 from ... import _config as cfg
 from . import _jit
 from ._cache import cache_info
-from ._jit import NAME, _call, _nblocks, _tasks, get_num_threads, numba, set_num_threads, set_thread_cap
+from ._jit import NAME, _call, _nblocks, _tasks, get_num_threads, numba, set_num_threads
 
 __all__ = [
-    "NAME", "unavailable_reason", "set_num_threads", "get_num_threads", "set_thread_cap", "warmup", "cache_info",
+    "NAME", "unavailable_reason", "set_num_threads", "get_num_threads", "warmup", "cache_info",
     "logsumexp", "softmax", "log_softmax", "softmax_backward", "log_softmax_backward",
     "cross_entropy", "cross_entropy_shard", "cross_entropy_soft", "bce_with_logits", "bce", "kl_div", "mse",
     "gaussian_nll",

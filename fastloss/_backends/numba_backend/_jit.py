@@ -13,7 +13,7 @@ import threading
 import numpy as np
 
 from ... import _config as cfg
-from .. import forked_serial
+from .. import forked_serial, thread_cap_now
 from . import _cache
 
 NAME = "numba"
@@ -166,15 +166,6 @@ def get_num_threads() -> int:
     return _nthreads or numba.config.NUMBA_NUM_THREADS
 
 
-_cap = threading.local()  # this Python thread's cap on kernel threads (0: none)
-
-
-def set_thread_cap(n: int) -> None:
-    """Cap the threads of the kernels this Python thread calls at ``n`` (0: no cap); see
-    :func:`fastloss._backends.thread_cap`.  Numba's own thread count is per calling thread
-    too, so ``_Guard`` applying it affects no other thread's calls."""
-    _cap.n = int(n)
-
 
 @njit(**_PJIT)
 def _launch_pool(a):  # tiny parallel kernel: makes Numba start its threading layer
@@ -205,7 +196,9 @@ class _Guard:
         if self.locked:
             _call_lock.acquire()
         n = _nthreads or numba.config.NUMBA_NUM_THREADS
-        cap = getattr(_cap, "n", 0)
+        # the calling thread's cap (fastloss._backends.thread_cap); Numba's own thread count
+        # is per calling thread too, so applying it affects no other thread's calls
+        cap = thread_cap_now()
         if 0 < cap < n:
             n = cap
         if numba.get_num_threads() != n:
