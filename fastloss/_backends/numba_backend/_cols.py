@@ -335,16 +335,45 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad,
                 dd[r] += wj * v if v != 0.0 else 0.0  # no inf * 0 at the max (see _ce_row)
     u = eps / c
     us = u * sumw if eps != 0.0 else 0.0  # no 0 * nan from a nan weight of an unused class
+    # chk counts the rows whose sum is +inf or NaN, by comparisons: ``sr - sr`` (0, or NaN for
+    # such a row) is folded to 0 under reassoc where LLVM sees fit -- it did once the plain
+    # loop below was split off, and those rows kept e / s = inf / inf instead of the patch
     chk = zero
-    # per-row loss and gradient coefficients: one loop across rows, vectorized.  log s in the
-    # dtype of x (s in [1, C] for a finite max: within an ulp or two), the rest in float64
-    for r in range(nr):
+    one = cast_like(1.0, x)
+    pinf = cast_like(np.inf, x)
+    # per-row loss and gradient coefficients, vectorized across rows.  log s in the dtype of x
+    # (s in [1, C] for a finite max: within an ulp or two), the rest in float64
+    if eps == 0.0 and z == 0.0:
+        # the common case in three loops without branches (the Cython kernel's order of work):
+        # log s in the dtype of x alone -- 16 float32 lanes per AVX-512 vector, where one loop
+        # mixing float32 and float64 runs all of it at 8, with the eps and z branches inside
+        # (that loop was a fifth of the 262144 x 10 float32 kernel).  bt is free here: the
+        # gradient reads it only with label smoothing.  Bitwise the general loop's results:
+        # with eps = z = 0 its a = (1 - 0) w_t + 0 + 0 lse is w_t wherever lse is finite, and
+        # the rows where it is not are those the patch below recomputes (st not finite), or
+        # rows of -inf logits only (s = 0), NaN either way.
+        for r in range(nr):
+            bt[r] = vlog(st[r])
+        for r in range(nr):
+            lsr = np.float64(bt[r])
+            lse[r] = np.float64(sh[r]) + lsr
+            # -log p[t] = log s - (x[t] - shift): huge logits keep their O(1) part (see _ce_row)
+            row = np.float64(wt[r]) * neg_log_p(lsr, xtt[r], sh[r])
+            lb[r] = row if tj[r] >= zero else 0.0
+        if grad is not None:
+            for r in range(nr):
+                sr = st[r]
+                gs = gsc if gsa is None else gsc * gb[r]
+                a = cast_like(gs * np.float64(wt[r]), x)
+                cg[r] = a / sr
+                gt[r] = a
+                chk += zero if sr < pinf else one  # rows whose sum is inf or nan
+    for r in range(nr if eps != 0.0 or z != 0.0 else 0):
         sr = st[r]
         lsr = np.float64(vlog(sr))
         lser = np.float64(sh[r]) + lsr
         lse[r] = lser
         wtr = np.float64(wt[r])
-        # -log p[t] = log s - (x[t] - shift): huge logits keep their O(1) part (see _ce_row)
         row = (1.0 - eps) * wtr * neg_log_p(lsr, xtt[r], sh[r])
         # dd[r] read whatever eps is (unused scratch when 0): read only under the condition,
         # LLVM loads it with a masked load, which AVX2 spells vmaskmovpd (slow on AMD)
@@ -361,14 +390,14 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad,
             cg[r] = cast_like(gs * a, x) / sr  # p = e / s
             bt[r] = cast_like(gs * u, x)
             gt[r] = cast_like(gs * (1.0 - eps) * wtr, x)
-            chk += sr - sr  # 0, or nan once a row sum is inf/nan
+            chk += zero if sr < pinf else one
     if lse_out.shape[0] != 0:
         lo = lse_out[r0:r1]
         for r in range(nr):
             lo[r] = lse[r]
     if grad is None:
         return
-    if chk != zero:  # i.e. nan: some row holds +inf or nan
+    if chk != zero:  # some row holds +inf or nan
         for r in range(nr):
             if not _finite(st[r]) and tg[r] != ignore:
                 # p = exp(x - lse) as the reference computes it (0 for finite x, nan at the
