@@ -16,7 +16,9 @@ things are checked:
   ``<N x double>``) or the scalar remainder of one (marked ``llvm.loop.isvectorized`` by the
   loop vectorizer).  A loop that the vectorizer left scalar is reported with the kernel it
   is in and its shape (its FP operations, ``_loop_key``); none is allowed -- even the row
-  max vectorizes (as an integer max, ``_math.order_key``).  The widest vector width seen in
+  max vectorizes (as an integer max, ``_math.order_key``) -- except the cold loops a kernel
+  marks as scalar on purpose (``_cols._scalar``: an empty side-effecting ``asm``, which
+  LLVM's vectorizer cannot widen; there a vectorized loop would gather and scatter).  The widest vector width seen in
   the kernel's loops is reported (512 bits on an AVX-512 target, 256 on AVX2).
 * **no overlap test between two operands that are the same memory**: LLVM guards a vector
   loop that reads one array and writes another with a run-time overlap test, and runs its
@@ -209,6 +211,8 @@ def _loops(ir):
             body = _FLAGS.sub("", "\n".join(blocks[b][1] for b in sorted(members)))
             if re.search(r"call [^\n]*@(?!llvm\.)", body):
                 continue  # a driver loop calling a kernel function: the work is in the callee
+            if 'asm sideeffect ""' in body:
+                continue  # kept scalar on purpose (numba_backend._cols._scalar): a cold loop
             fp = _FP_OP.findall(body) + ["<%s x %s>" % (v[1:].split("f")[0], "float" if v.endswith("f32") else "double")
                                          if v.startswith("v") else v for v in _FP_CALL.findall(body)]
             if not fp:

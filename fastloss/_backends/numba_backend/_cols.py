@@ -41,6 +41,31 @@ def _tile(src, i, j, dst, p, q):
     dst[p:p + w, q:q + w] = src[i:i + w, j:j + w].T
 
 
+def _scalar():
+    """Keeps the loop it is called in scalar (the plain-Python twin does nothing).  Compiled, an
+    empty ``asm`` statement with side effects: no instruction, but a call LLVM cannot widen,
+    so its loop vectorizer leaves that loop alone.
+
+    Why: for the block's cold element-by-element loops (the transposes of blocks too small or
+    too strided for tiles, the patch pass over a row's classes), whose one operand walks the
+    scratch across its rows.  With the block inlined into the kernel (``forceinline``), the
+    scratch's row stride is a known constant, and LLVM vectorized those loops with AVX-512
+    gathers and scatters -- microcoded on AMD cores, slower than the scalar loop, and what
+    ``tests/test_numba_asm.py`` rejects."""
+    return None
+
+
+def _opaque(n):
+    """``n`` unchanged, as a value LLVM knows nothing about (the plain-Python twin returns it).
+    Compiled, an empty ``asm`` that returns its operand: no instruction.
+
+    Why: for the number of rows of a block.  Inlined into the kernel (``forceinline``), the
+    block's ``nr = min(n, r0 + _SB) - r0`` has a known maximum, ``_SB``, and LLVM then folded
+    the tail of some of the loops over the rows into their vector body with masked loads and
+    stores -- on AVX2 ``vmaskmov``, microcoded on AMD cores -- instead of a remainder loop."""
+    return n
+
+
 def _prefetch(a, i, off, write):
     """Hint that the byte ``off`` past ``a[i, 0]`` will be read (``write`` False) or written
     soon: into L2 (the plain-Python twin does nothing).  Compiled, one ``prefetcht1`` /
@@ -155,6 +180,35 @@ if numba is not None and not _NOJIT:
 
         return sig, codegen
 
+    @_intrinsic
+    def _scalar_ir(typingctx):
+        def codegen(context, builder, signature, args):
+            asm = _ir.InlineAsm(_ir.FunctionType(_ir.VoidType(), []), "", "", side_effect=True)
+            builder.call(asm, [])
+            return context.get_dummy_value()
+
+        return _types.void(), codegen
+
+    @_intrinsic
+    def _opaque_ir(typingctx, n):
+        if not isinstance(n, _types.Integer):
+            return None
+
+        def codegen(context, builder, signature, args):
+            v = args[0]
+            asm = _ir.InlineAsm(_ir.FunctionType(v.type, [v.type]), "", "=r,0", side_effect=False)
+            return builder.call(asm, [v])
+
+        return n(n), codegen
+
+    @_overload(_opaque, inline="always")
+    def _ov_opaque(n):
+        return lambda n: _opaque_ir(n)
+
+    @_overload(_scalar, inline="always")
+    def _ov_scalar():
+        return lambda: _scalar_ir()
+
     @_overload(_prefetch, inline="always")
     def _ov_prefetch(a, i, off, write):
         return lambda a, i, off, write: _prefetch_ir(a, i, off, write)
@@ -168,7 +222,12 @@ if numba is not None and not _NOJIT:
         return lambda src, i, j, dst, p, q: _tile_ir(src, i, j, dst, p, q)
 
 
-@njit(**_JIT)
+# forceinline: LLVM inlines the block into its kernel's task loop; the call of a function with
+# thirty array arguments per block of rows, and the block's code compiled without knowing its
+# scratch arrays, cost 5-12 % of the 262144 x 10 kernel (float32 and float64, 1 and 2 threads,
+# Zen 4; first compile +1.5 s).  (Numba's own inline="always" gave the same speed and doubled
+# the compile time: its parfor passes then run over the whole block.)
+@njit(forceinline=True, **_JIT)
 def _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad, gsc, gsa, r0, r1,
                    xt, et, dc, sh, sh2, cg, xtt, tj, bt, gt, st, wt, s, dd, lse):
     """Rows ``[r0, r1)`` of a hard-target cross-entropy with few classes, vectorized across rows.
@@ -202,7 +261,7 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad,
     arrays, not rows of one: LLVM then needs no run-time alias checks.
     """
     c = x.shape[1]
-    nr = r1 - r0
+    nr = _opaque(r1 - r0)  # no known maximum: see _opaque
     zero = cast_like(0.0, x)
     # this block's rows of the per-row arrays, indexed from 0: an index r0 + r (r0 an argument)
     # is not provably >= 0, and Numba's wrap-around test on it would keep the loops scalar
@@ -229,6 +288,7 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad,
         for r in range(nr):
             xr = x[r0 + r]  # a row view: j from range(c) indexes it without wrap-around tests
             for j in range(c):
+                _scalar()
                 xt[j, r] = xr[j]
     if cap != 0.0:
         capx = cast_like(cap, x)
@@ -244,7 +304,8 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad,
     for r in range(nr):
         t = tg[r]
         tj[r] = m1 if t == ignore else cast_like(t, x)
-        nig += 1 if t == ignore else 0
+    for r in range(nr):
+        nig += 1 if tj[r] < zero else 0
     # Row max (NaN skipped as in _rowmax: a NaN reaches the result through the sum of exp),
     # the target's logit and the target's weight, four columns per pass over the block's rows:
     # the row arrays are loaded and stored once per four columns, not once per column (a
@@ -405,6 +466,7 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad,
                 gs = gsc if gsa is None else gsc * gb[r]
                 lsed = cast_like(lse[r], x)
                 for j in range(c):
+                    _scalar()
                     et[j, r] = vexp(xt[j, r] - lsed)
                 cg[r] = cast_like(gs * ((1.0 - eps) * np.float64(wt[r]) + us + 2.0 * z * lse[r]), x)
     # The gradient, in place of et and still across rows: g_j = e_j cg - bt w_j, less gt in the
@@ -449,6 +511,7 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad,
         for r in range(nr):
             if tj[r] < zero:
                 for j in range(c):
+                    _scalar()
                     et[j, r] = zero
     # back into row layout (every read of this block of x is done: grad may be x)
     if c >= tw and nr >= tw and grad.strides[1] == grad.itemsize:
@@ -461,6 +524,7 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad,
         for r in range(nr):
             gr = grad[r0 + r]
             for j in range(c):
+                _scalar()
                 gr[j] = et[j, r]
 
 @_kernel
