@@ -306,3 +306,24 @@ def test_torch_cpu_tensors_use_torch_blas(backend, monkeypatch):
     close(got[0], want[0])
     for g, w in zip(got[1], want[1]):
         close(g, w, kind="grad")
+
+
+def test_bench_script_times_candidates_in_turns():
+    """``bench/linear_ce.py --interleaved``: every candidate timed in one process in turns,
+    its ratio to the products of its BLAS and the goal lines printed (a tiny shape; the
+    fresh-process mode shares the same candidate builder)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "linear_ce.py"
+    p = subprocess.run([sys.executable, str(script), "--shapes", "64x16x300", "--interleaved", "2",
+                        "--only", "products numpy,fastloss numba,fastloss cython", "--threads", "1"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert "medians of 2 rounds" in lines[0]
+    for name in ("products numpy", "fastloss numba", "fastloss cython"):
+        row = next(ln for ln in lines if f" {name} " in ln and "median" in ln)
+        assert "unavailable" not in row and "x products" in row
+        assert any(ln.startswith(f"  goal 64x16x300 {name}: time ") for ln in lines) or name.startswith("products")
