@@ -258,7 +258,9 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad,
     target logit, the target class (-1: ignored), the smoothing and target terms of the
     gradient, the row sum and the target weight; in float64 the row sum across partial sums
     (more than ``_SUMC`` classes), the smoothing sum and lse.  Separate
-    arrays, not rows of one: LLVM then needs no run-time alias checks.
+    arrays, not rows of one.  (LLVM still guards most of the block's vector loops with
+    run-time overlap tests between them -- the fixed cost per block that makes small blocks
+    slow here, see ``NUMBA_COL_ROWS`` in fastloss/_config.py.)
     """
     c = x.shape[1]
     nr = _opaque(r1 - r0)  # no known maximum: see _opaque
@@ -304,8 +306,8 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad,
     for r in range(nr):
         t = tg[r]
         tj[r] = m1 if t == ignore else cast_like(t, x)
-    for r in range(nr):
-        nig += 1 if tj[r] < zero else 0
+    for r in range(nr):  # a loop of its own: with the count in the loop above, LLVM gave that
+        nig += 1 if tj[r] < zero else 0  # loop a masked tail (AVX2 vmaskmov) once inlined
     # Row max (NaN skipped as in _rowmax: a NaN reaches the result through the sum of exp),
     # the target's logit and the target's weight, four columns per pass over the block's rows:
     # the row arrays are loaded and stored once per four columns, not once per column (a
@@ -460,7 +462,7 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad,
         return
     if chk != zero:  # some row holds +inf or nan
         for r in range(nr):
-            if not _finite(st[r]) and tg[r] != ignore:
+            if not st[r] < pinf and tg[r] != ignore:  # (not _finite: see chk)
                 # p = exp(x - lse) as the reference computes it (0 for finite x, nan at the
                 # inf), not e / s = inf / inf
                 gs = gsc if gsa is None else gsc * gb[r]
