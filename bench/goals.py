@@ -28,8 +28,13 @@ Method
   memcpy, the numpy backend, each compiled backend, the peers.  Every implementation gets
   one untimed warm-up call (Numba compilation or cache load, page faults of fresh outputs,
   JAX tracing and XLA compilation, inductor's compilation) whose result is checked against the numpy backend's, then
-  ``--reps`` timed calls (numpy: half as many, at least 2).  The *best* time is used for the
-  ratios -- on a shared machine noise only ever adds time -- and the median is reported too.
+  ``--reps`` timed calls (numpy: half as many, at least 2): the memcpy, the numpy backend and
+  the compiled backends in turns (``--reps`` rounds of one call each: their ratios, numba /
+  cython and best / memcpy, come from the same minutes of a noisy machine -- timed in blocks,
+  one after the other, a numba/cython ratio moved 1.0x -> 1.75x between runs), the peers
+  after, each in a block of its own (their thread pools may keep spinning after a call).  The
+  *best* time is used for the ratios -- on a shared machine noise only ever adds time -- and
+  the median is reported too.
 * ``cpu/wall`` is the process CPU time over the wall time of the timed calls: the number of
   cores the implementation kept busy on average.  JAX (XLA's CPU client) sizes its thread
   pool to every usable core and has no thread-count knob short of disabling multithreading,
@@ -271,6 +276,19 @@ def jax_threads() -> dict:
 
 
 # ============================================================================ timing
+def _warm(fn: Callable[[], Any], keep: bool = True) -> tuple[float, list | None]:
+    """One untimed warm-up call: its time (compilation, cache load, page faults) and (with
+    ``keep``) its result as a list of array copies, taken before the next call overwrites a
+    reused ``grad_out``."""
+    gc.collect()
+    t0 = time.perf_counter()
+    r = fn()
+    first = time.perf_counter() - t0
+    got = _bench.outputs(r) if keep else None
+    del r
+    return first, got
+
+
 def time_calls(fn: Callable[[], Any], reps: int, keep: bool = True) -> tuple[Timing, list | None]:
     """One warm-up call, then ``reps`` single timed calls (:func:`fastloss._bench.time_calls`,
     the timer of every benchmark here).
@@ -278,12 +296,7 @@ def time_calls(fn: Callable[[], Any], reps: int, keep: bool = True) -> tuple[Tim
     Returns the timing and (with ``keep``) the warm-up call's result as a list of array
     copies, taken before the next call overwrites a reused ``grad_out``.
     """
-    gc.collect()
-    t0 = time.perf_counter()
-    r = fn()
-    first = time.perf_counter() - t0
-    got = _bench.outputs(r) if keep else None
-    del r
+    first, got = _warm(fn, keep)
     return dataclasses.replace(_timing.time_calls(fn, reps, warmup=False), first=first), got
 
 
@@ -292,9 +305,18 @@ def measure_case(case: Case, backends, reps: int, jax: bool = True, log=None, pe
     """Time the memcpy, the numpy backend, ``backends`` and the ``peers`` on ``case``
     (``peers`` None: the JAX peer if ``jax``, as in earlier versions).
 
+    Each gets one warm-up call, checked against the numpy backend's result.  The memcpy, the
+    numpy backend and ``backends`` are then timed in turns (:func:`fastloss._bench.
+    time_in_turns`: ``reps`` rounds of one call each, the numpy backend in the first
+    ``max(2, reps // 2)`` of them), so that their ratios -- the goals' numba / cython and best /
+    memcpy -- come from the same minutes; the peers after, each in a block of ``reps`` calls
+    (their threads -- JAX's pool, PyTorch's OpenMP team -- may keep spinning after a call,
+    which would slow the next implementation in turns, not theirs).
+
     Returns ``{"times": {impl: Timing dict}, "checks": {impl: {...}}, "not_run": {impl: why}}``.
     A failing or disagreeing implementation is recorded (``checks[impl]["ok"] = False``) and
-    the others still run.  ``log(impl, timing_or_None, check)`` is called after each one.
+    the others still run.  ``log(impl, timing_or_None, check)`` is called for each one, in the
+    order above.
     """
     res = {"workload": case.workload.key, "name": case.name, "shape": list(case.shape),
            "dtype": case.dtype.name, "logits_bytes": case.logits.nbytes, "times": {}, "checks": {}, "not_run": {}}
@@ -303,12 +325,19 @@ def measure_case(case: Case, backends, reps: int, jax: bool = True, log=None, pe
     if peers is None:
         peers = [PEER] if jax else []
     impls += [(p, (lambda p=p: peer_callable(case, p))) for p in peers]
+    n_turns = 2 + len(backends)  # memcpy, numpy, backends: in turns
     ref = None
-    for impl, make in impls:
-        n = max(2, reps // 2) if impl == "numpy" else reps
+    turns, firsts, logged = {}, {}, []
+    for pos, (impl, make) in enumerate(impls):
+        if pos == n_turns:  # the implementations in turns are warm and checked: time them
+            _time_turns(res, turns, firsts, reps, log, logged)
         try:
             fn = make()
-            timing, got = time_calls(fn, n, keep=impl != "memcpy")
+            if pos < n_turns:
+                timing = None
+                first, got = _warm(fn, keep=impl != "memcpy")
+            else:
+                timing, got = time_calls(fn, reps, keep=True)
             copied = impl != "memcpy" or np.array_equal(fn(), case.logits)
         except Unavailable as e:
             res["not_run"][impl] = str(e)
@@ -316,7 +345,9 @@ def measure_case(case: Case, backends, reps: int, jax: bool = True, log=None, pe
         except Exception as e:  # a failing kernel, a broken JAX install: report it, go on with the others
             check = {"ok": False, "max_err": None, "error": f"{type(e).__name__}: {e}"}
             res["checks"][impl] = check
-            if log:
+            if pos < n_turns:
+                logged.append((impl, None, check))
+            elif log:
                 log(impl, None, check)
             continue
         if impl == "memcpy":
@@ -329,12 +360,34 @@ def measure_case(case: Case, backends, reps: int, jax: bool = True, log=None, pe
         else:
             ok, err = _bench.compare(ref, got, case.dtype)
             check = {"ok": bool(ok), "max_err": err, "error": None}
-        res["times"][impl] = timing.as_dict()
         res["checks"][impl] = check
+        if timing is None:
+            turns[impl], firsts[impl] = fn, first
+            logged.append((impl, "turns", check))
+        else:
+            res["times"][impl] = timing.as_dict()
+            if log:
+                log(impl, timing, check)
+        del got
+    if len(impls) <= n_turns:
+        _time_turns(res, turns, firsts, reps, log, logged)
+    return res
+
+
+def _time_turns(res, turns, firsts, reps, log, logged):
+    """Time ``turns`` in turns (see :func:`measure_case`), record them in ``res`` and log every
+    implementation of the turns' group -- the failed ones too -- in their order."""
+    n_np = max(2, reps // 2)
+    got = _timing.time_in_turns(turns, max(reps, n_np), rounds={k: (n_np if k == "numpy" else reps) for k in turns})
+    for impl, what, check in logged:
+        timing = None
+        if what == "turns":
+            timing = dataclasses.replace(got[impl], first=firsts[impl])
+            res["times"][impl] = timing.as_dict()
         if log:
             log(impl, timing, check)
-        del got
-    return res
+    turns.clear()
+    logged.clear()
 
 
 # ============================================================================ start-up

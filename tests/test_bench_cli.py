@@ -8,6 +8,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -351,6 +352,26 @@ def test_the_one_timer_batches_short_calls_and_stops_on_its_budget():
     # the budget ends timing after min_reps batches
     slow = _bench.time_calls(lambda: sum(range(20000)), 1000, min_reps=2, budget=0.0, warmup=False)
     assert slow.reps == 2 and slow.first == 0.0
+
+
+def test_turns_interleave_the_calls_and_time_each_one():
+    """_bench.time_in_turns: round after round, one call of each callable in order (fewer
+    rounds where asked), each call's time its own -- a slow stretch that one callable's calls
+    fall into shows in its median, not in the others'."""
+    seq = []
+
+    def make(name, sleep):
+        def fn():
+            seq.append(name)
+            time.sleep(sleep)
+        return fn
+
+    got = _bench.time_in_turns({"a": make("a", 0.002), "b": make("b", 0.0), "c": make("c", 0.0)}, 4, rounds={"c": 2})
+    assert seq == ["a", "b", "c", "a", "b", "c", "a", "b", "a", "b"]
+    assert (got["a"].reps, got["b"].reps, got["c"].reps) == (4, 4, 2)
+    assert got["a"].best >= 0.002 and got["b"].median < 0.002 <= got["a"].median
+    assert all(t.number == 1 and t.first == 0.0 and 0 < t.best <= t.median for t in got.values())
+    assert got["a"].cpu_per_wall < 0.5  # sleeping: little CPU time over its own wall time
 
 
 def test_the_one_timer_takes_a_device_clock():

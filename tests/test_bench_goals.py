@@ -138,6 +138,33 @@ def test_cases_agree_with_the_numpy_backend(key):
     assert res["times"]["numpy"]["reps"] == 2  # at least 2 numpy calls
 
 
+def test_backends_are_timed_in_turns_and_peers_after():
+    """measure_case: memcpy, the numpy backend and the compiled backends warmed up and checked
+    first, then timed in turns (the numpy backend in the first max(2, reps // 2) rounds), the
+    peers after in blocks; the log in that order, a failing backend logged in its place."""
+    case = goals.build_case(goals.BY_KEY["ce_8192x1000"], "float64", (8, 50))
+    real, seq = case.call, []
+
+    def call(be):
+        seq.append(be)
+        if be == "broken":
+            raise RuntimeError("no kernel")
+        return real("numpy")
+
+    case.call = call
+    logged = []
+    res = goals.measure_case(case, ["numba", "broken", "cython"], reps=4, jax=False,
+                             log=lambda impl, t, c: logged.append((impl, t is not None, c["ok"])))
+    # warm-ups (numba, cython: one call each, checked), then 4 rounds in turns
+    assert seq[:4] == ["numpy", "numba", "broken", "cython"]
+    assert seq[4:] == ["numpy", "numba", "cython"] * 2 + ["numba", "cython"] * 2
+    assert logged == [("memcpy", True, True), ("numpy", True, True), ("numba", True, True),
+                      ("broken", False, False), ("cython", True, True)]
+    assert res["times"]["numpy"]["reps"] == 2 and res["times"]["numba"]["reps"] == 4
+    assert "broken" not in res["times"] and res["checks"]["broken"]["error"] == "RuntimeError: no kernel"
+    assert all(t["first"] > 0 for t in res["times"].values())
+
+
 def test_a_wrong_implementation_is_flagged(monkeypatch):
     case = goals.build_case(goals.BY_KEY["ce_8192x1000"], "float64", (8, 1000))
     real = case.call

@@ -54,10 +54,10 @@ from . import peers
 from .cases import _FULL, _QUICK, _TINY, KERNELS, Case, Kernel, _fl, compare, make_case, outputs
 from .machine import _threads_info, machine_info
 from .plot import plot
-from .timing import _TIMINGS, Timing, _Timing, alloc_peak, measure, memcpy_time, time_calls
+from .timing import _TIMINGS, Timing, _Timing, alloc_peak, measure, memcpy_time, time_calls, time_in_turns
 
 __all__ = ["add_arguments", "run", "KERNELS", "Kernel", "make_case", "Case", "outputs", "compare", "SCHEMA",
-           "machine_info", "Progress", "time_calls", "Timing"]
+           "machine_info", "Progress", "time_calls", "time_in_turns", "Timing"]
 
 SCHEMA = "fastloss-bench/1"
 

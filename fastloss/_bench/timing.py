@@ -95,6 +95,37 @@ def time_calls(fn, reps: int, *, min_reps: int | None = None, min_batch: float =
     return Timing(min(ts), statistics.median(ts), cpu / max(wall, 1e-12), len(ts), number, first)
 
 
+def time_in_turns(fns: dict, reps: int, *, rounds: dict | None = None) -> dict:
+    """Time already warmed-up callables in turns: ``reps`` rounds, each calling every ``fns``
+    value once, in order (``rounds[name]``: that callable's rounds, when fewer).
+
+    Returns ``{name: Timing}`` (one call per batch; ``first`` 0).  Why in turns: on a shared
+    machine a noisy stretch lasts seconds, longer than one implementation's block of calls;
+    timed in blocks one after another, one of two kernels can fall into it and their ratio
+    move by 1.5x from run to run, while in turns every implementation sees the same minutes.
+    The garbage collector is off while timing, as in :func:`time_calls`.
+    """
+    rounds = rounds or {}
+    ts = {k: [] for k in fns}
+    cpu = dict.fromkeys(fns, 0.0)
+    gc_on = gc.isenabled()
+    gc.disable()
+    try:
+        for i in range(max(1, reps)):
+            for k, fn in fns.items():
+                if i >= max(1, rounds.get(k, reps)):
+                    continue
+                c0, t0 = time.process_time(), time.perf_counter()
+                fn()
+                ts[k].append(time.perf_counter() - t0)
+                cpu[k] += time.process_time() - c0
+    finally:
+        if gc_on:
+            gc.enable()
+    return {k: Timing(min(v), statistics.median(v), cpu[k] / max(sum(v), 1e-12), len(v), 1, 0.0)
+            for k, v in ts.items()}
+
+
 def measure(fn, timing: _Timing) -> tuple[float, int, int]:
     """``fastloss bench``'s timing of an already warmed-up ``fn``: best of batches, as
     ``(seconds per call, batches, calls per batch)``."""
