@@ -324,32 +324,26 @@ def measure_case(case: Case, backends, reps: int, jax: bool = True, log=None, pe
     impls += [(b, (lambda b=b: (lambda: case.call(b)))) for b in backends]
     if peers is None:
         peers = [PEER] if jax else []
-    impls += [(p, (lambda p=p: peer_callable(case, p))) for p in peers]
-    n_turns = 2 + len(backends)  # memcpy, numpy, backends: in turns
+    peer_impls = [(p, (lambda p=p: peer_callable(case, p))) for p in peers]
     ref = None
-    turns, firsts, logged = {}, {}, []
-    for pos, (impl, make) in enumerate(impls):
-        if pos == n_turns:  # the implementations in turns are warm and checked: time them
-            _time_turns(res, turns, firsts, reps, log, logged)
+
+    def run(impl, make, warm_only):
+        """Warm ``impl`` up and check it (``warm_only``), or time it in a block too: ``(fn,
+        first or Timing)``, or None when it did not run (recorded in ``res``)."""
+        nonlocal ref
         try:
             fn = make()
-            if pos < n_turns:
-                timing = None
-                first, got = _warm(fn, keep=impl != "memcpy")
+            if warm_only:
+                timed, got = _warm(fn, keep=impl != "memcpy")
             else:
-                timing, got = time_calls(fn, reps, keep=True)
+                timed, got = time_calls(fn, reps, keep=True)
             copied = impl != "memcpy" or np.array_equal(fn(), case.logits)
         except Unavailable as e:
             res["not_run"][impl] = str(e)
-            continue
+            return None
         except Exception as e:  # a failing kernel, a broken JAX install: report it, go on with the others
-            check = {"ok": False, "max_err": None, "error": f"{type(e).__name__}: {e}"}
-            res["checks"][impl] = check
-            if pos < n_turns:
-                logged.append((impl, None, check))
-            elif log:
-                log(impl, None, check)
-            continue
+            res["checks"][impl] = {"ok": False, "max_err": None, "error": f"{type(e).__name__}: {e}"}
+            return None
         if impl == "memcpy":
             check = {"ok": bool(copied), "max_err": 0.0, "error": None if copied else "np.copyto differs"}
         elif impl == "numpy":
@@ -361,33 +355,26 @@ def measure_case(case: Case, backends, reps: int, jax: bool = True, log=None, pe
             ok, err = _bench.compare(ref, got, case.dtype)
             check = {"ok": bool(ok), "max_err": err, "error": None}
         res["checks"][impl] = check
-        if timing is None:
-            turns[impl], firsts[impl] = fn, first
-            logged.append((impl, "turns", check))
-        else:
+        return fn, timed
+
+    def record(impl, timing):
+        if timing is not None:
             res["times"][impl] = timing.as_dict()
-            if log:
-                log(impl, timing, check)
-        del got
-    if len(impls) <= n_turns:
-        _time_turns(res, turns, firsts, reps, log, logged)
-    return res
+        if log and impl in res["checks"]:  # (not for one that is unavailable)
+            log(impl, timing, res["checks"][impl])
 
-
-def _time_turns(res, turns, firsts, reps, log, logged):
-    """Time ``turns`` in turns (see :func:`measure_case`), record them in ``res`` and log every
-    implementation of the turns' group -- the failed ones too -- in their order."""
+    # memcpy, numpy, backends: warmed up and checked, then timed in turns
+    warm = {impl: r for impl, make in impls if (r := run(impl, make, warm_only=True)) is not None}
     n_np = max(2, reps // 2)
-    got = _timing.time_in_turns(turns, max(reps, n_np), rounds={k: (n_np if k == "numpy" else reps) for k in turns})
-    for impl, what, check in logged:
-        timing = None
-        if what == "turns":
-            timing = dataclasses.replace(got[impl], first=firsts[impl])
-            res["times"][impl] = timing.as_dict()
-        if log:
-            log(impl, timing, check)
-    turns.clear()
-    logged.clear()
+    turns = _timing.time_in_turns({impl: fn for impl, (fn, _) in warm.items()}, max(reps, n_np),
+                                  rounds={impl: n_np if impl == "numpy" else reps for impl in warm})
+    for impl, _ in impls:
+        record(impl, dataclasses.replace(turns[impl], first=warm[impl][1]) if impl in warm else None)
+    # the peers, each in a block of its own
+    for impl, make in peer_impls:
+        r = run(impl, make, warm_only=False)
+        record(impl, None if r is None else r[1])
+    return res
 
 
 # ============================================================================ start-up
