@@ -13,11 +13,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
 import fastloss as fl
+from fastloss._bench import time_in_turns
 
 
 def main():
@@ -38,16 +38,11 @@ def main():
         x = rng.standard_normal((n, c)).astype(a.dtype)
         t = rng.integers(0, c, n)
         g = np.empty_like(x)
-        backends = ("numba", "cython")
-        for b in backends:  # warm-up (compiles or loads the cache)
-            fl.cross_entropy(x, t, softcap=a.softcap, return_grad=True, grad_out=g, backend=b)
-        times = {b: [] for b in backends}
-        for _ in range(a.rounds):
-            for b in backends:
-                t0 = time.perf_counter()
-                fl.cross_entropy(x, t, softcap=a.softcap, return_grad=True, grad_out=g, backend=b)
-                times[b].append(time.perf_counter() - t0)
-        med = {b: float(np.median(v)) for b, v in times.items()}
+        calls = {b: (lambda b=b: fl.cross_entropy(x, t, softcap=a.softcap, return_grad=True, grad_out=g, backend=b))
+                 for b in ("numba", "cython")}
+        for call in calls.values():  # warm-up (compiles or loads the cache)
+            call()
+        med = {b: tm.median for b, tm in time_in_turns(calls, a.rounds).items()}
         print(f"  {s:12s} numba {med['numba'] * 1e3:8.2f} ms  cython {med['cython'] * 1e3:8.2f} ms  "
               f"numba/cython {med['numba'] / med['cython']:.2f}x")
 
