@@ -203,6 +203,11 @@ def _worker(rank, P, port, outdir, backends):
                     dist.destroy_process_group(g)
         with open(os.path.join(outdir, f"rank{rank}.pkl"), "wb") as f:
             pickle.dump(out, f)
+        # Every rank done with every collective before any tears its group down: a rank that
+        # destroyed the gloo group (and exited) while its peer was still in the last collective's
+        # teardown once killed that peer with "terminate called without an active exception"
+        # (std::terminate from gloo's pair threads; the rank's results were already written).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
