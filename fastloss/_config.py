@@ -69,7 +69,8 @@ NUMBA_SUM_BLOCK = 512
 # accumulator in a float32 loop makes LLVM give up on vectorizing the whole loop -- measured
 # 0.15 G el/s instead of ~1 G el/s for BCE), block sums added in float64.
 NUMBA_LOSS_BLOCK = 256
-# Rows per block of the few-classes cross-entropy: its (C, rows) buffers stay in L1/L2.
+# Rows per block of the few-classes cross-entropy for float32 logits; float64 blocks have half as
+# many rows (the same bytes): its (C, rows) buffers stay in L1/L2.
 # Measured (numba, float32 / float64 262144 x 10 and float32 131072 x 30, 1 and 2 threads, Zen 4,
 # the two sizes compiled side by side and timed in turns): 256 rows 6-9 % faster than 128 in
 # every case; 64 and 32 slower still (32: 1.65x the time at 128).  Numba's fixed cost per
@@ -79,6 +80,10 @@ NUMBA_LOSS_BLOCK = 256
 # its own process and cache, in turns): float32 262144 x 10 3-6 % faster on one thread, the same
 # on two; float64 262144 x 10 7-17 % slower and float32 87381 x 30 8-13 % slower (their (C, rows)
 # buffers outgrow L1) -- a size per dtype and C would gain a few percent on one shape.
+# Since the kernel prefetches its gradient rows (numba_backend/_cols.py; 2026-12-07, Zen 4, in
+# turns, 2 threads, every size and dtype compiled side by side): float32 262144 x 10 256 rows
+# best (128: 1.06x the time, 512: 1.05x); float64 262144 x 10 128 rows 0.90-0.93x the time at 256
+# (512: 1.11-1.15x), 87381 x 30 0.82x -- hence half the rows for float64.
 NUMBA_COL_ROWS = 256
 
 # ----------------------------------------------------------------------------- cuda launch shapes, read at each call

@@ -10,8 +10,8 @@ from ._jit import _JIT, _NOJIT, _kernel, _seg1, njit, numba, prange
 from ._math import cast_like, neg_log_p, sub_sub, vexp, vexpn, vlog
 from ._rows import _finite, _mx, _softcap
 
-# rows per block (fastloss/_config.py: NUMBA_COL_ROWS): its (C, _SB) buffers stay in L1/L2;
-# a global, so compiled into the kernel
+# rows per block of float32 logits, half as many of float64 -- the same bytes (fastloss/_config.py:
+# NUMBA_COL_ROWS): its (C, rows) buffers stay in L1/L2; a global, so compiled into the kernel
 _SB = cfg.NUMBA_COL_ROWS
 # most exponentials a row sums in the dtype of x before adding the partial sum in float64
 # (the Cython kernel's FL_CB_SUMC): at most 32 terms in [0, 1]
@@ -22,6 +22,13 @@ _SUMC = 32
 def _tile_w(a):
     """The side of a :func:`_tile`: 8 float32 or 4 float64 -- one 256-bit vector per row."""
     return 8 if a.itemsize == 4 else 4
+
+
+def _block_rows(x):
+    """Rows per block of the column-block kernel for logits ``x``: ``_SB`` for float32, half as
+    many for float64 (the same bytes of scratch).  Compiled, a constant of the kernel's
+    specialization (from the dtype, not read from the array at run time)."""
+    return _SB if x.itemsize <= 4 else _SB // 2
 
 
 def _tile(src, i, j, dst, p, q):
@@ -60,7 +67,7 @@ def _opaque(n):
     Compiled, an empty ``asm`` that returns its operand: no instruction.
 
     Why: for the number of rows of a block.  Inlined into the kernel (``forceinline``), the
-    block's ``nr = min(n, r0 + _SB) - r0`` has a known maximum, ``_SB``, and LLVM then folded
+    block's ``nr = min(n, r0 + rows) - r0`` has a known maximum, ``rows``, and LLVM then folded
     the tail of some of the loops over the rows into their vector body with masked loads and
     stores -- on AVX2 ``vmaskmov``, microcoded on AMD cores -- instead of a remainder loop."""
     return n
@@ -74,9 +81,12 @@ def _prefetch(a, i, off, write):
     Why: the column-block kernel reads its block of ``x`` and writes its block of ``grad``
     in bursts (the two transposes) between long stretches of arithmetic on the L1 scratch.
     The hardware prefetchers follow a stream only while it is being read, so each burst
-    waited on DRAM: both transposes took twice the Cython kernel's time, whose blocks are
-    a sixth as long (32 rows) -- a block size Numba's per-block overhead makes slow.  Asked
-    for a block ahead, the next block's lines are in L2 by the time its transposes run."""
+    waited on memory: both transposes took twice the Cython kernel's time, whose blocks are
+    an eighth as long (32 rows) -- a block size Numba's per-block overhead makes slow.  Asked
+    for a block ahead, the next block's lines of ``x`` are in L2 by the time its transpose
+    in runs; the block's own lines of ``grad`` are asked for during its exp passes, before
+    its transpose out (a line written is read first).  (``prefetchw`` lands in L1, where the
+    scratch lives: the kernel asks for reads.)"""
     return None
 
 
@@ -213,6 +223,11 @@ if numba is not None and not _NOJIT:
     def _ov_prefetch(a, i, off, write):
         return lambda a, i, off, write: _prefetch_ir(a, i, off, write)
 
+    @_overload(_block_rows, inline="always")
+    def _ov_block_rows(x):
+        rows = _SB if x.dtype.bitwidth <= 32 else _SB // 2
+        return lambda x: rows
+
     @_overload(_tile_w, inline="always")
     def _ov_tile_w(a):
         return lambda a: 8 if a.itemsize == 4 else 4
@@ -253,7 +268,8 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad,
     gradient.  ``lse_out`` is ``(N,)``, or ``(0,)`` when not wanted; every row of the block has
     its lse computed anyway (ignored ones included), so writing it is free.
 
-    Scratch: ``xt``, ``et`` (and ``dc``, with a cap) are ``(C, _SB)``; the rest ``(_SB,)``: in
+    Scratch: ``xt``, ``et`` (and ``dc``, with a cap) are ``(C, rows)``; the rest ``(rows,)``
+    (``rows``: :func:`_block_rows`): in
     the dtype of ``x`` the shift, a second buffer for the max, the gradient coefficient, the
     target logit, the target class (-1: ignored), the smoothing and target terms of the
     gradient, the row sum and the target weight; in float64 the row sum across partial sums
@@ -274,7 +290,7 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad,
     n = x.shape[0]
     # the next block's rows [r1, r1 + nn) of x, prefetched a tile row at a time (see _prefetch;
     # prefetching its gradient rows as well measured no faster)
-    nn = min(n, r1 + _SB) - r1
+    nn = min(n, r1 + _block_rows(x)) - r1
     if c >= tw and nr >= tw and x.strides[1] == x.itemsize:
         # tiles of tw x tw; the last one of each row and column of tiles overlaps the one
         # before (rewriting a few elements with the same values): no scalar remainder
@@ -357,12 +373,33 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad,
     # fastloss._config.NUMBA_SMALL_C) add such partial sums in float64.  The Cython kernel's
     # sums, term for term.  x - shift <= 0 where the max is finite; the other rows (shift 0)
     # get a row sum that is still right (inf, nan or 0) and are recomputed below.
+    #
+    # Before each two-column pass, a share of this block's rows of grad is prefetched into L2
+    # (read, not write: a write prefetch lands in L1 and evicted the scratch), so that the
+    # transpose back at the end finds its lines there: written from memory, a block's worth of
+    # lines (10 KB for 256 float32 rows of 10 classes) is a burst of cache misses that waits on
+    # memory with no arithmetic left to overlap -- 30 % of the 262144 x 10 float32 kernel on
+    # one thread (Zen 4), where in place (grad = x: lines cached) the kernel was within 2 % of
+    # Cython's, whose 32-row blocks overlap those misses with the next block's work.  Measured
+    # in turns (Zen 4, 2 threads): 262144 x 10 float32 and float64 0.85-0.87x the time,
+    # 163840 x 16 0.86x, 87381 x 30 0.85x (float64 0.93x).  Only where rows are contiguous
+    # (the block's lines are one range) and tiles transpose them: with C < 8 (element-by-
+    # element transposes) it measured up to 1.13x slower.
+    pfb = nr * grad.strides[0] if grad is not None else 0
+    if grad is None or c < tw or grad.strides[1] != grad.itemsize or grad.strides[0] != c * grad.itemsize:
+        pfb = 0
+    npair = max(1, c // 2)
+    pfs = ((pfb + npair - 1) // npair + 63) // 64 * 64  # bytes per pass, whole lines
     for j0 in range(0, c, _SUMC):
         j1 = min(c, j0 + _SUMC)
         for r in range(nr):
             st[r] = zero
         j = j0
         while j + 2 <= j1:
+            if grad is not None:
+                q = j // 2
+                for off in range(q * pfs, min(pfb, (q + 1) * pfs), 64):
+                    _prefetch(grad, r0, off, False)
             for r in range(nr):
                 m = sh[r]
                 va = vexpn(xt[j, r] - m)
@@ -532,29 +569,30 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad,
 @_kernel
 def _k_cross_entropy_small(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad, gsc, gsa, nb):
     n, c = x.shape
+    sb = _block_rows(x)
     for b in prange(nb):
-        xt = np.empty((c, _SB), x.dtype)
-        et = np.empty((c, _SB), x.dtype)
-        dc = np.empty((c, _SB if cap != 0.0 else 0), x.dtype)
-        sh = np.empty(_SB, x.dtype)
-        sh2 = np.empty(_SB, x.dtype)
-        cg = np.empty(_SB, x.dtype)
-        xtt = np.empty(_SB, x.dtype)
-        tj = np.empty(_SB, x.dtype)
-        bt = np.empty(_SB, x.dtype)
-        gt = np.empty(_SB, x.dtype)
-        st = np.empty(_SB, x.dtype)
-        wt = np.empty(_SB, x.dtype)
-        s = np.empty(_SB, np.float64)
-        dd = np.empty(_SB, np.float64)
-        lse = np.empty(_SB, np.float64)
-        # blocks of _SB rows at fixed offsets (multiples of _SB), dealt out to the tasks: a
+        xt = np.empty((c, sb), x.dtype)
+        et = np.empty((c, sb), x.dtype)
+        dc = np.empty((c, sb if cap != 0.0 else 0), x.dtype)
+        sh = np.empty(sb, x.dtype)
+        sh2 = np.empty(sb, x.dtype)
+        cg = np.empty(sb, x.dtype)
+        xtt = np.empty(sb, x.dtype)
+        tj = np.empty(sb, x.dtype)
+        bt = np.empty(sb, x.dtype)
+        gt = np.empty(sb, x.dtype)
+        st = np.empty(sb, x.dtype)
+        wt = np.empty(sb, x.dtype)
+        s = np.empty(sb, np.float64)
+        dd = np.empty(sb, np.float64)
+        lse = np.empty(sb, np.float64)
+        # blocks of sb rows at fixed offsets (multiples of sb), dealt out to the tasks: a
         # row's lane in the vectorized loops -- and so its rounding -- does not depend on
         # how many threads there are
-        nblk = (n + _SB - 1) // _SB
+        nblk = (n + sb - 1) // sb
         for k in range(b * nblk // nb, (b + 1) * nblk // nb):
-            r0 = k * _SB
+            r0 = k * sb
             _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad, gsc, gsa, r0,
-                           min(n, r0 + _SB), xt, et, dc, sh, sh2, cg, xtt, tj, bt, gt, st, wt, s, dd, lse)
+                           min(n, r0 + sb), xt, et, dc, sh, sh2, cg, xtt, tj, bt, gt, st, wt, s, dd, lse)
 
 
