@@ -31,6 +31,16 @@ def _block_rows(x):
     return _SB if x.itemsize <= 4 else _SB // 2
 
 
+def _gscale_block(gsa, n, r0, r1):
+    """The gradient scales of rows ``[r0, r1)`` (of ``n``): ``gsa[r0:r1]`` for per-row scales
+    (``gsa`` of ``n``), its first ``r1 - r0`` for a scalar one (``gsa`` a block of ones,
+    shorter than ``n``, the scalar in ``gsc``: see ``_gscale_rows`` in ``__init__.py``), None
+    for none (plain-Python twin of the overload)."""
+    if gsa is None:
+        return None
+    return gsa[r0:r1] if gsa.shape[0] == n else gsa[0:r1 - r0]
+
+
 def _tile(src, i, j, dst, p, q):
     """``dst[p + b, q + a] = src[i + a, j + b]`` for ``a, b < W = _tile_w(src)``: one W x W
     tile transposed (plain-Python twin of the compiled one).
@@ -228,6 +238,12 @@ if numba is not None and not _NOJIT:
         rows = _SB if x.dtype.bitwidth <= 32 else _SB // 2
         return lambda x: rows
 
+    @_overload(_gscale_block, inline="always")
+    def _ov_gscale_block(gsa, n, r0, r1):
+        if isinstance(gsa, _types.NoneType):
+            return lambda gsa, n, r0, r1: None
+        return lambda gsa, n, r0, r1: gsa[r0:r1] if gsa.shape[0] == n else gsa[0:r1 - r0]
+
     @_overload(_tile_w, inline="always")
     def _ov_tile_w(a):
         return lambda a: 8 if a.itemsize == 4 else 4
@@ -285,7 +301,7 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad,
     # is not provably >= 0, and Numba's wrap-around test on it would keep the loops scalar
     tg = target[r0:r1]
     lb = loss[r0:r1]
-    gb = _seg1(gsa, r0, r1)
+    gb = _gscale_block(gsa, x.shape[0], r0, r1)
     tw = _tile_w(x)
     n = x.shape[0]
     # the next block's rows [r1, r1 + nn) of x, prefetched a tile row at a time (see _prefetch;
