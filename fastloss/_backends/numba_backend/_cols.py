@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ... import _config as cfg
-from ._jit import _JIT, _NOJIT, _kernel, _seg1, njit, numba, prange
+from ._jit import _JIT, _NOJIT, _kernel, njit, numba, prange
 from ._math import cast_like, neg_log_p, sub_sub, vexp, vexpn, vlog
 from ._rows import _finite, _mx, _softcap
 
@@ -301,11 +301,12 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad,
     # is not provably >= 0, and Numba's wrap-around test on it would keep the loops scalar
     tg = target[r0:r1]
     lb = loss[r0:r1]
-    gb = _gscale_block(gsa, x.shape[0], r0, r1)
-    tw = _tile_w(x)
     n = x.shape[0]
+    gb = _gscale_block(gsa, n, r0, r1)
+    tw = _tile_w(x)
     # the next block's rows [r1, r1 + nn) of x, prefetched a tile row at a time (see _prefetch;
-    # prefetching its gradient rows as well measured no faster)
+    # the next block's gradient rows here as well measured no faster: this block's own are
+    # prefetched during its exp passes, below)
     nn = min(n, r1 + _block_rows(x)) - r1
     if c >= tw and nr >= tw and x.strides[1] == x.itemsize:
         # tiles of tw x tw; the last one of each row and column of tiles overlaps the one
@@ -401,9 +402,9 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad,
     # 163840 x 16 0.86x, 87381 x 30 0.85x (float64 0.93x).  Only where rows are contiguous
     # (the block's lines are one range) and tiles transpose them: with C < 8 (element-by-
     # element transposes) it measured up to 1.13x slower.
-    pfb = nr * grad.strides[0] if grad is not None else 0
-    if grad is None or c < tw or grad.strides[1] != grad.itemsize or grad.strides[0] != c * grad.itemsize:
-        pfb = 0
+    pfb = 0  # bytes of this block's rows of grad to prefetch
+    if grad is not None and c >= tw and grad.strides[1] == grad.itemsize and grad.strides[0] == c * grad.itemsize:
+        pfb = nr * grad.strides[0]
     npair = max(1, c // 2)
     pfs = ((pfb + npair - 1) // npair + 63) // 64 * 64  # bytes per pass, whole lines
     for j0 in range(0, c, _SUMC):
@@ -412,7 +413,7 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad,
             st[r] = zero
         j = j0
         while j + 2 <= j1:
-            if grad is not None:
+            if grad is not None:  # (typing: _prefetch takes an array)
                 q = j // 2
                 for off in range(q * pfs, min(pfb, (q + 1) * pfs), 64):
                     _prefetch(grad, r0, off, False)
