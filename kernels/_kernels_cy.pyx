@@ -46,6 +46,7 @@ cdef extern from "fl_math.hpp" nogil:
     double fl_sumexp_apart[T](const T *x, const T *e, fl_idx n, T sh)
     double fl_wsum_shift[T](const T *x, const T *w, fl_idx n, T sh)
     double fl_dot[T](const T *a, const T *b, fl_idx n)
+    double fl_dsum[T](const T *l, fl_idx n)
     void fl_expaxpy[T](const T *x, T *out, fl_idx n, T sh, T a, const T *w, T b)
     void fl_scale_axpy[T](T *g, fl_idx n, T a, const T *w, T b)
     void fl_cap_grad[T](const T *e, T *g, fl_idx n, T a, const T *w, T b)
@@ -279,6 +280,10 @@ cdef enum:
 cdef Py_ssize_t[3] _CB_MAXC_F = [96, 48, 32]  # C order, float32, by CB_* kernel
 cdef Py_ssize_t[3] _CB_MAXC_D = [48, 32, 16]  # C order, float64
 cdef Py_ssize_t _CB_FMAX_BYTES = 8192  # Fortran order: C * itemsize at most this
+# Rows per partial sum of a reduced few-classes cross-entropy (whole blocks): one sum per
+# 32-row block cost about what the N row losses' write and read back saved (262144 x 10
+# float32, Zen 4); per 256 rows the sums are a few cycles a row
+cdef Py_ssize_t _CB_SUM_ROWS = 256
 
 
 cdef inline bint _use_cols(Opnd ox, Py_ssize_t c, Py_ssize_t isz, int kernel) noexcept nogil:
@@ -327,11 +332,24 @@ cdef _norm_cols(Opnd ox, Py_ssize_t c, Py_ssize_t n, int mode, floating *op, Py_
 
 cdef _ce_cols(Opnd ox, Opnd og, Py_ssize_t c, Py_ssize_t n, const int64_t[:] target,
               const floating *w, double wsum, int64_t ignore_index, double eps, double z,
-              floating cap, double[:] loss, double *lsep, Py_ssize_t lss, object gscale):
+              floating cap, double[:] loss, bint loss_sum, double *lsep, Py_ssize_t lss, object gscale):
     """Hard-target cross-entropy through ``fl_ce_cols`` over blocks of ``_cb_rows`` rows;
-    ``lsep`` (stride ``lss``): the row lse output, or NULL."""
+    ``lsep`` (stride ``lss``): the row lse output, or NULL.  With ``loss_sum`` the row losses
+    of ``_CB_SUM_ROWS`` rows (a group of whole blocks, at a fixed offset) go to a scratch row
+    per thread and are summed (``fl_dsum``), the groups' sums then in group order (NumPy's
+    pairwise sum): the total is returned, the same for every thread count, and no N row
+    losses are written and read back."""
     cdef Py_ssize_t sb = _cb_rows(ox, c, sizeof(floating)), nblk = (n + sb - 1) // sb, ib, i0, nr
     cdef size_t nbytes = fl_cols_scratch(c, sb, sizeof(floating), cap != 0 and gscale is not None)
+    # blocks per task: a group of whole blocks per partial sum (one block without loss_sum)
+    cdef Py_ssize_t gb = (_CB_SUM_ROWS + sb - 1) // sb if loss_sum else 1, ngrp = (nblk + gb - 1) // gb, ig, g0
+    cdef double[::1] partv
+    cdef double *pp = NULL
+    cdef double *lrow
+    part = None
+    if loss_sum:
+        part = partv = np.empty(ngrp)
+        pp = &partv[0]
     cdef const double[:] gsv
     cdef const double *gsa = NULL
     cdef Py_ssize_t gss = 0
@@ -341,8 +359,8 @@ cdef _ce_cols(Opnd ox, Opnd og, Py_ssize_t c, Py_ssize_t n, const int64_t[:] tar
         gss = gsv.strides[0] // <Py_ssize_t>sizeof(double)
     cdef const int64_t *tg = &target[0]
     cdef Py_ssize_t ts = target.strides[0] // <Py_ssize_t>sizeof(int64_t)
-    cdef double *lp = &loss[0]
-    cdef Py_ssize_t ls = loss.strides[0] // <Py_ssize_t>sizeof(double)
+    cdef double *lp = <double *>NULL if loss_sum else &loss[0]
+    cdef Py_ssize_t ls = 1 if loss_sum else loss.strides[0] // <Py_ssize_t>sizeof(double)
     cdef const floating *xp = <const floating *>ox.base
     cdef floating *gp = <floating *>og.base
     cdef int nt = _team(n * c)
@@ -352,22 +370,28 @@ cdef _ce_cols(Opnd ox, Opnd og, Py_ssize_t c, Py_ssize_t n, const int64_t[:] tar
     cdef int *perr = &errflag
     with nogil, parallel(num_threads=nt):
         scr = NULL
-        raw = malloc(nbytes + 64)
+        raw = malloc(nbytes + (gb * sb * sizeof(double) if loss_sum else 0) + 64)
         if raw == NULL:
             perr[0] = 1
         else:
             scr = <void *>((<uintptr_t>raw + 63) & ~(<uintptr_t>63))  # whole cache lines
-            for ib in prange(nblk, schedule="static"):
-                i0 = ib * sb
-                nr = sb if n - i0 > sb else n - i0
-                fl_ce_cols(nr, c, xp + i0 * ox.rs, ox.rs, ox.es, tg + i0 * ts, ts, w, wsum,
-                             ignore_index, eps, z, cap, lp + i0 * ls, ls,
-                             lsep + i0 * lss if lsep != NULL else NULL, lss,
-                             gsa + i0 * gss if gsa != NULL else NULL, gss,
-                             gp + i0 * og.rs if gp != NULL else NULL, og.rs, og.es, sb, scr)
+            lrow = <double *>(<char *>scr + nbytes)  # the group's row losses (loss_sum)
+            for ig in prange(ngrp, schedule="static"):
+                g0 = ig * gb * sb
+                for ib in range(ig * gb, min(nblk, (ig + 1) * gb)):
+                    i0 = ib * sb
+                    nr = sb if n - i0 > sb else n - i0
+                    fl_ce_cols(nr, c, xp + i0 * ox.rs, ox.rs, ox.es, tg + i0 * ts, ts, w, wsum,
+                               ignore_index, eps, z, cap, lrow + (i0 - g0) if loss_sum else lp + i0 * ls, ls,
+                               lsep + i0 * lss if lsep != NULL else NULL, lss,
+                               gsa + i0 * gss if gsa != NULL else NULL, gss,
+                               gp + i0 * og.rs if gp != NULL else NULL, og.rs, og.es, sb, scr)
+                if loss_sum:
+                    pp[ig] = fl_dsum(lrow, min(n, g0 + gb * sb) - g0)
         free(raw)
     if perr[0]:
         raise MemoryError("fastloss cython backend: cannot allocate a row-block buffer")
+    return float(np.sum(part)) if loss_sum else None
 
 
 # ----------------------------------------------------------------------------- row-wise
@@ -632,13 +656,15 @@ cdef inline double _ce_row(const floating *xr, Py_ssize_t c, Py_ssize_t t, const
 
 def cross_entropy(const floating[:, :] x, const int64_t[:] target, const floating[::1] weight,
                   bint has_weight, double wsum, int64_t ignore_index, double label_smoothing,
-                  double z_loss, double softcap, double[:] loss, double[:] lse, bint has_lse,
+                  double z_loss, double softcap, double[:] loss, bint loss_sum, double[:] lse, bint has_lse,
                   floating[:, :] grad, bint has_grad, const double[:] gscale):
     """Hard-target cross-entropy rows (see ``_ce_row``); ignored rows: loss 0, gradient 0, and
-    their lse (when ``has_lse``) from the same max and sum of exp."""
+    their lse (when ``has_lse``) from the same max and sum of exp.  With ``loss_sum``
+    (``loss`` a dummy) the float64 total of the row losses is returned instead of the rows
+    (summed in an order fixed by the shape: the same for every thread count)."""
     cdef Py_ssize_t n = x.shape[0], c = x.shape[1], ip, i0, pn, r, i
     if n == 0:
-        return
+        return 0.0 if loss_sum else None
     cdef Py_ssize_t isz = sizeof(floating)
     cdef floating cap = <floating>softcap  # rounded to the compute dtype, as the reference
     cdef Opnd ox = _opnd(_base2(x), x.strides[0], x.strides[1], isz, c > 0)
@@ -648,9 +674,10 @@ def cross_entropy(const floating[:, :] x, const int64_t[:] target, const floatin
     cdef double *lsep = &lse[0] if has_lse else NULL
     cdef Py_ssize_t lss = lse.strides[0] // <Py_ssize_t>sizeof(double) if has_lse else 0
     if c > 0 and _use_cols(ox, c, isz, CB_CE):
-        _ce_cols(ox, og, c, n, target, w, wsum, ignore_index, label_smoothing, z_loss, cap, loss,
-                 lsep, lss, gscale if has_grad else None)
-        return
+        return _ce_cols(ox, og, c, n, target, w, wsum, ignore_index, label_smoothing, z_loss, cap, loss,
+                        loss_sum, lsep, lss, gscale if has_grad else None)
+    if loss_sum:  # the row kernels write the rows (8 bytes a row against C logits), summed after
+        loss = np.empty(n)
     cdef Opnd none = _opnd(NULL, 0, 0, isz, False)
     cdef Py_ssize_t P = _panel_rows(ox, none, og, c, isz, 1), npan = (n + P - 1) // P
     cdef bint need = _strided(ox) or _strided(og)
@@ -698,6 +725,7 @@ def cross_entropy(const floating[:, :] x, const int64_t[:] target, const floatin
         free(A)
     if perr[0]:
         raise MemoryError("fastloss cython backend: cannot allocate a row buffer")
+    return float(np.sum(loss)) if loss_sum else None
 
 
 def cross_entropy_shard(const floating[:, :] x, const int64_t[:] target, const floating[::1] weight,

@@ -1,12 +1,13 @@
 """Deterministic reductions: a reduced loss (and every gradient) is bitwise the same for every
 thread count and every call, on every backend.
 
-How each backend gets there: the row-wise functions write one loss per row (each row's sum in
-fixed blocks) and the public layer adds the rows with ``np.sum``; the elementwise kernels cut
-the input into tasks that depend on its shape alone, each task writes its float64 total to
-its own slot, and the slots are added in order (numba, cython); the CUDA kernels write one
-partial sum per block, added on the host.  A ``prange`` reduction or atomics would add in
-whatever order the threads finish.
+How each backend gets there: the cross-entropy row kernels compute one loss per row (each
+row's sum in fixed blocks) and add the rows with ``np.sum``; the few-classes kernels (numba,
+cython) add the losses of each block of rows at a fixed offset into its own slot, and the
+slots in order; the elementwise kernels cut the input into tasks that depend on its shape
+alone, each task writes its float64 total to its own slot, and the slots are added in order
+(numba, cython); the CUDA kernels write one partial sum per block, added on the host.  A
+``prange`` reduction or atomics would add in whatever order the threads finish.
 
 Sizes are above the numba backend's serial threshold and span several elementwise tasks, so
 the parallel kernels run with two threads and the serial twins with one.  float64 inputs:
@@ -21,13 +22,16 @@ import fastloss as fl
 from conftest import SIM, rng, sizes
 
 
-def _calls(x, y, t, p, var):
-    """(name, call) of each reduced function; each call returns (loss, grad)."""
+def _calls(x, y, t, p, var, xf, tf):
+    """(name, call) of each reduced function; each call returns (loss, grad).  ``xf``: many rows
+    of few classes (many blocks of the few-classes kernels, summed per block)."""
     return [
         ("cross_entropy", lambda b, r: fl.cross_entropy(x, t, reduction=r, return_grad=True, backend=b,
                                                        label_smoothing=0.1)),
         ("cross_entropy few classes", lambda b, r: fl.cross_entropy(x[:, :10], t % 10, reduction=r,
                                                                    return_grad=True, backend=b)),
+        ("cross_entropy few classes, many rows", lambda b, r: fl.cross_entropy(xf, tf, reduction=r,
+                                                                              return_grad=True, backend=b)),
         ("cross_entropy soft", lambda b, r: fl.cross_entropy(x, p, reduction=r, return_grad=True, backend=b)),
         ("bce_with_logits", lambda b, r: fl.binary_cross_entropy_with_logits(x, y, reduction=r, return_grad=True,
                                                                             backend=b)),
@@ -52,10 +56,12 @@ def test_reduced_losses_are_bitwise_reproducible(backend, reduction):
     p = g.dirichlet(np.ones(c), n)
     t = g.integers(0, c, n)
     var = g.random((n, c)) + 0.1
+    xf = g.normal(0, 3, sizes((20000, 10), (3, 10)))
+    tf = g.integers(0, 10, xf.shape[0])
     before = fl.get_num_threads()
     counts = sorted({1, before}) if backend != "cuda" else [before]  # CUDA: no host threads
     try:
-        for name, call in _calls(x, y, t, p, var):
+        for name, call in _calls(x, y, t, p, var, xf, tf):
             results = []
             for k in counts:
                 fl.set_num_threads(k)

@@ -294,6 +294,57 @@ def test_cross_entropy_soft(K, dt, shape):
         _close(got_lse, want_lse, dt, "lse without grad " + what)
 
 
+@pytest.mark.parametrize("dt", CE_DTYPES)
+@pytest.mark.parametrize("n,c", pick([(0, 5), (1, 3), (5, 7), (700, 10), (9000, 10), (3000, 3), (300, 500)],
+                                     [(0, 5), (1, 3), (13, 4)]))
+def test_cross_entropy_total(K, dt, n, c):
+    """``loss=None`` (a reduced loss): every cross-entropy entry point returns the float64 total
+    of the reference's row losses, and the same gradient and lse as with rows -- the few-classes
+    kernels (summing per block of rows: one block, several, a partial last one, parallel
+    sizes, special rows) and the row kernels; ``None`` when the rows are asked for."""
+    rng = np.random.default_rng(11)
+    x = _special_rows(n, c, dt, rng) if n > 12 else _logits(n, c, dt, rng, specials=False)
+    y = rng.random((n, c)).astype(dt)
+    y /= np.maximum(y.sum(axis=1, keepdims=True), 1)
+    w = (rng.random(c) + 0.5).astype(dt)
+    gs = rng.random(n)
+    for weight, eps, cap in pick([(None, 0.0, 0.0), (w, 0.1, 0.0), (None, 0.0, 3.0)], [(w, 0.1, 3.0)]):
+        t = _special_targets(n, c, rng, -100)
+        what = f"{n}x{c} weight={weight is not None} eps={eps} cap={cap}"
+        with np.errstate(all="ignore"):
+            want_l, want_lse = np.empty(n), np.empty(n)
+            R.cross_entropy(x, t, weight, -100, eps, 1e-3, cap, want_l, want_lse, None, 1.0)
+            ys_l = np.empty(n)
+            R.cross_entropy_soft(x, y, weight, eps, 1e-3, cap, ys_l, None, None, 1.0)
+            sh_l = np.empty(n)
+            R.cross_entropy_shard(x, t, weight, -100, eps, 1e-3, cap, want_lse, 0, c, sh_l, None, 1.0)
+        # the finite rows only: a NaN/inf row makes both totals NaN/inf, compared apart below
+        fin = np.isfinite(want_l)
+        for name, call, rows in (
+                ("hard", lambda lo, ls, g: K.cross_entropy(x, t, weight, -100, eps, 1e-3, cap, lo, ls, g, gs), want_l),
+                ("soft", lambda lo, ls, g: K.cross_entropy_soft(x, y, weight, eps, 1e-3, cap, lo, ls, g, gs), ys_l),
+                ("shard", lambda lo, ls, g: K.cross_entropy_shard(x, t, weight, -100, eps, 1e-3, cap, want_lse, 0, c,
+                                                                  lo, g, gs), sh_l)):
+            got_rows, g_rows = np.empty(n), np.empty((n, c), dt)
+            lse_rows, lse_tot = np.empty(n), np.empty(n)
+            assert call(got_rows, lse_rows, g_rows) is None, f"{name} {what}: rows asked for, a total returned"
+            g_tot = np.empty((n, c), dt)
+            total = call(None, lse_tot, g_tot)
+            assert isinstance(total, float), f"{name} {what}: {type(total).__name__} returned, not a float"
+            assert np.array_equal(g_tot, g_rows, equal_nan=True), f"{name} {what}: gradient differs with loss=None"
+            if name != "shard":
+                assert np.array_equal(lse_tot, lse_rows, equal_nan=True), f"{name} {what}: lse differs"
+            want = float(np.sum(rows))
+            if name == "hard" and not fin.all():
+                assert np.isnan(total) == np.isnan(want) and (np.isnan(want) or total == want), (name, what)
+                rows_f = np.where(fin, rows, 0.0)  # the same total over the finite rows
+                x_f, t_f = x[fin], t[fin]
+                total = K.cross_entropy(x_f, t_f, weight, -100, eps, 1e-3, cap, None, None, None, 1.0)
+                want = float(np.sum(rows_f))
+            mag = float(np.sum(np.abs(rows[np.isfinite(rows)])))  # each row within the tolerance
+            _close(total, want, dt, f"{name} total {what}", mag=max(1.0, mag))
+
+
 def _large_logits(dt, c, rng):
     """Rows of large logits with O(1) differences (offsets 1e4 and near the dtype's max)."""
     big = 3e38 if dt == np.float32 else 1e300

@@ -299,7 +299,9 @@ def cross_entropy(
         denom = nitems
     scale = 1.0 / denom if reduction == "mean" and denom != 0 else (0.0 if reduction == "mean" else 1.0)
 
-    loss_rows = xp.empty(N, np.float64)
+    # a reduced loss asks the kernels for their total (None: no N row losses written and read
+    # back; summed in an order fixed by the shape, see the backend protocol)
+    loss_rows = xp.empty(N, np.float64) if reduction == "none" else None
     lse_rows = xp.empty(N, np.float64) if return_lse and K is None else None
     g2 = gscale = finish = None
     if return_grad:
@@ -309,12 +311,12 @@ def cross_entropy(
         else:
             gscale = float(go * scale)  # a scalar: no (N,) array to fill on every call
     if K is not None:
-        be.cross_entropy_shard(x2, t2, w, ii, eps, zl, cap, lse_in, off, K, loss_rows, g2, gscale)
+        total = be.cross_entropy_shard(x2, t2, w, ii, eps, zl, cap, lse_in, off, K, loss_rows, g2, gscale)
         lse_rows = xp.copy(lse_in) if return_lse else None  # a new array, never a view of the caller's
     elif soft:
-        be.cross_entropy_soft(x2, t2, w, eps, zl, cap, loss_rows, lse_rows, g2, gscale)
+        total = be.cross_entropy_soft(x2, t2, w, eps, zl, cap, loss_rows, lse_rows, g2, gscale)
     else:
-        be.cross_entropy(x2, t2, w, ii, eps, zl, cap, loss_rows, lse_rows, g2, gscale)
+        total = be.cross_entropy(x2, t2, w, ii, eps, zl, cap, loss_rows, lse_rows, g2, gscale)
 
     # sharded: float64 results -- a share is a difference of lse-sized terms, and rounding it to
     # float32 would lose a small loss (a confident prediction) in the shards' sum
@@ -322,7 +324,7 @@ def cross_entropy(
     if reduction == "none":
         loss = xp.result(loss_rows, row_shape, ldt)
     else:
-        loss = _scalar(xp.sum(loss_rows) * scale, rdt)
+        loss = _scalar(float(total) * scale, rdt)
     out = (loss, finish()) if return_grad else (loss,)
     if return_lse:
         out += (xp.result(lse_rows, row_shape, rdt),)

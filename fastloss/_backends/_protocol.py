@@ -56,8 +56,8 @@ class KernelSet(Protocol):
         """``out = g - exp(y) * sum(g)`` per row, ``y`` the log-softmax output."""
 
     def cross_entropy(self, x: Array, target: Array, weight: Optional[Array], ignore_index: int,
-                      label_smoothing: float, z_loss: float, softcap: float, loss: Array,
-                      lse: Optional[Array], grad: Optional[Array], gscale: Scale) -> None:
+                      label_smoothing: float, z_loss: float, softcap: float, loss: Optional[Array],
+                      lse: Optional[Array], grad: Optional[Array], gscale: Scale) -> Optional[float]:
         """Hard targets.  ``weight`` is ``(C,)`` or None.  With ``softcap > 0`` every logit is
         first replaced by ``x' = softcap * tanh(x / softcap)`` (``softcap == 0``: no cap,
         ``x' = x``), and everything below is of ``x'``.  Writes the unreduced float64 row loss
@@ -66,12 +66,19 @@ class KernelSet(Protocol):
         ``x'`` into ``lse[i]`` (ignored rows included); and when ``grad`` is not None,
         ``grad[i] = gscale[i] * d loss[i] / d x[i]`` -- through the cap, whose derivative is
         ``1 - tanh(x / softcap)**2`` -- with exact zeros for an ignored row, even one holding
-        inf/NaN.  The cap is applied in the same passes over the row (no N x C temporary)."""
+        inf/NaN.  The cap is applied in the same passes over the row (no N x C temporary).
+
+        ``loss`` None (a reduced loss): no row is written, and the float64 total of the row
+        losses is returned instead -- added in an order fixed by the shape (blocks of rows at
+        fixed offsets, then the blocks in order), so it is bitwise the same for every thread
+        count and every call; a backend may sum inside its kernels (the few-classes kernels
+        of numba and cython do: no N row losses written and read back).  With ``loss`` given:
+        None."""
 
     def cross_entropy_shard(self, x: Array, target: Array, weight: Optional[Array], ignore_index: int,
                             label_smoothing: float, z_loss: float, softcap: float, lse: Array,
-                            class_offset: int, num_classes: int, loss: Array, grad: Optional[Array],
-                            gscale: Scale) -> None:
+                            class_offset: int, num_classes: int, loss: Optional[Array], grad: Optional[Array],
+                            gscale: Scale) -> Optional[float]:
         """Hard targets, classes sharded: ``x`` ``(N, C)`` holds the classes
         ``[class_offset, class_offset + C)`` of ``K = num_classes``; ``target`` ``(N,)`` int64
         holds global class indices in ``[0, K)`` or ``ignore_index``; ``weight`` is the whole
@@ -87,13 +94,14 @@ class KernelSet(Protocol):
         the unsharded gradient, ``grad[i, c] = gscale[i] (p[c] A - eps/K w[class_offset + c]
         - [c = t - class_offset] (1-eps) w[t]) d x'/d x`` with ``p[c] = exp(x'[c] - lse)`` and
         ``A = (1-eps) w[t] + eps/K sum_k w[k] + 2 z lse`` (the eps terms only with ``eps != 0``),
-        exact zeros for an ignored row.  ``softcap`` as in :meth:`cross_entropy`."""
+        exact zeros for an ignored row.  ``softcap`` and ``loss`` None (the total returned) as in
+        :meth:`cross_entropy`."""
 
     def cross_entropy_soft(self, x: Array, target: Array, weight: Optional[Array], label_smoothing: float,
-                           z_loss: float, softcap: float, loss: Array, lse: Optional[Array],
-                           grad: Optional[Array], gscale: Scale) -> None:
+                           z_loss: float, softcap: float, loss: Optional[Array], lse: Optional[Array],
+                           grad: Optional[Array], gscale: Scale) -> Optional[float]:
         """Probability targets ``(N, C)``: ``loss[i] = sum_c w[c] y'[c] (lse - x'[c]) + z lse**2``
-        with ``y' = (1-eps) y + eps/C``; ``softcap``, ``lse`` and ``grad`` as in
+        with ``y' = (1-eps) y + eps/C``; ``softcap``, ``lse``, ``grad`` and ``loss`` None as in
         :meth:`cross_entropy`."""
 
     # ------------------------------------------------------------------ elementwise kernels

@@ -212,11 +212,24 @@ class OnStream:
         _fill(g, float(gscale), self.stream)
         return g
 
+    def _rows(self, loss, n):
+        """The row-loss output: ``loss``, or for a reduced loss (None) ``n`` device rows that
+        :meth:`_total` sums."""
+        return _empty((n,), np.float64, self.stream) if loss is None else loss
+
+    def _total(self, loss, rows):
+        """The protocol's return: for a reduced loss (``loss`` None) the float64 total of the
+        row losses (per-block partial sums on the device, added on the host in block order),
+        else None."""
+        return _device_sum(rows, self.stream) if loss is None else None
+
     def cross_entropy(self, x, target, weight, ignore_index, label_smoothing, z_loss, softcap, loss, lse, grad,
                       gscale):
         wsum = float(x.shape[1]) if weight is None else _device_sum(weight, self.stream)
-        _d_cross_entropy(x, target, weight, wsum, ignore_index, label_smoothing, z_loss, softcap, loss, lse, grad,
+        rows = self._rows(loss, x.shape[0])
+        _d_cross_entropy(x, target, weight, wsum, ignore_index, label_smoothing, z_loss, softcap, rows, lse, grad,
                          None if grad is None else self._rows_scale(gscale, x.shape[0]), self.stream)
+        return self._total(loss, rows)
 
     def cross_entropy_shard(self, x, target, weight, ignore_index, label_smoothing, z_loss, softcap, lse,
                             class_offset, num_classes, loss, grad, gscale):
@@ -226,13 +239,17 @@ class OnStream:
             wsum = 0.0
         else:
             wsum = float(num_classes) if weight is None else _device_sum(weight, self.stream)
+        rows = self._rows(loss, x.shape[0])
         _d_cross_entropy_shard(x, target, weight, wsum, ignore_index, label_smoothing, z_loss, softcap, lse,
-                               class_offset, num_classes, loss, grad,
+                               class_offset, num_classes, rows, grad,
                                None if grad is None else self._rows_scale(gscale, x.shape[0]), self.stream)
+        return self._total(loss, rows)
 
     def cross_entropy_soft(self, x, target, weight, label_smoothing, z_loss, softcap, loss, lse, grad, gscale):
-        _d_cross_entropy_soft(x, target, weight, label_smoothing, z_loss, softcap, loss, lse, grad,
+        rows = self._rows(loss, x.shape[0])
+        _d_cross_entropy_soft(x, target, weight, label_smoothing, z_loss, softcap, rows, lse, grad,
                               None if grad is None else self._rows_scale(gscale, x.shape[0]), self.stream)
+        return self._total(loss, rows)
 
     def _ew(self, name, a, b, p, q, flag, eps, loss, grad, grad2, gscale, gout):
         return _Total(_d_elementwise(name, a, b, p, q, flag, eps, loss, grad, grad2, gscale, gout, self.stream),
@@ -329,27 +346,29 @@ def log_softmax_backward(g, y, out):
 def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, loss, lse, grad, gscale):
     h = _Offload()
     dx = h.up(x)
-    h.k.cross_entropy(dx, h.up(np.asarray(target, dtype=np.int64)), h.up(weight), ignore_index, label_smoothing,
-                      z_loss, softcap, h.out(loss), h.out(lse), h.out(grad, _inplace(dx, x, grad)), h.up(gscale))
-    h.finish()
+    total = h.k.cross_entropy(dx, h.up(np.asarray(target, dtype=np.int64)), h.up(weight), ignore_index,
+                              label_smoothing, z_loss, softcap, h.out(loss), h.out(lse),
+                              h.out(grad, _inplace(dx, x, grad)), h.up(gscale))
+    return h.finish(total)
 
 
 def cross_entropy_shard(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, lse, class_offset,
                         num_classes, loss, grad, gscale):
     h = _Offload()
     dx = h.up(x)
-    h.k.cross_entropy_shard(dx, h.up(np.asarray(target, dtype=np.int64)), h.up(weight), ignore_index,
-                            label_smoothing, z_loss, softcap, h.up(np.asarray(lse, dtype=np.float64)), class_offset,
-                            num_classes, h.out(loss), h.out(grad, _inplace(dx, x, grad)), h.up(gscale))
-    h.finish()
+    total = h.k.cross_entropy_shard(dx, h.up(np.asarray(target, dtype=np.int64)), h.up(weight), ignore_index,
+                                    label_smoothing, z_loss, softcap, h.up(np.asarray(lse, dtype=np.float64)),
+                                    class_offset, num_classes, h.out(loss), h.out(grad, _inplace(dx, x, grad)),
+                                    h.up(gscale))
+    return h.finish(total)
 
 
 def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, softcap, loss, lse, grad, gscale):
     h = _Offload()
     dx = h.up(x)
-    h.k.cross_entropy_soft(dx, h.up(target), h.up(weight), label_smoothing, z_loss, softcap, h.out(loss),
-                           h.out(lse), h.out(grad, _inplace(dx, x, grad)), h.up(gscale))
-    h.finish()
+    total = h.k.cross_entropy_soft(dx, h.up(target), h.up(weight), label_smoothing, z_loss, softcap, h.out(loss),
+                                   h.out(lse), h.out(grad, _inplace(dx, x, grad)), h.up(gscale))
+    return h.finish(total)
 
 
 def _offload_elementwise(method, a, operands, params, loss, grads, gscale, gout):

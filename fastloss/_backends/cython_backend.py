@@ -176,6 +176,18 @@ class _Out:
             self.dst[...] = self.arr
 
 
+def _rows(loss, n):
+    """The row-loss output: ``loss``, or for a reduced loss (None) a buffer of ``n`` rows
+    that :func:`_total` sums (the row kernels write rows: 8 bytes against C logits a row)."""
+    return np.empty(n, np.float64) if loss is None else loss
+
+
+def _total(loss, rows):
+    """What a cross-entropy entry point returns: the float64 total of ``rows`` (NumPy's
+    pairwise sum, an order fixed by the shape) for a reduced loss (``loss`` None), else None."""
+    return float(np.sum(rows)) if loss is None else None
+
+
 def _gscale_rows(gscale, n):
     """``gscale`` (scalar or per-row) as a float64 ``(n,)`` view (stride 0 for a scalar)."""
     g = np.asarray(gscale, dtype=np.float64)
@@ -276,12 +288,16 @@ def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, soft
     go, lo, so = _Out(grad, dt), _Out(loss, np.float64), _Out(lse, np.float64)
     g = go.arr if has_g else _DUMMY2[dt]
     gs = _gscale_rows(gscale, n) if has_g else _DUMMY1[np.dtype(np.float64)]
-    _k.cross_entropy(x, target, w, has_w, wsum, int(ignore_index), float(label_smoothing),
-                     float(z_loss), float(softcap), lo.arr,
-                     so.arr if has_lse else _DUMMY1[np.dtype(np.float64)], has_lse, g, has_g, gs)
+    # loss None (a reduced loss): the kernel returns the total -- the few-classes one summing
+    # per block, without writing the N row losses
+    total = _k.cross_entropy(x, target, w, has_w, wsum, int(ignore_index), float(label_smoothing),
+                             float(z_loss), float(softcap), _DUMMY1[np.dtype(np.float64)] if loss is None else lo.arr,
+                             loss is None, so.arr if has_lse else _DUMMY1[np.dtype(np.float64)], has_lse, g,
+                             has_g, gs)
     go.done()
     lo.done()
     so.done()
+    return total
 
 
 def cross_entropy_shard(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, lse, class_offset,
@@ -300,13 +316,14 @@ def cross_entropy_shard(x, target, weight, ignore_index, label_smoothing, z_loss
         w, has_w = np.ascontiguousarray(weight, dtype=dt), True
         wsum = float(np.sum(w, dtype=np.float64))
     has_g = grad is not None
-    go, lo = _Out(grad, dt), _Out(loss, np.float64)
+    go, lo = _Out(grad, dt), _Out(_rows(loss, n), np.float64)
     g = go.arr if has_g else _DUMMY2[dt]
     gs = _gscale_rows(gscale, n) if has_g else _DUMMY1[np.dtype(np.float64)]
     _k.cross_entropy_shard(x, target, w, has_w, wsum, int(ignore_index), float(label_smoothing), float(z_loss),
                            float(softcap), lse, int(class_offset), int(num_classes), lo.arr, g, has_g, gs)
     go.done()
     lo.done()
+    return _total(loss, lo.arr)
 
 
 def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, softcap, loss, lse, grad, gscale):
@@ -319,7 +336,7 @@ def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, softcap, loss
     else:
         w, has_w = np.ascontiguousarray(weight, dtype=dt), True
     has_g, has_lse = grad is not None, lse is not None
-    go, lo, so = _Out(grad, dt), _Out(loss, np.float64), _Out(lse, np.float64)
+    go, lo, so = _Out(grad, dt), _Out(_rows(loss, n), np.float64), _Out(lse, np.float64)
     g = go.arr if has_g else _DUMMY2[dt]
     gs = _gscale_rows(gscale, n) if has_g else _DUMMY1[np.dtype(np.float64)]
     _k.cross_entropy_soft(x, target, w, has_w, float(label_smoothing), float(z_loss), float(softcap),
@@ -328,6 +345,7 @@ def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, softcap, loss
     go.done()
     lo.done()
     so.done()
+    return _total(loss, lo.arr)
 
 
 # ----------------------------------------------------------------------------- elementwise

@@ -106,10 +106,19 @@ def _capped(x, softcap):
         return (np.tanh(u) * x.dtype.type(softcap)).astype(x.dtype), (1.0 / (ch * ch)).astype(x.dtype)
 
 
+def _loss_out(loss, rows):
+    """The row losses into ``loss``, or -- ``loss`` None, a reduced loss -- their float64
+    total returned (NumPy's pairwise sum: an order fixed by the shape)."""
+    if loss is None:
+        return float(np.sum(rows, dtype=np.float64))
+    loss[...] = rows
+    return None
+
+
 def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, loss, lse, grad, gscale):
     n, c = x.shape
     if n == 0:
-        return
+        return _loss_out(loss, np.zeros(0))
     x, dcap = _capped(x, softcap)
     dt = x.dtype
     keep = target != ignore_index
@@ -129,9 +138,9 @@ def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, soft
             row = row + eps / c * np.sum(w.astype(np.float64) * (logs - d.astype(np.float64)), axis=1)
     if z_loss:
         row = row + z_loss * rlse * rlse
-    loss[...] = np.where(keep, row, 0.0)
+    total = _loss_out(loss, np.where(keep, row, 0.0))
     if grad is None:
-        return
+        return total
     with np.errstate(invalid="ignore", over="ignore"):
         a = (1.0 - eps) * wt + 2.0 * z_loss * rlse
         if eps:  # not 0 * sum(w): a NaN weight of a class no target uses must not leak
@@ -146,6 +155,7 @@ def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, soft
             g *= dcap  # through the cap: d x' / d x
         g[~keep] = 0  # an ignored row contributes nothing: exactly 0, even if it holds inf/NaN
     grad[...] = g
+    return total
 
 
 def cross_entropy_shard(x, target, weight, ignore_index, label_smoothing, z_loss, softcap, lse, class_offset,
@@ -154,7 +164,7 @@ def cross_entropy_shard(x, target, weight, ignore_index, label_smoothing, z_loss
     ``num_classes``, with the global row lse given (see the protocol)."""
     n, c = x.shape
     if n == 0:
-        return
+        return _loss_out(loss, np.zeros(0))
     x, dcap = _capped(x, softcap)
     dt = x.dtype
     K = num_classes
@@ -181,9 +191,9 @@ def cross_entropy_shard(x, target, weight, ignore_index, label_smoothing, z_loss
             row = row + coef * L
             if z_loss:
                 row = row + z_loss * L * L
-    loss[...] = np.where(keep, row, 0.0)
+    total = _loss_out(loss, np.where(keep, row, 0.0))
     if grad is None:
-        return
+        return total
     with np.errstate(invalid="ignore", over="ignore"):
         a = (1.0 - eps) * wt + 2.0 * z_loss * L
         if eps:  # not 0 * sum(w): a NaN weight of a class no target uses must not leak
@@ -200,12 +210,13 @@ def cross_entropy_shard(x, target, weight, ignore_index, label_smoothing, z_loss
             g *= dcap  # through the cap: d x' / d x
         g[~keep] = 0  # an ignored row contributes nothing: exactly 0, even if it holds inf/NaN
     grad[...] = g
+    return total
 
 
 def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, softcap, loss, lse, grad, gscale):
     n, c = x.shape
     if n == 0:
-        return
+        return _loss_out(loss, np.zeros(0))
     x, dcap = _capped(x, softcap)
     eps = label_smoothing
     y = target.astype(np.float64)
@@ -227,15 +238,16 @@ def cross_entropy_soft(x, target, weight, label_smoothing, z_loss, softcap, loss
         row = np.sum(y, axis=1) * logs[:, 0] - np.sum(yd, axis=1)
     if z_loss:
         row = row + z_loss * rlse * rlse
-    loss[...] = row
+    total = _loss_out(loss, row)
     if grad is None:
-        return
+        return total
     with np.errstate(invalid="ignore", over="ignore"):
         a = np.sum(y, axis=1) + 2.0 * z_loss * rlse
         g = np.asarray(gscale, np.float64).reshape(-1, 1) * (p * a[:, None] - y)
         if dcap is not None:
             g = g * dcap
     grad[...] = g
+    return total
 
 
 # ----------------------------------------------------------------------------- elementwise

@@ -259,7 +259,7 @@ if numba is not None and not _NOJIT:
 # Zen 4; first compile +1.5 s).  (Numba's own inline="always" gave the same speed and doubled
 # the compile time: its parfor passes then run over the whole block.)
 @njit(forceinline=True, **_JIT)
-def _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad, gsc, gsa, r0, r1,
+def _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, lb, lse_out, grad, gsc, gsa, r0, r1,
                    xt, et, dc, sh, sh2, cg, xtt, tj, bt, gt, st, wt, s, dd, lse):
     """Rows ``[r0, r1)`` of a hard-target cross-entropy with few classes, vectorized across rows.
 
@@ -282,7 +282,8 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad,
     With a cap (``cap != 0``) the transposed block is capped in place (``xt = cap tanh(xt /
     cap)``, vectorized across rows like the rest) and ``dc`` keeps the cap's derivative for the
     gradient.  ``lse_out`` is ``(N,)``, or ``(0,)`` when not wanted; every row of the block has
-    its lse computed anyway (ignored ones included), so writing it is free.
+    its lse computed anyway (ignored ones included), so writing it is free.  The block's row
+    losses go to ``lb`` (indexed from 0: a scratch row the caller copies out or sums).
 
     Scratch: ``xt``, ``et`` (and ``dc``, with a cap) are ``(C, rows)``; the rest ``(rows,)``
     (``rows``: :func:`_block_rows`): in
@@ -300,7 +301,6 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad,
     # this block's rows of the per-row arrays, indexed from 0: an index r0 + r (r0 an argument)
     # is not provably >= 0, and Numba's wrap-around test on it would keep the loops scalar
     tg = target[r0:r1]
-    lb = loss[r0:r1]
     n = x.shape[0]
     gb = _gscale_block(gsa, n, r0, r1)
     tw = _tile_w(x)
@@ -584,7 +584,13 @@ def _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad,
                 gr[j] = et[j, r]
 
 @_kernel
-def _k_cross_entropy_small(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad, gsc, gsa, nb):
+def _k_cross_entropy_small(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad, gsc, gsa, sums, nb):
+    """The few-classes hard-target cross-entropy (see :func:`_ce_cols_block`) over ``nb``
+    tasks.  ``loss`` is ``(N,)`` for the row losses, or with ``sums`` ``(ceil(N / rows),)``
+    (``rows``: :func:`_block_rows`) for their sums per block (in the order of the compiled
+    loop, vectorized): a reduced loss then needs neither the N row losses written nor read
+    back (2 MB at 262144 rows), and it is bitwise the same for every thread count (blocks at
+    fixed offsets, the same loop for each)."""
     n, c = x.shape
     sb = _block_rows(x)
     for b in prange(nb):
@@ -603,13 +609,24 @@ def _k_cross_entropy_small(x, target, w, sumw, ignore, eps, z, cap, loss, lse_ou
         s = np.empty(sb, np.float64)
         dd = np.empty(sb, np.float64)
         lse = np.empty(sb, np.float64)
+        lrow = np.empty(sb, np.float64)  # the block's row losses
         # blocks of sb rows at fixed offsets (multiples of sb), dealt out to the tasks: a
         # row's lane in the vectorized loops -- and so its rounding -- does not depend on
         # how many threads there are
         nblk = (n + sb - 1) // sb
         for k in range(b * nblk // nb, (b + 1) * nblk // nb):
             r0 = k * sb
-            _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, loss, lse_out, grad, gsc, gsa, r0,
-                           min(n, r0 + sb), xt, et, dc, sh, sh2, cg, xtt, tj, bt, gt, st, wt, s, dd, lse)
+            r1 = min(n, r0 + sb)
+            _ce_cols_block(x, target, w, sumw, ignore, eps, z, cap, lrow, lse_out, grad, gsc, gsa, r0, r1,
+                           xt, et, dc, sh, sh2, cg, xtt, tj, bt, gt, st, wt, s, dd, lse)
+            if sums:
+                tot = 0.0
+                for r in range(r1 - r0):
+                    tot += lrow[r]
+                loss[k] = tot
+            else:
+                lb = loss[r0:r1]
+                for r in range(r1 - r0):
+                    lb[r] = lrow[r]
 
 
