@@ -65,10 +65,13 @@ LINEAR_CLASS_CHUNK = None
 # per ymm instead of 4 float64 ones; each lane adds <= 64 terms in [0, 1], relative error
 # ~1e-7 at worst), and the block sums are added in float64.
 NUMBA_SUM_BLOCK = 512
-# Elementwise loss sums likewise: blocks of this many terms in the compute dtype (a float64
-# accumulator in a float32 loop makes LLVM give up on vectorizing the whole loop -- measured
-# 0.15 G el/s instead of ~1 G el/s for BCE), block sums added in float64.
-NUMBA_LOSS_BLOCK = 256
+# Elementwise loss sums: blocks of this many terms, each block's float32 losses summed in a
+# second pass in float64 (a float64 accumulator in a float32 loss loop makes LLVM give up on
+# vectorizing the whole loop -- measured 0.15 G el/s instead of ~1 G el/s for BCE -- and a
+# float32 block sum was 3.1e-6 off on 300 equal terms); float64 losses sum in the loop.  1024:
+# at 256 the second pass cost BCE-with-logits 16M float32 ~10 % (its per-block reduction),
+# at 1024 within noise of the float32 sums (Zen 4, 2 threads).
+NUMBA_LOSS_BLOCK = 1024
 # Rows per block of the few-classes cross-entropy for float32 logits; float64 blocks have half as
 # many rows (the same bytes): its (C, rows) buffers stay in L1/L2.
 # Measured (numba, float32 / float64 262144 x 10 and float32 131072 x 30, 1 and 2 threads, Zen 4,
