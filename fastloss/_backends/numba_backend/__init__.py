@@ -284,13 +284,11 @@ def cross_entropy(x, target, weight, ignore_index, label_smoothing, z_loss, soft
         # x and grad together, so LLVM's overlap tests pass in place too.  A reduced loss is
         # summed per block in the kernel (see _k_cross_entropy_small): at 262144 x 10 float32
         # the N row losses' write and read back were ~90 us of a ~1.6 ms call (Zen 4)
-        if loss is None:
-            part = np.empty(-(-n // _block_rows(x)), np.float64)
-            _rows_out(part, lambda lo, ls: _call(_k_cross_entropy_small, x.size, *args, lo, ls, grad, gsc, gsa,
-                                                 True, nb), lse)
-            return float(np.sum(part))
-        return _rows_out(loss, lambda lo, ls: _call(_k_cross_entropy_small, x.size, *args, lo, ls, grad, gsc,
-                                                    gsa, False, nb), lse)
+        sums = loss is None
+        out = np.empty(-(-n // _block_rows(x)), np.float64) if sums else loss  # block sums, or rows
+        _rows_out(out, lambda lo, ls: _call(_k_cross_entropy_small, x.size, *args, lo, ls, grad, gsc, gsa, sums,
+                                            nb), lse)
+        return float(np.sum(out)) if sums else None
     return _rows_out(loss, lambda lo, ls: _call(_k_cross_entropy, x.size, *args, lo, ls, grad, gsc, gsa,
                                                 _same_memory(x, grad), nb), lse, n)
 
