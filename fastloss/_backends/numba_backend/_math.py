@@ -11,8 +11,10 @@ Algorithms (float32 and float64 variants; ``vexp`` & co. dispatch on the argumen
 ``exp(x)``
     Range reduction ``x = k ln2 + r``, ``k = rint(x / ln2)``, ``|r| <= ln2/2`` with ln2 split
     into a high part (exact products ``k*ln2_hi``) and a low part (Cody-Waite), then a
-    polynomial for ``exp(r)`` (Cephes' degree-5 minimax for float32, the degree-12 Taylor
-    polynomial for float64, truncation error < 2e-16), and the scaling by ``2**k`` done by
+    polynomial for ``exp(r)`` (float32: ``1 + r + c2 r**2 + ... + c6 r**6``, a degree-6
+    minimax fit of relative error 4.9e-9 on ``|r| <= 1.02 ln2/2`` -- 0.08 ulp, the rest is
+    rounding -- in Horner's form, six multiply-adds; float64: the degree-12 Taylor
+    polynomial, truncation error < 2e-16), and the scaling by ``2**k`` done by
     writing ``k + bias`` into the exponent field (32-bit integer ops, ``_ldexp_split``).
     ``x`` is first clamped to the range whose
     results are representable (``[-104, 89]`` / ``[-746, 710]``) and ``2**k`` is applied as two
@@ -241,12 +243,15 @@ _F32 = np.float32
 _LOG2E_32 = _F32(1.4426950408889634)
 _C1_32 = _F32(0.693359375)  # ln2 high part: few mantissa bits, so k*C1 is exact
 _C2_32 = _F32(-2.12194440e-4)  # ln2 - C1
-_P0_32 = _F32(1.9875691500e-4)
-_P1_32 = _F32(1.3981999507e-3)
-_P2_32 = _F32(8.3334519073e-3)
-_P3_32 = _F32(4.1665795894e-2)
-_P4_32 = _F32(1.6666665459e-1)
-_P5_32 = _F32(5.0000001201e-1)
+# exp(r) ~ 1 + r + E2 r^2 + ... + E6 r^6 on |r| <= 1.02 ln2/2: the minimax fit of the relative
+# error (Remez, c0 = c1 = 1 held exact), 4.9e-9.  Evaluated in Horner's form: six multiply-
+# adds, where Cephes' degree-7 polynomial in the form (p r^2 + r) + 1 took eight and an add
+# (float32 cross-entropy over 262144 x 10, Zen 4: 0.92x the time)
+_E2_32 = _F32(0.4999999789497312)
+_E3_32 = _F32(0.16666492794123944)
+_E4_32 = _F32(0.041667125145612285)
+_E5_32 = _F32(0.008371760045676213)
+_E6_32 = _F32(0.0013893587849259745)
 _LO_32 = _F32(-104.0)  # exp(-104) < smallest subnormal / 2: rounds to 0
 _HI_32 = _F32(89.0)  # exp(89) > FLT_MAX: overflows to inf
 _HALF_32 = _F32(0.5)
@@ -264,13 +269,12 @@ def exp32(x):
     k = np.rint(xc * _LOG2E_32)
     r = xc - k * _C1_32
     r = r - k * _C2_32
-    r2 = r * r
-    p = _P0_32 * r + _P1_32
-    p = p * r + _P2_32
-    p = p * r + _P3_32
-    p = p * r + _P4_32
-    p = p * r + _P5_32
-    y = p * r2 + r + _ONE_32
+    p = _E6_32 * r + _E5_32
+    p = p * r + _E4_32
+    p = p * r + _E3_32
+    p = p * r + _E2_32
+    p = p * r + _ONE_32
+    y = p * r + _ONE_32
     y = _ldexp_split(y, k)
     return y if x == x else x
 
@@ -317,8 +321,8 @@ _SN_32 = _F32(2.0**-64)
 # 1.5 * 2**23 (2**52): x / ln2 + SHIFT holds rint(x / ln2) in its low mantissa bits
 _SHIFT_32 = _F32(1.5 * 2.0**23)
 _SHIFT_64 = 1.5 * 2.0**52
-_Q0_32, _Q1_32, _Q2_32, _Q3_32, _Q4_32, _Q5_32 = (_F32(float(c) * 2.0**-64) for c in (
-    _P0_32, _P1_32, _P2_32, _P3_32, _P4_32, _P5_32))
+_Q2_32, _Q3_32, _Q4_32, _Q5_32, _Q6_32 = (_F32(float(c) * 2.0**-64) for c in (
+    _E2_32, _E3_32, _E4_32, _E5_32, _E6_32))
 _SN_64 = 2.0**-512
 _TN = [t * 2.0**-512 for t in _T[:13]]
 _N2, _N3, _N4, _N5, _N6, _N7, _N8, _N9, _N10, _N11, _N12 = _TN[2:]
@@ -344,15 +348,14 @@ def expn32(x):
     k = t0 - _kc(_SHIFT_32)
     r = xc - k * _kc(_C1_32)
     r = r - k * _kc(_C2_32)
-    r2 = r * r
-    p = _kc(_Q0_32) * r + _kc(_Q1_32)
-    p = p * r + _kc(_Q2_32)
-    p = p * r + _kc(_Q3_32)
+    # 2**-64 * exp(r): exp32's polynomial, every coefficient times 2**-64, so that the
+    # roundings are the same
+    p = _kc(_Q6_32) * r + _kc(_Q5_32)
     p = p * r + _kc(_Q4_32)
-    p = p * r + _kc(_Q5_32)
-    # 2**-64 * exp(r) in exp32's order of operations, (p r^2 + r) + 1, so that the roundings
-    # are the same (r * 2**-64 is exact)
-    y = (p * r2 + r * _kc(_SN_32)) + _kc(_SN_32)
+    p = p * r + _kc(_Q3_32)
+    p = p * r + _kc(_Q2_32)
+    p = p * r + _kc(_SN_32)
+    y = p * r + _kc(_SN_32)
     y = y * _pow2_shifted(t0, 64)
     return y if y > x else x
 
