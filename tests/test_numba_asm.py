@@ -195,3 +195,35 @@ def test_prefetch_hint_compiles_to_prefetch_instructions_and_never_faults():
     assert asm.count("prefetcht1") >= 2  # read, locality 2: kept in L2 and up
     assert "prefetchw" in asm or asm.count("prefetcht1") >= 3
     assert _cols._prefetch(x, 0, 0, False) is None  # the plain-Python twin: a no-op
+
+
+def test_tile_part_writes_exactly_the_partial_tile():
+    """``_cols._tile_part`` (the last ``C % W`` classes of the few-class kernel's transposes):
+    compiled, it writes what its plain-Python twin (NumPy slicing) writes -- the last ``m``
+    columns of the ``W x W`` source tile into the last ``m`` rows of the destination tile
+    (transpose in), or the last ``m`` source rows into the last ``m`` destination columns
+    (transpose out) -- and nothing else, for every ``m`` (0 and ``W``: nothing), float32
+    (W = 8) and float64 (W = 4), at offsets inside larger arrays."""
+    import numba
+    import numpy as np
+
+    from fastloss._backends.numba_backend import _cols
+
+    @numba.njit
+    def cols(src, i, j, dst, p, q, m):
+        _cols._tile_part(src, i, j, dst, p, q, m, False)
+
+    @numba.njit
+    def rows(src, i, j, dst, p, q, m):
+        _cols._tile_part(src, i, j, dst, p, q, m, True)
+
+    rng = np.random.default_rng(5)
+    for dt, w in ((np.float32, 8), (np.float64, 4)):
+        src = rng.standard_normal((w + 5, w + 3)).astype(dt)
+        for m in range(w + 1):
+            for f in (cols, rows):
+                got, want = np.full((w + 4, w + 6), -7.0, dt), np.full((w + 4, w + 6), -7.0, dt)
+                f(src, 3, 2, got, 1, 4, m)
+                f.py_func(src, 3, 2, want, 1, 4, m)
+                assert np.array_equal(got, want), (np.dtype(dt).name, m, f.__name__)
+                assert np.count_nonzero(want != -7.0) == (w * m if 0 < m < w else 0)
