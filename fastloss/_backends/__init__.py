@@ -18,6 +18,8 @@ import sys
 import threading
 from dataclasses import dataclass
 
+from numpy import ndarray as _ndarray
+
 __all__ = ["BackendUnavailable", "BackendStatus", "NumbaCacheWarning", "KNOWN", "get", "status",
            "backends", "forked_serial", "is_device_array", "thread_cap", "thread_cap_now"]
 
@@ -28,6 +30,8 @@ def is_device_array(obj) -> bool:
     """True for arrays resident on a CUDA device: CuPy arrays, PyTorch CUDA tensors, Numba
     device arrays (the simulator's too), anything with ``__cuda_array_interface__`` or a
     ``__dlpack__`` on a CUDA device.  Such data goes to the ``cuda`` backend whole."""
+    if type(obj) is _ndarray:  # the common case first: every call asks this of each argument
+        return False
     if getattr(obj, "__cuda_ndarray__", False):
         return True
     if type(obj).__module__.split(".")[0] == "torch":  # (a bfloat16 tensor's interface raises)
