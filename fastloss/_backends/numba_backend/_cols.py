@@ -156,6 +156,28 @@ if numba is not None and not _NOJIT:
         ],
     }
 
+    def _tile_corner(context, builder, aty, a, r, rty, c, cty):
+        """The address (as ``i8*``) of ``a[r, c]`` and the row stride of ``a`` in bytes."""
+        ary = context.make_array(aty)(context, builder, a)
+        strides = _cgutils.unpack_tuple(builder, ary.strides, 2)
+        idx = [context.cast(builder, r, rty, _types.intp), context.cast(builder, c, cty, _types.intp)]
+        ptr = _cgutils.get_item_pointer2(context, builder, ary.data, _cgutils.unpack_tuple(
+            builder, ary.shape, 2), strides, aty.layout, idx)
+        return builder.bitcast(ptr, _ir.IntType(8).as_pointer()), strides[0]
+
+    def _tile_at(builder, base, stride, k, col_bytes, ty):
+        """A ``ty*`` to ``col_bytes`` past the start of row ``k`` from ``base`` (a corner)."""
+        i64 = _ir.IntType(64)
+        off = builder.add(builder.mul(stride, _ir.Constant(i64, k)), _ir.Constant(i64, col_bytes))
+        return builder.bitcast(builder.gep(base, [off], source_etype=_ir.IntType(8)), ty.as_pointer())
+
+    def _tile_shuffle(builder, v, w):
+        """The ``W x W`` transpose of the ``w`` row vectors ``v``, by :data:`_TILE_ROUNDS`."""
+        mty = _ir.VectorType(_ir.IntType(32), w)
+        for rnd in _TILE_ROUNDS[w]:
+            v = [builder.shuffle_vector(v[a], v[b], _ir.Constant(mty, m)) for m, a, b in rnd]
+        return v
+
     @_intrinsic
     def _tile_ir(typingctx, src, i, j, dst, p, q):
         if not (isinstance(src, _types.Array) and isinstance(dst, _types.Array) and src.ndim == dst.ndim == 2
@@ -167,33 +189,14 @@ if numba is not None and not _NOJIT:
         def codegen(context, builder, signature, args):
             sty, ity, jty, dty, pty, qty = signature.args
             a_s, a_i, a_j, a_d, a_p, a_q = args
-            i64 = _ir.IntType(64)
-            i8p = _ir.IntType(8).as_pointer()
             vty = _ir.VectorType(context.get_data_type(sty.dtype), w)
             isz = context.get_abi_sizeof(context.get_data_type(sty.dtype))
-
-            def corner(aty, a, r, rty, c, cty):
-                # the address (as i8*) of a[r, c] and the row stride of a, in bytes
-                ary = context.make_array(aty)(context, builder, a)
-                strides = _cgutils.unpack_tuple(builder, ary.strides, 2)
-                idx = [context.cast(builder, r, rty, _types.intp), context.cast(builder, c, cty, _types.intp)]
-                ptr = _cgutils.get_item_pointer2(context, builder, ary.data, _cgutils.unpack_tuple(
-                    builder, ary.shape, 2), strides, aty.layout, idx)
-                return builder.bitcast(ptr, i8p), strides[0]
-
-            sp, ss = corner(sty, a_s, a_i, ity, a_j, jty)
-            dp, ds = corner(dty, a_d, a_p, pty, a_q, qty)
-
-            def at(base, stride, k):
-                p_ = builder.gep(base, [builder.mul(stride, _ir.Constant(i64, k))], source_etype=_ir.IntType(8))
-                return builder.bitcast(p_, vty.as_pointer())
-
-            v = [builder.load(at(sp, ss, k), typ=vty, align=isz) for k in range(w)]
-            mty = _ir.VectorType(_ir.IntType(32), w)
-            for rnd in _TILE_ROUNDS[w]:
-                v = [builder.shuffle_vector(v[a], v[b], _ir.Constant(mty, m)) for m, a, b in rnd]
+            sp, ss = _tile_corner(context, builder, sty, a_s, a_i, ity, a_j, jty)
+            dp, ds = _tile_corner(context, builder, dty, a_d, a_p, pty, a_q, qty)
+            v = [builder.load(_tile_at(builder, sp, ss, k, 0, vty), typ=vty, align=isz) for k in range(w)]
+            v = _tile_shuffle(builder, v, w)
             for k in range(w):
-                builder.store(v[k], at(dp, ds, k), align=isz)
+                builder.store(v[k], _tile_at(builder, dp, ds, k, 0, vty), align=isz)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -212,30 +215,18 @@ if numba is not None and not _NOJIT:
             sty, ity, jty, dty, pty, qty, mty_, _ = signature.args
             a_s, a_i, a_j, a_d, a_p, a_q, a_m, _ = args
             i64 = _ir.IntType(64)
-            i8p = _ir.IntType(8).as_pointer()
             ety = context.get_data_type(sty.dtype)
             vty = _ir.VectorType(ety, w)
             isz = context.get_abi_sizeof(ety)
+            sp, ss = _tile_corner(context, builder, sty, a_s, a_i, ity, a_j, jty)
+            dp, ds = _tile_corner(context, builder, dty, a_d, a_p, pty, a_q, qty)
 
-            def corner(aty, a, r, rty, c, cty):
-                ary = context.make_array(aty)(context, builder, a)
-                strides = _cgutils.unpack_tuple(builder, ary.strides, 2)
-                idx = [context.cast(builder, r, rty, _types.intp), context.cast(builder, c, cty, _types.intp)]
-                ptr = _cgutils.get_item_pointer2(context, builder, ary.data, _cgutils.unpack_tuple(
-                    builder, ary.shape, 2), strides, aty.layout, idx)
-                return builder.bitcast(ptr, i8p), strides[0]
-
-            sp, ss = corner(sty, a_s, a_i, ity, a_j, jty)
-            dp, ds = corner(dty, a_d, a_p, pty, a_q, qty)
-
-            def at(base, stride, k, col, ty):
-                off = builder.add(builder.mul(stride, _ir.Constant(i64, k)), _ir.Constant(i64, col * isz))
-                return builder.bitcast(builder.gep(base, [off], source_etype=_ir.IntType(8)), ty.as_pointer())
+            def at(base, stride, k, col, ty):  # (col in elements)
+                return _tile_at(builder, base, stride, k, col * isz, ty)
 
             # one case per m: the number of outputs (and so the code) depends on it
             end = builder.append_basic_block("tile_part_end")
             sw = builder.switch(context.cast(builder, a_m, mty_, _types.int64), end)
-            i32v = _ir.VectorType(_ir.IntType(32), w)
             for mm in range(1, w):
                 blk = builder.append_basic_block(f"tile_part_{mm}")
                 sw.add_case(_ir.Constant(i64, mm), blk)
@@ -245,8 +236,7 @@ if numba is not None and not _NOJIT:
                          else _ir.Constant(vty, _ir.Undefined) for k in range(w)]
                 else:
                     v = [builder.load(at(sp, ss, k, 0, vty), typ=vty, align=isz) for k in range(w)]
-                for rnd in _TILE_ROUNDS[w]:
-                    v = [builder.shuffle_vector(v[a], v[b], _ir.Constant(i32v, msk)) for msk, a, b in rnd]
+                v = _tile_shuffle(builder, v, w)
                 if by_rows:  # every dst row, its last mm elements
                     pty_ = _ir.VectorType(ety, mm) if mm > 1 else ety
                     for k in range(w):
